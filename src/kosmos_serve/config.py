@@ -1,0 +1,36 @@
+"""Settings: every default lives here; `KOSMOS_*` environment variables and CLI flags override them."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
+
+
+class EngineSettings(BaseSettings):
+    """How the model is loaded and run."""
+
+    model_config = SettingsConfigDict(env_prefix="KOSMOS_", extra="ignore")
+
+    model: str = Field(DEFAULT_MODEL, description="Hub id or local folder written by save_pretrained.")
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), or a torch device such as cuda:1.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 (or float16) on GPU."
+    )
+    attention: Literal["sdpa", "eager"] = Field("sdpa", description="Attention implementation.")
+    max_batch_size: int = Field(8, ge=1, description="Most prompts generated together in one batch.")
+    image_cache_size: int = Field(128, ge=0, description="Images whose vision features are kept (0: no cache).")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest accepted image, in pixels.")
+    max_new_tokens: int = Field(128, ge=1, description="New tokens generated when a request does not say.")
+    max_new_tokens_cap: int = Field(1024, ge=1, description="Most new tokens a request may ask for.")
+    max_prompt_chars: int = Field(2000, ge=1, description="Longest accepted prompt or question, in characters.")
+
+
+@lru_cache
+def get_engine_settings() -> EngineSettings:
+    """The process-wide settings, read once from the environment."""
+    return EngineSettings()

@@ -1,0 +1,135 @@
+"""Generated text -> clean text, entities with normalised and pixel boxes, markdown.
+
+The parsing itself is transformers' own (`clean_text_and_extract_entities_with_bboxes`, the code
+behind `Kosmos2Processor.post_process_generation`), so text and entities are the reference's.
+This module adds what the reference lacks: boxes in the image's own pixels, the prompt's words
+split off, and a markdown rendering where every grounded span links to its boxes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers.models.kosmos2.processing_kosmos2 import clean_text_and_extract_entities_with_bboxes
+
+NormalisedBox = tuple[float, float, float, float]
+PixelBox = tuple[int, int, int, int]
+
+IMAGE_END_TAG = "</image>"
+
+
+@dataclass(frozen=True)
+class Entity:
+    """A phrase of the text grounded to one or more boxes.
+
+    `span` indexes the result's `text`; an `<object>` with no phrase has an empty span and a name
+    made of its patch tokens, exactly as transformers names it.
+    """
+
+    phrase: str
+    span: tuple[int, int]
+    boxes: tuple[NormalisedBox, ...]
+    pixel_boxes: tuple[PixelBox, ...]
+
+    def as_reference(self) -> tuple[str, tuple[int, int], list[NormalisedBox]]:
+        """The tuple `post_process_generation` gives for this entity."""
+        return (self.phrase, self.span, list(self.boxes))
+
+
+@dataclass(frozen=True)
+class GroundedText:
+    """Parsed generation: reference text and entities plus what people need to use them."""
+
+    text: str
+    answer: str
+    raw_text: str
+    entities: tuple[Entity, ...]
+    markdown: str
+
+
+def to_pixel_box(box: NormalisedBox, width: int, height: int) -> PixelBox:
+    """Map a normalised box onto the original image (the processor squash-resizes, so x*W, y*H).
+
+    >>> to_pixel_box((0.390625, 0.046875, 0.984375, 0.828125), 640, 480)
+    (250, 22, 630, 397)
+    """
+    x1, y1, x2, y2 = box
+    return (int(x1 * width), int(y1 * height), int(x2 * width), int(y2 * height))
+
+
+def to_normalised_box(box: PixelBox | tuple[float, float, float, float], width: int, height: int) -> NormalisedBox:
+    """Map a pixel box of a `width` x `height` image to normalised coordinates.
+
+    >>> to_normalised_box((160, 120, 480, 360), 640, 480)
+    (0.25, 0.25, 0.75, 0.75)
+    """
+    x1, y1, x2, y2 = box
+    return (x1 / width, y1 / height, x2 / width, y2 / height)
+
+
+def clean_prompt_text(prompt: str) -> str:
+    """The words a prompt contributes to the clean text (its tags and location tokens removed).
+
+    >>> clean_prompt_text("<grounding> Question: Where is<phrase> the fire</phrase><object><patch_index_0005><patch_index_0911></object> next to? Answer:")
+    'Question: Where is the fire next to? Answer:'
+    """
+    text, _ = clean_text_and_extract_entities_with_bboxes(prompt)
+    return text
+
+
+def parse_generation(decoded_text: str, prompt: str, width: int, height: int) -> GroundedText:
+    """Parse a decoded generation (the whole sequence, prompt included) the way the reference does.
+
+    `decoded_text` is what `processor.batch_decode(ids, skip_special_tokens=True)` gives; the raw
+    text is the part after `</image>` and `text`/`entities` equal `post_process_generation`'s.
+    """
+    raw_text = decoded_text.split(IMAGE_END_TAG)[-1]
+    text, reference_entities = clean_text_and_extract_entities_with_bboxes(raw_text)
+    entities = tuple(
+        Entity(
+            phrase=name,
+            span=tuple(span),
+            boxes=tuple(tuple(box) for box in boxes),
+            pixel_boxes=tuple(to_pixel_box(box, width, height) for box in boxes),
+        )
+        for name, span, boxes in reference_entities
+    )
+    return GroundedText(
+        text=text,
+        answer=strip_prompt_words(text, clean_prompt_text(prompt)),
+        raw_text=raw_text,
+        entities=entities,
+        markdown=render_markdown(text, entities),
+    )
+
+
+def strip_prompt_words(text: str, prompt_words: str) -> str:
+    """`text` without the prompt's own words at its start (unchanged if it does not start with them).
+
+    >>> strip_prompt_words("An image of a snowman.", "An image of")
+    'a snowman.'
+    """
+    if prompt_words and text.startswith(prompt_words):
+        return text[len(prompt_words) :].lstrip()
+    return text
+
+
+def render_markdown(text: str, entities: tuple[Entity, ...]) -> str:
+    """The paper's link style: each grounded span becomes `[span](#box=x1,y1,x2,y2;...)` in pixels.
+
+    >>> e = Entity("a fire", (12, 18), ((0.0, 0.0, 0.5, 0.5),), ((0, 0, 320, 240),))
+    >>> render_markdown("An image of a fire.", (e,))
+    'An image of [a fire](#box=0,0,320,240).'
+    """
+    pieces = []
+    cursor = 0
+    for entity in sorted(entities, key=lambda e: e.span):
+        start, end = entity.span
+        if start == end or start < cursor:  # a bare <object> has no words to link
+            continue
+        boxes = ";".join(",".join(str(v) for v in box) for box in entity.pixel_boxes)
+        pieces.append(text[cursor:start])
+        pieces.append(f"[{text[start:end]}](#box={boxes})")
+        cursor = end
+    pieces.append(text[cursor:])
+    return "".join(pieces)

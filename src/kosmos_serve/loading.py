@@ -1,0 +1,96 @@
+"""Load a Kosmos-2 checkpoint (hub id or local folder) on the right device, in the right dtype.
+
+Also installs the one change our batching needs in transformers' Kosmos-2: decode-time positions
+computed from the attention mask, so left-padded rows see the same positions as when run alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, Kosmos2ForConditionalGeneration, Kosmos2Processor
+from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextForCausalLM
+
+from kosmos_serve.config import DEFAULT_MODEL, EngineSettings
+from kosmos_serve.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class PaddingAwareKosmos2TextForCausalLM(Kosmos2TextForCausalLM):
+    """Kosmos-2's text decoder with positions that skip left padding at every step.
+
+    Upstream (transformers 5.23) drops `position_ids` in `prepare_inputs_for_generation` and, while
+    decoding, derives positions from the cache length, which counts left pads; prefill positions
+    skip them. A padded row therefore sees shifted positions after its first token. Positions
+    from the attention mask (`cumsum * mask + padding_idx`, exactly prefill's formula) agree with
+    upstream for unpadded rows and are right for padded ones.
+    """
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        """Upstream's inputs plus position ids that ignore left padding."""
+        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+        if attention_mask is not None:
+            mask = attention_mask.long()
+            positions = mask.cumsum(dim=-1) * mask + self.config.pad_token_id
+            inputs["position_ids"] = positions[:, -inputs["input_ids"].shape[1] :]
+        return inputs
+
+
+def resolve_device(setting: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; anything else is taken as a torch device name."""
+    if setting != "auto":
+        try:
+            return torch.device(setting)
+        except RuntimeError as error:
+            raise ModelLoadError(f"Unknown device {setting!r}; use auto, cpu, cuda, cuda:N or mps.") from error
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """`auto` is float32 on CPU, bfloat16 on GPUs that support it, float16 elsewhere."""
+    if setting != "auto":
+        return DTYPES[setting]
+    if device.type == "cpu":
+        return torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def load_model(settings: EngineSettings) -> tuple[Kosmos2ForConditionalGeneration, Kosmos2Processor]:
+    """Load model and processor from `settings.model`, ready for generation."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    source = settings.model
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        model = Kosmos2ForConditionalGeneration.from_pretrained(
+            source, dtype=dtype, attn_implementation=settings.attention
+        )
+    except OSError as error:
+        raise ModelLoadError(_not_found_message(source)) from error
+    if not isinstance(processor, Kosmos2Processor):
+        raise ModelLoadError(f"{source!r} is not a Kosmos-2 checkpoint (its processor is {type(processor).__name__}).")
+    model.text_model.__class__ = PaddingAwareKosmos2TextForCausalLM
+    model.to(device).eval()
+    logger.info("Loaded %s on %s as %s (%s attention)", source, device, dtype, settings.attention)
+    return model, processor
+
+
+def _not_found_message(source: str) -> str:
+    if Path(source).is_dir():
+        return f"{source!r} is a folder but holds no Kosmos-2 checkpoint (config, weights and processor files)."
+    return (
+        f"Model {source!r} is neither a local folder nor reachable on the Hugging Face hub from here. "
+        f"Download it once where the hub is reachable (`hf download {source or DEFAULT_MODEL} "
+        f"--local-dir ./kosmos-2`) and pass that folder with --model, or set HF_HOME to a cache that holds it."
+    )

@@ -10,14 +10,18 @@ import logging
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from transformers import AutoProcessor, Kosmos2ForConditionalGeneration, Kosmos2Processor
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextForCausalLM
 
-from kosmos_serve.config import DEFAULT_MODEL, EngineSettings
+from kosmos_serve.config import EngineSettings
 from kosmos_serve.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
+# What a checkpoint needs; the hub repo also holds pytorch_model.bin and example images.
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -70,14 +74,17 @@ def load_model(settings: EngineSettings) -> tuple[Kosmos2ForConditionalGeneratio
     """Load model and processor from `settings.model`, ready for generation."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    source = settings.model
+    source = resolve_source(settings.model)
     try:
         processor = AutoProcessor.from_pretrained(source)
         model = Kosmos2ForConditionalGeneration.from_pretrained(
             source, dtype=dtype, attn_implementation=settings.attention
         )
-    except OSError as error:
-        raise ModelLoadError(_not_found_message(source)) from error
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"{settings.model!r} holds no complete Kosmos-2 checkpoint (config.json, weights and processor "
+            "files as written by save_pretrained)."
+        ) from error
     if not isinstance(processor, Kosmos2Processor):
         raise ModelLoadError(f"{source!r} is not a Kosmos-2 checkpoint (its processor is {type(processor).__name__}).")
     model.text_model.__class__ = PaddingAwareKosmos2TextForCausalLM
@@ -86,11 +93,23 @@ def load_model(settings: EngineSettings) -> tuple[Kosmos2ForConditionalGeneratio
     return model, processor
 
 
-def _not_found_message(source: str) -> str:
-    if Path(source).is_dir():
-        return f"{source!r} is a folder but holds no Kosmos-2 checkpoint (config, weights and processor files)."
-    return (
-        f"Model {source!r} is neither a local folder nor reachable on the Hugging Face hub from here. "
-        f"Download it once where the hub is reachable (`hf download {source or DEFAULT_MODEL} "
-        f"--local-dir ./kosmos-2`) and pass that folder with --model, or set HF_HOME to a cache that holds it."
-    )
+def resolve_source(model: str) -> str:
+    """A local folder for `model`: the folder itself, the hub cache's copy, or a fresh download."""
+    if Path(model).is_dir():
+        return model
+    if Path(model).exists() or model.startswith((".", "/")):
+        raise ModelLoadError(f"--model {model!r} is not a folder; pass a checkpoint folder or a hub id.")
+    try:
+        return snapshot_download(model, allow_patterns=CHECKPOINT_FILES, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        return snapshot_download(model, allow_patterns=CHECKPOINT_FILES)
+    except RepositoryNotFoundError as error:
+        raise ModelLoadError(f"There is no model {model!r} on the Hugging Face hub; check the id.") from error
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"Model {model!r} is neither a local folder nor in the Hugging Face cache, and the hub cannot be "
+            f"reached from here. Download it once where the hub is reachable (`hf download {model} "
+            f"--local-dir ./kosmos-2`), then pass that folder with --model (or copy the cache to HF_HOME)."
+        ) from error

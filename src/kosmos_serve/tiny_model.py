@@ -88,8 +88,14 @@ def build_processor(tokenizer: XLMRobertaTokenizer) -> Kosmos2Processor:
     return Kosmos2Processor(image_processor, tokenizer, num_patch_index_tokens=NUM_PATCH_INDEX_TOKENS)
 
 
-def tiny_config(vocab_size: int, *, text_width: int = 64, text_layers: int = 2, vision_width: int = 32) -> Kosmos2Config:
-    """A Kosmos-2 config with the real token layout and very small layers (224 px input, 64 image tokens)."""
+def tiny_config(
+    vocab_size: int, *, text_width: int = 64, text_layers: int = 2, vision_width: int = 32, init_std: float = 0.2
+) -> Kosmos2Config:
+    """A Kosmos-2 config with the real token layout and very small layers (224 px input, 64 image tokens).
+
+    The default `init_std` is ten times the checkpoint's, so a random model's tokens depend on the
+    image and on positions: equality tests on it fail when either is wrong.
+    """
     return Kosmos2Config(
         text_config={
             "vocab_size": vocab_size,
@@ -100,6 +106,7 @@ def tiny_config(vocab_size: int, *, text_width: int = 64, text_layers: int = 2, 
             "max_position_embeddings": 2048,
             "dropout": 0.0,
             "attention_dropout": 0.0,
+            "init_std": init_std,
         },
         vision_config={
             "hidden_size": vision_width,

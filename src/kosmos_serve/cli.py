@@ -1,0 +1,137 @@
+"""The `kosmos-serve` command line: one command per job, thin over the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from kosmos_serve.config import EngineSettings
+from kosmos_serve.errors import KosmosServeError
+from kosmos_serve.tasks import TASK_DESCRIPTIONS, Task
+
+TASK_HELP = "\n".join(f"{task.value}: {text}." for task, text in TASK_DESCRIPTIONS.items())
+
+
+class FriendlyErrors(click.Group):
+    """A group that shows domain errors as one line and exit code 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KosmosServeError as error:
+            click.echo(f"Error: {error.message}", err=True)
+            sys.exit(1)
+
+
+def parse_box(value: str) -> tuple[float, float, float, float]:
+    """`x1,y1,x2,y2` in pixels -> a tuple of four numbers.
+
+    >>> parse_box("10,20,110.5,220")
+    (10.0, 20.0, 110.5, 220.0)
+    """
+    parts = value.replace(" ", "").split(",")
+    try:
+        numbers = tuple(float(part) for part in parts)
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 4:
+        raise click.BadParameter(f"{value!r} is not a box; write x1,y1,x2,y2 in pixels, e.g. 10,20,200,180.")
+    return numbers
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' progress bars and advisory warnings from command-line output."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@click.group(cls=FriendlyErrors)
+@click.version_option(package_name="kosmos-serve")
+def main():
+    """kosmos-serve: run Microsoft's Kosmos-2 grounded multimodal model."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--task", default=Task.CAPTION.value, show_default=True,
+              type=click.Choice([t.value for t in Task]), help=TASK_HELP)
+@click.option("--prompt", help="Question (grounded_vqa, region_vqa) or whole prompt (raw).")
+@click.option("--phrase", "phrases", multiple=True, help="A phrase to ground or find; repeat for several.")
+@click.option("--box", "boxes", multiple=True, callback=lambda _c, _p, v: tuple(parse_box(b) for b in v),
+              help="x1,y1,x2,y2 in image pixels; repeat for several.")
+@click.option("--no-grounding", is_flag=True, help="raw task: do not prepend <grounding>.")
+@click.option("--max-new-tokens", type=int, help="New tokens to generate (default from settings: 128).")
+@click.option("--sample", is_flag=True, help="Sample (top-p, temperature) instead of greedy decoding.")
+@click.option("--top-p", type=float, default=0.9, show_default=True)
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as a JSON list.")
+@click.option("--draw", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the annotated image here (with several images: NAME_1.png, NAME_2.png, ...).")
+@click.option("--model", envvar="KOSMOS_MODEL", help="Hub id or local folder.  [env: KOSMOS_MODEL]")
+@click.option("--device", envvar="KOSMOS_DEVICE", help="auto, cpu, cuda, mps.  [env: KOSMOS_DEVICE]")
+@click.option("--dtype", envvar="KOSMOS_DTYPE", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="Weight dtype.  [env: KOSMOS_DTYPE]")
+def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, sample, top_p, temperature, seed,
+            as_json, draw, model, device, dtype):
+    """Describe and ground IMAGES; prints the text, then each entity with its pixel boxes.
+
+    \b
+    Examples:
+      kosmos-serve predict snowman.png
+      kosmos-serve predict snowman.png --task phrase_grounding --phrase "a snowman"
+      kosmos-serve predict snowman.png --task referring_generation --box 250,22,630,397
+    """
+    from kosmos_serve.engine import Engine, GenerationParams, Request
+    from kosmos_serve.images import load_image
+    from kosmos_serve.tasks import TaskInput
+
+    overrides = {key: value for key, value in {"model": model, "device": device, "dtype": dtype}.items() if value}
+    settings = EngineSettings(**overrides)
+    loaded = [load_image(path, max_pixels=settings.max_image_pixels) for path in images]
+    task_input = TaskInput(task=task, prompt=prompt, phrases=phrases, boxes=boxes, grounding=not no_grounding)
+    params = GenerationParams(max_new_tokens=max_new_tokens, do_sample=sample, top_p=top_p,
+                              temperature=temperature, seed=seed)
+    quiet_transformers()
+    engine = Engine(settings)
+    results = engine.run([Request(image, task_input, params) for image in loaded])
+    if as_json:
+        payload = [{"image": str(path), **result.to_dict()} for path, result in zip(images, results)]
+        click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+    else:
+        for path, result in zip(images, results):
+            click.echo(summary(path, result))
+    if draw:
+        from kosmos_serve.drawing import draw_entities
+
+        for number, (image, result) in enumerate(zip(loaded, results), start=1):
+            target = draw if len(loaded) == 1 else draw.with_name(f"{draw.stem}_{number}{draw.suffix}")
+            draw_entities(image, result.entities).save(target)
+
+
+def summary(path: Path, result) -> str:
+    """A readable block: image and size, the text, then each entity with its pixel boxes."""
+    width, height = result.image_size
+    lines = [f"{path} ({width}x{height})", f"  {result.text}"]
+    for entity in result.entities:
+        boxes = "  ".join(str(list(box)) for box in entity.pixel_boxes)
+        lines.append(f"  - {entity.phrase}: {boxes}")
+    return "\n".join(lines)
+
+
+@main.command("tiny-model")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+def tiny_model(out, seed):
+    """Write a tiny random Kosmos-2 (for tests and trying the tools offline) to folder OUT."""
+    from kosmos_serve.tiny_model import build_tiny_model
+
+    quiet_transformers()
+    click.echo(str(build_tiny_model(out, seed=seed)))

@@ -1,0 +1,344 @@
+"""The inference core: prepared prompts -> batched `generate` -> grounded results.
+
+One `Engine.run` call takes any mix of tasks, prompts, images and generation parameters. Vision
+features are computed once per distinct image (and kept in an LRU across calls); prompts with
+the same generation parameters share left-padded batches; every result equals the request run
+alone through transformers' own `generate` + `post_process_generation`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from kosmos_serve.config import EngineSettings
+from kosmos_serve.errors import InvalidRequestError
+from kosmos_serve.grounding import Entity, GroundedText, parse_generation, render_markdown
+from kosmos_serve.images import image_digest
+from kosmos_serve.loading import load_model
+from kosmos_serve.tasks import PromptSpec, Task, TaskInput, build_prompts, parse_task
+
+# Token ids do not depend on pixels: tokenising against this placeholder runs the processor's own
+# text path (tags, location tokens, image slots) without preprocessing the real image per prompt.
+_TOKENISATION_PLACEHOLDER = Image.new("RGB", (1, 1))
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Decoding settings; the defaults are the original demo's (greedy, no 3-gram repeats)."""
+
+    max_new_tokens: int | None = None  # None: the engine's configured default
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    num_beams: int = 1
+    no_repeat_ngram_size: int = 3
+    seed: int | None = None
+
+    def validate(self, max_new_tokens_cap: int) -> None:
+        """Raise InvalidRequestError naming the first parameter out of range."""
+        checks = [
+            (self.max_new_tokens is None or 1 <= self.max_new_tokens <= max_new_tokens_cap,
+             f"max_new_tokens must be between 1 and {max_new_tokens_cap}"),
+            (self.temperature > 0, "temperature must be above 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (1 <= self.num_beams <= 8, "num_beams must be between 1 and 8"),
+            (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be 0 (off) or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequestError(f"{message}.")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One image, what to do with it, and how to decode."""
+
+    image: Image.Image
+    task: TaskInput = field(default_factory=TaskInput)
+    params: GenerationParams = field(default_factory=GenerationParams)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent on this request's image features and on the generate call(s) it was part of."""
+
+    vision: float = 0.0
+    generation: float = 0.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """A grounded answer: reference text and entities, pixel boxes, markdown, sizes and timings."""
+
+    task: Task
+    prompt: str
+    text: str
+    answer: str
+    raw_text: str
+    entities: tuple[Entity, ...]
+    markdown: str
+    image_size: tuple[int, int]
+    generated_tokens: int
+    image_cached: bool
+    timings: Timings
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict: entities as objects with normalised and pixel boxes."""
+        return {
+            "task": self.task.value,
+            "prompt": self.prompt,
+            "text": self.text,
+            "answer": self.answer,
+            "raw_text": self.raw_text,
+            "entities": [
+                {"phrase": e.phrase, "span": list(e.span), "boxes": [list(b) for b in e.boxes],
+                 "pixel_boxes": [list(b) for b in e.pixel_boxes]}
+                for e in self.entities
+            ],
+            "markdown": self.markdown,
+            "image_size": list(self.image_size),
+            "generated_tokens": self.generated_tokens,
+            "image_cached": self.image_cached,
+            "timings": {"vision_seconds": self.timings.vision, "generation_seconds": self.timings.generation},
+        }
+
+
+@dataclass
+class _Row:
+    """One prompt to generate: which request it belongs to and its tokenised inputs."""
+
+    request_index: int
+    spec: PromptSpec
+    image_key: str
+    input_ids: list[int]
+    image_mask: list[int]
+    output: GroundedText | None = None
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+
+
+class ImageFeatureCache:
+    """A bounded LRU of image features (`image_embeds`) keyed by image content digest."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The features for `key`, marked as recently used, or None."""
+        features = self._entries.get(key)
+        if features is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return features
+
+    def put(self, key: str, features: torch.Tensor) -> None:
+        """Keep `features`, evicting the least recently used entries beyond capacity."""
+        if self.capacity == 0:
+            return
+        self._entries[key] = features
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Engine:
+    """A loaded Kosmos-2 that runs batches of grounded requests."""
+
+    def __init__(self, settings: EngineSettings | None = None):
+        self.settings = settings or EngineSettings()
+        self.model, self.processor = load_model(self.settings)
+        self.device = self.model.device
+        self.dtype = self.model.dtype
+        self.cache = ImageFeatureCache(self.settings.image_cache_size)
+        self.pad_token_id = self.processor.tokenizer.pad_token_id
+
+    def predict(self, image: Image.Image, task: TaskInput | None = None, params: GenerationParams | None = None) -> Result:
+        """Run one request."""
+        return self.run([Request(image, task or TaskInput(), params or GenerationParams())])[0]
+
+    def run(self, requests: Sequence[Request]) -> list[Result]:
+        """Run many requests together; each result equals that request run alone (greedy decoding)."""
+        rows = [row for index, request in enumerate(requests) for row in self._prepare(index, request)]
+        features, vision_seconds, cached_keys = self._image_features(requests, rows)
+        for params, group in self._groups(requests, rows):
+            for start in range(0, len(group), self.settings.max_batch_size):
+                self._generate(group[start : start + self.settings.max_batch_size], features, params, requests)
+        rows_by_request: dict[int, list[_Row]] = {}
+        for row in rows:
+            rows_by_request.setdefault(row.request_index, []).append(row)
+        results = []
+        for index, request in enumerate(requests):
+            own_rows = rows_by_request[index]
+            key = own_rows[0].image_key
+            timings = Timings(vision_seconds.get(key, 0.0), sum(row.generation_seconds for row in own_rows))
+            results.append(_result(request, own_rows, timings, key in cached_keys))
+        return results
+
+    def _prepare(self, index: int, request: Request) -> list[_Row]:
+        params = request.params
+        params.validate(self.settings.max_new_tokens_cap)
+        self._check_prompt_length(request.task)
+        width, height = request.image.size
+        key = image_digest(request.image)
+        rows = []
+        for spec in build_prompts(request.task, width, height):
+            encoded = self.processor(
+                text=spec.text,
+                images=_TOKENISATION_PLACEHOLDER,
+                bboxes=list(spec.bboxes) if spec.bboxes else None,
+            )
+            rows.append(_Row(index, spec, key, encoded["input_ids"], encoded["image_embeds_position_mask"]))
+        return rows
+
+    def _check_prompt_length(self, task: TaskInput) -> None:
+        limit = self.settings.max_prompt_chars
+        for text in (task.prompt or "", *task.phrases):
+            if len(text) > limit:
+                raise InvalidRequestError(f"A prompt or phrase is {len(text)} characters long; the limit is {limit}.")
+
+    @torch.inference_mode()
+    def _image_features(self, requests: Sequence[Request], rows: list[_Row]):
+        """Features per image key: from the cache, else encoded in batches; vision seconds per key."""
+        features: dict[str, torch.Tensor] = {}
+        cached_keys = set()
+        missing: dict[str, Image.Image] = {}
+        for row in rows:
+            if row.image_key in features or row.image_key in missing:
+                continue
+            cached = self.cache.get(row.image_key)
+            if cached is not None:
+                features[row.image_key] = cached
+                cached_keys.add(row.image_key)
+            else:
+                missing[row.image_key] = requests[row.request_index].image
+        vision_seconds = {}
+        keys = list(missing)
+        for start in range(0, len(keys), self.settings.max_batch_size):
+            chunk = keys[start : start + self.settings.max_batch_size]
+            began = time.perf_counter()
+            encoded = self.encode_images([missing[key] for key in chunk])
+            elapsed = time.perf_counter() - began
+            for key, embeds in zip(chunk, encoded):
+                features[key] = embeds
+                self.cache.put(key, embeds)
+                vision_seconds[key] = elapsed
+        return features, vision_seconds, cached_keys
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Image features as `generate` computes them: vision -> post-layernorm -> L2 norm -> resampler."""
+        pixel_values = self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        hidden = self.model.vision_model(pixel_values)[0]
+        hidden = self.model.vision_model.model.post_layernorm(hidden)
+        hidden = torch.nn.functional.normalize(hidden, dim=-1)
+        embeds, _ = self.model.image_to_text_projection(hidden)
+        return embeds
+
+    def _groups(self, requests: Sequence[Request], rows: list[_Row]):
+        """Rows that may share a batch: same parameters; sampled requests always alone (own seed)."""
+        groups: dict[object, list[_Row]] = {}
+        for row in rows:
+            params = self._effective(requests[row.request_index].params)
+            key = (params, row.request_index) if params.do_sample else params
+            groups.setdefault(key, []).append(row)
+        return [(key[0] if isinstance(key, tuple) else key, group) for key, group in groups.items()]
+
+    def _effective(self, params: GenerationParams) -> GenerationParams:
+        if params.max_new_tokens is not None:
+            return params
+        return GenerationParams(**{**params.__dict__, "max_new_tokens": self.settings.max_new_tokens})
+
+    @torch.inference_mode()
+    def _generate(self, batch: list[_Row], features: dict, params: GenerationParams, requests) -> None:
+        width = max(len(row.input_ids) for row in batch)
+        pads = [width - len(row.input_ids) for row in batch]
+        input_ids = torch.tensor([[self.pad_token_id] * p + row.input_ids for p, row in zip(pads, batch)])
+        attention_mask = torch.tensor([[0] * p + [1] * len(row.input_ids) for p, row in zip(pads, batch)])
+        image_mask = torch.tensor([[0] * p + row.image_mask for p, row in zip(pads, batch)], dtype=torch.bool)
+        image_embeds = torch.cat([features[row.image_key] for row in batch])
+        if params.do_sample and params.seed is not None:
+            torch.manual_seed(params.seed)
+        began = time.perf_counter()
+        output = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            image_embeds=image_embeds,
+            image_embeds_position_mask=image_mask.to(self.device),
+            use_cache=True,
+            **generation_kwargs(params),
+        )
+        elapsed = time.perf_counter() - began
+        new_tokens = output[:, width:]
+        decoded = self.processor.batch_decode(output, skip_special_tokens=True)
+        for row, text, tokens in zip(batch, decoded, new_tokens):
+            image = requests[row.request_index].image
+            row.output = parse_generation(text, row.spec.text, *image.size)
+            row.generated_tokens = int((tokens != self.pad_token_id).sum())
+            row.generation_seconds = elapsed
+
+
+def generation_kwargs(params: GenerationParams) -> dict:
+    """`generate` keyword arguments for `params` (sampling knobs only when sampling)."""
+    kwargs = {
+        "max_new_tokens": params.max_new_tokens,
+        "num_beams": params.num_beams,
+        "no_repeat_ngram_size": params.no_repeat_ngram_size,
+        "do_sample": params.do_sample,
+    }
+    if params.do_sample:
+        kwargs.update(temperature=params.temperature, top_p=params.top_p)
+    return kwargs
+
+
+def combine_detections(rows: list[_Row]) -> GroundedText:
+    """One result for a detection request: the phrases as text, each linked to the boxes found for it."""
+    phrases = [row.spec.phrase for row in rows]
+    text = ", ".join(phrases)
+    entities = []
+    start = 0
+    for row, phrase in zip(rows, phrases):
+        found = next((e for e in row.output.entities if e.phrase == phrase), None)
+        if found is not None:
+            entities.append(Entity(phrase, (start, start + len(phrase)), found.boxes, found.pixel_boxes))
+        start += len(phrase) + 2
+    entities = tuple(entities)
+    return GroundedText(
+        text=text,
+        answer=text,
+        raw_text="\n".join(row.output.raw_text for row in rows),
+        entities=entities,
+        markdown=render_markdown(text, entities),
+    )
+
+
+def _result(request: Request, rows: list[_Row], timings: Timings, cached: bool) -> Result:
+    task = parse_task(request.task.task)
+    output = combine_detections(rows) if task is Task.DETECTION else rows[0].output
+    return Result(
+        task=task,
+        prompt="\n".join(row.spec.text for row in rows),
+        text=output.text,
+        answer=output.answer,
+        raw_text=output.raw_text,
+        entities=output.entities,
+        markdown=output.markdown,
+        image_size=request.image.size,
+        generated_tokens=sum(row.generated_tokens for row in rows),
+        image_cached=cached,
+        timings=timings,
+    )

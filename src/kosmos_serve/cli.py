@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from kosmos_serve.config import EngineSettings
-from kosmos_serve.errors import KosmosServeError
+from kosmos_serve.errors import InvalidBoxError, KosmosServeError
 from kosmos_serve.tasks import TASK_DESCRIPTIONS, Task
 
 TASK_HELP = "\n".join(f"{task.value}: {text}." for task, text in TASK_DESCRIPTIONS.items())
@@ -39,7 +39,7 @@ def parse_box(value: str) -> tuple[float, float, float, float]:
     except ValueError:
         numbers = ()
     if len(numbers) != 4:
-        raise click.BadParameter(f"{value!r} is not a box; write x1,y1,x2,y2 in pixels, e.g. 10,20,200,180.")
+        raise InvalidBoxError(f"{value!r} is not a box; write x1,y1,x2,y2 in pixels, e.g. 10,20,200,180.")
     return numbers
 
 
@@ -60,8 +60,7 @@ def main():
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--task", default=Task.CAPTION.value, show_default=True,
-              type=click.Choice([t.value for t in Task]), help=TASK_HELP)
+@click.option("--task", default=Task.CAPTION.value, show_default=True, help=TASK_HELP)
 @click.option("--prompt", help="Question (grounded_vqa, region_vqa) or whole prompt (raw).")
 @click.option("--phrase", "phrases", multiple=True, help="A phrase to ground or find; repeat for several.")
 @click.option("--box", "boxes", multiple=True, callback=lambda _c, _p, v: tuple(parse_box(b) for b in v),

@@ -232,7 +232,7 @@ class Engine:
             began = time.perf_counter()
             encoded = self.encode_images([missing[key] for key in chunk])
             elapsed = time.perf_counter() - began
-            for key, embeds in zip(chunk, encoded):
+            for key, embeds in zip(chunk, encoded.split(1)):  # each (1, latent queries, width)
                 features[key] = embeds
                 self.cache.put(key, embeds)
                 vision_seconds[key] = elapsed

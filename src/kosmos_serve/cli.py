@@ -88,19 +88,20 @@ def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, 
       kosmos-serve predict snowman.png --task phrase_grounding --phrase "a snowman"
       kosmos-serve predict snowman.png --task referring_generation --box 250,22,630,397
     """
-    from kosmos_serve.engine import Engine, GenerationParams, Request
-    from kosmos_serve.images import load_image
+    from kosmos_serve.engine import Engine, GenerationParams, Request, check_request
     from kosmos_serve.tasks import TaskInput
 
     overrides = {key: value for key, value in {"model": model, "device": device, "dtype": dtype}.items() if value}
     settings = EngineSettings(**overrides)
-    loaded = [load_image(path, max_pixels=settings.max_image_pixels) for path in images]
+    loaded = [load_image_file(path, settings.max_image_pixels) for path in images]
     task_input = TaskInput(task=task, prompt=prompt, phrases=phrases, boxes=boxes, grounding=not no_grounding)
     params = GenerationParams(max_new_tokens=max_new_tokens, do_sample=sample, top_p=top_p,
                               temperature=temperature, seed=seed)
+    requests = [Request(image, task_input, params) for image in loaded]
+    for request in requests:  # refuse bad input before spending seconds on loading the model
+        check_request(request, settings)
     quiet_transformers()
-    engine = Engine(settings)
-    results = engine.run([Request(image, task_input, params) for image in loaded])
+    results = Engine(settings).run(requests)
     if as_json:
         payload = [{"image": str(path), **result.to_dict()} for path, result in zip(images, results)]
         click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
@@ -113,6 +114,16 @@ def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, 
         for number, (image, result) in enumerate(zip(loaded, results), start=1):
             target = draw if len(loaded) == 1 else draw.with_name(f"{draw.stem}_{number}{draw.suffix}")
             draw_entities(image, result.entities).save(target)
+
+
+def load_image_file(path: Path, max_pixels: int):
+    """Load one image for the CLI; an error names the file it is about."""
+    from kosmos_serve.images import load_image
+
+    try:
+        return load_image(path, max_pixels=max_pixels)
+    except KosmosServeError as error:
+        raise type(error)(f"{path}: {error.message}") from error
 
 
 def summary(path: Path, result) -> str:

@@ -189,13 +189,9 @@ class Engine:
         return results
 
     def _prepare(self, index: int, request: Request) -> list[_Row]:
-        params = request.params
-        params.validate(self.settings.max_new_tokens_cap)
-        self._check_prompt_length(request.task)
-        width, height = request.image.size
         key = image_digest(request.image)
         rows = []
-        for spec in build_prompts(request.task, width, height):
+        for spec in check_request(request, self.settings):
             encoded = self.processor(
                 text=spec.text,
                 images=_TOKENISATION_PLACEHOLDER,
@@ -203,12 +199,6 @@ class Engine:
             )
             rows.append(_Row(index, spec, key, encoded["input_ids"], encoded["image_embeds_position_mask"]))
         return rows
-
-    def _check_prompt_length(self, task: TaskInput) -> None:
-        limit = self.settings.max_prompt_chars
-        for text in (task.prompt or "", *task.phrases):
-            if len(text) > limit:
-                raise InvalidRequestError(f"A prompt or phrase is {len(text)} characters long; the limit is {limit}.")
 
     @torch.inference_mode()
     def _image_features(self, requests: Sequence[Request], rows: list[_Row]):
@@ -290,6 +280,16 @@ class Engine:
             row.output = parse_generation(text, row.spec.text, *image.size)
             row.generated_tokens = int((tokens != self.pad_token_id).sum())
             row.generation_seconds = elapsed
+
+
+def check_request(request: Request, settings: EngineSettings) -> list[PromptSpec]:
+    """Validate a request against the limits in `settings`; return its prompts."""
+    request.params.validate(settings.max_new_tokens_cap)
+    limit = settings.max_prompt_chars
+    for text in (request.task.prompt or "", *request.task.phrases):
+        if len(text) > limit:
+            raise InvalidRequestError(f"A prompt or phrase is {len(text)} characters long; the limit is {limit}.")
+    return build_prompts(request.task, *request.image.size)
 
 
 def generation_kwargs(params: GenerationParams) -> dict:

@@ -80,6 +80,8 @@ def readable_stream(source: bytes | str | os.PathLike) -> io.BytesIO | Path:
         raise InvalidImageError(f"The image cannot be read: no such file: {path}")
     if path.is_dir():
         raise InvalidImageError(f"The image cannot be read: {path} is a directory, not a file.")
+    if path.stat().st_size == 0:
+        raise InvalidImageError("The image is empty (0 bytes).")
     return path
 
 

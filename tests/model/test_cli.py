@@ -1,0 +1,114 @@
+"""The command line, run in-process on the tiny model."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from kosmos_serve.cli import main
+
+
+@pytest.fixture
+def image_file(tmp_path, sample_images):
+    path = tmp_path / "scene.png"
+    sample_images[0].save(path)
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_predict_prints_text_then_entities(image_file, tiny_model_dir):
+    result = invoke("predict", image_file, "--model", tiny_model_dir, "--max-new-tokens", 8)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"{image_file} (640x480)"
+    assert lines[1].startswith("  An image of")
+
+
+def test_predict_json_equals_the_library_result(image_file, tiny_model_dir, engine, sample_images):
+    from kosmos_serve.engine import GenerationParams
+    from kosmos_serve.tasks import TaskInput
+
+    result = invoke("predict", image_file, image_file, "--model", tiny_model_dir, "--json", "--task",
+                    "region_vqa", "--prompt", "Where is the fire next to?", "--phrase", "the fire",
+                    "--box", "5,5,120,90", "--max-new-tokens", 10)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    expected = engine.predict(
+        sample_images[0],
+        TaskInput("region_vqa", prompt="Where is the fire next to?", phrases=("the fire",), boxes=((5, 5, 120, 90),)),
+        GenerationParams(max_new_tokens=10),
+    ).to_dict()
+    assert len(payload) == 2
+    for item in payload:
+        assert item["image"] == str(image_file)
+        assert {k: item[k] for k in ("text", "raw_text", "entities", "markdown")} == {
+            k: expected[k] for k in ("text", "raw_text", "entities", "markdown")
+        }
+        assert item["prompt"] == "<grounding> Question: Where is<phrase> the fire</phrase> next to? Answer:"
+
+
+def test_predict_draws_the_annotated_image(image_file, tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "drawn.png"
+    result = invoke("predict", image_file, "--model", tiny_model_dir, "--max-new-tokens", 4, "--draw", out)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (640, 480)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--task", "nonsense"], "Unknown task 'nonsense'"),
+        (["--task", "phrase_grounding"], "needs exactly one phrase"),
+        (["--task", "referring_generation", "--box", "10,10,5,5"], "inverted"),
+        (["--task", "referring_generation", "--box", "0,0,700,100"], "outside the 640x480 image"),
+        (["--task", "referring_generation", "--box", "1,2"], "is not a box"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be between 1"),
+    ],
+)
+def test_bad_requests_exit_1_with_one_clear_line(image_file, tiny_model_dir, extra, message):
+    result = invoke("predict", image_file, "--model", tiny_model_dir, *extra)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty (0 bytes)"),
+        (b"this is not an image", "cannot be decoded"),
+    ],
+)
+def test_bad_images_exit_1(tmp_path, tiny_model_dir, content, message):
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    result = invoke("predict", path, "--model", tiny_model_dir)
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_truncated_image_exits_1(tmp_path, tiny_model_dir, image_file):
+    path = tmp_path / "cut.png"
+    path.write_bytes(image_file.read_bytes()[:2000])
+    result = invoke("predict", path, "--model", tiny_model_dir)
+    assert result.exit_code == 1 and "truncated" in result.output
+
+
+def test_missing_model_exits_1_with_download_advice(image_file):
+    result = invoke("predict", image_file, "--model", "someone/not-here")
+    assert result.exit_code == 1
+    assert "hf download someone/not-here" in result.output
+
+
+def test_help_lists_every_task():
+    from kosmos_serve.tasks import Task
+
+    result = invoke("predict", "--help")
+    assert result.exit_code == 0
+    for task in Task:
+        assert task.value in result.output

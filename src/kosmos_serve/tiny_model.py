@@ -16,14 +16,17 @@ import torch
 from transformers import Kosmos2Config, Kosmos2ForConditionalGeneration, Kosmos2Processor, XLMRobertaTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from kosmos_serve.training import shapes
+
 # The checkpoint's image preprocessing: squash-resize to 224x224 (bicubic), no crop, CLIP mean/std.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 NUM_PATCH_INDEX_TOKENS = 1024
 XLMR_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
 
-COLOURS = ["red", "green", "blue", "yellow", "orange", "purple", "white", "black", "pink", "brown", "grey"]
-SHAPES = ["circle", "square", "triangle", "star", "rectangle", "ring", "cross", "diamond", "heart"]
+# The synthetic scenes' vocabulary first (so their training text tokenises compactly), then a few more words.
+COLOURS = list(shapes.COLOURS) + ["white", "black", "grey"]
+SHAPES = list(shapes.SHAPES) + ["rectangle", "ring", "heart"]
 SIZES = ["small", "large", "big", "tiny"]
 PLACES = ["left", "right", "top", "bottom", "middle", "centre", "corner"]
 MODEL_CARD_SENTENCES = [

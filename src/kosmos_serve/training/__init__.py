@@ -1,0 +1,1 @@
+"""Training data: grounded record formats, synthetic shape scenes, fine-tuning."""

@@ -1,0 +1,100 @@
+"""Grounding accuracy of a model on held-out examples, through the serving engine itself.
+
+- referring: the first box generated for the expression has IoU >= 0.5 with the true box;
+- caption: share of true objects that the brief caption (`<grounding> An image of`) names with the
+  same phrase and a box at IoU >= 0.5;
+- region: the description generated for a box equals the true one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers.models.kosmos2.processing_kosmos2 import clean_text_and_extract_entities_with_bboxes
+
+from kosmos_serve.engine import Engine, GenerationParams, Request
+from kosmos_serve.images import load_image
+from kosmos_serve.tasks import Task, TaskInput
+from kosmos_serve.training.records import Example
+
+IOU_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class Score:
+    """Hits out of a total, for one kind of example."""
+
+    hits: int = 0
+    total: int = 0
+
+    @property
+    def rate(self) -> float:
+        """Hits / total (0 when there is nothing to score)."""
+        return self.hits / self.total if self.total else 0.0
+
+    def __add__(self, other: Score) -> Score:
+        return Score(self.hits + other.hits, self.total + other.total)
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes.
+
+    >>> iou((0, 0, 2, 2), (1, 0, 3, 2))
+    0.3333333333333333
+    """
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    intersection = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
+    return intersection / union if union > 0 else 0.0
+
+
+def true_entities(example: Example) -> list[tuple[str, list]]:
+    """(phrase, normalised boxes) pairs written in an example's prompt and target."""
+    _, entities = clean_text_and_extract_entities_with_bboxes(example.prompt + example.target)
+    return [(name.lower(), boxes) for name, _, boxes in entities]
+
+
+def _request(example: Example, image) -> Request:
+    params = GenerationParams(max_new_tokens=64)
+    if example.kind == "caption":
+        return Request(image, TaskInput(Task.CAPTION), params)
+    return Request(image, TaskInput(Task.RAW, prompt=example.prompt, grounding=False), params)
+
+
+def _score(example: Example, result) -> Score:
+    truth = true_entities(example)
+    predicted = [(entity.phrase.lower(), entity.boxes) for entity in result.entities]
+    if example.kind == "region":
+        return Score(int(result.answer.strip() == example.target.strip()), 1)
+    if example.kind == "referring":
+        phrase, boxes = truth[0]
+        guess = next((b for p, b in predicted if p == phrase), None)
+        return Score(int(bool(guess) and iou(guess[0], boxes[0]) >= IOU_THRESHOLD), 1)
+    hits = 0
+    for phrase, boxes in truth:
+        if any(p == phrase and any(iou(g, boxes[0]) >= IOU_THRESHOLD for g in guess) for p, guess in predicted):
+            hits += 1
+    return Score(hits, len(truth))
+
+
+def evaluate(engine: Engine, examples: Sequence[Example], batch_size: int = 32) -> dict[str, Score]:
+    """Scores per example kind, running the engine in batches."""
+    scores: dict[str, Score] = {}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        requests = [_request(example, load_image(example.image_path)) for example in chunk]
+        for example, result in zip(chunk, engine.run(requests)):
+            scores[example.kind] = scores.get(example.kind, Score()) + _score(example, result)
+    return scores
+
+
+def format_scores(scores: dict[str, Score]) -> str:
+    """One line per kind: `referring: 87.5% (175/200)`."""
+    names = {"referring": "referring expressions, box at IoU>=0.5",
+             "caption": "objects named with a box at IoU>=0.5 in the brief caption",
+             "region": "region descriptions exactly right"}
+    return "\n".join(
+        f"{names.get(kind, kind)}: {score.rate:.1%} ({score.hits}/{score.total})" for kind, score in sorted(scores.items())
+    )

@@ -1,0 +1,197 @@
+"""Fine-tune (or train from scratch) a Kosmos-2 on grounded JSONL data.
+
+Labels are the target tokens; image, prompt and padding positions are -100 (the processor makes no
+labels, transformers#28599). AdamW with linear warm-up and decay, gradient accumulation, a
+checkpoint every N steps, and `resume` that continues from the last checkpoint with the same steps
+and the same data order, so an interrupted run ends where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import Kosmos2ForConditionalGeneration, Kosmos2Processor, get_linear_schedule_with_warmup
+
+from kosmos_serve.images import load_image
+from kosmos_serve.training.records import Example
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run (all saved beside each checkpoint)."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    gradient_accumulation: int = 1
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+
+@dataclass
+class Batch:
+    """Model inputs for a batch, right-padded, with labels."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    image_embeds_position_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    labels: torch.Tensor
+
+
+def encode_example(processor: Kosmos2Processor, example: Example) -> tuple[list[int], list[int], list[int]]:
+    """Token ids, image-position mask and labels of one example (EOS appended to the target).
+
+    Only the target and its EOS are learnt: `<s>`, the image tokens and the prompt are -100.
+    """
+    placeholder = _placeholder_image()
+    prompt = processor(text=example.prompt, images=placeholder)
+    full = processor(text=example.prompt + example.target, images=placeholder)
+    prompt_ids, ids = prompt["input_ids"], full["input_ids"]
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"prompt {example.prompt!r} does not tokenise as a prefix of its example")
+    ids = ids + [processor.tokenizer.eos_token_id]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
+    image_mask = full["image_embeds_position_mask"] + [0]
+    return ids, image_mask, labels
+
+
+def _placeholder_image():
+    from PIL import Image
+
+    return Image.new("RGB", (1, 1))
+
+
+def collate(processor: Kosmos2Processor, examples: Sequence[Example]) -> Batch:
+    """Tokenise, right-pad and stack a list of examples, with their images."""
+    encoded = [encode_example(processor, example) for example in examples]
+    width = max(len(ids) for ids, _, _ in encoded)
+    pad = processor.tokenizer.pad_token_id
+
+    def padded(values, fill):
+        return torch.tensor([v + [fill] * (width - len(v)) for v in values])
+
+    images = [load_image(example.image_path) for example in examples]
+    return Batch(
+        input_ids=padded([ids for ids, _, _ in encoded], pad),
+        attention_mask=padded([[1] * len(ids) for ids, _, _ in encoded], 0),
+        image_embeds_position_mask=padded([mask for _, mask, _ in encoded], 0),
+        pixel_values=processor.image_processor(images, return_tensors="pt")["pixel_values"],
+        labels=padded([labels for _, _, labels in encoded], IGNORE_INDEX),
+    )
+
+
+def example_order(count: int, seed: int, first_sample: int, samples: int) -> list[int]:
+    """Indices of samples `first_sample`.. in the run's order: a fresh seeded shuffle every epoch.
+
+    The order depends only on (count, seed), so a resumed run draws exactly the same batches.
+    """
+    order = []
+    for sample in range(first_sample, first_sample + samples):
+        epoch, position = divmod(sample, count)
+        permutation = list(range(count))
+        random.Random(seed * 1_000_003 + epoch).shuffle(permutation)
+        order.append(permutation[position])
+    return order
+
+
+def train(
+    model: Kosmos2ForConditionalGeneration,
+    processor: Kosmos2Processor,
+    examples: Sequence[Example],
+    out_dir: Path,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train `model` on `examples`, checkpointing into `out_dir`; returns the final model folder."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(config.seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    step = 0
+    if resume:
+        step = _restore(out_dir, model, optimizer, scheduler)
+    samples_per_step = config.batch_size * config.gradient_accumulation
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="training", unit="step")
+    while step < config.steps:
+        order = example_order(len(examples), config.seed, step * samples_per_step, samples_per_step)
+        loss_sum = 0.0
+        for micro in range(config.gradient_accumulation):
+            chunk = order[micro * config.batch_size : (micro + 1) * config.batch_size]
+            batch = collate(processor, [examples[i] for i in chunk])
+            loss = model(**vars(batch)).loss / config.gradient_accumulation
+            loss.backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}")
+        if on_step is not None:
+            on_step(step, loss_sum)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _checkpoint(out_dir, step, model, processor, optimizer, scheduler, config)
+    bar.close()
+    model.eval()
+    final = out_dir / "final"
+    model.save_pretrained(final)
+    processor.save_pretrained(final)
+    return final
+
+
+def _checkpoint(out_dir: Path, step: int, model, processor, optimizer, scheduler, config: TrainConfig) -> None:
+    folder = out_dir / f"checkpoint-{step:06d}"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    torch.save(
+        {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+         "rng": torch.get_rng_state()},
+        folder / STATE_FILE,
+    )
+    (folder / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    for old in sorted(out_dir.glob("checkpoint-*"))[: -config.keep_checkpoints]:
+        shutil.rmtree(old)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder in `out_dir`, if any."""
+    complete = [folder for folder in sorted(Path(out_dir).glob("checkpoint-*")) if (folder / STATE_FILE).exists()]
+    return complete[-1] if complete else None
+
+
+def _restore(out_dir: Path, model, optimizer, scheduler) -> int:
+    folder = latest_checkpoint(out_dir)
+    if folder is None:
+        logger.info("No checkpoint in %s; starting from step 0", out_dir)
+        return 0
+    restored = Kosmos2ForConditionalGeneration.from_pretrained(folder)
+    model.load_state_dict(restored.state_dict())
+    state = torch.load(folder / STATE_FILE, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    logger.info("Resumed from %s at step %d", folder, state["step"])
+    return state["step"]

@@ -12,6 +12,7 @@ import click
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.errors import InvalidBoxError, KosmosServeError
 from kosmos_serve.tasks import TASK_DESCRIPTIONS, Task
+from kosmos_serve.training.config import TrainConfig
 
 TASK_HELP = "\n".join(f"{task.value}: {text}." for task, text in TASK_DESCRIPTIONS.items())
 
@@ -145,3 +146,76 @@ def tiny_model(out, seed):
 
     quiet_transformers()
     click.echo(str(build_tiny_model(out, seed=seed)))
+
+
+@main.group()
+def data():
+    """Make training data."""
+
+
+@data.command("shapes")
+@click.option("--n", "count", type=int, required=True, help="Number of scenes.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def data_shapes(count, seed, out):
+    """Write synthetic scenes (1-4 coloured shapes) and their grounded JSONL records to OUT."""
+    from kosmos_serve.training.shapes import write_shapes_dataset
+
+    click.echo(str(write_shapes_dataset(out, count, seed)))
+
+
+@main.command()
+@click.option("--model", required=True, help="Hub id, folder, 'demo', or 'scratch' for a fresh demo-size model.")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True,
+              help="Grounded JSONL records (see README).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--eval-data", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Held-out JSONL records scored at the end (default: the first 200 training examples).")
+@click.option("--steps", type=int, default=TrainConfig.steps, show_default=True)
+@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True)
+@click.option("--gradient-accumulation", type=int, default=TrainConfig.gradient_accumulation, show_default=True)
+@click.option("--learning-rate", type=float, default=TrainConfig.learning_rate, show_default=True)
+@click.option("--warmup-steps", type=int, default=TrainConfig.warmup_steps, show_default=True)
+@click.option("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every, show_default=True)
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
+@click.option("--threads", type=int, help="Torch intra-op threads (default: all cores).")
+def train(model, data_file, out, eval_data, steps, batch_size, gradient_accumulation, learning_rate, warmup_steps,
+          checkpoint_every, seed, resume, threads):
+    """Fine-tune MODEL on DATA (or train a fresh model), writing checkpoints and OUT/final."""
+    import torch
+
+    from kosmos_serve.training import train as training
+    from kosmos_serve.training.records import read_examples
+
+    if threads:
+        torch.set_num_threads(threads)
+    examples = read_examples(data_file)
+    held_out = read_examples(eval_data) if eval_data else examples[:200]
+    quiet_transformers()
+    loaded, processor = training.load_for_training(model, seed)
+    config = TrainConfig(steps=steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+                         learning_rate=learning_rate, warmup_steps=warmup_steps, checkpoint_every=checkpoint_every,
+                         seed=seed)
+    final = training.train(loaded, processor, training.TrainingSet(processor, examples), out, config, resume=resume)
+    click.echo(f"saved {final}")
+    click.echo(_scores(final, held_out))
+
+
+@main.command()
+@click.option("--model", required=True, help="Hub id, folder or 'demo'.")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True)
+def evaluate(model, data_file):
+    """Score MODEL's grounding on held-out JSONL records (referring IoU>=0.5, caption recall, region exact)."""
+    from kosmos_serve.training.records import read_examples
+
+    quiet_transformers()
+    click.echo(_scores(model, read_examples(data_file)))
+
+
+def _scores(model, examples) -> str:
+    from kosmos_serve.engine import Engine
+    from kosmos_serve.training.evaluate import evaluate as score, format_scores
+
+    engine = Engine(EngineSettings(model=str(model), max_batch_size=32))
+    return format_scores(score(engine, examples))

@@ -92,7 +92,14 @@ def build_processor(tokenizer: XLMRobertaTokenizer) -> Kosmos2Processor:
 
 
 def tiny_config(
-    vocab_size: int, *, text_width: int = 64, text_layers: int = 2, vision_width: int = 32, init_std: float = 0.2
+    vocab_size: int,
+    *,
+    text_width: int = 64,
+    text_layers: int = 2,
+    vision_width: int = 32,
+    vision_layers: int = 2,
+    patch_size: int = 32,
+    init_std: float = 0.2,
 ) -> Kosmos2Config:
     """A Kosmos-2 config with the real token layout and very small layers (224 px input, 64 image tokens).
 
@@ -114,10 +121,10 @@ def tiny_config(
         vision_config={
             "hidden_size": vision_width,
             "intermediate_size": vision_width * 4,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": max(2, vision_width // 64),
             "image_size": 224,
-            "patch_size": 32,
+            "patch_size": patch_size,
         },
         latent_query_num=64,
     )
@@ -132,3 +139,53 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+# The size of the shipped demo model (trained from scratch on synthetic scenes).
+DEMO_SIZE = {"text_width": 192, "text_layers": 4, "vision_width": 192, "vision_layers": 4, "patch_size": 32}
+
+
+def build_scratch_model(seed: int = 0) -> tuple[Kosmos2ForConditionalGeneration, Kosmos2Processor]:
+    """A fresh demo-size Kosmos-2 with the checkpoint's initialisation scale, ready to train."""
+    processor = build_processor(build_tokenizer(training_corpus()))
+    torch.manual_seed(seed)
+    config = tiny_config(len(processor.tokenizer), init_std=0.02, **DEMO_SIZE)
+    model = Kosmos2ForConditionalGeneration(config)
+    start_with_spatial_codes(model, processor)
+    return model, processor
+
+
+def grid_codes(side: int, width: int, base: float = 100.0) -> torch.Tensor:
+    """2D sinusoidal codes for the cells of a `side` x `side` grid: row in one half, column in the other.
+
+    >>> grid_codes(32, 8).shape
+    torch.Size([1024, 8])
+    """
+    quarter = width // 4
+    frequencies = base ** (-torch.arange(quarter) / quarter)
+    cells = torch.arange(side * side)
+    rows, columns = (cells // side).float(), (cells % side).float()
+
+    def code(position):
+        angles = position[:, None] * frequencies[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([code(rows), code(columns)], dim=1)
+
+
+@torch.no_grad()
+def start_with_spatial_codes(model: Kosmos2ForConditionalGeneration, processor: Kosmos2Processor) -> None:
+    """Initialise location-token embeddings and vision patch positions with 2D sinusoidal codes.
+
+    Neighbouring cells then start out similar, which a model trained from scratch on a CPU budget
+    needs to learn where things are; the real checkpoint learnt the same structure from data.
+    """
+    embeddings = model.get_input_embeddings().weight
+    first = processor.tokenizer.convert_tokens_to_ids("<patch_index_0000>")
+    codes = grid_codes(32, embeddings.shape[1])
+    embeddings[first : first + NUM_PATCH_INDEX_TOKENS] = codes * embeddings.std() / codes.std()
+    vision = model.vision_model.model.embeddings
+    side = vision.image_size // vision.patch_size
+    positions = vision.position_embedding.weight
+    patch_codes = grid_codes(side, positions.shape[1], base=side * 3.0)
+    positions[1:] = patch_codes * 0.5 / patch_codes.std()

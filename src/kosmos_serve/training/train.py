@@ -8,6 +8,7 @@ and the same data order, so an interrupted run ends where an uninterrupted one w
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -21,28 +22,16 @@ from tqdm import tqdm
 from transformers import Kosmos2ForConditionalGeneration, Kosmos2Processor, get_linear_schedule_with_warmup
 
 from kosmos_serve.images import load_image
+from kosmos_serve.config import EngineSettings
+from kosmos_serve.loading import load_model
+from kosmos_serve.tiny_model import build_scratch_model
+from kosmos_serve.training.config import TrainConfig
 from kosmos_serve.training.records import Example
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 STATE_FILE = "trainer_state.pt"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one training run (all saved beside each checkpoint)."""
-
-    steps: int = 1000
-    batch_size: int = 16
-    gradient_accumulation: int = 1
-    learning_rate: float = 1e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    seed: int = 0
 
 
 @dataclass
@@ -54,6 +43,13 @@ class Batch:
     image_embeds_position_mask: torch.Tensor
     pixel_values: torch.Tensor
     labels: torch.Tensor
+
+
+def load_for_training(model: str, seed: int) -> tuple[Kosmos2ForConditionalGeneration, Kosmos2Processor]:
+    """A model to train: `scratch` builds a fresh demo-size one, anything else loads like `--model` (float32)."""
+    if model == "scratch":
+        return build_scratch_model(seed)
+    return load_model(EngineSettings(model=model, dtype="float32"))
 
 
 def encode_example(processor: Kosmos2Processor, example: Example) -> tuple[list[int], list[int], list[int]]:
@@ -79,23 +75,42 @@ def _placeholder_image():
     return Image.new("RGB", (1, 1))
 
 
-def collate(processor: Kosmos2Processor, examples: Sequence[Example]) -> Batch:
-    """Tokenise, right-pad and stack a list of examples, with their images."""
-    encoded = [encode_example(processor, example) for example in examples]
-    width = max(len(ids) for ids, _, _ in encoded)
-    pad = processor.tokenizer.pad_token_id
+class TrainingSet:
+    """Examples with their encodings memoised and a bounded cache of preprocessed images."""
 
-    def padded(values, fill):
-        return torch.tensor([v + [fill] * (width - len(v)) for v in values])
+    def __init__(self, processor: Kosmos2Processor, examples: Sequence[Example], cached_images: int = 4096):
+        self.processor = processor
+        self.examples = list(examples)
+        self._encodings: dict[int, tuple[list[int], list[int], list[int]]] = {}
+        self._pixels = functools.lru_cache(maxsize=cached_images)(self._pixel_values)
 
-    images = [load_image(example.image_path) for example in examples]
-    return Batch(
-        input_ids=padded([ids for ids, _, _ in encoded], pad),
-        attention_mask=padded([[1] * len(ids) for ids, _, _ in encoded], 0),
-        image_embeds_position_mask=padded([mask for _, mask, _ in encoded], 0),
-        pixel_values=processor.image_processor(images, return_tensors="pt")["pixel_values"],
-        labels=padded([labels for _, _, labels in encoded], IGNORE_INDEX),
-    )
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _pixel_values(self, path: Path) -> torch.Tensor:
+        return self.processor.image_processor(load_image(path), return_tensors="pt")["pixel_values"][0]
+
+    def _encoding(self, index: int):
+        if index not in self._encodings:
+            self._encodings[index] = encode_example(self.processor, self.examples[index])
+        return self._encodings[index]
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        """Tokenised, right-padded and stacked examples `indices`, with their images."""
+        encoded = [self._encoding(i) for i in indices]
+        width = max(len(ids) for ids, _, _ in encoded)
+        pad = self.processor.tokenizer.pad_token_id
+
+        def padded(values, fill):
+            return torch.tensor([v + [fill] * (width - len(v)) for v in values])
+
+        return Batch(
+            input_ids=padded([ids for ids, _, _ in encoded], pad),
+            attention_mask=padded([[1] * len(ids) for ids, _, _ in encoded], 0),
+            image_embeds_position_mask=padded([mask for _, mask, _ in encoded], 0),
+            pixel_values=torch.stack([self._pixels(self.examples[i].image_path) for i in indices]),
+            labels=padded([labels for _, _, labels in encoded], IGNORE_INDEX),
+        )
 
 
 def example_order(count: int, seed: int, first_sample: int, samples: int) -> list[int]:
@@ -115,7 +130,7 @@ def example_order(count: int, seed: int, first_sample: int, samples: int) -> lis
 def train(
     model: Kosmos2ForConditionalGeneration,
     processor: Kosmos2Processor,
-    examples: Sequence[Example],
+    examples: TrainingSet,
     out_dir: Path,
     config: TrainConfig,
     *,
@@ -139,8 +154,9 @@ def train(
         loss_sum = 0.0
         for micro in range(config.gradient_accumulation):
             chunk = order[micro * config.batch_size : (micro + 1) * config.batch_size]
-            batch = collate(processor, [examples[i] for i in chunk])
-            loss = model(**vars(batch)).loss / config.gradient_accumulation
+            batch = examples.batch(chunk)
+            inputs = {name: tensor.to(model.device) for name, tensor in vars(batch).items()}
+            loss = model(**inputs).loss / config.gradient_accumulation
             loss.backward()
             loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)

@@ -1,0 +1,90 @@
+"""Fine-tuning: label masking, loss going down, resume equal to an uninterrupted run."""
+
+import pytest
+import torch
+from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
+
+from kosmos_serve.training.config import TrainConfig
+from kosmos_serve.training.records import Example, read_examples
+from kosmos_serve.training.shapes import write_shapes_dataset
+from kosmos_serve.training.train import IGNORE_INDEX, TrainingSet, encode_example, example_order, train
+
+
+@pytest.fixture(scope="module")
+def shape_examples(tmp_path_factory):
+    return read_examples(write_shapes_dataset(tmp_path_factory.mktemp("shapes"), 6, seed=3))
+
+
+def load(folder):
+    return Kosmos2ForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+
+
+def test_labels_are_the_target_and_eos_only(tiny_model_dir, tmp_path):
+    _, processor = load(tiny_model_dir)
+    example = Example(tmp_path / "unused.png", "<grounding><phrase> the red circle</phrase>",
+                      "<object><patch_index_0044><patch_index_0863></object>", "referring")
+    ids, image_mask, labels = encode_example(processor, example)
+    learnt = [token for token in labels if token != IGNORE_INDEX]
+    assert processor.tokenizer.convert_ids_to_tokens(learnt) == [
+        "<object>", "<patch_index_0044>", "<patch_index_0863>", "</object>", "</s>"]
+    assert labels[-len(learnt):] == ids[-len(learnt):]
+    assert all(label == IGNORE_INDEX for label, in_image in zip(labels, image_mask) if in_image)
+    assert sum(image_mask) == 64 and len(ids) == len(labels) == len(image_mask)
+    prompt = processor.tokenizer.decode(ids[: len(ids) - len(learnt)])
+    assert prompt.startswith("<s><image>") and prompt.endswith("</image><grounding><phrase> the red circle</phrase>")
+
+
+def test_padding_is_never_learnt(tiny_model_dir, shape_examples):
+    _, processor = load(tiny_model_dir)
+    batch = TrainingSet(processor, shape_examples).batch(range(8))
+    padding = batch.attention_mask == 0
+    assert padding.any()
+    assert (batch.labels[padding] == IGNORE_INDEX).all()
+    assert batch.pixel_values.shape == (8, 3, 224, 224)
+
+
+def test_data_order_is_a_fixed_shuffle_per_epoch():
+    first_epoch = example_order(10, seed=1, first_sample=0, samples=10)
+    assert sorted(first_epoch) == list(range(10)) and first_epoch != list(range(10))
+    assert example_order(10, seed=1, first_sample=7, samples=6) == (first_epoch + example_order(10, 1, 10, 10))[7:13]
+
+
+def test_a_short_run_lowers_the_loss(tiny_model_dir, shape_examples, tmp_path):
+    model, processor = load(tiny_model_dir)
+    losses = []
+    train(model, processor, TrainingSet(processor, shape_examples[:8]), tmp_path,
+          TrainConfig(steps=12, batch_size=8, learning_rate=3e-3, warmup_steps=2, checkpoint_every=100),
+          on_step=lambda step, loss: losses.append(loss), progress=False)
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+    assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resumed_run_ends_with_the_same_weights(tiny_model_dir, shape_examples, tmp_path):
+    config = TrainConfig(steps=6, batch_size=4, gradient_accumulation=2, learning_rate=2e-3, warmup_steps=2,
+                         checkpoint_every=3)
+
+    model, processor = load(tiny_model_dir)
+    whole = train(model, processor, TrainingSet(processor, shape_examples), tmp_path / "whole", config,
+                  progress=False)
+
+    def stop_after_checkpoint(step, loss):
+        if step == 4:
+            raise Interrupted
+
+    model, processor = load(tiny_model_dir)
+    with pytest.raises(Interrupted):
+        train(model, processor, TrainingSet(processor, shape_examples), tmp_path / "cut", config,
+              on_step=stop_after_checkpoint, progress=False)
+    model, processor = load(tiny_model_dir)
+    resumed = train(model, processor, TrainingSet(processor, shape_examples), tmp_path / "cut", config,
+                    resume=True, progress=False)
+
+    expected, actual = load(whole)[0].state_dict(), load(resumed)[0].state_dict()
+    untrained = load(tiny_model_dir)[0].state_dict()
+    assert any(not torch.equal(expected[name], untrained[name]) for name in expected)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)

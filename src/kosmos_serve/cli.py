@@ -215,7 +215,8 @@ def evaluate(model, data_file):
 
 def _scores(model, examples) -> str:
     from kosmos_serve.engine import Engine
-    from kosmos_serve.training.evaluate import evaluate as score, format_scores
+    from kosmos_serve.training.evaluate import evaluate as score
+    from kosmos_serve.training.evaluate import format_scores
 
     engine = Engine(EngineSettings(model=str(model), max_batch_size=32))
     return format_scores(score(engine, examples))

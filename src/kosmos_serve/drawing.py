@@ -1,107 +1,166 @@
-"""The annotated image: each entity's boxes in a stable colour of its own, labelled with its phrase.
+"""Annotated images: each entity's boxes outlined in a stable colour and labelled with its phrase.
 
-PIL only. Line width and text size follow the image size; labels sit above their box (inside it
-when there is no room), stay inside the image and are moved until they overlap no other label.
+PIL only. Rectangles named `Rect` are half-open, `(x1, y1, x2, y2)` with `x2`/`y2` excluded,
+so two labels that merely touch do not overlap.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from kosmos_serve.grounding import Entity
+from kosmos_serve.grounding import Entity, PixelBox
 
-Rectangle = tuple[int, int, int, int]
+Rect = tuple[int, int, int, int]
+RGB = tuple[int, int, int]
 
-PALETTE = [
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (255, 225, 25),
-    (128, 0, 0), (0, 0, 128), (128, 128, 0), (255, 215, 180),
-]
+# Saturated, clearly distinct colours (Tableau/Kelly-like); label text is black or white by luminance.
+PALETTE: tuple[RGB, ...] = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 200, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 220, 220),
+    (240, 50, 230),
+    (170, 210, 40),
+    (0, 128, 128),
+    (154, 99, 36),
+    (128, 0, 0),
+    (0, 0, 128),
+    (255, 105, 180),
+    (128, 128, 0),
+    (100, 80, 255),
+)
+ELLIPSIS = "…"
+MAX_PLACEMENT_ATTEMPTS = 500
 
 
-def entity_colour(phrase: str, taken: Sequence[tuple[int, int, int]] = ()) -> tuple[int, int, int]:
-    """A stable colour for a phrase (same phrase, same colour, in every process), avoiding `taken` ones."""
-    start = hashlib.sha256(phrase.strip().lower().encode()).digest()[0]
-    for step in range(len(PALETTE)):
-        colour = PALETTE[(start + step) % len(PALETTE)]
-        if colour not in taken:
-            return colour
-    return PALETTE[start % len(PALETTE)]
+def entity_colour(phrase: str, taken: Iterable[RGB] = ()) -> RGB:
+    """A stable, saturated colour for a phrase (same phrase, same colour, across runs and processes).
+
+    Colours in `taken` are skipped (the next palette entry is used) while the palette lasts.
+    """
+    digest = hashlib.sha256(phrase.encode("utf-8")).digest()
+    start = int.from_bytes(digest[:4], "big")
+    used = set(taken)
+    candidates = [PALETTE[(start + step) % len(PALETTE)] for step in range(len(PALETTE))]
+    return next((colour for colour in candidates if colour not in used), candidates[0])
 
 
-def entity_colours(phrases: Sequence[str]) -> dict[str, tuple[int, int, int]]:
-    """One distinct colour per phrase of an image (while the palette lasts)."""
-    colours: dict[str, tuple[int, int, int]] = {}
+def entity_colours(phrases: Iterable[str]) -> dict[str, RGB]:
+    """One colour per distinct phrase of an image, all different while the palette lasts."""
+    colours: dict[str, RGB] = {}
     for phrase in phrases:
         if phrase not in colours:
-            colours[phrase] = entity_colour(phrase, list(colours.values()))
+            colours[phrase] = entity_colour(phrase, colours.values())
     return colours
 
 
-def text_colour(background: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Black on light colours, white on dark ones."""
+def text_colour(background: RGB) -> RGB:
+    """Black or white, whichever reads better on `background` (ITU-R BT.601 luma).
+
+    >>> text_colour((255, 200, 25)), text_colour((0, 0, 128))
+    ((0, 0, 0), (255, 255, 255))
+    """
     red, green, blue = background
     return (0, 0, 0) if 0.299 * red + 0.587 * green + 0.114 * blue > 150 else (255, 255, 255)
 
 
-def overlaps(a: Rectangle, b: Rectangle) -> bool:
-    """Whether two (x1, y1, x2, y2) rectangles share any area."""
+def drawing_scale(width: int, height: int) -> tuple[int, int]:
+    """Line width and font size for an image, proportional to its shorter side.
+
+    >>> drawing_scale(64, 64), drawing_scale(640, 480), drawing_scale(4000, 3000)
+    ((1, 9), (3, 17), (19, 107))
+    """
+    side = min(width, height)
+    return max(1, round(side / 160)), max(9, round(side / 28))
+
+
+def clamp_box(box: PixelBox, width: int, height: int) -> PixelBox:
+    """`box` ordered and clamped to the image's pixels (inclusive corners, so at least 1 px).
+
+    >>> clamp_box((-10, 50, 700, 20), 640, 480)
+    (0, 20, 639, 50)
+    """
+    x1, x2 = sorted(min(max(x, 0), width - 1) for x in box[0::2])
+    y1, y2 = sorted(min(max(y, 0), height - 1) for y in box[1::2])
+    return (x1, y1, x2, y2)
+
+
+def overlaps(a: Rect, b: Rect) -> bool:
+    """Whether two half-open rectangles share any pixel."""
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def place_label(box: Rectangle, size: tuple[int, int], image_size: tuple[int, int],
-                placed: Sequence[Rectangle]) -> Rectangle:
-    """Where a label of `size` goes for `box`: above it, else inside its top, then shifted clear of `placed`."""
-    width, height = min(size[0], image_size[0]), max(size[1], 1)
-    x = min(max(box[0], 0), image_size[0] - width)
-    preferred = box[1] - height if box[1] >= height else box[1]
-    rows = image_size[1] // height + 1
-    offsets = [0] + [sign * step * height for step in range(1, rows) for sign in (1, -1)]
-    tops = [min(max(preferred + offset, 0), max(image_size[1] - height, 0)) for offset in offsets]
-    labels = [(x, top, x + width, top + height) for top in tops]
-    return next((label for label in labels if not any(overlaps(label, other) for other in placed)), labels[0])
+def place_labels(boxes: Sequence[PixelBox], sizes: Sequence[tuple[int, int]], width: int, height: int) -> list[Rect]:
+    """Label rectangles, one per (box, (w, h)): above the box's top-left, inside the image, clear of each other."""
+    placed: list[Rect] = []
+    for box, (label_w, label_h) in zip(boxes, sizes, strict=True):
+        w, h = min(label_w, width), min(label_h, height)
+        x1, y1, x2, _ = clamp_box(box, width, height)
+        preferred = (min(max(x1, 0), width - w), y1 - h if y1 - h >= 0 else min(y1, height - h))
+        xs = [x1, x2 + 1 - w, 0, width - w, *range(0, width - w + 1, max(1, w // 2))]
+        columns = dict.fromkeys(min(max(x, 0), width - w) for x in xs)
+        spot = first_clear_spot(columns, preferred[1], w, h, height, placed)
+        x, y = spot or preferred  # crowded beyond repair: accept an overlap rather than drop the label
+        placed.append((x, y, x + w, y + h))
+    return placed
+
+
+def first_clear_spot(
+    xs: Iterable[int], start_y: int, w: int, h: int, height: int, placed: list[Rect]
+) -> tuple[int, int] | None:
+    """The first (x, y) clear of `placed`: per column, slide down from `start_y`, then from the top."""
+    attempts = 0
+    for x in xs:
+        for y in (start_y, 0):
+            while y + h <= height and attempts < MAX_PLACEMENT_ATTEMPTS:
+                attempts += 1
+                conflict = next((r for r in placed if overlaps((x, y, x + w, y + h), r)), None)
+                if conflict is None:
+                    return (x, y)
+                y = conflict[3]  # every y above the conflict's bottom still hits it
+    return None
+
+
+def fit_text(text: str, font: ImageFont.FreeTypeFont, max_width: int) -> str:
+    """`text`, cut and ended with an ellipsis if it is wider than `max_width` pixels."""
+    if font.getlength(text) <= max_width:
+        return text
+    while text and font.getlength(text + ELLIPSIS) > max_width:
+        text = text[:-1]
+    return text.rstrip() + ELLIPSIS
 
 
 def draw_entities(image: Image.Image, entities: Sequence[Entity]) -> Image.Image:
     """A copy of `image` (RGB) with each entity's pixel boxes outlined in its colour and labelled with its phrase."""
-    canvas = image.convert("RGB")
-    if canvas is image:
-        canvas = image.copy()
+    canvas = image.convert("RGB")  # always a new image, so the input is never touched
+    width, height = canvas.size
+    line_width, font_size = drawing_scale(width, height)
+    font = ImageFont.load_default(size=font_size)
+    ascent, descent = font.getmetrics()
+    pad = max(1, font_size // 5)
     draw = ImageDraw.Draw(canvas)
-    shorter = min(canvas.size)
-    line = max(2, shorter // 150)
-    font = ImageFont.load_default(size=max(11, shorter // 32))
-    padding = max(2, line)
-    placed: list[Rectangle] = []
-    colours = entity_colours([entity.phrase for entity in entities])
+
+    boxes: list[PixelBox] = []
+    labels: list[tuple[str, RGB]] = []
+    colours = entity_colours(entity.phrase for entity in entities)
     for entity in entities:
         colour = colours[entity.phrase]
-        for x1, y1, x2, y2 in entity.pixel_boxes:
-            box = _clamp((x1, y1, x2, y2), canvas.size)
-            draw.rectangle(box, outline=colour, width=line)
-            text = _fit(draw, entity.phrase, font, canvas.width - 2 * padding)
-            left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-            label = place_label(box, (right - left + 2 * padding, bottom - top + 2 * padding), canvas.size, placed)
-            placed.append(label)
-            draw.rectangle(label, fill=colour)
-            draw.text((label[0] + padding - left, label[1] + padding - top), text, fill=text_colour(colour), font=font)
+        text = fit_text(entity.phrase, font, width - 2 * pad)
+        for box in entity.pixel_boxes:
+            box = clamp_box(box, width, height)
+            draw.rectangle(box, outline=colour, width=line_width)
+            boxes.append(box)
+            labels.append((text, colour))
+
+    # Labels go on after every box, so no outline crosses a label.
+    sizes = [(round(font.getlength(text)) + 2 * pad, ascent + descent + 2 * pad) for text, _ in labels]
+    for (x1, y1, x2, y2), (text, colour) in zip(place_labels(boxes, sizes, width, height), labels):
+        draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=colour)
+        draw.text((x1 + pad, y1 + pad), text, font=font, fill=text_colour(colour))
     return canvas
-
-
-def _clamp(box: Rectangle, size: tuple[int, int]) -> Rectangle:
-    x1, y1, x2, y2 = (int(v) for v in box)
-    x1, x2 = sorted((min(max(x1, 0), size[0] - 1), min(max(x2, 0), size[0] - 1)))
-    y1, y2 = sorted((min(max(y1, 0), size[1] - 1), min(max(y2, 0), size[1] - 1)))
-    return (x1, y1, max(x2, x1 + 1), max(y2, y1 + 1))
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> str:
-    """`text`, cut with an ellipsis until it fits `max_width` pixels."""
-    if draw.textlength(text, font=font) <= max_width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > max_width:
-        text = text[:-1]
-    return text + "…"

@@ -175,7 +175,7 @@ def grid_codes(side: int, width: int, base: float = 100.0) -> torch.Tensor:
 
 @torch.no_grad()
 def start_with_spatial_codes(model: Kosmos2ForConditionalGeneration, processor: Kosmos2Processor) -> None:
-    """Initialise location-token embeddings and vision patch positions with 2D sinusoidal codes.
+    """Initialise for training from scratch: 2D sinusoidal codes for location tokens and patch positions.
 
     Neighbouring cells then start out similar, which a model trained from scratch on a CPU budget
     needs to learn where things are; the real checkpoint learnt the same structure from data.
@@ -184,6 +184,10 @@ def start_with_spatial_codes(model: Kosmos2ForConditionalGeneration, processor: 
     first = processor.tokenizer.convert_tokens_to_ids("<patch_index_0000>")
     codes = grid_codes(32, embeddings.shape[1])
     embeddings[first : first + NUM_PATCH_INDEX_TOKENS] = codes * embeddings.std() / codes.std()
+    # The resampler's keys are [dense(unit-norm image features); latent queries ~ N(0, 1)]: a dense
+    # layer at the usual 0.02 scale leaves the image keys ~50x smaller, and the queries attend to
+    # themselves. Unit-scale image keys let the image through from the first step.
+    torch.nn.init.normal_(model.image_to_text_projection.dense.weight, std=1.0)
     vision = model.vision_model.model.embeddings
     side = vision.image_size // vision.patch_size
     positions = vision.position_embedding.weight

@@ -112,3 +112,10 @@ def test_help_lists_every_task():
     assert result.exit_code == 0
     for task in Task:
         assert task.value in result.output
+
+
+def test_image_over_the_pixel_cap_exits_1(image_file, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("KOSMOS_MAX_IMAGE_PIXELS", "1000")
+    result = invoke("predict", image_file, "--model", tiny_model_dir)
+    assert result.exit_code == 1
+    assert "640x480 = 307,200 pixels, over the cap of 1,000" in result.output

@@ -1,7 +1,10 @@
 """Format functions against the model card's worked examples and transformers' own parser."""
 
 import pytest
-from transformers.models.kosmos2.processing_kosmos2 import coordinate_to_patch_index, patch_index_to_coordinate
+from transformers.models.kosmos2.processing_kosmos2 import (
+    coordinate_to_patch_index,
+    patch_index_to_coordinate,
+)
 
 from kosmos_serve.grounding import parse_generation, render_markdown, to_pixel_box
 

@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 from transformers import Kosmos2ForConditionalGeneration, Kosmos2Processor, get_linear_schedule_with_warmup
 
-from kosmos_serve.images import load_image
 from kosmos_serve.config import EngineSettings
+from kosmos_serve.images import load_image
 from kosmos_serve.loading import load_model
 from kosmos_serve.tiny_model import build_scratch_model
 from kosmos_serve.training.config import TrainConfig

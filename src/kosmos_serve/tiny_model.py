@@ -141,8 +141,10 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out_dir
 
 
-# The size of the shipped demo model (trained from scratch on synthetic scenes).
-DEMO_SIZE = {"text_width": 192, "text_layers": 4, "vision_width": 192, "vision_layers": 4, "patch_size": 32}
+# The size of the shipped demo model (trained from scratch on synthetic scenes): an 8x8 patch grid,
+# so the resampler's 64 latent queries can start one per patch (see `start_with_spatial_codes`).
+DEMO_SIZE = {"text_width": 192, "text_layers": 4, "vision_width": 192, "vision_layers": 4, "patch_size": 28}
+CODE_SHARE = 0.5  # of each attention head's dimensions, the share that starts as a position code
 
 
 def build_scratch_model(seed: int = 0) -> tuple[Kosmos2ForConditionalGeneration, Kosmos2Processor]:
@@ -155,14 +157,18 @@ def build_scratch_model(seed: int = 0) -> tuple[Kosmos2ForConditionalGeneration,
     return model, processor
 
 
-def grid_codes(side: int, width: int, base: float = 100.0) -> torch.Tensor:
+def grid_codes(side: int, width: int, sharp: bool = False) -> torch.Tensor:
     """2D sinusoidal codes for the cells of a `side` x `side` grid: row in one half, column in the other.
+
+    Smooth codes (geometric frequencies) keep neighbouring cells similar; sharp ones (frequencies
+    up to pi per cell) make each cell's code most similar to itself only.
 
     >>> grid_codes(32, 8).shape
     torch.Size([1024, 8])
     """
     quarter = width // 4
-    frequencies = base ** (-torch.arange(quarter) / quarter)
+    steps = torch.arange(quarter, dtype=torch.float32)
+    frequencies = torch.pi * (steps + 1) / quarter if sharp else 100.0 ** (-steps / quarter)
     cells = torch.arange(side * side)
     rows, columns = (cells // side).float(), (cells % side).float()
 
@@ -175,21 +181,54 @@ def grid_codes(side: int, width: int, base: float = 100.0) -> torch.Tensor:
 
 @torch.no_grad()
 def start_with_spatial_codes(model: Kosmos2ForConditionalGeneration, processor: Kosmos2Processor) -> None:
-    """Initialise for training from scratch: 2D sinusoidal codes for location tokens and patch positions.
+    """Initialise a model to be trained from scratch so that *where* reaches the text from step one.
 
-    Neighbouring cells then start out similar, which a model trained from scratch on a CPU budget
-    needs to learn where things are; the real checkpoint learnt the same structure from data.
+    The real checkpoint starts from CLIP and learnt this from billions of tokens; a CPU budget
+    cannot. Three structured starting points, all free to change in training:
+    - location tokens get 2D sinusoidal codes of their 32x32 cell (neighbours start similar);
+    - each vision patch carries a position code in the first part of every attention head's
+      dimensions (content in the rest), and the resampler starts as "latent query i looks at
+      patch i": its queries and keys compare position codes, its values pass everything on;
+    - so image token i starts as patch i's content plus its position code.
+    Needs an 8x8 patch grid (64 patches = 64 latent queries) and equal vision and text widths.
     """
     embeddings = model.get_input_embeddings().weight
     first = processor.tokenizer.convert_tokens_to_ids("<patch_index_0000>")
     codes = grid_codes(32, embeddings.shape[1])
     embeddings[first : first + NUM_PATCH_INDEX_TOKENS] = codes * embeddings.std() / codes.std()
-    # The resampler's keys are [dense(unit-norm image features); latent queries ~ N(0, 1)]: a dense
-    # layer at the usual 0.02 scale leaves the image keys ~50x smaller, and the queries attend to
-    # themselves. Unit-scale image keys let the image through from the first step.
-    torch.nn.init.normal_(model.image_to_text_projection.dense.weight, std=1.0)
+
     vision = model.vision_model.model.embeddings
+    resampler = model.image_to_text_projection
+    width, heads = resampler.x_attn.embed_dim, resampler.x_attn.num_heads
     side = vision.image_size // vision.patch_size
+    if side * side != resampler.latent_query.shape[0] or vision.embed_dim != width:
+        raise ValueError("spatial start needs 64 patches and equal vision and text widths")
+    head_dim = width // heads
+    code_dims = int(head_dim * CODE_SHARE)
+    slots = torch.zeros(width, dtype=torch.bool)  # the position-code dimensions of every head
+    for head in range(heads):
+        slots[head * head_dim : head * head_dim + code_dims] = True
+    patch_codes = grid_codes(side, code_dims, sharp=True)
+    patch_codes = patch_codes / patch_codes.norm(dim=1, keepdim=True)
+    spread = patch_codes.repeat(1, heads)  # the same code in every head's slot, (64, code_dims * heads)
+
     positions = vision.position_embedding.weight
-    patch_codes = grid_codes(side, positions.shape[1], base=side * 3.0)
-    positions[1:] = patch_codes * 0.5 / patch_codes.std()
+    positions.zero_()
+    positions[1:, slots] = spread * 4.0
+    vision.patch_embedding.weight[slots] = 0.0  # content goes to the other dimensions
+
+    # Sizes chosen so that query i's score for patch i is ~20 (a sharp softmax), the latent
+    # queries' own keys stay ~10x weaker than the patches', and image tokens start at the norm of
+    # token embeddings (~0.3, before the text model's embedding scale).
+    identity = torch.eye(width)
+    resampler.dense.weight.copy_(identity * 4.0)
+    resampler.dense.bias.zero_()
+    resampler.latent_query.zero_()
+    resampler.latent_query[:, slots] = spread * 0.1
+    attention = resampler.x_attn
+    for projection in (attention.q_proj, attention.k_proj):
+        projection.weight.copy_(torch.diag(slots.float()) * 34.0)
+        projection.bias.zero_()
+    for projection, scale in ((attention.v_proj, 1.0), (attention.out_proj, 0.07)):
+        projection.weight.copy_(identity * scale)
+        projection.bias.zero_()

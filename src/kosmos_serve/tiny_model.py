@@ -215,7 +215,11 @@ def start_with_spatial_codes(model: Kosmos2ForConditionalGeneration, processor: 
     positions = vision.position_embedding.weight
     positions.zero_()
     positions[1:, slots] = spread * 4.0
-    vision.patch_embedding.weight[slots] = 0.0  # content goes to the other dimensions
+    start_with_colour_features(vision.patch_embedding, content=torch.nonzero(~slots).flatten())
+    for layer in model.vision_model.model.encoder.layers:  # residual blocks start as identities
+        for projection in (layer.self_attn.out_proj, layer.mlp.fc2):
+            projection.weight.zero_()
+            projection.bias.zero_()
 
     # Sizes chosen so that query i's score for patch i is ~20 (a sharp softmax), the latent
     # queries' own keys stay ~10x weaker than the patches', and image tokens start at the norm of
@@ -232,3 +236,24 @@ def start_with_spatial_codes(model: Kosmos2ForConditionalGeneration, processor: 
     for projection, scale in ((attention.v_proj, 1.0), (attention.out_proj, 0.07)):
         projection.weight.copy_(identity * scale)
         projection.bias.zero_()
+
+
+@torch.no_grad()
+def start_with_colour_features(patch_embedding: torch.nn.Conv2d, content: torch.Tensor, blocks: int = 4) -> None:
+    """Patch features that start as mean colours of a `blocks` x `blocks` grid of sub-squares.
+
+    The first 3 * blocks**2 `content` channels read one colour of one sub-square each (shape shows
+    in how colour spreads over sub-squares); the remaining content channels keep their random start;
+    all other channels (the position codes) read nothing.
+    """
+    weight = patch_embedding.weight  # (channels, 3, patch, patch)
+    designed = content[: 3 * blocks * blocks]
+    kept = torch.ones(weight.shape[0], dtype=torch.bool)
+    kept[content] = False
+    weight[kept] = 0.0
+    step = weight.shape[-1] // blocks
+    for number, channel in enumerate(designed.tolist()):
+        colour, block = divmod(number, blocks * blocks)
+        row, column = divmod(block, blocks)
+        weight[channel] = 0.0
+        weight[channel, colour, row * step : (row + 1) * step, column * step : (column + 1) * step] = 1.0 / step**2

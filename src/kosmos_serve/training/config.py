@@ -18,4 +18,5 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    freeze_vision_steps: int = 0  # keep the vision encoder and resampler fixed for this many first steps
     seed: int = 0

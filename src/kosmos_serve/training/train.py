@@ -150,6 +150,8 @@ def train(
     samples_per_step = config.batch_size * config.gradient_accumulation
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="training", unit="step")
     while step < config.steps:
+        for part in (model.vision_model, model.image_to_text_projection):
+            part.requires_grad_(step >= config.freeze_vision_steps)
         order = example_order(len(examples), config.seed, step * samples_per_step, samples_per_step)
         loss_sum = 0.0
         for micro in range(config.gradient_accumulation):

@@ -119,3 +119,28 @@ def test_image_over_the_pixel_cap_exits_1(image_file, tiny_model_dir, monkeypatc
     result = invoke("predict", image_file, "--model", tiny_model_dir)
     assert result.exit_code == 1
     assert "640x480 = 307,200 pixels, over the cap of 1,000" in result.output
+
+
+def test_data_train_and_evaluate_commands_chain(tmp_path, tiny_model_dir):
+    scenes = tmp_path / "scenes"
+    result = invoke("data", "shapes", "--n", 3, "--seed", 5, "--out", scenes)
+    assert result.exit_code == 0, result.output
+    records = scenes / "records.jsonl"
+    assert result.output.strip() == str(records)
+    run = tmp_path / "run"
+    result = invoke("train", "--model", tiny_model_dir, "--data", records, "--out", run, "--steps", 2,
+                    "--batch-size", 2, "--checkpoint-every", 1)
+    assert result.exit_code == 0, result.output
+    assert f"saved {run / 'final'}" in result.output
+    assert "referring expressions, box at IoU>=0.5:" in result.output
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000002"]
+    result = invoke("evaluate", "--model", run / "final", "--data", records)
+    assert result.exit_code == 0 and "objects named with a box" in result.output
+
+
+def test_train_reports_bad_records_by_line(tmp_path, tiny_model_dir):
+    records = tmp_path / "bad.jsonl"
+    records.write_text('{"image": "missing.png", "caption": "x", "spans": []}\nnot json\n')
+    result = invoke("train", "--model", tiny_model_dir, "--data", records, "--out", tmp_path / "run")
+    assert result.exit_code == 1
+    assert "line 1" in result.output and "line 2" in result.output and "Traceback" not in result.output

@@ -1,0 +1,46 @@
+"""The from-scratch start: structured so that where things are reaches the text at step one."""
+
+import torch
+from PIL import Image
+
+from kosmos_serve.tiny_model import build_scratch_model, grid_codes
+
+
+def test_resampler_query_i_starts_looking_at_patch_i():
+    model, processor = build_scratch_model(seed=0)
+    image = Image.effect_mandelbrot((224, 224), (-2, -1.5, 1, 1.5), 40).convert("RGB")
+    pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = model.vision_model(pixels)[0]
+        features = torch.nn.functional.normalize(model.vision_model.model.post_layernorm(hidden), dim=-1)
+        resampler = model.image_to_text_projection
+        keys = resampler.x_attn.k_proj(resampler.dense(features[0]))
+        queries = resampler.x_attn.q_proj(resampler.latent_query)
+    head = resampler.x_attn.head_dim
+    weights = torch.softmax(queries[:, :head] @ keys[:, :head].T * head**-0.5, dim=-1)
+    own_patch = weights[torch.arange(64), torch.arange(64) + 1]  # key 0 is the class token
+    assert (weights.argmax(dim=-1) == torch.arange(64) + 1).all()
+    assert own_patch.mean() > 0.9
+
+
+def test_image_tokens_depend_on_the_image_and_location_tokens_on_their_cell():
+    model, processor = build_scratch_model(seed=0)
+    images = [Image.new("RGB", (224, 224), colour) for colour in ("red", "blue")]
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = model.vision_model(pixels)[0]
+        features = torch.nn.functional.normalize(model.vision_model.model.post_layernorm(hidden), dim=-1)
+        embeds, _ = model.image_to_text_projection(features)
+    assert (embeds[0] - embeds[1]).abs().mean() > 0.1 * embeds.abs().mean()
+    table = model.get_input_embeddings().weight
+    first = processor.tokenizer.convert_tokens_to_ids("<patch_index_0000>")
+    cells = torch.nn.functional.normalize(table[first : first + 1024], dim=-1)
+    assert cells[0] @ cells[1] > cells[0] @ cells[1023]  # neighbours start closer than far cells
+
+
+def test_grid_codes_are_sharp_or_smooth_as_asked():
+    sharp = torch.nn.functional.normalize(grid_codes(8, 24, sharp=True), dim=-1)
+    similarity = sharp @ sharp.T
+    assert (similarity.argmax(dim=-1) == torch.arange(64)).all()
+    smooth = grid_codes(32, 64)
+    assert torch.dist(smooth[0], smooth[1]) < torch.dist(smooth[0], smooth[31])

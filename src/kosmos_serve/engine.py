@@ -8,6 +8,7 @@ alone through transformers' own `generate` + `post_process_generation`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -239,19 +240,16 @@ class Engine:
         embeds, _ = self.model.image_to_text_projection(hidden)
         return embeds
 
-    def _groups(self, requests: Sequence[Request], rows: list[_Row]):
-        """Rows that may share a batch: same parameters; sampled requests always alone (own seed)."""
-        groups: dict[object, list[_Row]] = {}
+    def _groups(self, requests: Sequence[Request], rows: list[_Row]) -> list[tuple[GenerationParams, list[_Row]]]:
+        """Rows that may share a batch: same parameters; a sampled request always alone (its own seed)."""
+        groups: dict[tuple[GenerationParams, int | None], list[_Row]] = {}
         for row in rows:
-            params = self._effective(requests[row.request_index].params)
-            key = (params, row.request_index) if params.do_sample else params
-            groups.setdefault(key, []).append(row)
-        return [(key[0] if isinstance(key, tuple) else key, group) for key, group in groups.items()]
-
-    def _effective(self, params: GenerationParams) -> GenerationParams:
-        if params.max_new_tokens is not None:
-            return params
-        return GenerationParams(**{**params.__dict__, "max_new_tokens": self.settings.max_new_tokens})
+            params = requests[row.request_index].params
+            if params.max_new_tokens is None:
+                params = dataclasses.replace(params, max_new_tokens=self.settings.max_new_tokens)
+            alone = row.request_index if params.do_sample else None
+            groups.setdefault((params, alone), []).append(row)
+        return [(params, group) for (params, _), group in groups.items()]
 
     @torch.inference_mode()
     def _generate(self, batch: list[_Row], features: dict, params: GenerationParams, requests) -> None:
@@ -261,17 +259,18 @@ class Engine:
         attention_mask = torch.tensor([[0] * p + [1] * len(row.input_ids) for p, row in zip(pads, batch)])
         image_mask = torch.tensor([[0] * p + row.image_mask for p, row in zip(pads, batch)], dtype=torch.bool)
         image_embeds = torch.cat([features[row.image_key] for row in batch])
-        if params.do_sample and params.seed is not None:
-            torch.manual_seed(params.seed)
         began = time.perf_counter()
-        output = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            image_embeds=image_embeds,
-            image_embeds_position_mask=image_mask.to(self.device),
-            use_cache=True,
-            **generation_kwargs(params),
-        )
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if params.do_sample and params.seed is not None:
+                torch.manual_seed(params.seed)
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                image_embeds=image_embeds,
+                image_embeds_position_mask=image_mask.to(self.device),
+                use_cache=True,
+                **generation_kwargs(params),
+            )
         elapsed = time.perf_counter() - began
         new_tokens = output[:, width:]
         decoded = self.processor.batch_decode(output, skip_special_tokens=True)

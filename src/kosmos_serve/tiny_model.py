@@ -233,7 +233,7 @@ def start_with_spatial_codes(model: Kosmos2ForConditionalGeneration, processor: 
     for projection in (attention.q_proj, attention.k_proj):
         projection.weight.copy_(torch.diag(slots.float()) * 34.0)
         projection.bias.zero_()
-    for projection, scale in ((attention.v_proj, 1.0), (attention.out_proj, 0.07)):
+    for projection, scale in ((attention.v_proj, 1.0), (attention.out_proj, 0.5)):
         projection.weight.copy_(identity * scale)
         projection.bias.zero_()
 

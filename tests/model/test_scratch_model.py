@@ -3,7 +3,7 @@
 import torch
 from PIL import Image
 
-from kosmos_serve.tiny_model import build_scratch_model, grid_codes
+from kosmos_serve.training.scratch import build_scratch_model, grid_codes
 
 
 def test_resampler_query_i_starts_looking_at_patch_i():

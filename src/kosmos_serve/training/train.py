@@ -24,9 +24,9 @@ from transformers import Kosmos2ForConditionalGeneration, Kosmos2Processor, get_
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.images import load_image
 from kosmos_serve.loading import load_model
-from kosmos_serve.tiny_model import build_scratch_model
 from kosmos_serve.training.config import TrainConfig
 from kosmos_serve.training.records import Example
+from kosmos_serve.training.scratch import build_scratch_model
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,137 @@
+"""A fresh Kosmos-2 to train from scratch on a CPU budget, started so that grounding can be learnt.
+
+The real checkpoint starts from CLIP and learnt where things are from billions of tokens. A model
+trained here from nothing in under an hour cannot, unless its start already routes position and
+colour from the image to the text: that start is `start_with_spatial_codes`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Kosmos2ForConditionalGeneration, Kosmos2Processor
+
+from kosmos_serve.tiny_model import (
+    NUM_PATCH_INDEX_TOKENS,
+    build_processor,
+    build_tokenizer,
+    tiny_config,
+    training_corpus,
+)
+
+# The size of the shipped demo model (trained from scratch on synthetic scenes): an 8x8 patch grid,
+# so the resampler's 64 latent queries can start one per patch (see `start_with_spatial_codes`).
+DEMO_SIZE = {"text_width": 192, "text_layers": 4, "vision_width": 192, "vision_layers": 4, "patch_size": 28}
+CODE_SHARE = 0.5  # of each attention head's dimensions, the share that starts as a position code
+
+
+def build_scratch_model(seed: int = 0) -> tuple[Kosmos2ForConditionalGeneration, Kosmos2Processor]:
+    """A fresh demo-size Kosmos-2 with the checkpoint's initialisation scale, ready to train."""
+    processor = build_processor(build_tokenizer(training_corpus()))
+    torch.manual_seed(seed)
+    config = tiny_config(len(processor.tokenizer), init_std=0.02, **DEMO_SIZE)
+    model = Kosmos2ForConditionalGeneration(config)
+    start_with_spatial_codes(model, processor)
+    return model, processor
+
+
+def grid_codes(side: int, width: int, sharp: bool = False) -> torch.Tensor:
+    """2D sinusoidal codes for the cells of a `side` x `side` grid: row in one half, column in the other.
+
+    Smooth codes (geometric frequencies) keep neighbouring cells similar; sharp ones (frequencies
+    up to pi per cell) make each cell's code most similar to itself only.
+
+    >>> grid_codes(32, 8).shape
+    torch.Size([1024, 8])
+    """
+    quarter = width // 4
+    steps = torch.arange(quarter, dtype=torch.float32)
+    frequencies = torch.pi * (steps + 1) / quarter if sharp else 100.0 ** (-steps / quarter)
+    cells = torch.arange(side * side)
+    rows, columns = (cells // side).float(), (cells % side).float()
+
+    def code(position):
+        angles = position[:, None] * frequencies[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([code(rows), code(columns)], dim=1)
+
+
+@torch.no_grad()
+def start_with_spatial_codes(model: Kosmos2ForConditionalGeneration, processor: Kosmos2Processor) -> None:
+    """Initialise a model to be trained from scratch so that *where* reaches the text from step one.
+
+    The real checkpoint starts from CLIP and learnt this from billions of tokens; a CPU budget
+    cannot. Three structured starting points, all free to change in training:
+    - location tokens get 2D sinusoidal codes of their 32x32 cell (neighbours start similar);
+    - each vision patch carries a position code in the first part of every attention head's
+      dimensions (content in the rest), and the resampler starts as "latent query i looks at
+      patch i": its queries and keys compare position codes, its values pass everything on;
+    - so image token i starts as patch i's content plus its position code.
+    Needs an 8x8 patch grid (64 patches = 64 latent queries) and equal vision and text widths.
+    """
+    embeddings = model.get_input_embeddings().weight
+    first = processor.tokenizer.convert_tokens_to_ids("<patch_index_0000>")
+    codes = grid_codes(32, embeddings.shape[1])
+    embeddings[first : first + NUM_PATCH_INDEX_TOKENS] = codes * embeddings.std() / codes.std()
+
+    vision = model.vision_model.model.embeddings
+    resampler = model.image_to_text_projection
+    width, heads = resampler.x_attn.embed_dim, resampler.x_attn.num_heads
+    side = vision.image_size // vision.patch_size
+    if side * side != resampler.latent_query.shape[0] or vision.embed_dim != width:
+        raise ValueError("spatial start needs 64 patches and equal vision and text widths")
+    head_dim = width // heads
+    code_dims = int(head_dim * CODE_SHARE)
+    slots = torch.zeros(width, dtype=torch.bool)  # the position-code dimensions of every head
+    for head in range(heads):
+        slots[head * head_dim : head * head_dim + code_dims] = True
+    patch_codes = grid_codes(side, code_dims, sharp=True)
+    patch_codes = patch_codes / patch_codes.norm(dim=1, keepdim=True)
+    spread = patch_codes.repeat(1, heads)  # the same code in every head's slot, (64, code_dims * heads)
+
+    positions = vision.position_embedding.weight
+    positions.zero_()
+    positions[1:, slots] = spread * 4.0
+    start_with_colour_features(vision.patch_embedding, content=torch.nonzero(~slots).flatten())
+    for layer in model.vision_model.model.encoder.layers:  # residual blocks start as identities
+        for projection in (layer.self_attn.out_proj, layer.mlp.fc2):
+            projection.weight.zero_()
+            projection.bias.zero_()
+
+    # Sizes chosen so that query i's score for patch i is ~20 (a sharp softmax), the latent
+    # queries' own keys stay ~10x weaker than the patches', and image tokens start at norm ~2
+    # (~28 after the text model's embedding scale), above the sinusoidal text positions' ~10:
+    # at the norm of token embeddings the decoder never learnt to look at them.
+    identity = torch.eye(width)
+    resampler.dense.weight.copy_(identity * 4.0)
+    resampler.dense.bias.zero_()
+    resampler.latent_query.zero_()
+    resampler.latent_query[:, slots] = spread * 0.1
+    attention = resampler.x_attn
+    for projection in (attention.q_proj, attention.k_proj):
+        projection.weight.copy_(torch.diag(slots.float()) * 34.0)
+        projection.bias.zero_()
+    for projection, scale in ((attention.v_proj, 1.0), (attention.out_proj, 0.5)):
+        projection.weight.copy_(identity * scale)
+        projection.bias.zero_()
+
+
+@torch.no_grad()
+def start_with_colour_features(patch_embedding: torch.nn.Conv2d, content: torch.Tensor, blocks: int = 4) -> None:
+    """Patch features that start as mean colours of a `blocks` x `blocks` grid of sub-squares.
+
+    The first 3 * blocks**2 `content` channels read one colour of one sub-square each (shape shows
+    in how colour spreads over sub-squares); the remaining content channels keep their random start;
+    all other channels (the position codes) read nothing.
+    """
+    weight = patch_embedding.weight  # (channels, 3, patch, patch)
+    designed = content[: 3 * blocks * blocks]
+    kept = torch.ones(weight.shape[0], dtype=torch.bool)
+    kept[content] = False
+    weight[kept] = 0.0
+    step = weight.shape[-1] // blocks
+    for number, channel in enumerate(designed.tolist()):
+        colour, block = divmod(number, blocks * blocks)
+        row, column = divmod(block, blocks)
+        weight[channel] = 0.0
+        weight[channel, colour, row * step : (row + 1) * step, column * step : (column + 1) * step] = 1.0 / step**2

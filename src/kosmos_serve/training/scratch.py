@@ -62,18 +62,14 @@ def start_with_spatial_codes(model: Kosmos2ForConditionalGeneration, processor: 
 
     The real checkpoint starts from CLIP and learnt this from billions of tokens; a CPU budget
     cannot. Three structured starting points, all free to change in training:
-    - location tokens get 2D sinusoidal codes of their 32x32 cell (neighbours start similar);
+    - location tokens start with their patch's position code (as image tokens carry it) and a
+      smooth code of their own cell (neighbours start similar);
     - each vision patch carries a position code in the first part of every attention head's
       dimensions (content in the rest), and the resampler starts as "latent query i looks at
       patch i": its queries and keys compare position codes, its values pass everything on;
     - so image token i starts as patch i's content plus its position code.
     Needs an 8x8 patch grid (64 patches = 64 latent queries) and equal vision and text widths.
     """
-    embeddings = model.get_input_embeddings().weight
-    first = processor.tokenizer.convert_tokens_to_ids("<patch_index_0000>")
-    codes = grid_codes(32, embeddings.shape[1])
-    embeddings[first : first + NUM_PATCH_INDEX_TOKENS] = codes * embeddings.std() / codes.std()
-
     vision = model.vision_model.model.embeddings
     resampler = model.image_to_text_projection
     width, heads = resampler.x_attn.embed_dim, resampler.x_attn.num_heads
@@ -88,6 +84,20 @@ def start_with_spatial_codes(model: Kosmos2ForConditionalGeneration, processor: 
     patch_codes = grid_codes(side, code_dims, sharp=True)
     patch_codes = patch_codes / patch_codes.norm(dim=1, keepdim=True)
     spread = patch_codes.repeat(1, heads)  # the same code in every head's slot, (64, code_dims * heads)
+
+    # A location token (a cell of the 32x32 grid) starts with its patch's code in the same slots as
+    # the image tokens, and a smooth code of its own cell in the other dimensions: reading a box
+    # off an attended image token is then a copy, not a mapping to learn.
+    embeddings = model.get_input_embeddings().weight
+    first = processor.tokenizer.convert_tokens_to_ids("<patch_index_0000>")
+    cells = torch.arange(NUM_PATCH_INDEX_TOKENS)
+    cells_per_patch = 32 // side
+    patch_of_cell = (cells // 32 // cells_per_patch) * side + (cells % 32) // cells_per_patch
+    fine = grid_codes(32, int((~slots).sum()))
+    location = torch.zeros(NUM_PATCH_INDEX_TOKENS, width)
+    location[:, slots] = spread[patch_of_cell]
+    location[:, ~slots] = fine / fine.norm(dim=1, keepdim=True) * spread.norm(dim=1).mean()
+    embeddings[first : first + NUM_PATCH_INDEX_TOKENS] = location * embeddings.norm(dim=1).mean() / location.norm(dim=1).mean()
 
     positions = vision.position_embedding.weight
     positions.zero_()

@@ -165,7 +165,7 @@ def data_shapes(count, seed, out):
 
 
 @main.command()
-@click.option("--model", required=True, help="Hub id, folder, 'demo', or 'scratch' for a fresh demo-size model.")
+@click.option("--model", required=True, help="Hub id, folder, or 'scratch' for a fresh small model (see README).")
 @click.option("--data", "data_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True,
               help="Grounded JSONL records (see README).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
@@ -205,7 +205,7 @@ def train(model, data_file, out, eval_data, steps, batch_size, gradient_accumula
 
 
 @main.command()
-@click.option("--model", required=True, help="Hub id, folder or 'demo'.")
+@click.option("--model", required=True, help="Hub id or folder.")
 @click.option("--data", "data_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True)
 def evaluate(model, data_file):
     """Score MODEL's grounding on held-out JSONL records (referring IoU>=0.5, caption recall, region exact)."""

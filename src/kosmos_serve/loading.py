@@ -22,8 +22,6 @@ logger = logging.getLogger(__name__)
 
 # What a checkpoint needs; the hub repo also holds pytorch_model.bin and example images.
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
-DEMO_MODEL_NAME = "demo"
-DEMO_MODEL_DIR = Path(__file__).parent / "models" / "demo"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -96,11 +94,7 @@ def load_model(settings: EngineSettings) -> tuple[Kosmos2ForConditionalGeneratio
 
 
 def resolve_source(model: str) -> str:
-    """A local folder for `model`: the shipped demo model, the folder itself, the hub cache's copy, or a download."""
-    if model == DEMO_MODEL_NAME:
-        if not (DEMO_MODEL_DIR / "config.json").exists():
-            raise ModelLoadError(f"The demo model is missing from this install ({DEMO_MODEL_DIR}); reinstall kosmos-serve.")
-        return str(DEMO_MODEL_DIR)
+    """A local folder for `model`: the folder itself, the hub cache's copy, or a fresh download."""
     if Path(model).is_dir():
         return model
     if Path(model).exists() or model.startswith((".", "/")):

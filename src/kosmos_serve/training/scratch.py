@@ -18,17 +18,17 @@ from kosmos_serve.tiny_model import (
     training_corpus,
 )
 
-# The size of the shipped demo model (trained from scratch on synthetic scenes): an 8x8 patch grid,
+# The size of a model trained from scratch on synthetic scenes (`--model scratch`): an 8x8 patch grid,
 # so the resampler's 64 latent queries can start one per patch (see `start_with_spatial_codes`).
-DEMO_SIZE = {"text_width": 192, "text_layers": 4, "vision_width": 192, "vision_layers": 4, "patch_size": 28}
+SCRATCH_SIZE = {"text_width": 192, "text_layers": 4, "vision_width": 192, "vision_layers": 4, "patch_size": 28}
 CODE_SHARE = 0.5  # of each attention head's dimensions, the share that starts as a position code
 
 
 def build_scratch_model(seed: int = 0) -> tuple[Kosmos2ForConditionalGeneration, Kosmos2Processor]:
-    """A fresh demo-size Kosmos-2 with the checkpoint's initialisation scale, ready to train."""
+    """A fresh small Kosmos-2 with the checkpoint's initialisation scale, ready to train."""
     processor = build_processor(build_tokenizer(training_corpus()))
     torch.manual_seed(seed)
-    config = tiny_config(len(processor.tokenizer), init_std=0.02, **DEMO_SIZE)
+    config = tiny_config(len(processor.tokenizer), init_std=0.02, **SCRATCH_SIZE)
     model = Kosmos2ForConditionalGeneration(config)
     start_with_spatial_codes(model, processor)
     return model, processor

@@ -46,7 +46,7 @@ class Batch:
 
 
 def load_for_training(model: str, seed: int) -> tuple[Kosmos2ForConditionalGeneration, Kosmos2Processor]:
-    """A model to train: `scratch` builds a fresh demo-size one, anything else loads like `--model` (float32)."""
+    """A model to train: `scratch` builds a fresh small one, anything else loads like `--model` (float32)."""
     if model == "scratch":
         return build_scratch_model(seed)
     return load_model(EngineSettings(model=model, dtype="float32"))

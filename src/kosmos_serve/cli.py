@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.errors import InvalidBoxError, KosmosServeError
@@ -25,6 +26,10 @@ class FriendlyErrors(click.Group):
             return super().invoke(ctx)
         except KosmosServeError as error:
             click.echo(f"Error: {error.message}", err=True)
+            sys.exit(1)
+        except ValidationError as error:  # a KOSMOS_* variable or flag that the settings refuse
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+            click.echo(f"Error: invalid setting ({problems}).", err=True)
             sys.exit(1)
 
 

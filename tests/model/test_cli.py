@@ -144,3 +144,10 @@ def test_train_reports_bad_records_by_line(tmp_path, tiny_model_dir):
     result = invoke("train", "--model", tiny_model_dir, "--data", records, "--out", tmp_path / "run")
     assert result.exit_code == 1
     assert "line 1" in result.output and "line 2" in result.output and "Traceback" not in result.output
+
+
+def test_invalid_setting_from_the_environment_is_one_line(image_file, monkeypatch):
+    monkeypatch.setenv("KOSMOS_MAX_BATCH_SIZE", "zero")
+    result = invoke("predict", image_file)
+    assert result.exit_code == 1
+    assert "invalid setting (max_batch_size:" in result.output and "Traceback" not in result.output

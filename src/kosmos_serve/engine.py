@@ -29,6 +29,12 @@ from kosmos_serve.tasks import PromptSpec, Task, TaskInput, build_prompts, parse
 _TOKENISATION_PLACEHOLDER = Image.new("RGB", (1, 1))
 
 
+def tokenise(processor, text: str, bboxes=None) -> tuple[list[int], list[int]]:
+    """Token ids and image-position mask of a prompt, exactly as the processor makes them with an image."""
+    encoded = processor(text=text, images=_TOKENISATION_PLACEHOLDER, bboxes=bboxes)
+    return encoded["input_ids"], encoded["image_embeds_position_mask"]
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Decoding settings; the defaults are the original demo's (greedy, no 3-gram repeats)."""
@@ -193,12 +199,8 @@ class Engine:
         key = image_digest(request.image)
         rows = []
         for spec in check_request(request, self.settings):
-            encoded = self.processor(
-                text=spec.text,
-                images=_TOKENISATION_PLACEHOLDER,
-                bboxes=list(spec.bboxes) if spec.bboxes else None,
-            )
-            rows.append(_Row(index, spec, key, encoded["input_ids"], encoded["image_embeds_position_mask"]))
+            input_ids, image_mask = tokenise(self.processor, spec.text, list(spec.bboxes) if spec.bboxes else None)
+            rows.append(_Row(index, spec, key, input_ids, image_mask))
         return rows
 
     @torch.inference_mode()

@@ -22,10 +22,11 @@ from tqdm import tqdm
 from transformers import Kosmos2ForConditionalGeneration, Kosmos2Processor, get_linear_schedule_with_warmup
 
 from kosmos_serve.config import EngineSettings
+from kosmos_serve.engine import tokenise
 from kosmos_serve.images import load_image
 from kosmos_serve.loading import load_model
 from kosmos_serve.training.config import TrainConfig
-from kosmos_serve.training.records import Example
+from kosmos_serve.training.records import DataError, Example
 from kosmos_serve.training.scratch import build_scratch_model
 
 logger = logging.getLogger(__name__)
@@ -57,22 +58,13 @@ def encode_example(processor: Kosmos2Processor, example: Example) -> tuple[list[
 
     Only the target and its EOS are learnt: `<s>`, the image tokens and the prompt are -100.
     """
-    placeholder = _placeholder_image()
-    prompt = processor(text=example.prompt, images=placeholder)
-    full = processor(text=example.prompt + example.target, images=placeholder)
-    prompt_ids, ids = prompt["input_ids"], full["input_ids"]
+    prompt_ids, _ = tokenise(processor, example.prompt)
+    ids, image_mask = tokenise(processor, example.prompt + example.target)
     if ids[: len(prompt_ids)] != prompt_ids:
-        raise ValueError(f"prompt {example.prompt!r} does not tokenise as a prefix of its example")
+        raise DataError(f"{example.image_path}: prompt {example.prompt!r} does not tokenise as a prefix of its example")
     ids = ids + [processor.tokenizer.eos_token_id]
     labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
-    image_mask = full["image_embeds_position_mask"] + [0]
-    return ids, image_mask, labels
-
-
-def _placeholder_image():
-    from PIL import Image
-
-    return Image.new("RGB", (1, 1))
+    return ids, image_mask + [0], labels
 
 
 class TrainingSet:

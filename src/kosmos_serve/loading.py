@@ -49,9 +49,12 @@ def resolve_device(setting: str) -> torch.device:
     """`auto` picks cuda, then mps, then cpu; anything else is taken as a torch device name."""
     if setting != "auto":
         try:
-            return torch.device(setting)
+            device = torch.device(setting)
         except RuntimeError as error:
             raise ModelLoadError(f"Unknown device {setting!r}; use auto, cpu, cuda, cuda:N or mps.") from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(f"Device {setting!r} asked for, but this torch build sees no CUDA GPU; use cpu.")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

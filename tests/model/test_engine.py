@@ -236,3 +236,11 @@ def test_tiny_model_build_is_deterministic(tiny_model_dir, tmp_path):
     again = build_tiny_model(tmp_path / "again", seed=0)
     for name in ("model.safetensors", "tokenizer.json"):
         assert (again / name).read_bytes() == (tiny_model_dir / name).read_bytes()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is present")
+def test_asking_for_a_missing_gpu_says_so(tiny_model_dir):
+    with pytest.raises(ModelLoadError, match="sees no CUDA GPU"):
+        Engine(EngineSettings(model=str(tiny_model_dir), device="cuda"))
+    with pytest.raises(ModelLoadError, match="Unknown device 'gpu0'"):
+        Engine(EngineSettings(model=str(tiny_model_dir), device="gpu0"))

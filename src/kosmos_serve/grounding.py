@@ -67,6 +67,19 @@ def to_normalised_box(box: PixelBox | tuple[float, float, float, float], width: 
     return (x1 / width, y1 / height, x2 / width, y2 / height)
 
 
+def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes.
+
+    >>> iou((0, 0, 2, 2), (1, 0, 3, 2))
+    0.3333333333333333
+    """
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    intersection = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
+    return intersection / union if union > 0 else 0.0
+
+
 def clean_prompt_text(prompt: str) -> str:
     """The words a prompt contributes to the clean text (its tags and location tokens removed).
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from transformers.models.kosmos2.processing_kosmos2 import clean_text_and_extract_entities_with_bboxes
 
 from kosmos_serve.engine import Engine, GenerationParams, Request
+from kosmos_serve.grounding import iou
 from kosmos_serve.images import load_image
 from kosmos_serve.tasks import Task, TaskInput
 from kosmos_serve.training.records import Example
@@ -35,19 +36,6 @@ class Score:
 
     def __add__(self, other: Score) -> Score:
         return Score(self.hits + other.hits, self.total + other.total)
-
-
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two (x1, y1, x2, y2) boxes.
-
-    >>> iou((0, 0, 2, 2), (1, 0, 3, 2))
-    0.3333333333333333
-    """
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    intersection = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
-    return intersection / union if union > 0 else 0.0
 
 
 def true_entities(example: Example) -> list[tuple[str, list]]:

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from kosmos_serve.grounding import iou
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 30, 30),
     "green": (30, 160, 50),
@@ -141,13 +143,6 @@ def place_object(
 def fits_beside(box: tuple[int, int, int, int], other: tuple[int, int, int, int]) -> bool:
     """Boxes may overlap a little (IoU <= 0.2) but neither may cover the other's centre."""
     return iou(box, other) <= MAX_IOU and not contains_centre(box, other) and not contains_centre(other, box)
-
-
-def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    """Intersection over union of two boxes."""
-    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
-    return inter / (area_a + area_b - inter)
 
 
 def contains_centre(box: tuple[int, int, int, int], other: tuple[int, int, int, int]) -> bool:

@@ -50,11 +50,10 @@ def parse_box(value: str) -> tuple[float, float, float, float]:
 
 
 def quiet_transformers() -> None:
-    """Hide transformers' progress bars and advisory warnings from command-line output."""
-    import transformers
+    """Hide transformers' advisory output (imported late: `--help` stays fast without torch)."""
+    from kosmos_serve.loading import quiet_transformers as quiet
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet()
 
 
 @click.group(cls=FriendlyErrors)
@@ -62,6 +61,42 @@ def quiet_transformers() -> None:
 def main():
     """kosmos-serve: run Microsoft's Kosmos-2 grounded multimodal model."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--model", envvar="KOSMOS_MODEL", help="Hub id or local folder.  [env: KOSMOS_MODEL]")
+@click.option("--device", envvar="KOSMOS_DEVICE", help="auto, cpu, cuda, mps.  [env: KOSMOS_DEVICE]")
+@click.option("--dtype", envvar="KOSMOS_DTYPE", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="Weight dtype.  [env: KOSMOS_DTYPE]")
+@click.option("--host", envvar="KOSMOS_HOST", help="Address to listen on (default 127.0.0.1).  [env: KOSMOS_HOST]")
+@click.option("--port", envvar="PORT", type=int, help="TCP port (default 8000).  [env: PORT]")
+@click.option("--max-batch-size", envvar="MAX_BATCH_SIZE", type=int,
+              help="Most requests batched together (default 2).  [env: MAX_BATCH_SIZE]")
+@click.option("--workers", envvar="NUM_API_SERVERS", type=int,
+              help="Worker processes, each with its own model (default 1).  [env: NUM_API_SERVERS]")
+def serve(model, device, dtype, host, port, max_batch_size, workers):
+    """Run the HTTP service: POST /predict (drop-in), /v1 JSON API, /docs, /health, /ready, /metrics.
+
+    Every setting is also an environment variable (README: Configuration); the API key is one only
+    (KOSMOS_API_KEY), so it never shows in a process list.
+    """
+    import os
+
+    import uvicorn
+
+    from kosmos_serve.loading import resolve_source
+    from kosmos_serve.server.settings import ServerSettings
+
+    flags = {"KOSMOS_MODEL": model, "KOSMOS_DEVICE": device, "KOSMOS_DTYPE": dtype, "KOSMOS_HOST": host,
+             "PORT": port, "MAX_BATCH_SIZE": max_batch_size, "NUM_API_SERVERS": workers}
+    os.environ.update({name: str(value) for name, value in flags.items() if value is not None})  # workers read these
+    settings, engine_settings = ServerSettings(), EngineSettings()
+    resolve_source(engine_settings.model)  # a missing model fails here, in a second, not in every worker
+    quiet_transformers()
+    uvicorn.run(
+        "kosmos_serve.server.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
+        workers=settings.num_api_servers, log_level=settings.log_level.lower(), access_log=False,
+    )
 
 
 @main.command()

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.errors import InvalidRequestError
@@ -158,6 +159,11 @@ class ImageFeatureCache:
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
+    def clear(self) -> None:
+        """Forget every entry and reset the hit and miss counts."""
+        self._entries.clear()
+        self.hits = self.misses = 0
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -194,6 +200,24 @@ class Engine:
             timings = Timings(vision_seconds.get(key, 0.0), sum(row.generation_seconds for row in own_rows))
             results.append(_result(request, own_rows, timings, key in cached_keys))
         return results
+
+    def stream(self, request: Request, on_text: Callable[[str], None], should_stop: Callable[[], bool] | None = None) -> Result:
+        """Run one request alone, passing each piece of generated text to `on_text` as it is decoded.
+
+        Its prompts run one at a time (a detection's phrases one after another), so the result
+        equals `run([request])[0]` for greedy decoding. `should_stop` is polled after every token:
+        when it answers True (the client left), generation ends early.
+        """
+        rows = self._prepare(0, request)
+        features, vision_seconds, cached_keys = self._image_features([request], rows)
+        streamer = _TextCallbackStreamer(self.processor.tokenizer, on_text)
+        stopping = StoppingCriteriaList([_StopWhen(should_stop)] if should_stop else [])
+        for params, group in self._groups([request], rows):
+            for row in group:
+                self._generate([row], features, params, [request], streamer=streamer, stopping_criteria=stopping)
+        key = rows[0].image_key
+        timings = Timings(vision_seconds.get(key, 0.0), sum(row.generation_seconds for row in rows))
+        return _result(request, rows, timings, key in cached_keys)
 
     def _prepare(self, index: int, request: Request) -> list[_Row]:
         key = image_digest(request.image)
@@ -254,7 +278,7 @@ class Engine:
         return [(params, group) for (params, _), group in groups.items()]
 
     @torch.inference_mode()
-    def _generate(self, batch: list[_Row], features: dict, params: GenerationParams, requests) -> None:
+    def _generate(self, batch: list[_Row], features: dict, params: GenerationParams, requests, **extra) -> None:
         width = max(len(row.input_ids) for row in batch)
         pads = [width - len(row.input_ids) for row in batch]
         input_ids = torch.tensor([[self.pad_token_id] * p + row.input_ids for p, row in zip(pads, batch)])
@@ -272,6 +296,7 @@ class Engine:
                 image_embeds_position_mask=image_mask.to(self.device),
                 use_cache=True,
                 **generation_kwargs(params),
+                **extra,
             )
         elapsed = time.perf_counter() - began
         new_tokens = output[:, width:]
@@ -281,6 +306,30 @@ class Engine:
             row.output = parse_generation(text, row.spec.text, *image.size)
             row.generated_tokens = int((tokens != self.pad_token_id).sum())
             row.generation_seconds = elapsed
+
+
+class _TextCallbackStreamer(TextStreamer):
+    """Hands each finished piece of new text to a callback (the prompt is not repeated)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
+        if stream_end:
+            self.next_tokens_are_prompt = True  # the next prompt's ids come first again
+
+
+class _StopWhen(StoppingCriteria):
+    """Stops generation as soon as `should_stop()` answers True."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
 def check_request(request: Request, settings: EngineSettings) -> list[PromptSpec]:

@@ -51,3 +51,35 @@ class ModelLoadError(KosmosServeError):
 
     status = 503
     code = "model_unavailable"
+
+
+class PayloadTooLargeError(KosmosServeError):
+    """The request body is larger than the configured upload cap."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class ServiceBusyError(KosmosServeError):
+    """The queue is full or the model is not ready yet; `retry_after` says when to try again (seconds)."""
+
+    status = 503
+    code = "service_busy"
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeoutError(KosmosServeError):
+    """The request did not finish within the configured time."""
+
+    status = 504
+    code = "timeout"
+
+
+class UnauthorizedError(KosmosServeError):
+    """The API key is missing or wrong."""
+
+    status = 401
+    code = "unauthorized"

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import torch
+import transformers
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from transformers import AutoProcessor, Kosmos2ForConditionalGeneration, Kosmos2Processor
@@ -116,3 +117,14 @@ def resolve_source(model: str) -> str:
             f"reached from here. Download it once where the hub is reachable (`hf download {model} "
             f"--local-dir ./kosmos-2`), then pass that folder with --model (or copy the cache to HF_HOME)."
         ) from error
+
+
+def share_cores(workers: int) -> None:
+    """Give each of `workers` processes an equal share of torch's threads, so they do not oversubscribe cores."""
+    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' progress bars and advisory warnings (logs and command output stay readable)."""
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

@@ -56,6 +56,16 @@ def grid_codes(side: int, width: int, sharp: bool = False) -> torch.Tensor:
     return torch.cat([code(rows), code(columns)], dim=1)
 
 
+def patches_of_cells(cells: torch.Tensor, side: int) -> torch.Tensor:
+    """The patch (of a `side` x `side` grid, row-major) that holds each cell of the 32x32 location grid.
+
+    >>> patches_of_cells(torch.tensor([0, 3, 4, 31, 128, 1023]), 8).tolist()
+    [0, 0, 1, 7, 8, 63]
+    """
+    cells_per_patch = 32 // side
+    return (cells // 32 // cells_per_patch) * side + (cells % 32) // cells_per_patch
+
+
 @torch.no_grad()
 def start_with_spatial_codes(model: Kosmos2ForConditionalGeneration, processor: Kosmos2Processor) -> None:
     """Initialise a model to be trained from scratch so that *where* reaches the text from step one.
@@ -90,9 +100,7 @@ def start_with_spatial_codes(model: Kosmos2ForConditionalGeneration, processor: 
     # off an attended image token is then a copy, not a mapping to learn.
     embeddings = model.get_input_embeddings().weight
     first = processor.tokenizer.convert_tokens_to_ids("<patch_index_0000>")
-    cells = torch.arange(NUM_PATCH_INDEX_TOKENS)
-    cells_per_patch = 32 // side
-    patch_of_cell = (cells // 32 // cells_per_patch) * side + (cells % 32) // cells_per_patch
+    patch_of_cell = patches_of_cells(torch.arange(NUM_PATCH_INDEX_TOKENS), side)
     fine = grid_codes(32, int((~slots).sum()))
     location = torch.zeros(NUM_PATCH_INDEX_TOKENS, width)
     location[:, slots] = spread[patch_of_cell]

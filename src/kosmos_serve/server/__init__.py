@@ -1,0 +1,1 @@
+"""The HTTP service: FastAPI routes over one engine, fed by a micro-batching queue."""

@@ -1,0 +1,192 @@
+"""Routes: the reference's `POST /predict`, the `/v1` JSON API, and operations."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from fastapi.sse import EventSourceResponse, format_sse_event
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from kosmos_serve.engine import Request as EngineRequest
+from kosmos_serve.engine import Result, check_request
+from kosmos_serve.errors import KosmosServeError, RequestTimeoutError
+from kosmos_serve.images import load_image
+from kosmos_serve.server.schemas import (
+    GenerateForm,
+    GenerateJSON,
+    GenerateResponse,
+    GenerationFields,
+    PixelBoxInput,
+    PredictResponse,
+    decode_base64_image,
+    predict_body,
+    response_body,
+)
+from kosmos_serve.server.state import ServiceState
+from kosmos_serve.tasks import TASK_DESCRIPTIONS, TaskInput
+
+logger = logging.getLogger("kosmos_serve.server")
+router = APIRouter()
+
+ERRORS = {
+    status: {"description": description, "content": {"application/json": {"example": {"error": example}}}}
+    for status, description, example in [
+        (400, "Not an image, or a truncated one", {"code": "invalid_image", "message": "The upload is not an image."}),
+        (413, "Upload or image too large", {"code": "image_too_large", "message": "The image has 64000000 pixels..."}),
+        (422, "Bad parameters or boxes", {"code": "invalid_box", "message": "Box 1 is outside the 640x480 image."}),
+        (503, "Model loading or queue full (Retry-After)", {"code": "service_busy", "message": "The queue is full..."}),
+        (504, "Took longer than the request time limit", {"code": "timeout", "message": "The request took longer..."}),
+    ]
+}
+SSE_DOC = {"description": "With `stream: true`: events `text` ({\"text\": ...}) as generated, then `result`.",
+           "content": {"text/event-stream": {}}}
+
+
+def _state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+@router.post(
+    "/predict", response_model=PredictResponse, tags=["drop-in"], responses=ERRORS,
+    summary="The reference service's route: multipart `content` (image) and optional `prompt`.",
+    description=(
+        "Drop-in for mindthemath/kosmos-2-api. The prompt is used as given (default `DEFAULT_PROMPT`, "
+        "`<grounding> Describe this image:`).\n\n"
+        "`curl -F content=@snowman.png --form-string 'prompt=<grounding> An image of' http://127.0.0.1:8000/predict`"
+    ),
+)
+async def predict(
+    request: Request,
+    content: Annotated[UploadFile, File(description="The image file.")],
+    prompt: Annotated[str | None, Form(description="Prompt; `<grounding>` where boxes are wanted.")] = None,
+):
+    state = _state(request)
+    image = await _read_image(state, await content.read())
+    task = TaskInput("raw", prompt or state.settings.default_prompt, grounding=False)
+    result = await _run(state, EngineRequest(image, task))
+    return predict_body(result)
+
+
+@router.post(
+    "/v1/generate", response_model=GenerateResponse, tags=["v1"], responses={**ERRORS, 200: SSE_DOC},
+    summary="Run any task on a base64 image (JSON); `stream: true` answers as server-sent events.",
+)
+async def generate_json(request: Request, body: GenerateJSON):
+    state = _state(request)
+    image = await _read_image(state, decode_base64_image(body.image))
+    return await _generate(state, image, body, body.boxes)
+
+
+@router.post(
+    "/v1/generate/upload", response_model=GenerateResponse, tags=["v1"], responses={**ERRORS, 200: SSE_DOC},
+    summary="Run any task on an uploaded image (multipart: file `image`, the other fields as form fields).",
+    description=(
+        "`curl -F image=@shapes.png -F task=referring_comprehension -F 'phrases=the red circle' "
+        "http://127.0.0.1:8000/v1/generate/upload`; repeat `phrases` for several; `boxes` is JSON text."
+    ),
+)
+async def generate_upload(request: Request, fields: Annotated[GenerateForm, Form()]):
+    state = _state(request)
+    decoded = await _read_image(state, await fields.image.read())
+    return await _generate(state, decoded, fields, fields.boxes)
+
+
+@router.get("/v1/tasks", tags=["v1"], summary="The tasks and the inputs each needs.")
+async def tasks():
+    return {"tasks": [{"name": task.value, "description": text} for task, text in TASK_DESCRIPTIONS.items()]}
+
+
+@router.get("/health", tags=["operations"], summary="Liveness: the process answers.")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/ready", tags=["operations"], summary="Readiness: 200 once the model is loaded and warmed up, else 503.")
+async def ready(request: Request):
+    _state(request).ready_batcher()
+    return {"status": "ready"}
+
+
+@router.get("/info", tags=["operations"], summary="Model, device, dtype, version and limits.")
+async def info(request: Request):
+    state = _state(request)
+    engine, limits = state.engine, state.engine_settings
+    return {
+        "model": limits.model,
+        "device": str(engine.device) if engine else None,
+        "dtype": str(engine.dtype).removeprefix("torch.") if engine else None,
+        "version": request.app.version,
+        "ready": state.batcher is not None,
+        "limits": {
+            "max_upload_bytes": state.settings.max_upload_bytes,
+            "max_image_pixels": limits.max_image_pixels,
+            "max_prompt_chars": limits.max_prompt_chars,
+            "default_max_new_tokens": limits.max_new_tokens,
+            "max_new_tokens_cap": limits.max_new_tokens_cap,
+            "max_batch_size": state.settings.max_batch_size,
+            "max_queue": state.settings.max_queue,
+            "request_timeout_s": state.settings.request_timeout_s,
+        },
+        "tasks": [task.value for task in TASK_DESCRIPTIONS],
+    }
+
+
+@router.get("/metrics", tags=["operations"], summary="Prometheus metrics.")
+async def metrics(request: Request):
+    return Response(_state(request).metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _read_image(state: ServiceState, data: bytes) -> Image.Image:
+    """Decode off the event loop; the pixel cap is checked from the header before decoding."""
+    return await run_in_threadpool(functools.partial(load_image, data, max_pixels=state.engine_settings.max_image_pixels))
+
+
+async def _generate(state: ServiceState, image: Image.Image, fields: GenerationFields, boxes: list[PixelBoxInput]):
+    request = EngineRequest(image, fields.task_input(boxes), fields.params())
+    if fields.stream:
+        return _stream(state, request, fields.return_image)
+    result = await _run(state, request)
+    return JSONResponse(response_body(result, image if fields.return_image else None))
+
+
+async def _run(state: ServiceState, request: EngineRequest) -> Result:
+    """Validate now (a bad request never reaches a batch), then queue and wait, within the time limit."""
+    batcher = state.ready_batcher()
+    check_request(request, state.engine_settings)
+    try:
+        return await batcher.submit(request, timeout=state.settings.request_timeout_s)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"The request took longer than {state.settings.request_timeout_s:g} s (KOSMOS_REQUEST_TIMEOUT_S)."
+        ) from None
+
+
+def _stream(state: ServiceState, request: EngineRequest, return_image: bool) -> EventSourceResponse:
+    batcher = state.ready_batcher()
+    check_request(request, state.engine_settings)
+    pieces = batcher.stream(request)  # queued now: a full queue is a 503 before the stream starts
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for piece in pieces:
+                if isinstance(piece, Result):
+                    body = response_body(piece, request.image if return_image else None)
+                    yield format_sse_event(event="result", data_str=json.dumps(body))
+                else:
+                    yield format_sse_event(event="text", data_str=json.dumps({"text": piece}))
+        except KosmosServeError as error:
+            yield format_sse_event(event="error", data_str=json.dumps({"code": error.code, "message": error.message}))
+        except Exception:
+            logger.exception("Streaming failed")
+            yield format_sse_event(event="error", data_str=json.dumps({"code": "internal_error", "message": "Internal error."}))
+        finally:
+            await pieces.aclose()
+
+    return EventSourceResponse(events())

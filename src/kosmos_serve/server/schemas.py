@@ -1,0 +1,135 @@
+"""Request and response bodies of the JSON API, and their conversion to engine requests."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+from fastapi import UploadFile
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, Json
+
+from kosmos_serve.drawing import draw_entities
+from kosmos_serve.engine import GenerationParams, Result
+from kosmos_serve.errors import InvalidImageError
+from kosmos_serve.tasks import Task, TaskInput
+
+PixelBoxInput = tuple[float, float, float, float]
+
+
+class GenerationFields(BaseModel):
+    """Everything about a generation request except the image and its boxes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Task = Field(Task.CAPTION, description="What to do; see GET /v1/tasks.")
+    prompt: str | None = Field(None, description="Question (grounded_vqa, region_vqa) or own prompt (raw).")
+    phrases: list[str] = Field([], description="Phrases to ground (phrase_grounding, referring_comprehension, "
+                                               "detection) or the phrases of a region_vqa question.")
+    grounding: bool = Field(True, description="raw task only: add `<grounding>` to the prompt.")
+    max_new_tokens: int | None = Field(None, description="New tokens at most (default and cap: GET /info).")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(0.7, description="Sampling temperature.")
+    top_p: float = Field(0.9, description="Nucleus sampling: keep the smallest set of tokens with this probability.")
+    num_beams: int = Field(1, description="Beam search width (1: none).")
+    seed: int | None = Field(None, description="Seed of a sampled request, for repeatable samples.")
+    return_image: bool = Field(False, description="Also return the image with the boxes drawn (base64 PNG).")
+    stream: bool = Field(False, description="Answer as server-sent events: `text` pieces, then the `result`.")
+
+    def params(self) -> GenerationParams:
+        return GenerationParams(
+            max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, temperature=self.temperature,
+            top_p=self.top_p, num_beams=self.num_beams, seed=self.seed,
+        )
+
+    def task_input(self, boxes: list[PixelBoxInput]) -> TaskInput:
+        return TaskInput(self.task, self.prompt, tuple(self.phrases), tuple(tuple(b) for b in boxes), self.grounding)
+
+
+class GenerateJSON(GenerationFields):
+    """A request with the image as base64 (a `data:` URL is fine too). URLs are never fetched."""
+
+    image: str = Field(description="The image file's bytes, base64-encoded.")
+    boxes: list[PixelBoxInput] = Field([], description="Boxes in the image's pixels, [x1, y1, x2, y2] each.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [
+            {"image": "iVBORw0KGgo...", "task": "caption"},
+            {"image": "iVBORw0KGgo...", "task": "referring_comprehension", "phrases": ["the red circle"]},
+            {"image": "iVBORw0KGgo...", "task": "referring_generation", "boxes": [[20, 30, 120, 140]]},
+            {"image": "iVBORw0KGgo...", "task": "grounded_vqa", "prompt": "What shape is red?", "return_image": True},
+        ]},
+    )
+
+
+class GenerateForm(GenerationFields):
+    """The multipart form: the `image` file and the other fields as text (`boxes` as JSON)."""
+
+    image: UploadFile = Field(description="The image file.")
+
+    boxes: Json[list[PixelBoxInput]] = Field(default_factory=list, description='Boxes in pixels as JSON: "[[x1, y1, x2, y2]]".')
+
+
+class EntityOut(BaseModel):
+    phrase: str
+    span: tuple[int, int] = Field(description="Character range of the phrase in `text`.")
+    boxes: list[tuple[float, float, float, float]] = Field(description="Normalised to 0..1.")
+    pixel_boxes: list[tuple[int, int, int, int]] = Field(description="In the image's own pixels.")
+
+
+class GenerateResponse(BaseModel):
+    task: Task
+    prompt: str
+    text: str = Field(description="Clean text, prompt words included (as post_process_generation gives it).")
+    answer: str = Field(description="The generated words without the prompt's.")
+    raw_text: str = Field(description="Generated text with its grounding tags.")
+    entities: list[EntityOut]
+    markdown: str = Field(description="`text` with each grounded span as [span](#box=x1,y1,x2,y2).")
+    image_size: tuple[int, int]
+    generated_tokens: int
+    image_cached: bool = Field(description="The image's features came from the cache (vision encoder skipped).")
+    timings: dict[str, float]
+    annotated_image: str | None = Field(None, description="PNG, base64, when `return_image` was asked for.")
+
+
+class PredictResponse(BaseModel):
+    """The reference service's answer, unchanged."""
+
+    output: str = Field(description="Clean text.")
+    generated_text: str = Field(description="Raw generated text after `</image>`, tags included.")
+    entities: list[tuple[str, tuple[int, int], list[tuple[float, float, float, float]]]] = Field(
+        description="(phrase, (start, end), [normalised boxes]) as post_process_generation gives them."
+    )
+
+
+def decode_base64_image(data: str) -> bytes:
+    """The bytes of a base64 image (optionally a data: URL); a URL to fetch is refused."""
+    if data.startswith(("http://", "https://", "ftp://", "file:")):
+        raise InvalidImageError("The service never fetches URLs: send the image's bytes (base64 or a multipart file).")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImageError("`image` is not valid base64.") from None
+
+
+def response_body(result: Result, image: Image.Image | None) -> dict:
+    """The JSON answer: the result, plus the annotated image when one is given."""
+    body = result.to_dict()
+    if image is not None:
+        buffer = io.BytesIO()
+        draw_entities(image, result.entities).save(buffer, format="PNG")
+        body["annotated_image"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return body
+
+
+def predict_body(result: Result) -> dict:
+    """The reference service's `{output, generated_text, entities}`."""
+    return {
+        "output": result.text,
+        "generated_text": result.raw_text,
+        "entities": [entity.as_reference() for entity in result.entities],
+    }

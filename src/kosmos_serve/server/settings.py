@@ -1,0 +1,50 @@
+"""Service settings: the reference service's variables (`PORT`, `LOG_LEVEL`, `NUM_API_SERVERS`,
+`MAX_BATCH_SIZE`, `DEFAULT_PROMPT`, with its defaults) plus `KOSMOS_*` limits and options."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _env(name: str) -> AliasChoices:
+    """Accept the reference's bare variable and the prefixed `KOSMOS_` one."""
+    return AliasChoices(name, f"KOSMOS_{name}")
+
+
+class ServerSettings(BaseSettings):
+    """How the HTTP service listens, batches and limits requests (the engine has its own settings)."""
+
+    model_config = SettingsConfigDict(env_prefix="KOSMOS_", extra="ignore", populate_by_name=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in the Docker image).")
+    port: int = Field(8000, ge=1, le=65535, validation_alias=_env("PORT"), description="TCP port.")
+    log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"), description="Python logging level.")
+    num_api_servers: int = Field(
+        1, ge=1, validation_alias=_env("NUM_API_SERVERS"),
+        description="Worker processes, each with its own copy of the model and a share of the CPU threads.",
+    )
+    max_batch_size: int = Field(
+        2, ge=1, validation_alias=_env("MAX_BATCH_SIZE"),
+        description="Most concurrent requests run as one batch (the reference's default; 8 for throughput).",
+    )
+    default_prompt: str = Field(
+        "<grounding> Describe this image:", validation_alias=_env("DEFAULT_PROMPT"),
+        description="Prompt of `POST /predict` when the request sends none.",
+    )
+    batch_timeout_ms: float = Field(10.0, ge=0, description="How long the first request of a batch waits for others.")
+    max_queue: int = Field(64, ge=1, description="Requests waiting at most; beyond it: 503 with Retry-After.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Longest a request may wait and run; then 504.")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body (413 beyond).")
+    api_key: SecretStr | None = Field(
+        None, description="When set, every route but /health and /ready needs `Authorization: Bearer <key>` or `X-API-Key`."
+    )
+    warmup: bool = Field(True, description="Run one tiny generation before /ready answers 200.")
+
+
+@lru_cache
+def get_server_settings() -> ServerSettings:
+    """The process-wide service settings, read once from the environment."""
+    return ServerSettings()

@@ -1,0 +1,34 @@
+"""What the routes share: settings, metrics, and the engine and batcher once the model is ready."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kosmos_serve.config import EngineSettings
+from kosmos_serve.engine import Engine
+from kosmos_serve.errors import ModelLoadError, ServiceBusyError
+from kosmos_serve.server.batcher import Batcher
+from kosmos_serve.server.metrics import Metrics
+from kosmos_serve.server.settings import ServerSettings
+
+LOADING_RETRY_AFTER = 5  # seconds
+
+
+@dataclass
+class ServiceState:
+    """What the routes share: settings, metrics, and the engine and batcher once ready."""
+
+    settings: ServerSettings
+    engine_settings: EngineSettings
+    metrics: Metrics
+    engine: Engine | None = None
+    batcher: Batcher | None = None
+    load_error: str | None = None
+
+    def ready_batcher(self) -> Batcher:
+        """The batcher, or a 503 saying why the model cannot answer yet."""
+        if self.batcher is not None:
+            return self.batcher
+        if self.load_error is not None:
+            raise ModelLoadError(self.load_error)
+        raise ServiceBusyError("The model is still loading; try again shortly.", retry_after=LOADING_RETRY_AFTER)

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+REFERENCE_NEW_TOKENS = 24  # what the `reference` fixture generates unless told otherwise
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +35,34 @@ def sample_images():
     gradient = Image.linear_gradient("L").resize((300, 200)).convert("RGB")
     noise = Image.effect_noise((200, 320), 60).convert("RGB")
     return [mandelbrot, gradient, noise]
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir):
+    """Stock transformers: model-card code, one request at a time."""
+    from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
+
+    model = Kosmos2ForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+
+    def run(image, spec, max_new_tokens=REFERENCE_NEW_TOKENS, **generate_kwargs):
+        inputs = processor(text=spec.text, images=image, bboxes=list(spec.bboxes) if spec.bboxes else None,
+                           return_tensors="pt")
+        ids = model.generate(
+            pixel_values=inputs["pixel_values"],
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            image_embeds=None,
+            image_embeds_position_mask=inputs["image_embeds_position_mask"],
+            use_cache=True,
+            max_new_tokens=max_new_tokens,
+            no_repeat_ngram_size=3,
+            **generate_kwargs,
+        )
+        decoded = processor.batch_decode(ids, skip_special_tokens=True)[0]
+        raw = processor.post_process_generation(decoded, cleanup_and_extract=False)
+        text, entities = processor.post_process_generation(decoded)
+        return raw, text, entities
+
+    run.model, run.processor = model, processor
+    return run

@@ -1,4 +1,4 @@
-"""Build a small Kosmos-2 from nothing: local sentencepiece tokenizer, the real processor, random weights.
+"""Build a small Kosmos-2 from nothing: a word-level tokenizer, the real processor, random weights.
 
 The result is an ordinary `save_pretrained` folder, loaded by the same code as the real checkpoint,
 so tests exercise the production path without the 6 GB download. Everything is deterministic:
@@ -7,11 +7,10 @@ the same seed writes the same tokenizer and the same weights.
 
 from __future__ import annotations
 
-import io
 import itertools
+import re
 from pathlib import Path
 
-import sentencepiece
 import torch
 from transformers import Kosmos2Config, Kosmos2ForConditionalGeneration, Kosmos2Processor, XLMRobertaTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -50,28 +49,24 @@ def training_corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int = 600) -> XLMRobertaTokenizer:
-    """Train a unigram sentencepiece model in memory and wrap it in XLM-R's id layout."""
-    model_bytes = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_writer=model_bytes,
-        vocab_size=vocab_size,
-        model_type="unigram",
-        character_coverage=1.0,
-        hard_vocab_limit=False,
-        num_threads=1,
-        seed_sentencepiece_size=100_000,
-        minloglevel=2,
-    )
-    processor = sentencepiece.SentencePieceProcessor(model_proto=model_bytes.getvalue())
-    own_specials = {processor.unk_id(), processor.bos_id(), processor.eos_id()}
-    pieces = [
-        (processor.id_to_piece(i), processor.get_score(i))
-        for i in range(processor.get_piece_size())
-        if i not in own_specials
-    ]
-    vocab = [(token, 0.0) for token in XLMR_SPECIAL_TOKENS] + pieces + [("<mask>", 0.0)]
+def build_tokenizer(corpus: list[str]) -> XLMRobertaTokenizer:
+    """A word-level unigram tokenizer in XLM-R's id layout: every corpus word is one token.
+
+    Each word of `corpus` is a piece (`▁red`); single characters, with and without `▁`, are
+    low-scoring pieces that spell any other word. Whole words then always win, so "the purple
+    star" is three tokens that a small model can learn from, not a dozen fragments.
+
+    >>> build_tokenizer(["a red star."]).tokenize("a red star. A redder star")
+    ['▁a', '▁red', '▁star', '.', '▁', 'A', '▁red', 'd', 'e', 'r', '▁star']
+    """
+    words = dict.fromkeys(word for line in corpus for word in re.findall(r"\w+|[^\w\s]", line))
+    characters = sorted({character for line in corpus for character in line if not character.isspace()})
+    pieces = {f"▁{word}": 0.0 for word in words}
+    for character in characters:
+        pieces.setdefault(f"▁{character}", -10.0)
+        pieces.setdefault(character, -10.0)
+    pieces.setdefault("▁", -20.0)
+    vocab = [(token, 0.0) for token in XLMR_SPECIAL_TOKENS] + list(pieces.items()) + [("<mask>", 0.0)]
     return XLMRobertaTokenizer(vocab=vocab)
 
 

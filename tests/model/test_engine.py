@@ -4,7 +4,6 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine import Engine, GenerationParams, ImageFeatureCache, Request
@@ -27,35 +26,6 @@ TASK_INPUTS = [
     TaskInput(Task.RAW, prompt="An image of", grounding=False),
     TaskInput(Task.RAW, prompt="<grounding><phrase> It</phrase> is", boxes=((0, 0, 100, 100),)),
 ]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir):
-    """Stock transformers: model-card code, one request at a time."""
-    model = Kosmos2ForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-
-    def run(image, spec, **generate_kwargs):
-        inputs = processor(text=spec.text, images=image, bboxes=list(spec.bboxes) if spec.bboxes else None,
-                           return_tensors="pt")
-        ids = model.generate(
-            pixel_values=inputs["pixel_values"],
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            image_embeds=None,
-            image_embeds_position_mask=inputs["image_embeds_position_mask"],
-            use_cache=True,
-            max_new_tokens=NEW_TOKENS,
-            no_repeat_ngram_size=3,
-            **generate_kwargs,
-        )
-        decoded = processor.batch_decode(ids, skip_special_tokens=True)[0]
-        raw = processor.post_process_generation(decoded, cleanup_and_extract=False)
-        text, entities = processor.post_process_generation(decoded)
-        return raw, text, entities
-
-    run.model, run.processor = model, processor
-    return run
 
 
 def all_requests(images):

@@ -262,3 +262,7 @@ def _scores(model, examples) -> str:
 
     engine = Engine(EngineSettings(model=str(model), max_batch_size=32))
     return format_scores(score(engine, examples))
+
+
+if __name__ == "__main__":
+    main()

@@ -5,13 +5,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-
-def _env(name: str) -> AliasChoices:
-    """Accept the reference's bare variable and the prefixed `KOSMOS_` one."""
-    return AliasChoices(name, f"KOSMOS_{name}")
 
 
 class ServerSettings(BaseSettings):
@@ -20,18 +15,18 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KOSMOS_", extra="ignore", populate_by_name=True)
 
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in the Docker image).")
-    port: int = Field(8000, ge=1, le=65535, validation_alias=_env("PORT"), description="TCP port.")
-    log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"), description="Python logging level.")
+    port: int = Field(8000, ge=1, le=65535, validation_alias="PORT", description="TCP port.")
+    log_level: str = Field("INFO", validation_alias="LOG_LEVEL", description="Python logging level.")
     num_api_servers: int = Field(
-        1, ge=1, validation_alias=_env("NUM_API_SERVERS"),
+        1, ge=1, validation_alias="NUM_API_SERVERS",
         description="Worker processes, each with its own copy of the model and a share of the CPU threads.",
     )
     max_batch_size: int = Field(
-        2, ge=1, validation_alias=_env("MAX_BATCH_SIZE"),
+        2, ge=1, validation_alias="MAX_BATCH_SIZE",
         description="Most concurrent requests run as one batch (the reference's default; 8 for throughput).",
     )
     default_prompt: str = Field(
-        "<grounding> Describe this image:", validation_alias=_env("DEFAULT_PROMPT"),
+        "<grounding> Describe this image:", validation_alias="DEFAULT_PROMPT",
         description="Prompt of `POST /predict` when the request sends none.",
     )
     batch_timeout_ms: float = Field(10.0, ge=0, description="How long the first request of a batch waits for others.")

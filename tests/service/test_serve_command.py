@@ -1,0 +1,64 @@
+"""`kosmos-serve serve` as a user runs it: a real process, configured by the reference's variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+from click.testing import CliRunner
+
+from kosmos_serve.cli import main
+from kosmos_serve.server.settings import ServerSettings
+
+
+def test_the_reference_variables_keep_their_names_and_defaults(monkeypatch):
+    defaults = ServerSettings()
+    assert (defaults.port, defaults.log_level, defaults.num_api_servers, defaults.max_batch_size) == (8000, "INFO", 1, 2)
+    assert defaults.default_prompt == "<grounding> Describe this image:"
+    for name, value in {"PORT": "9001", "LOG_LEVEL": "DEBUG", "NUM_API_SERVERS": "3", "MAX_BATCH_SIZE": "5",
+                        "DEFAULT_PROMPT": "<grounding> Hi"}.items():
+        monkeypatch.setenv(name, value)
+    configured = ServerSettings()
+    assert (configured.port, configured.log_level, configured.num_api_servers) == (9001, "DEBUG", 3)
+    assert (configured.max_batch_size, configured.default_prompt) == (5, "<grounding> Hi")
+
+
+def test_serve_refuses_a_missing_model_at_once(tmp_path):
+    result = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "nowhere")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "nowhere" in result.output
+
+
+def test_serve_runs_the_service_from_environment_variables(tiny_model_dir, png_bytes):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PORT": str(port), "KOSMOS_MODEL": str(tiny_model_dir), "KOSMOS_DEVICE": "cpu",
+           "MAX_BATCH_SIZE": "4", "LOG_LEVEL": "INFO"}
+    process = subprocess.Popen([sys.executable, "-m", "kosmos_serve.cli", "serve"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the service never became ready"
+            time.sleep(0.2)
+        answer = httpx.post(f"{url}/predict", files={"content": ("a.png", png_bytes[0])}, timeout=60)
+        info = httpx.get(f"{url}/info").json()
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert answer.status_code == 200 and set(answer.json()) == {"output", "generated_text", "entities"}
+    assert info["limits"]["max_batch_size"] == 4 and info["model"] == str(tiny_model_dir)
+    assert "Application shutdown complete" in output  # SIGTERM stops it gracefully (uvicorn re-raises it after)
+    assert "POST /predict -> 200" in output and "] POST /predict" in output  # access log with a request id

@@ -74,7 +74,9 @@ def main():
               help="Most requests batched together (default 2).  [env: MAX_BATCH_SIZE]")
 @click.option("--workers", envvar="NUM_API_SERVERS", type=int,
               help="Worker processes, each with its own model (default 1).  [env: NUM_API_SERVERS]")
-def serve(model, device, dtype, host, port, max_batch_size, workers):
+@click.option("--quantize", envvar="KOSMOS_QUANTIZE", type=click.Choice(["none", "int8"]),
+              help="int8: int8 linear layers on the CPU.  [env: KOSMOS_QUANTIZE]")
+def serve(model, device, dtype, host, port, max_batch_size, workers, quantize):
     """Run the HTTP service: POST /predict (drop-in), /v1 JSON API, /docs, /health, /ready, /metrics.
 
     Every setting is also an environment variable (README: Configuration); the API key is one only
@@ -87,8 +89,8 @@ def serve(model, device, dtype, host, port, max_batch_size, workers):
     from kosmos_serve.loading import resolve_source
     from kosmos_serve.server.settings import ServerSettings
 
-    flags = {"KOSMOS_MODEL": model, "KOSMOS_DEVICE": device, "KOSMOS_DTYPE": dtype, "KOSMOS_HOST": host,
-             "PORT": port, "MAX_BATCH_SIZE": max_batch_size, "NUM_API_SERVERS": workers}
+    flags = {"KOSMOS_MODEL": model, "KOSMOS_DEVICE": device, "KOSMOS_DTYPE": dtype, "KOSMOS_QUANTIZE": quantize,
+             "KOSMOS_HOST": host, "PORT": port, "MAX_BATCH_SIZE": max_batch_size, "NUM_API_SERVERS": workers}
     os.environ.update({name: str(value) for name, value in flags.items() if value is not None})  # workers read these
     settings, engine_settings = ServerSettings(), EngineSettings()
     resolve_source(engine_settings.model)  # a missing model fails here, in a second, not in every worker
@@ -119,8 +121,10 @@ def serve(model, device, dtype, host, port, max_batch_size, workers):
 @click.option("--device", envvar="KOSMOS_DEVICE", help="auto, cpu, cuda, mps.  [env: KOSMOS_DEVICE]")
 @click.option("--dtype", envvar="KOSMOS_DTYPE", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
               help="Weight dtype.  [env: KOSMOS_DTYPE]")
+@click.option("--quantize", envvar="KOSMOS_QUANTIZE", type=click.Choice(["none", "int8"]),
+              help="int8: int8 linear layers on the CPU.  [env: KOSMOS_QUANTIZE]")
 def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, sample, top_p, temperature, seed,
-            as_json, draw, model, device, dtype):
+            as_json, draw, model, device, dtype, quantize):
     """Describe and ground IMAGES; prints the text, then each entity with its pixel boxes.
 
     \b
@@ -130,10 +134,12 @@ def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, 
       kosmos-serve predict snowman.png --task referring_generation --box 250,22,630,397
     """
     from kosmos_serve.engine import Engine, GenerationParams, Request, check_request
+    from kosmos_serve.loading import set_threads
     from kosmos_serve.tasks import TaskInput
 
-    overrides = {key: value for key, value in {"model": model, "device": device, "dtype": dtype}.items() if value}
-    settings = EngineSettings(**overrides)
+    flags = {"model": model, "device": device, "dtype": dtype, "quantize": quantize}
+    settings = EngineSettings(**{key: value for key, value in flags.items() if value})
+    set_threads(settings.threads)
     loaded = [load_image_file(path, settings.max_image_pixels) for path in images]
     task_input = TaskInput(task=task, prompt=prompt, phrases=phrases, boxes=boxes, grounding=not no_grounding)
     params = GenerationParams(max_new_tokens=max_new_tokens, do_sample=sample, top_p=top_p,

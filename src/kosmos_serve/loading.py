@@ -7,6 +7,7 @@ computed from the attention mask, so left-padded rows see the same positions as 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -78,6 +79,7 @@ def load_model(settings: EngineSettings) -> tuple[Kosmos2ForConditionalGeneratio
     """Load model and processor from `settings.model`, ready for generation."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    check_quantization(settings, device, dtype)
     source = resolve_source(settings.model)
     try:
         processor = AutoProcessor.from_pretrained(source)
@@ -93,8 +95,33 @@ def load_model(settings: EngineSettings) -> tuple[Kosmos2ForConditionalGeneratio
         raise ModelLoadError(f"{source!r} is not a Kosmos-2 checkpoint (its processor is {type(processor).__name__}).")
     model.text_model.__class__ = PaddingAwareKosmos2TextForCausalLM
     model.to(device).eval()
-    logger.info("Loaded %s on %s as %s (%s attention)", source, device, dtype, settings.attention)
+    if settings.quantize == "int8":
+        quantize_int8(model)
+    logger.info("Loaded %s on %s as %s (%s attention, quantize=%s)", source, device, dtype, settings.attention,
+                settings.quantize)
     return model, processor
+
+
+def check_quantization(settings: EngineSettings, device: torch.device, dtype: torch.dtype) -> None:
+    """int8 runs on fbgemm's CPU kernels from float32 weights; say so before loading anything else."""
+    if settings.quantize == "int8" and (device.type != "cpu" or dtype != torch.float32):
+        raise ModelLoadError(
+            "--quantize int8 runs on the CPU from float32 weights; on a GPU use --dtype bfloat16 or float16 instead."
+        )
+
+
+def quantize_int8(model: Kosmos2ForConditionalGeneration) -> None:
+    """Every linear layer to int8 weights (per channel) with dynamic int8 activations, in place.
+
+    Layers are swapped one at a time, so the float32 and int8 copies of the weights never coexist
+    beyond one layer. The activation scale is computed per call over the whole batch, so a row's
+    int8 result can differ slightly with its batch neighbours (float32 results never do).
+    """
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao's dynamic quantization works but announces its move to torchao
+        warnings.simplefilter("ignore")
+        quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
 
 
 def resolve_source(model: str) -> str:
@@ -119,9 +146,9 @@ def resolve_source(model: str) -> str:
         ) from error
 
 
-def share_cores(workers: int) -> None:
-    """Give each of `workers` processes an equal share of torch's threads, so they do not oversubscribe cores."""
-    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+def set_threads(threads: int | None, workers: int = 1) -> None:
+    """torch's intra-op threads: `threads` if given, else the cores shared equally among `workers` processes."""
+    torch.set_num_threads(threads or max(1, torch.get_num_threads() // workers))
 
 
 def quiet_transformers() -> None:

@@ -28,7 +28,7 @@ from kosmos_serve.errors import (
     ServiceBusyError,
     UnauthorizedError,
 )
-from kosmos_serve.loading import quiet_transformers, share_cores
+from kosmos_serve.loading import quiet_transformers, set_threads
 from kosmos_serve.server.batcher import Batcher
 from kosmos_serve.server.metrics import Metrics
 from kosmos_serve.server.routes import router
@@ -73,8 +73,9 @@ def app_from_environment() -> FastAPI:
     settings = ServerSettings()
     configure_logging(settings.log_level)
     quiet_transformers()
-    share_cores(settings.num_api_servers)
-    return create_app(settings, EngineSettings())
+    engine_settings = EngineSettings()
+    set_threads(engine_settings.threads, settings.num_api_servers)
+    return create_app(settings, engine_settings)
 
 
 async def _start_model(state: ServiceState) -> None:

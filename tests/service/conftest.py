@@ -4,37 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 
 from kosmos_serve.server.app import create_app
 from kosmos_serve.server.settings import ServerSettings
-
-
-@contextlib.contextmanager
-def running(app):
-    """Serve `app` on a free loopback port until the block ends; yields its base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+from kosmos_serve.server.threaded import serve_in_thread
 
 
 def wait_ready(base_url: str, timeout: float = 60) -> None:
@@ -48,7 +25,7 @@ def wait_ready(base_url: str, timeout: float = 60) -> None:
 @pytest.fixture
 def serve_app():
     """Serve any app (its own engine or settings) on loopback: `with serve_app(app) as base_url`."""
-    return running
+    return serve_in_thread
 
 
 @pytest.fixture
@@ -58,7 +35,7 @@ def serve(engine):
     @contextlib.contextmanager
     def start(**settings):
         app = create_app(ServerSettings(**settings), engine.settings, engine=engine)
-        with running(app) as base_url:
+        with serve_in_thread(app) as base_url:
             wait_ready(base_url)
             yield base_url
 

@@ -270,5 +270,41 @@ def _scores(model, examples) -> str:
     return format_scores(score(engine, examples))
 
 
+@main.command()
+@click.option("--model", envvar="KOSMOS_MODEL", help="Hub id or local folder.  [env: KOSMOS_MODEL]")
+@click.option("--device", envvar="KOSMOS_DEVICE", help="auto, cpu, cuda, mps.  [env: KOSMOS_DEVICE]")
+@click.option("--dtype", envvar="KOSMOS_DTYPE", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="Weight dtype.  [env: KOSMOS_DTYPE]")
+@click.option("--host", envvar="KOSMOS_HOST", help="Address to listen on (default 127.0.0.1).  [env: KOSMOS_HOST]")
+@click.option("--port", envvar="PORT", type=int, help="TCP port (default 8000).  [env: PORT]")
+def demo(model, device, dtype, host, port):
+    """Run the web demo: the HTTP service in one process, with its Gradio page at /demo.
+
+    Needs the demo extra: pip install -e ".[demo]".
+    """
+    import os
+
+    import uvicorn
+
+    from kosmos_serve.demo import DEMO_PATH, INSTALL_HINT, demo_available
+    from kosmos_serve.loading import resolve_source
+    from kosmos_serve.server.settings import ServerSettings
+
+    if not demo_available():
+        raise click.ClickException(INSTALL_HINT)
+    flags = {"KOSMOS_MODEL": model, "KOSMOS_DEVICE": device, "KOSMOS_DTYPE": dtype, "KOSMOS_HOST": host,
+             "PORT": port, "NUM_API_SERVERS": 1, "KOSMOS_DEMO": "true"}
+    os.environ.update({name: str(value) for name, value in flags.items() if value is not None})
+    settings, engine_settings = ServerSettings(), EngineSettings()
+    resolve_source(engine_settings.model)  # a missing model fails here, before the server starts
+    quiet_transformers()
+    shown_host = "127.0.0.1" if settings.host in {"0.0.0.0", "::"} else settings.host
+    click.echo(f"Kosmos-2 demo: http://{shown_host}:{settings.port}{DEMO_PATH}/ (the model loads in the background)")
+    uvicorn.run(
+        "kosmos_serve.server.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
+        log_level=settings.log_level.lower(), access_log=False,
+    )
+
+
 if __name__ == "__main__":
     main()

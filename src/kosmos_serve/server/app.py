@@ -21,6 +21,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kosmos_serve.config import EngineSettings
+from kosmos_serve.demo import mount_demo
 from kosmos_serve.engine import Engine, GenerationParams
 from kosmos_serve.errors import (
     KosmosServeError,
@@ -65,6 +66,8 @@ def create_app(
     _add_error_handlers(app)
     app.middleware("http")(_observe_and_authorise)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_upload_bytes)
+    if state.settings.demo:
+        mount_demo(app, state)  # the Gradio page at /demo, on this app's model
     return app
 
 

@@ -93,9 +93,36 @@ class GenerateResponse(BaseModel):
     timings: dict[str, float]
     annotated_image: str | None = Field(None, description="PNG, base64, when `return_image` was asked for.")
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "task": "caption", "prompt": "<grounding> An image of",
+        "text": "An image of a snowman warming himself by a fire.",
+        "answer": "a snowman warming himself by a fire.",
+        "raw_text": "<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863>"
+                    "</object> warming himself by<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911>"
+                    "</object>.",
+        "entities": [
+            {"phrase": "a snowman", "span": [12, 21], "boxes": [[0.390625, 0.046875, 0.984375, 0.828125]],
+             "pixel_boxes": [[250, 22, 630, 397]]},
+            {"phrase": "a fire", "span": [41, 47], "boxes": [[0.171875, 0.015625, 0.484375, 0.890625]],
+             "pixel_boxes": [[110, 7, 310, 427]]},
+        ],
+        "markdown": "An image of [a snowman](#box=250,22,630,397) warming himself by [a fire](#box=110,7,310,427).",
+        "image_size": [640, 480], "generated_tokens": 25, "image_cached": False,
+        "timings": {"vision_seconds": 1.2, "generation_seconds": 3.1}, "annotated_image": None,
+    }]})
+
 
 class PredictResponse(BaseModel):
     """The reference service's answer, unchanged."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "output": "An image of a snowman warming himself by a fire.",
+        "generated_text": "<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044>"
+                          "<patch_index_0863></object> warming himself by<phrase> a fire</phrase><object>"
+                          "<patch_index_0005><patch_index_0911></object>.",
+        "entities": [["a snowman", [12, 21], [[0.390625, 0.046875, 0.984375, 0.828125]]],
+                     ["a fire", [41, 47], [[0.171875, 0.015625, 0.484375, 0.890625]]]],
+    }]})
 
     output: str = Field(description="Clean text.")
     generated_text: str = Field(description="Raw generated text after `</image>`, tags included.")

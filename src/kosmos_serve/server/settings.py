@@ -37,6 +37,7 @@ class ServerSettings(BaseSettings):
         None, description="When set, every route but /health and /ready needs `Authorization: Bearer <key>` or `X-API-Key`."
     )
     warmup: bool = Field(True, description="Run one tiny generation before /ready answers 200.")
+    demo: bool = Field(True, description="Serve the web demo at /demo when gradio is installed (`.[demo]`).")
 
 
 @lru_cache

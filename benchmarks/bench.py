@@ -30,6 +30,7 @@ VISION_GFLOP = 156.0  # the full-size vision encoder on one 224x224 image
 TEXT_GFLOP_PER_TOKEN = 2 * 1.34  # the full-size text decoder, per prompt token
 FULL_MODEL_DIR = Path.home() / ".cache" / "kosmos-serve" / "full-size-random"
 CAPTION = "<grounding> An image of"
+AGREEMENT_PROMPTS = 4  # fresh images whose greedy tokens each format must reproduce from fp32
 
 
 def main() -> None:
@@ -189,11 +190,13 @@ def measure_engine(args) -> dict:
     fresh_question = median_time(lambda: request(1, task=question), args.repeats)
     whole = median_time(lambda: request(args.new_tokens), args.repeats)
     tokens = request(args.new_tokens).generated_tokens
+    greedy = [engine.processor.tokenizer(request(args.new_tokens, image).raw_text, add_special_tokens=False).input_ids
+              for image in fresh_images(AGREEMENT_PROMPTS, seed=3)]
     http = measure_http(engine, images, args)
     return {"vision_s": vision, "first_token_s": first_token, "request_s": whole,
             "decode_step_s": (whole - first_token) / (args.new_tokens - 1), "generated_tokens": tokens,
             "second_question_first_token_s": second_question, "fresh_question_first_token_s": fresh_question,
-            "text_weight_bytes": text_weight_bytes(engine.model), **http}
+            "text_weight_bytes": text_weight_bytes(engine.model), "greedy_tokens": greedy, **http}
 
 
 def measure_http(engine, images, args) -> dict:
@@ -242,6 +245,17 @@ def text_weight_bytes(model) -> int:
     return total
 
 
+def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """The share of reference tokens reproduced before the first difference, over all prompts."""
+    same = 0
+    for mine, theirs in zip(tokens, reference):
+        for a, b in zip(mine, theirs):
+            if a != b:
+                break
+            same += 1
+    return same / sum(len(theirs) for theirs in reference)
+
+
 def render(rows: list[dict], machine: dict, args, command: str) -> str:
     """The report: one row per configuration, with ratios to the model-card code and to the floors."""
     base = rows[0]
@@ -259,6 +273,7 @@ def render(rows: list[dict], machine: dict, args, command: str) -> str:
         + " | peak RSS |",
         "| --- " * (8 + len(args.clients.split(",")) + 1) + "|",
     ]
+    reference_tokens = next((row["greedy_tokens"] for row in rows if row["config"] == "fp32"), None)
     for row in rows:
         floor = row["text_weight_bytes"] / bandwidth
         second = (f"{row['second_question_first_token_s']:.2f} s ({1 - row['second_question_first_token_s'] / row['fresh_question_first_token_s']:.0%} lower)"
@@ -272,6 +287,10 @@ def render(rows: list[dict], machine: dict, args, command: str) -> str:
             f"of {floor * 1000:.0f} ms) | {row['request_s']:.2f} s | {base['request_s'] / row['request_s']:.2f}x | "
             f"{second} | {overhead} | {throughput} | {row['peak_rss_gib']:.1f} GiB |"
         )
+    if reference_tokens is not None:
+        for row in rows[2:]:  # the formats after fp32
+            lines.append(f"\n{row['config']}: {agreement(row['greedy_tokens'], reference_tokens):.1%} of greedy tokens "
+                         f"equal fp32's before the first difference ({AGREEMENT_PROMPTS} captions).")
     lines += ["", (f"Prefill floor for {prompt_tokens} prompt tokens: "
                    f"{prompt_tokens * TEXT_GFLOP_PER_TOKEN / rate:.2f} s; vision floor {VISION_GFLOP / rate:.2f} s "
                    "(float32 rate; full-size architecture figures).")]

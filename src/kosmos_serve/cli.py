@@ -277,7 +277,9 @@ def _scores(model, examples) -> str:
               help="Weight dtype.  [env: KOSMOS_DTYPE]")
 @click.option("--host", envvar="KOSMOS_HOST", help="Address to listen on (default 127.0.0.1).  [env: KOSMOS_HOST]")
 @click.option("--port", envvar="PORT", type=int, help="TCP port (default 8000).  [env: PORT]")
-def demo(model, device, dtype, host, port):
+@click.option("--quantize", envvar="KOSMOS_QUANTIZE", type=click.Choice(["none", "int8"]),
+              help="int8: int8 linear layers on the CPU.  [env: KOSMOS_QUANTIZE]")
+def demo(model, device, dtype, host, port, quantize):
     """Run the web demo: the HTTP service in one process, with its Gradio page at /demo.
 
     Needs the demo extra: pip install -e ".[demo]".
@@ -292,8 +294,8 @@ def demo(model, device, dtype, host, port):
 
     if not demo_available():
         raise click.ClickException(INSTALL_HINT)
-    flags = {"KOSMOS_MODEL": model, "KOSMOS_DEVICE": device, "KOSMOS_DTYPE": dtype, "KOSMOS_HOST": host,
-             "PORT": port, "NUM_API_SERVERS": 1, "KOSMOS_DEMO": "true"}
+    flags = {"KOSMOS_MODEL": model, "KOSMOS_DEVICE": device, "KOSMOS_DTYPE": dtype, "KOSMOS_QUANTIZE": quantize,
+             "KOSMOS_HOST": host, "PORT": port, "NUM_API_SERVERS": 1, "KOSMOS_DEMO": "true"}
     os.environ.update({name: str(value) for name, value in flags.items() if value is not None})
     settings, engine_settings = ServerSettings(), EngineSettings()
     resolve_source(engine_settings.model)  # a missing model fails here, before the server starts

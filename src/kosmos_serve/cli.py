@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -82,23 +83,8 @@ def serve(model, device, dtype, host, port, max_batch_size, workers, quantize):
     Every setting is also an environment variable (README: Configuration); the API key is one only
     (KOSMOS_API_KEY), so it never shows in a process list.
     """
-    import os
-
-    import uvicorn
-
-    from kosmos_serve.loading import resolve_source
-    from kosmos_serve.server.settings import ServerSettings
-
-    flags = {"KOSMOS_MODEL": model, "KOSMOS_DEVICE": device, "KOSMOS_DTYPE": dtype, "KOSMOS_QUANTIZE": quantize,
-             "KOSMOS_HOST": host, "PORT": port, "MAX_BATCH_SIZE": max_batch_size, "NUM_API_SERVERS": workers}
-    os.environ.update({name: str(value) for name, value in flags.items() if value is not None})  # workers read these
-    settings, engine_settings = ServerSettings(), EngineSettings()
-    resolve_source(engine_settings.model)  # a missing model fails here, in a second, not in every worker
-    quiet_transformers()
-    uvicorn.run(
-        "kosmos_serve.server.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
-        workers=settings.num_api_servers, log_level=settings.log_level.lower(), access_log=False,
-    )
+    start_service({"KOSMOS_MODEL": model, "KOSMOS_DEVICE": device, "KOSMOS_DTYPE": dtype, "KOSMOS_QUANTIZE": quantize,
+                   "KOSMOS_HOST": host, "PORT": port, "MAX_BATCH_SIZE": max_batch_size, "NUM_API_SERVERS": workers})
 
 
 @main.command()
@@ -284,27 +270,40 @@ def demo(model, device, dtype, host, port, quantize):
 
     Needs the demo extra: pip install -e ".[demo]".
     """
+    from kosmos_serve.demo import DEMO_PATH, INSTALL_HINT, demo_available
+
+    if not demo_available():
+        raise click.ClickException(INSTALL_HINT)
+    start_service(
+        {"KOSMOS_MODEL": model, "KOSMOS_DEVICE": device, "KOSMOS_DTYPE": dtype, "KOSMOS_QUANTIZE": quantize,
+         "KOSMOS_HOST": host, "PORT": port, "NUM_API_SERVERS": 1, "KOSMOS_DEMO": "true"},
+        announce=lambda address: f"Kosmos-2 demo: {address}{DEMO_PATH}/ (the model loads in the background)",
+    )
+
+
+def start_service(flags: dict, announce: Callable[[str], str] | None = None) -> None:
+    """Run the service (in `NUM_API_SERVERS` workers) configured by `flags` on top of the environment.
+
+    Flags become environment variables because each uvicorn worker builds its app from the
+    environment. A missing model fails here, in a second, before any worker starts.
+    """
     import os
 
     import uvicorn
 
-    from kosmos_serve.demo import DEMO_PATH, INSTALL_HINT, demo_available
     from kosmos_serve.loading import resolve_source
     from kosmos_serve.server.settings import ServerSettings
 
-    if not demo_available():
-        raise click.ClickException(INSTALL_HINT)
-    flags = {"KOSMOS_MODEL": model, "KOSMOS_DEVICE": device, "KOSMOS_DTYPE": dtype, "KOSMOS_QUANTIZE": quantize,
-             "KOSMOS_HOST": host, "PORT": port, "NUM_API_SERVERS": 1, "KOSMOS_DEMO": "true"}
     os.environ.update({name: str(value) for name, value in flags.items() if value is not None})
     settings, engine_settings = ServerSettings(), EngineSettings()
-    resolve_source(engine_settings.model)  # a missing model fails here, before the server starts
+    resolve_source(engine_settings.model)
     quiet_transformers()
-    shown_host = "127.0.0.1" if settings.host in {"0.0.0.0", "::"} else settings.host
-    click.echo(f"Kosmos-2 demo: http://{shown_host}:{settings.port}{DEMO_PATH}/ (the model loads in the background)")
+    if announce is not None:
+        shown_host = "127.0.0.1" if settings.host in {"0.0.0.0", "::"} else settings.host
+        click.echo(announce(f"http://{shown_host}:{settings.port}"))
     uvicorn.run(
         "kosmos_serve.server.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
-        log_level=settings.log_level.lower(), access_log=False,
+        workers=settings.num_api_servers, log_level=settings.log_level.lower(), access_log=False,
     )
 
 

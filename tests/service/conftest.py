@@ -34,7 +34,7 @@ def serve(engine):
 
     @contextlib.contextmanager
     def start(**settings):
-        app = create_app(ServerSettings(**settings), engine.settings, engine=engine)
+        app = create_app(ServerSettings(**{"demo": False, **settings}), engine.settings, engine=engine)
         with serve_in_thread(app) as base_url:
             wait_ready(base_url)
             yield base_url

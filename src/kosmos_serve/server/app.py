@@ -126,7 +126,8 @@ async def _observe_and_authorise(request: Request, call_next):
     route = getattr(request.scope.get("route"), "path", "unmatched")
     state.metrics.record_request(route, response.status_code, seconds)
     response.headers["X-Request-ID"] = rid
-    logger.info("%s %s -> %d in %.0f ms", request.method, request.url.path, response.status_code, seconds * 1000)
+    level = logging.DEBUG if request.url.path.startswith("/demo/") else logging.INFO  # the page's assets and polling
+    logger.log(level, "%s %s -> %d in %.0f ms", request.method, request.url.path, response.status_code, seconds * 1000)
     request_id.reset(token)
     return response
 

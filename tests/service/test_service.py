@@ -281,3 +281,15 @@ def test_a_model_that_cannot_load_is_503_but_the_process_lives(serve_app, tmp_pa
         health = httpx.get(f"{url}/health")
     assert ready.status_code == 503 and error_of(ready)["code"] == "model_unavailable"
     assert predict.status_code == 503 and health.status_code == 200
+
+
+def test_openapi_documents_every_route_with_an_example(engine):
+    spec = create_app(ServerSettings(demo=False), engine.settings, engine=engine).openapi()
+    assert {"/predict", "/v1/generate", "/v1/generate/upload", "/v1/tasks", "/health", "/ready", "/info",
+            "/metrics"} <= set(spec["paths"])
+    schemas = spec["components"]["schemas"]
+    assert schemas["GenerateJSON"]["examples"] and schemas["GenerateResponse"]["examples"]
+    assert schemas["PredictResponse"]["examples"][0]["entities"][0][0] == "a snowman"
+    for route in ("/predict", "/v1/generate/upload"):
+        assert "curl" in spec["paths"][route]["post"]["description"]
+        assert set(spec["paths"][route]["post"]["responses"]) >= {"200", "400", "413", "422", "503", "504"}

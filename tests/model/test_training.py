@@ -88,3 +88,32 @@ def test_resumed_run_ends_with_the_same_weights(tiny_model_dir, shape_examples, 
     assert any(not torch.equal(expected[name], untrained[name]) for name in expected)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_location_attention_loss_reads_the_patch_of_each_location_token():
+    from kosmos_serve.training.train import LocationGrid, location_attention_loss
+
+    first = 100
+    # <s> <image> 4 image tokens </image> <object> <loc 0> <loc 1023>: a 2x2 patch grid.
+    labels = torch.full((1, 10), IGNORE_INDEX)
+    labels[0, 8], labels[0, 9] = first + 0, first + 1023  # top-left cell: patch 0; bottom-right cell: patch 3
+    image_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0, 0]])
+    attention = torch.full((1, 10, 10), 0.01)
+    attention[0, 7, 2] = 0.5  # the position before <loc 0> looks at image token 0
+    attention[0, 8, 5] = 0.25  # the position before <loc 1023> looks at image token 3
+    loss = location_attention_loss(attention, {"labels": labels, "image_embeds_position_mask": image_mask},
+                                   LocationGrid(first, 2))
+    expected = -(torch.log(torch.tensor(0.5 + 1e-6)) + torch.log(torch.tensor(0.25 + 1e-6))) / 2
+    torch.testing.assert_close(loss, expected)
+
+
+def test_location_attention_training_runs_on_the_scratch_start(shape_examples, tmp_path):
+    from kosmos_serve.training.scratch import build_scratch_model
+
+    model, processor = build_scratch_model(0)
+    losses = []
+    train(model, processor, TrainingSet(processor, shape_examples[:8]), tmp_path,
+          TrainConfig(steps=3, batch_size=4, warmup_steps=1, checkpoint_every=100, location_attention_weight=1.0),
+          on_step=lambda step, loss: losses.append(loss), progress=False)
+    assert len(losses) == 3 and all(loss > 0 for loss in losses)
+    assert model.config.text_config._attn_implementation == "sdpa"  # eager only while training

@@ -19,4 +19,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     freeze_vision_steps: int = 0  # keep the vision encoder and resampler fixed for this many first steps
+    # Weight of the location-attention loss (0: off): the last decoder layer's first head, where it
+    # predicts a location token, is taught to look at the image token of that location's patch.
+    location_attention_weight: float = 0.0
     seed: int = 0

@@ -62,8 +62,8 @@ def patches_of_cells(cells: torch.Tensor, side: int) -> torch.Tensor:
     >>> patches_of_cells(torch.tensor([0, 3, 4, 31, 128, 1023]), 8).tolist()
     [0, 0, 1, 7, 8, 63]
     """
-    cells_per_patch = 32 // side
-    return (cells // 32 // cells_per_patch) * side + (cells % 32) // cells_per_patch
+    rows, columns = cells // 32, cells % 32
+    return (rows * side // 32) * side + columns * side // 32
 
 
 @torch.no_grad()

@@ -25,9 +25,10 @@ from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine import tokenise
 from kosmos_serve.images import load_image
 from kosmos_serve.loading import load_model
+from kosmos_serve.tiny_model import NUM_PATCH_INDEX_TOKENS
 from kosmos_serve.training.config import TrainConfig
 from kosmos_serve.training.records import DataError, Example
-from kosmos_serve.training.scratch import build_scratch_model
+from kosmos_serve.training.scratch import build_scratch_model, patches_of_cells
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,11 @@ def train(
     if resume:
         step = _restore(out_dir, model, optimizer, scheduler)
     samples_per_step = config.batch_size * config.gradient_accumulation
+    guided = config.location_attention_weight > 0
+    if guided:  # attention probabilities are only returned by the eager implementation
+        attention_implementation = model.config.text_config._attn_implementation
+        model.set_attn_implementation("eager")
+        locations = LocationGrid.of(model, processor)
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="training", unit="step")
     while step < config.steps:
         for part in (model.vision_model, model.image_to_text_projection):
@@ -150,7 +156,12 @@ def train(
             chunk = order[micro * config.batch_size : (micro + 1) * config.batch_size]
             batch = examples.batch(chunk)
             inputs = {name: tensor.to(model.device) for name, tensor in vars(batch).items()}
-            loss = model(**inputs).loss / config.gradient_accumulation
+            outputs = model(**inputs, output_attentions=guided)
+            loss = outputs.loss
+            if guided:
+                guided_head = outputs.attentions[-1][:, 0]
+                loss = loss + config.location_attention_weight * location_attention_loss(guided_head, inputs, locations)
+            loss = loss / config.gradient_accumulation
             loss.backward()
             loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -165,11 +176,47 @@ def train(
         if step % config.checkpoint_every == 0 or step == config.steps:
             _checkpoint(out_dir, step, model, processor, optimizer, scheduler, config)
     bar.close()
+    if guided:
+        model.set_attn_implementation(attention_implementation)
     model.eval()
     final = out_dir / "final"
     model.save_pretrained(final)
     processor.save_pretrained(final)
     return final
+
+
+@dataclass(frozen=True)
+class LocationGrid:
+    """Where location tokens sit in the vocabulary and how many patches a side the image has."""
+
+    first_id: int
+    patches_per_side: int
+
+    @classmethod
+    def of(cls, model: Kosmos2ForConditionalGeneration, processor: Kosmos2Processor) -> LocationGrid:
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        if side * side != model.config.latent_query_num:
+            raise DataError("--location-attention-weight needs one image token per patch (the --model scratch start).")
+        return cls(processor.tokenizer.convert_tokens_to_ids("<patch_index_0000>"), side)
+
+
+def location_attention_loss(attention: torch.Tensor, inputs: dict[str, torch.Tensor], grid: LocationGrid) -> torch.Tensor:
+    """Mean -log of the attention that each location-token prediction pays to its location's patch.
+
+    `attention` is one head's probabilities (batch, query, key). A location token at position t is
+    predicted from position t-1; its cell lies in one patch of the image, whose image token is
+    the `patch`-th image position. Zero when the batch has no location tokens.
+    """
+    labels = inputs["labels"]
+    is_location = (labels >= grid.first_id) & (labels < grid.first_id + NUM_PATCH_INDEX_TOKENS)
+    rows, columns = is_location.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return attention.sum() * 0.0
+    patches = patches_of_cells(labels[rows, columns] - grid.first_id, grid.patches_per_side)
+    first_image_position = inputs["image_embeds_position_mask"].int().argmax(dim=1)
+    paid = attention[rows, columns - 1, first_image_position[rows] + patches]
+    return -(paid + 1e-6).log().mean()
 
 
 def _checkpoint(out_dir: Path, step: int, model, processor, optimizer, scheduler, config: TrainConfig) -> None:

@@ -113,12 +113,21 @@ def check_quantization(settings: EngineSettings, device: torch.device, dtype: to
 def quantize_int8(model: Kosmos2ForConditionalGeneration) -> None:
     """Every linear layer to int8 weights (per channel) with dynamic int8 activations, in place.
 
-    Layers are swapped one at a time, so the float32 and int8 copies of the weights never coexist
-    beyond one layer. The activation scale is computed per call over the whole batch, so a row's
-    int8 result can differ slightly with its batch neighbours (float32 results never do).
+    The parameters that stay float32 (embeddings, norms, biases) are first copied out of the
+    memory-mapped checkpoint; each linear weight is then read from the mapping as its layer is
+    converted. Nothing references the mapping afterwards, so the checkpoint file is released and
+    only the int8 model stays in memory. The activation scale is computed per
+    call over the whole batch, so a row's int8 result can differ slightly with its batch neighbours
+    (float32 results never do).
     """
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    for module in model.modules():  # everything but the linear weights leaves the checkpoint's mapping
+        for name, parameter in module.named_parameters(recurse=False):
+            if not (isinstance(module, torch.nn.Linear) and name == "weight"):
+                setattr(module, name, torch.nn.Parameter(parameter.detach().clone(), requires_grad=False))
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, buffer.clone())
     with warnings.catch_warnings():  # torch.ao's dynamic quantization works but announces its move to torchao
         warnings.simplefilter("ignore")
         quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)

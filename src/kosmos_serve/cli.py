@@ -57,6 +57,28 @@ def quiet_transformers() -> None:
     quiet()
 
 
+def model_options(command):
+    """--model, --device, --dtype and --quantize, each also read from its environment variable."""
+    options = [
+        click.option("--model", envvar="KOSMOS_MODEL", help="Hub id or local folder.  [env: KOSMOS_MODEL]"),
+        click.option("--device", envvar="KOSMOS_DEVICE", help="auto, cpu, cuda, mps.  [env: KOSMOS_DEVICE]"),
+        click.option("--dtype", envvar="KOSMOS_DTYPE", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+                     help="Weight dtype.  [env: KOSMOS_DTYPE]"),
+        click.option("--quantize", envvar="KOSMOS_QUANTIZE", type=click.Choice(["none", "int8"]),
+                     help="int8: int8 linear layers on the CPU.  [env: KOSMOS_QUANTIZE]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def listen_options(command):
+    """--host and --port of the service."""
+    command = click.option("--port", envvar="PORT", type=int, help="TCP port (default 8000).  [env: PORT]")(command)
+    return click.option("--host", envvar="KOSMOS_HOST",
+                        help="Address to listen on (default 127.0.0.1).  [env: KOSMOS_HOST]")(command)
+
+
 @click.group(cls=FriendlyErrors)
 @click.version_option(package_name="kosmos-serve")
 def main():
@@ -65,18 +87,12 @@ def main():
 
 
 @main.command()
-@click.option("--model", envvar="KOSMOS_MODEL", help="Hub id or local folder.  [env: KOSMOS_MODEL]")
-@click.option("--device", envvar="KOSMOS_DEVICE", help="auto, cpu, cuda, mps.  [env: KOSMOS_DEVICE]")
-@click.option("--dtype", envvar="KOSMOS_DTYPE", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              help="Weight dtype.  [env: KOSMOS_DTYPE]")
-@click.option("--host", envvar="KOSMOS_HOST", help="Address to listen on (default 127.0.0.1).  [env: KOSMOS_HOST]")
-@click.option("--port", envvar="PORT", type=int, help="TCP port (default 8000).  [env: PORT]")
+@model_options
+@listen_options
 @click.option("--max-batch-size", envvar="MAX_BATCH_SIZE", type=int,
               help="Most requests batched together (default 2).  [env: MAX_BATCH_SIZE]")
 @click.option("--workers", envvar="NUM_API_SERVERS", type=int,
               help="Worker processes, each with its own model (default 1).  [env: NUM_API_SERVERS]")
-@click.option("--quantize", envvar="KOSMOS_QUANTIZE", type=click.Choice(["none", "int8"]),
-              help="int8: int8 linear layers on the CPU.  [env: KOSMOS_QUANTIZE]")
 def serve(model, device, dtype, host, port, max_batch_size, workers, quantize):
     """Run the HTTP service: POST /predict (drop-in), /v1 JSON API, /docs, /health, /ready, /metrics.
 
@@ -103,12 +119,7 @@ def serve(model, device, dtype, host, port, max_batch_size, workers, quantize):
 @click.option("--json", "as_json", is_flag=True, help="Print results as a JSON list.")
 @click.option("--draw", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the annotated image here (with several images: NAME_1.png, NAME_2.png, ...).")
-@click.option("--model", envvar="KOSMOS_MODEL", help="Hub id or local folder.  [env: KOSMOS_MODEL]")
-@click.option("--device", envvar="KOSMOS_DEVICE", help="auto, cpu, cuda, mps.  [env: KOSMOS_DEVICE]")
-@click.option("--dtype", envvar="KOSMOS_DTYPE", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              help="Weight dtype.  [env: KOSMOS_DTYPE]")
-@click.option("--quantize", envvar="KOSMOS_QUANTIZE", type=click.Choice(["none", "int8"]),
-              help="int8: int8 linear layers on the CPU.  [env: KOSMOS_QUANTIZE]")
+@model_options
 def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, sample, top_p, temperature, seed,
             as_json, draw, model, device, dtype, quantize):
     """Describe and ground IMAGES; prints the text, then each entity with its pixel boxes.
@@ -261,14 +272,8 @@ def _scores(model, examples) -> str:
 
 
 @main.command()
-@click.option("--model", envvar="KOSMOS_MODEL", help="Hub id or local folder.  [env: KOSMOS_MODEL]")
-@click.option("--device", envvar="KOSMOS_DEVICE", help="auto, cpu, cuda, mps.  [env: KOSMOS_DEVICE]")
-@click.option("--dtype", envvar="KOSMOS_DTYPE", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              help="Weight dtype.  [env: KOSMOS_DTYPE]")
-@click.option("--host", envvar="KOSMOS_HOST", help="Address to listen on (default 127.0.0.1).  [env: KOSMOS_HOST]")
-@click.option("--port", envvar="PORT", type=int, help="TCP port (default 8000).  [env: PORT]")
-@click.option("--quantize", envvar="KOSMOS_QUANTIZE", type=click.Choice(["none", "int8"]),
-              help="int8: int8 linear layers on the CPU.  [env: KOSMOS_QUANTIZE]")
+@model_options
+@listen_options
 def demo(model, device, dtype, host, port, quantize):
     """Run the web demo: the HTTP service in one process, with its Gradio page at /demo.
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Literal
 
 from pydantic import Field
@@ -33,8 +32,3 @@ class EngineSettings(BaseSettings):
     max_new_tokens_cap: int = Field(1024, ge=1, description="Most new tokens a request may ask for.")
     max_prompt_chars: int = Field(2000, ge=1, description="Longest accepted prompt or question, in characters.")
 
-
-@lru_cache
-def get_engine_settings() -> EngineSettings:
-    """The process-wide settings, read once from the environment."""
-    return EngineSettings()

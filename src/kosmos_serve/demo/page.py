@@ -17,8 +17,8 @@ from fastapi import FastAPI
 from kosmos_serve.demo.display import highlighted_html, save_png
 from kosmos_serve.demo.form import BOX_EXAMPLE, TASK_FIELDS, add_corner, generation_params, task_input
 from kosmos_serve.drawing import draw_entities
-from kosmos_serve.engine import Request, Result, check_request
-from kosmos_serve.errors import InvalidImageError, KosmosServeError, RequestTimeoutError
+from kosmos_serve.engine import Request
+from kosmos_serve.errors import InvalidImageError, KosmosServeError
 from kosmos_serve.images import load_image
 from kosmos_serve.server.state import ServiceState
 from kosmos_serve.tasks import Task
@@ -91,7 +91,7 @@ def build_page(state: ServiceState, examples: Sequence[Path]) -> gr.Blocks:
                     task_input(task, prompt, phrases, boxes, grounding),
                     generation_params(sample, top_p, temperature, max_new_tokens),
                 )
-                result = await _generate(state, request)
+                result = await state.generate(request)
             except KosmosServeError as error:
                 raise gr.Error(error.message, print_exception=False) from None
             drawn = await asyncio.to_thread(draw_entities, request.image, result.entities)
@@ -132,13 +132,3 @@ async def _load(state: ServiceState, upload: dict | None):
     if upload is None:
         raise InvalidImageError("Upload an image or pick an example first.")
     return await asyncio.to_thread(load_image, upload["path"], max_pixels=state.engine_settings.max_image_pixels)
-
-
-async def _generate(state: ServiceState, request: Request) -> Result:
-    """Validate, then queue on the service's batcher and wait, within the service's time limit."""
-    batcher = state.ready_batcher()
-    check_request(request, state.engine_settings)
-    try:
-        return await batcher.submit(request, timeout=state.settings.request_timeout_s)
-    except TimeoutError:
-        raise RequestTimeoutError(f"The request took longer than {state.settings.request_timeout_s:g} s.") from None

@@ -66,11 +66,6 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kosmos-engine")
         self._worker: asyncio.Task | None = None
 
-    @property
-    def depth(self) -> int:
-        """Requests waiting (not yet running)."""
-        return len(self._pending)
-
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._serve_forever())
 

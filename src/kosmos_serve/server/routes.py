@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kosmos_serve.engine import Request as EngineRequest
 from kosmos_serve.engine import Result, check_request
-from kosmos_serve.errors import KosmosServeError, RequestTimeoutError
+from kosmos_serve.errors import KosmosServeError
 from kosmos_serve.images import load_image
 from kosmos_serve.server.schemas import (
     GenerateForm,
@@ -70,7 +70,7 @@ async def predict(
     state = _state(request)
     image = await _read_image(state, await content.read())
     task = TaskInput("raw", prompt or state.settings.default_prompt, grounding=False)
-    result = await _run(state, EngineRequest(image, task))
+    result = await state.generate(EngineRequest(image, task))
     return predict_body(result)
 
 
@@ -152,20 +152,8 @@ async def _generate(state: ServiceState, image: Image.Image, fields: GenerationF
     request = EngineRequest(image, fields.task_input(boxes), fields.params())
     if fields.stream:
         return _stream(state, request, fields.return_image)
-    result = await _run(state, request)
+    result = await state.generate(request)
     return JSONResponse(response_body(result, image if fields.return_image else None))
-
-
-async def _run(state: ServiceState, request: EngineRequest) -> Result:
-    """Validate now (a bad request never reaches a batch), then queue and wait, within the time limit."""
-    batcher = state.ready_batcher()
-    check_request(request, state.engine_settings)
-    try:
-        return await batcher.submit(request, timeout=state.settings.request_timeout_s)
-    except TimeoutError:
-        raise RequestTimeoutError(
-            f"The request took longer than {state.settings.request_timeout_s:g} s (KOSMOS_REQUEST_TIMEOUT_S)."
-        ) from None
 
 
 def _stream(state: ServiceState, request: EngineRequest, return_image: bool) -> EventSourceResponse:

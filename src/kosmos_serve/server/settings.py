@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -39,8 +37,3 @@ class ServerSettings(BaseSettings):
     warmup: bool = Field(True, description="Run one tiny generation before /ready answers 200.")
     demo: bool = Field(True, description="Serve the web demo at /demo when gradio is installed (`.[demo]`).")
 
-
-@lru_cache
-def get_server_settings() -> ServerSettings:
-    """The process-wide service settings, read once from the environment."""
-    return ServerSettings()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kosmos_serve.config import EngineSettings
-from kosmos_serve.engine import Engine
-from kosmos_serve.errors import ModelLoadError, ServiceBusyError
+from kosmos_serve.engine import Engine, Request, Result, check_request
+from kosmos_serve.errors import ModelLoadError, RequestTimeoutError, ServiceBusyError
 from kosmos_serve.server.batcher import Batcher
 from kosmos_serve.server.metrics import Metrics
 from kosmos_serve.server.settings import ServerSettings
@@ -32,3 +32,14 @@ class ServiceState:
         if self.load_error is not None:
             raise ModelLoadError(self.load_error)
         raise ServiceBusyError("The model is still loading; try again shortly.", retry_after=LOADING_RETRY_AFTER)
+
+    async def generate(self, request: Request) -> Result:
+        """Validate now (a bad request never reaches a batch), then queue and wait, within the time limit."""
+        batcher = self.ready_batcher()
+        check_request(request, self.engine_settings)
+        try:
+            return await batcher.submit(request, timeout=self.settings.request_timeout_s)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"The request took longer than {self.settings.request_timeout_s:g} s (KOSMOS_REQUEST_TIMEOUT_S)."
+            ) from None

@@ -6,6 +6,7 @@ computed from the attention mask, so left-padded rows see the same positions as 
 
 from __future__ import annotations
 
+import gc
 import logging
 import warnings
 from pathlib import Path
@@ -97,6 +98,7 @@ def load_model(settings: EngineSettings) -> tuple[Kosmos2ForConditionalGeneratio
     model.to(device).eval()
     if settings.quantize == "int8":
         quantize_int8(model)
+        gc.collect()  # the replaced float32 layers sit in reference cycles: free them, and the checkpoint mapping
     logger.info("Loaded %s on %s as %s (%s attention, quantize=%s)", source, device, dtype, settings.attention,
                 settings.quantize)
     return model, processor

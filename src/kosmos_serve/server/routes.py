@@ -152,8 +152,8 @@ async def _generate(state: ServiceState, image: Image.Image, fields: GenerationF
     request = EngineRequest(image, fields.task_input(boxes), fields.params())
     if fields.stream:
         return _stream(state, request, fields.return_image)
-    result = await state.generate(request)
-    return JSONResponse(response_body(result, image if fields.return_image else None))
+    result = await state.generate(request)  # drawing and PNG encoding stay off the event loop:
+    return JSONResponse(await run_in_threadpool(response_body, result, image if fields.return_image else None))
 
 
 def _stream(state: ServiceState, request: EngineRequest, return_image: bool) -> EventSourceResponse:
@@ -165,7 +165,7 @@ def _stream(state: ServiceState, request: EngineRequest, return_image: bool) -> 
         try:
             async for piece in pieces:
                 if isinstance(piece, Result):
-                    body = response_body(piece, request.image if return_image else None)
+                    body = await run_in_threadpool(response_body, piece, request.image if return_image else None)
                     yield format_sse_event(event="result", data_str=json.dumps(body))
                 else:
                     yield format_sse_event(event="text", data_str=json.dumps({"text": piece}))

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -66,3 +73,39 @@ def reference(tiny_model_dir):
 
     run.model, run.processor = model, processor
     return run
+
+
+@pytest.fixture
+def command_service():
+    """`kosmos-serve ARGS` as a real process on a free port, ready: `with command_service(args, env) as service`.
+
+    "{port}" in `args` or `env` values becomes the port. `service.url` is its address; once the block
+    ends the process is stopped (SIGTERM) and `service.output` holds everything it printed.
+    """
+
+    @contextlib.contextmanager
+    def start(args: list[str], env: dict[str, str]):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = str(probe.getsockname()[1])
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kosmos_serve.cli", *(arg.replace("{port}", port) for arg in args)],
+            env={**os.environ, **{name: value.replace("{port}", port) for name, value in env.items()}},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        service = SimpleNamespace(url=f"http://127.0.0.1:{port}", output="")
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert process.poll() is None, process.stdout.read()
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{service.url}/ready").status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "the service never became ready"
+                time.sleep(0.2)
+            yield service
+        finally:
+            process.terminate()
+            service.output = process.communicate(timeout=30)[0]
+
+    return start

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -101,34 +96,15 @@ def test_the_demo_command_refuses_a_missing_model_at_once(tmp_path):
     assert answer.exit_code == 1 and "nowhere" in answer.output and "Traceback" not in answer.output
 
 
-def test_the_demo_command_serves_the_page_and_the_api_on_one_model(tiny_model_dir):
+def test_the_demo_command_serves_the_page_and_the_api_on_one_model(tiny_model_dir, command_service):
     pytest.importorskip("gradio")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kosmos_serve.cli", "demo", "--model", str(tiny_model_dir), "--device", "cpu",
-         "--port", str(port)],
-        env={**os.environ, "KOSMOS_DEMO": "false"},  # the command turns the page on whatever the environment says
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the demo never became ready"
-            time.sleep(0.2)
+    args = ["demo", "--model", str(tiny_model_dir), "--device", "cpu", "--port", "{port}"]
+    # KOSMOS_DEMO=false: the command turns the page on whatever the environment says
+    with command_service(args, {"KOSMOS_DEMO": "false"}) as service:
+        url = service.url
         page = httpx.get(f"{url}/demo/")
         info = httpx.get(f"{url}/info").json()
-    finally:
-        process.terminate()
-        output = process.communicate(timeout=30)[0]
+    output = service.output
     assert page.status_code == 200 and "Kosmos-2: grounded image understanding" in page.text
     assert info["model"] == str(tiny_model_dir)
     assert f"Kosmos-2 demo: {url}/demo/" in output

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-
 import httpx
 from click.testing import CliRunner
 
@@ -33,31 +27,13 @@ def test_serve_refuses_a_missing_model_at_once(tmp_path):
     assert "nowhere" in result.output
 
 
-def test_serve_runs_the_service_from_environment_variables(tiny_model_dir, png_bytes):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "PORT": str(port), "KOSMOS_MODEL": str(tiny_model_dir), "KOSMOS_DEVICE": "cpu",
-           "MAX_BATCH_SIZE": "4", "LOG_LEVEL": "INFO"}
-    process = subprocess.Popen([sys.executable, "-m", "kosmos_serve.cli", "serve"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the service never became ready"
-            time.sleep(0.2)
-        answer = httpx.post(f"{url}/predict", files={"content": ("a.png", png_bytes[0])}, timeout=60)
-        info = httpx.get(f"{url}/info").json()
-    finally:
-        process.terminate()
-        output = process.communicate(timeout=30)[0]
+def test_serve_runs_the_service_from_environment_variables(tiny_model_dir, png_bytes, command_service):
+    env = {"PORT": "{port}", "KOSMOS_MODEL": str(tiny_model_dir), "KOSMOS_DEVICE": "cpu", "MAX_BATCH_SIZE": "4",
+           "LOG_LEVEL": "INFO"}
+    with command_service(["serve"], env) as service:
+        answer = httpx.post(f"{service.url}/predict", files={"content": ("a.png", png_bytes[0])}, timeout=60)
+        info = httpx.get(f"{service.url}/info").json()
+    output = service.output
     assert answer.status_code == 200 and set(answer.json()) == {"output", "generated_text", "entities"}
     assert info["limits"]["max_batch_size"] == 4 and info["model"] == str(tiny_model_dir)
     assert "Application shutdown complete" in output  # SIGTERM stops it gracefully (uvicorn re-raises it after)

@@ -135,6 +135,8 @@ def measure_model_card(args) -> dict:
     """The model card's code, one request at a time."""
     from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
 
+    from kosmos_serve.engine import image_features
+
     model = Kosmos2ForConditionalGeneration.from_pretrained(args.model).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     loaded_rss = resident_gib()
@@ -155,19 +157,13 @@ def measure_model_card(args) -> dict:
     with torch.inference_mode():
         request(2)  # warm-up
         pixels = processor(text=CAPTION, images=next(images), return_tensors="pt")["pixel_values"]
-        vision = median_time(lambda: encode_image(model, pixels), args.repeats)
+        vision = median_time(lambda: image_features(model, pixels), args.repeats)
         first_token = median_time(lambda: request(1), args.repeats)
         whole = median_time(lambda: request(args.new_tokens), args.repeats)
     return {"vision_s": vision, "first_token_s": first_token, "request_s": whole,
             "decode_step_s": (whole - first_token) / (args.new_tokens - 1),
             "throughput": {str(clients): 1 / whole for clients in args.clients.split(",")},
             "text_weight_bytes": text_weight_bytes(model), "loaded_rss_gib": loaded_rss}
-
-
-def encode_image(model, pixels):
-    """What `generate` computes from the pixels: vision encoder, post-layernorm, L2 norm, resampler."""
-    hidden = model.vision_model.model.post_layernorm(model.vision_model(pixels)[0])
-    return model.image_to_text_projection(torch.nn.functional.normalize(hidden, dim=-1))[0]
 
 
 def measure_engine(args) -> dict:

@@ -193,13 +193,8 @@ class Engine:
         rows_by_request: dict[int, list[_Row]] = {}
         for row in rows:
             rows_by_request.setdefault(row.request_index, []).append(row)
-        results = []
-        for index, request in enumerate(requests):
-            own_rows = rows_by_request[index]
-            key = own_rows[0].image_key
-            timings = Timings(vision_seconds.get(key, 0.0), sum(row.generation_seconds for row in own_rows))
-            results.append(_result(request, own_rows, timings, key in cached_keys))
-        return results
+        return [_result(request, rows_by_request[index], vision_seconds, cached_keys)
+                for index, request in enumerate(requests)]
 
     def stream(self, request: Request, on_text: Callable[[str], None], should_stop: Callable[[], bool] | None = None) -> Result:
         """Run one request alone, passing each piece of generated text to `on_text` as it is decoded.
@@ -215,9 +210,7 @@ class Engine:
         for params, group in self._groups([request], rows):
             for row in group:
                 self._generate([row], features, params, [request], streamer=streamer, stopping_criteria=stopping)
-        key = rows[0].image_key
-        timings = Timings(vision_seconds.get(key, 0.0), sum(row.generation_seconds for row in rows))
-        return _result(request, rows, timings, key in cached_keys)
+        return _result(request, rows, vision_seconds, cached_keys)
 
     def _prepare(self, index: int, request: Request) -> list[_Row]:
         key = image_digest(request.image)
@@ -259,12 +252,7 @@ class Engine:
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Image features as `generate` computes them: vision -> post-layernorm -> L2 norm -> resampler."""
         pixel_values = self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
-        pixel_values = pixel_values.to(self.device, self.dtype)
-        hidden = self.model.vision_model(pixel_values)[0]
-        hidden = self.model.vision_model.model.post_layernorm(hidden)
-        hidden = torch.nn.functional.normalize(hidden, dim=-1)
-        embeds, _ = self.model.image_to_text_projection(hidden)
-        return embeds
+        return image_features(self.model, pixel_values.to(self.device, self.dtype))
 
     def _groups(self, requests: Sequence[Request], rows: list[_Row]) -> list[tuple[GenerationParams, list[_Row]]]:
         """Rows that may share a batch: same parameters; a sampled request always alone (its own seed)."""
@@ -306,6 +294,12 @@ class Engine:
             row.output = parse_generation(text, row.spec.text, *image.size)
             row.generated_tokens = int((tokens != self.pad_token_id).sum())
             row.generation_seconds = elapsed
+
+
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What `generate` computes from pixels: vision encoder -> post-layernorm -> L2 norm -> resampler."""
+    hidden = model.vision_model.model.post_layernorm(model.vision_model(pixel_values)[0])
+    return model.image_to_text_projection(torch.nn.functional.normalize(hidden, dim=-1))[0]
 
 
 class _TextCallbackStreamer(TextStreamer):
@@ -376,7 +370,10 @@ def combine_detections(rows: list[_Row]) -> GroundedText:
     )
 
 
-def _result(request: Request, rows: list[_Row], timings: Timings, cached: bool) -> Result:
+def _result(request: Request, rows: list[_Row], vision_seconds: dict[str, float], cached_keys: set[str]) -> Result:
+    """One request's result from its generated rows, with its image's vision time and cache state."""
+    key = rows[0].image_key
+    timings = Timings(vision_seconds.get(key, 0.0), sum(row.generation_seconds for row in rows))
     task = parse_task(request.task.task)
     output = combine_detections(rows) if task is Task.DETECTION else rows[0].output
     return Result(
@@ -389,6 +386,6 @@ def _result(request: Request, rows: list[_Row], timings: Timings, cached: bool) 
         markdown=output.markdown,
         image_size=request.image.size,
         generated_tokens=sum(row.generated_tokens for row in rows),
-        image_cached=cached,
+        image_cached=key in cached_keys,
         timings=timings,
     )

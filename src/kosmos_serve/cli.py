@@ -222,14 +222,18 @@ def data_shapes(count, seed, out):
 @click.option("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every, show_default=True)
 @click.option("--freeze-vision-steps", type=int, default=TrainConfig.freeze_vision_steps, show_default=True,
               help="Keep the vision encoder and resampler fixed for this many first steps.")
+@click.option("--patch-supervision-weight", type=float, default=TrainConfig.patch_supervision_weight,
+              show_default=True, help="Weight of the loss that teaches each vision patch the words and box of the "
+              "grounded phrase it lies in (0: off; used to train a model from scratch).")
 @click.option("--location-attention-weight", type=float, default=TrainConfig.location_attention_weight,
-              show_default=True, help="Weight of the loss that teaches one decoder head to look at each location "
-              "token's patch while predicting it (0: off; needs the --model scratch start).")
+              show_default=True, help="Weight of the loss that teaches one decoder head to look at a box's patches "
+              "while writing the box (0: off; needs --patch-supervision-weight and the --model scratch start).")
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
 @click.option("--threads", type=int, help="Torch intra-op threads (default: all cores).")
 def train(model, data_file, out, eval_data, steps, batch_size, gradient_accumulation, learning_rate, warmup_steps,
-          checkpoint_every, freeze_vision_steps, location_attention_weight, seed, resume, threads):
+          checkpoint_every, freeze_vision_steps, patch_supervision_weight, location_attention_weight, seed, resume,
+          threads):
     """Fine-tune MODEL on DATA (or train a fresh model), writing checkpoints and OUT/final."""
     import torch
 
@@ -244,8 +248,8 @@ def train(model, data_file, out, eval_data, steps, batch_size, gradient_accumula
     loaded, processor = training.load_for_training(model, seed)
     config = TrainConfig(steps=steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
                          learning_rate=learning_rate, warmup_steps=warmup_steps, checkpoint_every=checkpoint_every,
-                         freeze_vision_steps=freeze_vision_steps, location_attention_weight=location_attention_weight,
-                         seed=seed)
+                         freeze_vision_steps=freeze_vision_steps, patch_supervision_weight=patch_supervision_weight,
+                         location_attention_weight=location_attention_weight, seed=seed)
     final = training.train(loaded, processor, training.TrainingSet(processor, examples), out, config, resume=resume)
     click.echo(f"saved {final}")
     click.echo(_scores(final, held_out))

@@ -65,7 +65,7 @@ class Interrupted(Exception):
 
 def test_resumed_run_ends_with_the_same_weights(tiny_model_dir, shape_examples, tmp_path):
     config = TrainConfig(steps=6, batch_size=4, gradient_accumulation=2, learning_rate=2e-3, warmup_steps=2,
-                         checkpoint_every=3)
+                         checkpoint_every=3, patch_supervision_weight=1.0)  # its heads are restored too
 
     model, processor = load(tiny_model_dir)
     whole = train(model, processor, TrainingSet(processor, shape_examples), tmp_path / "whole", config,
@@ -90,30 +90,44 @@ def test_resumed_run_ends_with_the_same_weights(tiny_model_dir, shape_examples, 
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
-def test_location_attention_loss_reads_the_patch_of_each_location_token():
-    from kosmos_serve.training.train import LocationGrid, location_attention_loss
+def test_box_attention_loss_reads_the_patches_of_each_box():
+    from kosmos_serve.training.patch_supervision import box_attention_loss, patch_targets
 
     first = 100
-    # <s> <image> 4 image tokens </image> <object> <loc 0> <loc 1023>: a 2x2 patch grid.
+    # A 2x2 patch grid; the box covers the upper half, so its patches are 0 and 1, cells (0, 0)-(31, 15).
+    _, corners = patch_targets([((0.0, 0.0, 1.0, 0.5), [7])], side=2, vocab_size=9)
+    # <s> <image> 4 image tokens </image> <object> <loc (0, 0)> <loc (31, 15)>
     labels = torch.full((1, 10), IGNORE_INDEX)
-    labels[0, 8], labels[0, 9] = first + 0, first + 1023  # top-left cell: patch 0; bottom-right cell: patch 3
+    labels[0, 8], labels[0, 9] = first + 0, first + 15 * 32 + 31
     image_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0, 0]])
     attention = torch.full((1, 10, 10), 0.01)
-    attention[0, 7, 2] = 0.5  # the position before <loc 0> looks at image token 0
-    attention[0, 8, 5] = 0.25  # the position before <loc 1023> looks at image token 3
-    loss = location_attention_loss(attention, {"labels": labels, "image_embeds_position_mask": image_mask},
-                                   LocationGrid(first, 2))
-    expected = -(torch.log(torch.tensor(0.5 + 1e-6)) + torch.log(torch.tensor(0.25 + 1e-6))) / 2
+    attention[0, 7, 2], attention[0, 7, 3] = 0.3, 0.2  # the position before the upper-left token: patches 0 and 1
+    attention[0, 8, 3], attention[0, 8, 4] = 0.25, 0.5  # before the lower-right one: patch 1 (patch 2 is not the box's)
+    loss = box_attention_loss(attention, {"labels": labels, "image_embeds_position_mask": image_mask},
+                              corners[None], first)
+    expected = -(torch.log(torch.tensor(0.5 + 1e-6)) + torch.log(torch.tensor(0.26 + 1e-6))) / 2
     torch.testing.assert_close(loss, expected)
 
 
-def test_location_attention_training_runs_on_the_scratch_start(shape_examples, tmp_path):
+def test_patch_supervision_training_runs_on_the_scratch_start(shape_examples, tmp_path):
     from kosmos_serve.training.scratch import build_scratch_model
 
     model, processor = build_scratch_model(0)
     losses = []
-    train(model, processor, TrainingSet(processor, shape_examples[:8]), tmp_path,
-          TrainConfig(steps=3, batch_size=4, warmup_steps=1, checkpoint_every=100, location_attention_weight=1.0),
+    config = TrainConfig(steps=3, batch_size=4, warmup_steps=1, checkpoint_every=100, patch_supervision_weight=1.0,
+                         location_attention_weight=1.0)
+    train(model, processor, TrainingSet(processor, shape_examples[:8]), tmp_path, config,
           on_step=lambda step, loss: losses.append(loss), progress=False)
     assert len(losses) == 3 and all(loss > 0 for loss in losses)
     assert model.config.text_config._attn_implementation == "sdpa"  # eager only while training
+    saved = load(tmp_path / "final")[0].state_dict()
+    assert saved.keys() == build_scratch_model(0)[0].state_dict().keys()  # an ordinary Kosmos-2: no training heads
+
+
+def test_location_attention_needs_patch_supervision(tiny_model_dir, shape_examples, tmp_path):
+    from kosmos_serve.training.records import DataError
+
+    model, processor = load(tiny_model_dir)
+    with pytest.raises(DataError, match="--patch-supervision-weight"):
+        train(model, processor, TrainingSet(processor, shape_examples[:4]), tmp_path,
+              TrainConfig(steps=1, batch_size=2, location_attention_weight=1.0), progress=False)

@@ -25,10 +25,10 @@ from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine import tokenise
 from kosmos_serve.images import load_image
 from kosmos_serve.loading import load_model
-from kosmos_serve.tiny_model import NUM_PATCH_INDEX_TOKENS
 from kosmos_serve.training.config import TrainConfig
+from kosmos_serve.training.patch_supervision import PatchSupervision
 from kosmos_serve.training.records import DataError, Example
-from kosmos_serve.training.scratch import build_scratch_model, patches_of_cells
+from kosmos_serve.training.scratch import build_scratch_model
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,9 @@ def encode_example(processor: Kosmos2Processor, example: Example) -> tuple[list[
 
 
 class TrainingSet:
-    """Examples with their encodings memoised and a bounded cache of preprocessed images."""
+    """Examples with their encodings memoised and a bounded cache of preprocessed images (float16, 0.3 MB each)."""
 
-    def __init__(self, processor: Kosmos2Processor, examples: Sequence[Example], cached_images: int = 4096):
+    def __init__(self, processor: Kosmos2Processor, examples: Sequence[Example], cached_images: int = 16384):
         self.processor = processor
         self.examples = list(examples)
         self._encodings: dict[int, tuple[list[int], list[int], list[int]]] = {}
@@ -81,7 +81,8 @@ class TrainingSet:
         return len(self.examples)
 
     def _pixel_values(self, path: Path) -> torch.Tensor:
-        return self.processor.image_processor(load_image(path), return_tensors="pt")["pixel_values"][0]
+        pixels = self.processor.image_processor(load_image(path), return_tensors="pt")["pixel_values"][0]
+        return pixels.to(torch.float16)
 
     def _encoding(self, index: int):
         if index not in self._encodings:
@@ -101,7 +102,7 @@ class TrainingSet:
             input_ids=padded([ids for ids, _, _ in encoded], pad),
             attention_mask=padded([[1] * len(ids) for ids, _, _ in encoded], 0),
             image_embeds_position_mask=padded([mask for _, mask, _ in encoded], 0),
-            pixel_values=torch.stack([self._pixels(self.examples[i].image_path) for i in indices]),
+            pixel_values=torch.stack([self._pixels(self.examples[i].image_path) for i in indices]).float(),
             labels=padded([labels for _, _, labels in encoded], IGNORE_INDEX),
         )
 
@@ -114,10 +115,16 @@ def example_order(count: int, seed: int, first_sample: int, samples: int) -> lis
     order = []
     for sample in range(first_sample, first_sample + samples):
         epoch, position = divmod(sample, count)
-        permutation = list(range(count))
-        random.Random(seed * 1_000_003 + epoch).shuffle(permutation)
-        order.append(permutation[position])
+        order.append(epoch_permutation(count, seed, epoch)[position])
     return order
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(count: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The shuffled order of `count` examples in one epoch."""
+    permutation = list(range(count))
+    random.Random(seed * 1_000_003 + epoch).shuffle(permutation)
+    return tuple(permutation)
 
 
 def train(
@@ -135,17 +142,24 @@ def train(
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    supervision = None
+    if config.patch_supervision_weight > 0:
+        supervision = PatchSupervision(model, processor, examples.examples).to(model.device)
+    parameters = list(model.parameters()) + (list(supervision.parameters()) if supervision else [])
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     step = 0
     if resume:
-        step = _restore(out_dir, model, optimizer, scheduler)
+        step = _restore(out_dir, model, supervision, optimizer, scheduler)
     samples_per_step = config.batch_size * config.gradient_accumulation
     guided = config.location_attention_weight > 0
     if guided:  # attention probabilities are only returned by the eager implementation
+        if supervision is None or model.config.latent_query_num != supervision.side**2:
+            raise DataError("--location-attention-weight needs --patch-supervision-weight and one image token per "
+                            "patch (the --model scratch start).")
         attention_implementation = model.config.text_config._attn_implementation
         model.set_attn_implementation("eager")
-        locations = LocationGrid.of(model, processor)
+        first_location_id = processor.tokenizer.convert_tokens_to_ids("<patch_index_0000>")
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="training", unit="step")
     while step < config.steps:
         for part in (model.vision_model, model.image_to_text_projection):
@@ -158,13 +172,19 @@ def train(
             inputs = {name: tensor.to(model.device) for name, tensor in vars(batch).items()}
             outputs = model(**inputs, output_attentions=guided)
             loss = outputs.loss
+            if supervision:
+                images = [examples.examples[i].image_path for i in chunk]
+                patch_loss = supervision.loss(model, outputs.vision_model_output.last_hidden_state, images)
+                loss = loss + config.patch_supervision_weight * patch_loss
             if guided:
                 guided_head = outputs.attentions[-1][:, 0]
-                loss = loss + config.location_attention_weight * location_attention_loss(guided_head, inputs, locations)
+                images = [examples.examples[i].image_path for i in chunk]
+                attention_loss = supervision.attention_loss(guided_head, inputs, images, first_location_id)
+                loss = loss + config.location_attention_weight * attention_loss
             loss = loss / config.gradient_accumulation
             loss.backward()
             loss_sum += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -174,7 +194,7 @@ def train(
         if on_step is not None:
             on_step(step, loss_sum)
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _checkpoint(out_dir, step, model, processor, optimizer, scheduler, config)
+            _checkpoint(out_dir, step, model, processor, supervision, optimizer, scheduler, config)
     bar.close()
     if guided:
         model.set_attn_implementation(attention_implementation)
@@ -185,47 +205,13 @@ def train(
     return final
 
 
-@dataclass(frozen=True)
-class LocationGrid:
-    """Where location tokens sit in the vocabulary and how many patches a side the image has."""
-
-    first_id: int
-    patches_per_side: int
-
-    @classmethod
-    def of(cls, model: Kosmos2ForConditionalGeneration, processor: Kosmos2Processor) -> LocationGrid:
-        vision = model.config.vision_config
-        side = vision.image_size // vision.patch_size
-        if side * side != model.config.latent_query_num:
-            raise DataError("--location-attention-weight needs one image token per patch (the --model scratch start).")
-        return cls(processor.tokenizer.convert_tokens_to_ids("<patch_index_0000>"), side)
-
-
-def location_attention_loss(attention: torch.Tensor, inputs: dict[str, torch.Tensor], grid: LocationGrid) -> torch.Tensor:
-    """Mean -log of the attention that each location-token prediction pays to its location's patch.
-
-    `attention` is one head's probabilities (batch, query, key). A location token at position t is
-    predicted from position t-1; its cell lies in one patch of the image, whose image token is
-    the `patch`-th image position. Zero when the batch has no location tokens.
-    """
-    labels = inputs["labels"]
-    is_location = (labels >= grid.first_id) & (labels < grid.first_id + NUM_PATCH_INDEX_TOKENS)
-    rows, columns = is_location.nonzero(as_tuple=True)
-    if rows.numel() == 0:
-        return attention.sum() * 0.0
-    patches = patches_of_cells(labels[rows, columns] - grid.first_id, grid.patches_per_side)
-    first_image_position = inputs["image_embeds_position_mask"].int().argmax(dim=1)
-    paid = attention[rows, columns - 1, first_image_position[rows] + patches]
-    return -(paid + 1e-6).log().mean()
-
-
-def _checkpoint(out_dir: Path, step: int, model, processor, optimizer, scheduler, config: TrainConfig) -> None:
+def _checkpoint(out_dir: Path, step: int, model, processor, supervision, optimizer, scheduler, config: TrainConfig) -> None:
     folder = out_dir / f"checkpoint-{step:06d}"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     torch.save(
         {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "rng": torch.get_rng_state()},
+         "patch_supervision": supervision.state_dict() if supervision else None, "rng": torch.get_rng_state()},
         folder / STATE_FILE,
     )
     (folder / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
@@ -239,7 +225,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def _restore(out_dir: Path, model, optimizer, scheduler) -> int:
+def _restore(out_dir: Path, model, supervision, optimizer, scheduler) -> int:
     folder = latest_checkpoint(out_dir)
     if folder is None:
         logger.info("No checkpoint in %s; starting from step 0", out_dir)
@@ -247,6 +233,8 @@ def _restore(out_dir: Path, model, optimizer, scheduler) -> int:
     restored = Kosmos2ForConditionalGeneration.from_pretrained(folder)
     model.load_state_dict(restored.state_dict())
     state = torch.load(folder / STATE_FILE, weights_only=False)
+    if supervision:
+        supervision.load_state_dict(state["patch_supervision"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])

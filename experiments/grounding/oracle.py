@@ -11,6 +11,12 @@ torch.set_num_threads(int(args.get("threads", 1)))
 W = int(args.get("width", 128))
 scratch.SCRATCH_SIZE = {"text_width": W, "text_layers": int(args.get("tl", 3)), "vision_width": W, "vision_layers": 1, "patch_size": 28}
 model, proc = scratch.build_scratch_model(0)
+QK_STD = float(args.get("qk_std", 0))  # start the decoder's query and key projections at this std (0: as built)
+if QK_STD:
+    with torch.no_grad():
+        for layer in model.text_model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.normal_(0.0, QK_STD)
 LOCAL = float(args.get("local", 0))
 if LOCAL:
     with torch.no_grad():

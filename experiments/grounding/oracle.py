@@ -11,6 +11,14 @@ torch.set_num_threads(int(args.get("threads", 1)))
 W = int(args.get("width", 128))
 scratch.SCRATCH_SIZE = {"text_width": W, "text_layers": int(args.get("tl", 3)), "vision_width": W, "vision_layers": 1, "patch_size": 28}
 model, proc = scratch.build_scratch_model(0)
+TIED = float(args.get("tied", 0))  # image tokens also hold TIED x the sum of their words' text embeddings
+SHARP = float(args.get("sharp", 0))  # layer 0, head 0: query and key start as SHARP x one shared projection
+if SHARP:
+    with torch.no_grad():
+        shared = torch.linalg.qr(torch.randn(W, 32))[0].T  # 32 orthonormal rows
+        att0 = model.text_model.model.layers[0].self_attn
+        for proj_ in (att0.q_proj, att0.k_proj):
+            proj_.weight[:32] = SHARP * shared; proj_.bias[:32] = 0
 QK_STD = float(args.get("qk_std", 0))  # start the decoder's query and key projections at this std (0: as built)
 if QK_STD:
     with torch.no_grad():
@@ -43,7 +51,9 @@ def image_embeds(paths):
             valid = corners[:, k] >= 0
             c[valid.nonzero()[:, 0], k * 32 + corners[valid, k]] = 1
         out.append(torch.cat([words, c, torch.eye(64)], 1))
-    return proj(torch.stack(out))
+    features = torch.stack(out)
+    tied = features[..., :V] @ model.get_input_embeddings().weight if TIED else 0.0
+    return proj(features) + TIED * tied
 HOP = float(args.get("hop", 0)); HOP_LAYER = int(args.get("hop_layer", 1))
 phrase_open, phrase_close = tok.convert_tokens_to_ids("<phrase>"), tok.convert_tokens_to_ids("</phrase>")
 hop_probe = nn.Linear(W, V)

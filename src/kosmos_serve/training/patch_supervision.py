@@ -91,12 +91,13 @@ class PatchSupervision(nn.Module):
         self.corners = nn.Linear(vision.hidden_size, 4 * PATCHES_PER_SIDE)
 
     def targets(self, images: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked words and corners of each image's patches (memoised per image)."""
+        """Stacked words and corners of each image's patches (memoised per image, the words kept sparse)."""
         for path in images:
             if path not in self._targets:
-                self._targets[path] = patch_targets(self.objects.get(path, []), self.side, self.vocab_size)
+                words, corners = patch_targets(self.objects.get(path, []), self.side, self.vocab_size)
+                self._targets[path] = (words.to_sparse(), corners)
         words, corners = zip(*(self._targets[path] for path in images))
-        return torch.stack(words), torch.stack(corners)
+        return torch.stack([sparse.to_dense() for sparse in words]), torch.stack(corners)
 
     def loss(self, model: Kosmos2ForConditionalGeneration, vision_output: torch.Tensor, images: Sequence[Path]) -> torch.Tensor:
         """Words (binary cross-entropy) and corner cells (cross-entropy) of every patch of `images`.

@@ -71,7 +71,7 @@ def encode_example(processor: Kosmos2Processor, example: Example) -> tuple[list[
 class TrainingSet:
     """Examples with their encodings memoised and a bounded cache of preprocessed images (float16, 0.3 MB each)."""
 
-    def __init__(self, processor: Kosmos2Processor, examples: Sequence[Example], cached_images: int = 16384):
+    def __init__(self, processor: Kosmos2Processor, examples: Sequence[Example], cached_images: int = 8192):
         self.processor = processor
         self.examples = list(examples)
         self._encodings: dict[int, tuple[list[int], list[int], list[int]]] = {}
@@ -172,13 +172,12 @@ def train(
             inputs = {name: tensor.to(model.device) for name, tensor in vars(batch).items()}
             outputs = model(**inputs, output_attentions=guided)
             loss = outputs.loss
+            images = [examples.examples[i].image_path for i in chunk]
             if supervision:
-                images = [examples.examples[i].image_path for i in chunk]
                 patch_loss = supervision.loss(model, outputs.vision_model_output.last_hidden_state, images)
                 loss = loss + config.patch_supervision_weight * patch_loss
             if guided:
                 guided_head = outputs.attentions[-1][:, 0]
-                images = [examples.examples[i].image_path for i in chunk]
                 attention_loss = supervision.attention_loss(guided_head, inputs, images, first_location_id)
                 loss = loss + config.location_attention_weight * attention_loss
             loss = loss / config.gradient_accumulation

@@ -95,8 +95,9 @@ def input_embeddings(batch):
 def run(batch, paths):
     return model(output_hidden_states=bool(HOP) and model.training, output_attentions=bool(ATT) and model.training, inputs_embeds=input_embeddings(batch), input_ids=None, attention_mask=batch.attention_mask, image_embeds=image_embeds(paths),
                  image_embeds_position_mask=batch.image_embeds_position_mask, labels=batch.labels)
-def evaluate():
-    model.eval(); hits = n = 0
+def held_out_corners():
+    """(example index, predicted (upper-left, lower-right) cells, true ones) for 160 held-out expressions, teacher-forced."""
+    model.eval()
     with torch.no_grad():
         for s in range(0, 160, 40):
             idx = list(range(s, s + 40)); b = hs.batch(idx)
@@ -104,11 +105,13 @@ def evaluate():
             pred = out.logits[:, :-1].argmax(-1); lab = b.labels[:, 1:]
             for r in range(len(idx)):
                 pos = ((lab[r] >= first) & (lab[r] < first + 1024)).nonzero().flatten().tolist()
-                def box(tl, br): return ((tl % 32) / 32, (tl // 32) / 32, (br % 32 + 1) / 32, (br // 32 + 1) / 32)
-                t = box(lab[r, pos[0]].item() - first, lab[r, pos[1]].item() - first)
-                p = box(pred[r, pos[0]].item() - first, pred[r, pos[1]].item() - first)
-                hits += iou(p, t) >= 0.5; n += 1
-    model.train(); return hits / n
+                yield (s + r, (pred[r, pos[0]].item() - first, pred[r, pos[1]].item() - first),
+                       (lab[r, pos[0]].item() - first, lab[r, pos[1]].item() - first))
+    model.train()
+def evaluate():
+    def box(tl, br): return ((tl % 32) / 32, (tl // 32) / 32, (br % 32 + 1) / 32, (br // 32 + 1) / 32)
+    scores = [iou(box(*predicted), box(*true)) >= 0.5 for _, predicted, true in held_out_corners()]
+    return sum(scores) / len(scores)
 model.train(); t0 = time.time(); L = []
 for step in range(1, STEPS + 1):
     order = example_order(len(ts), 0, (step - 1) * BS, BS)
@@ -125,28 +128,17 @@ for step in range(1, STEPS + 1):
     if step % 250 == 0:
         print(step, f"loss {sum(L[-250:])/250:.3f}", f"REC(tf) {evaluate():.1%}", f"{time.time()-t0:.0f}s", flush=True)
 
-# error analysis: which object's box does the predicted TL/BR match?
-model.eval(); cats = {}
+# error analysis: which object's corner is each predicted corner near (within one cell)?
 import collections
 cats = collections.Counter()
-with torch.no_grad():
-    for s in range(0, 160, 40):
-        idx = list(range(s, s + 40)); b = hs.batch(idx)
-        out = run(b, [hs.examples[i].image_path for i in idx])
-        pred = out.logits[:, :-1].argmax(-1); lab = b.labels[:, 1:]
-        for r in range(len(idx)):
-            pos = ((lab[r] >= first) & (lab[r] < first + 1024)).nonzero().flatten().tolist()
-            ptl, pbr = pred[r, pos[0]].item() - first, pred[r, pos[1]].item() - first
-            ttl, tbr = lab[r, pos[0]].item() - first, lab[r, pos[1]].item() - first
-            _, corners = patch_targets(objs[hs.examples[r + s].image_path], 8, V)
-            boxes = {tuple(c) for c in corners.tolist() if c[0] >= 0}
-            def cell(c): return (c % 32, c // 32)
-            def near(a, b): return abs(a[0] - b[0]) <= 1 and abs(a[1] - b[1]) <= 1
-            tl_obj = [bx for bx in boxes if near(cell(ptl), bx[:2])]
-            true = (ttl % 32, ttl // 32, tbr % 32, tbr // 32)
-            if near(cell(ptl), true[:2]): k = "TL right"
-            elif tl_obj: k = "TL of another object"
-            else: k = "TL near no object"
-            k += " / BR right" if near(cell(pbr), true[2:]) else " / BR wrong"
-            cats[k] += 1
+def cell(c): return (c % 32, c // 32)
+def near(a, b): return abs(a[0] - b[0]) <= 1 and abs(a[1] - b[1]) <= 1
+for index, (ptl, pbr), (ttl, tbr) in held_out_corners():
+    _, corners = patch_targets(objs[hs.examples[index].image_path], 8, V)
+    boxes = {tuple(c) for c in corners.tolist() if c[0] >= 0}
+    true = (*cell(ttl), *cell(tbr))
+    if near(cell(ptl), true[:2]): k = "TL right"
+    elif any(near(cell(ptl), bx[:2]) for bx in boxes): k = "TL of another object"
+    else: k = "TL near no object"
+    cats[k + (" / BR right" if near(cell(pbr), true[2:]) else " / BR wrong")] += 1
 print(dict(cats))

@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from kosmos_serve.cli import main
+from kosmos_serve.training.train import STATE_FILE
 
 
 @pytest.fixture
@@ -129,11 +131,12 @@ def test_data_train_and_evaluate_commands_chain(tmp_path, tiny_model_dir):
     assert result.output.strip() == str(records)
     run = tmp_path / "run"
     result = invoke("train", "--model", tiny_model_dir, "--data", records, "--out", run, "--steps", 2,
-                    "--batch-size", 2, "--checkpoint-every", 1)
+                    "--batch-size", 2, "--checkpoint-every", 1, "--patch-supervision-weight", 1.0)
     assert result.exit_code == 0, result.output
     assert f"saved {run / 'final'}" in result.output
     assert "referring expressions, box at IoU>=0.5:" in result.output
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000002"]
+    assert torch.load(run / "checkpoint-000002" / STATE_FILE, weights_only=False)["patch_supervision"] is not None
     result = invoke("evaluate", "--model", run / "final", "--data", records)
     assert result.exit_code == 0 and "objects named with a box" in result.output
 

@@ -25,7 +25,7 @@ def evaluate():
     with torch.no_grad():
         paths = [e.image_path for e in held]
         f = model.vision_model.model.post_layernorm(feats(hs.batch(list(range(len(held)))).pixel_values)[:, 1:])
-        words, corners = sup.targets(paths)
+        words, corners = sup.words_of(paths), sup.corners_of(paths)
         pred = sup.corners(f).view(len(paths), 64, 4, 32).argmax(-1)
         valid = corners >= 0
         within1 = ((pred - corners).abs() <= 1)[valid].float().mean().item()

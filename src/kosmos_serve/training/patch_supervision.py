@@ -23,9 +23,8 @@ from transformers.models.kosmos2.processing_kosmos2 import (
     coordinate_to_patch_index,
 )
 
-from kosmos_serve.training.records import PATCHES_PER_SIDE, Example
+from kosmos_serve.training.records import IGNORE_INDEX, PATCHES_PER_SIDE, Example
 
-IGNORE_INDEX = -100
 WORDS_WEIGHT = 10.0  # the words' binary cross-entropy is ~10x smaller than the corners' cross-entropy
 NormalisedBox = tuple[float, float, float, float]
 
@@ -90,14 +89,20 @@ class PatchSupervision(nn.Module):
         self.words = nn.Linear(vision.hidden_size, self.vocab_size)
         self.corners = nn.Linear(vision.hidden_size, 4 * PATCHES_PER_SIDE)
 
-    def targets(self, images: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked words and corners of each image's patches (memoised per image, the words kept sparse)."""
-        for path in images:
-            if path not in self._targets:
-                words, corners = patch_targets(self.objects.get(path, []), self.side, self.vocab_size)
-                self._targets[path] = (words.to_sparse(), corners)
-        words, corners = zip(*(self._targets[path] for path in images))
-        return torch.stack([sparse.to_dense() for sparse in words]), torch.stack(corners)
+    def _targets_of(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's patch targets, memoised (the words kept sparse)."""
+        if path not in self._targets:
+            words, corners = patch_targets(self.objects.get(path, []), self.side, self.vocab_size)
+            self._targets[path] = (words.to_sparse(), corners)
+        return self._targets[path]
+
+    def words_of(self, images: Sequence[Path]) -> torch.Tensor:
+        """Stacked multi-hot word targets of each image's patches (batch, patches, vocab)."""
+        return torch.stack([self._targets_of(path)[0].to_dense() for path in images])
+
+    def corners_of(self, images: Sequence[Path]) -> torch.Tensor:
+        """Stacked corner-cell targets of each image's patches (batch, patches, 4)."""
+        return torch.stack([self._targets_of(path)[1] for path in images])
 
     def loss(self, model: Kosmos2ForConditionalGeneration, vision_output: torch.Tensor, images: Sequence[Path]) -> torch.Tensor:
         """Words (binary cross-entropy) and corner cells (cross-entropy) of every patch of `images`.
@@ -106,20 +111,13 @@ class PatchSupervision(nn.Module):
         resampler reads them, after the post-layernorm.
         """
         features = model.vision_model.model.post_layernorm(vision_output[:, 1:])
-        words, corners = (target.to(features.device) for target in self.targets(images))
+        words, corners = self.words_of(images).to(features.device), self.corners_of(images).to(features.device)
         words_loss = nn.functional.binary_cross_entropy_with_logits(self.words(features), words)
         if not (corners != IGNORE_INDEX).any():  # no patch of these images lies in a grounded box
             return WORDS_WEIGHT * words_loss
         corner_logits = self.corners(features).reshape(-1, PATCHES_PER_SIDE)
         corners_loss = nn.functional.cross_entropy(corner_logits, corners.reshape(-1), ignore_index=IGNORE_INDEX)
         return WORDS_WEIGHT * words_loss + corners_loss
-
-    def attention_loss(
-        self, attention: torch.Tensor, inputs: dict[str, torch.Tensor], images: Sequence[Path], first_location_id: int
-    ) -> torch.Tensor:
-        """`box_attention_loss` with the patch targets of `images`."""
-        _, corners = self.targets(images)
-        return box_attention_loss(attention, inputs, corners, first_location_id)
 
 
 def box_attention_loss(

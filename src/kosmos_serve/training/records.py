@@ -36,6 +36,7 @@ from kosmos_serve.images import open_lazily
 GROUNDING_TAG = "<grounding>"
 MULTI_OBJECT_DELIMITER = "</delimiter_of_multi_objects/>"
 PATCHES_PER_SIDE = 32
+IGNORE_INDEX = -100  # the label of a position that is not learnt (and of a patch target that is absent)
 EXIF_ORIENTATION = 0x0112
 ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # width and height swap when these are applied
 PIXELS, NORMALIZED = "pixels", "normalized"

@@ -26,13 +26,12 @@ from kosmos_serve.engine import tokenise
 from kosmos_serve.images import load_image
 from kosmos_serve.loading import load_model
 from kosmos_serve.training.config import TrainConfig
-from kosmos_serve.training.patch_supervision import PatchSupervision
-from kosmos_serve.training.records import DataError, Example
+from kosmos_serve.training.patch_supervision import PatchSupervision, box_attention_loss
+from kosmos_serve.training.records import IGNORE_INDEX, DataError, Example
 from kosmos_serve.training.scratch import build_scratch_model
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 STATE_FILE = "trainer_state.pt"
 
 
@@ -172,13 +171,13 @@ def train(
             inputs = {name: tensor.to(model.device) for name, tensor in vars(batch).items()}
             outputs = model(**inputs, output_attentions=guided)
             loss = outputs.loss
-            images = [examples.examples[i].image_path for i in chunk]
             if supervision:
+                images = [examples.examples[i].image_path for i in chunk]
                 patch_loss = supervision.loss(model, outputs.vision_model_output.last_hidden_state, images)
                 loss = loss + config.patch_supervision_weight * patch_loss
             if guided:
                 guided_head = outputs.attentions[-1][:, 0]
-                attention_loss = supervision.attention_loss(guided_head, inputs, images, first_location_id)
+                attention_loss = box_attention_loss(guided_head, inputs, supervision.corners_of(images), first_location_id)
                 loss = loss + config.location_attention_weight * attention_loss
             loss = loss / config.gradient_accumulation
             loss.backward()

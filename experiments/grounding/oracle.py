@@ -13,12 +13,33 @@ scratch.SCRATCH_SIZE = {"text_width": W, "text_layers": int(args.get("tl", 3)), 
 model, proc = scratch.build_scratch_model(0)
 TIED = float(args.get("tied", 0))  # image tokens also hold TIED x the sum of their words' text embeddings
 SHARP = float(args.get("sharp", 0))  # layer 0, head 0: query and key start as SHARP x one shared projection
+TURN = float(args.get("turn", 0))  # image tokens hold their words' embeddings turned by a fixed rotation, keys turn them back
+image_turn = torch.linalg.qr(torch.randn(W, W))[0]
+SHARP_LAYER = int(args.get("sharp_layer", 0))
+shared = torch.linalg.qr(torch.randn(W, 32))[0].T  # 32 orthonormal rows
 if SHARP:
     with torch.no_grad():
-        shared = torch.linalg.qr(torch.randn(W, 32))[0].T  # 32 orthonormal rows
-        att0 = model.text_model.model.layers[0].self_attn
-        for proj_ in (att0.q_proj, att0.k_proj):
-            proj_.weight[:32] = SHARP * shared; proj_.bias[:32] = 0
+        att0 = model.text_model.model.layers[SHARP_LAYER].self_attn
+        att0.q_proj.weight[:32] = SHARP * shared; att0.k_proj.weight[:32] = SHARP * shared @ (image_turn.T if TURN else torch.eye(W))
+        att0.q_proj.bias[:32] = 0; att0.k_proj.bias[:32] = 0
+GATHER = float(args.get("gather", 0))  # layer 0, head 0: looks at the last few tokens, passes on their shared-space part
+if GATHER:
+    with torch.no_grad():
+        att = model.text_model.model.layers[0].self_attn
+        half = W // 2
+        for proj_ in (att.q_proj, att.k_proj):
+            proj_.weight[:32] = 0; proj_.bias[:32] = 0
+        # the sinusoidal positions' 8 highest frequencies, twice: keys as they are, queries turned back by
+        # 2 and by 3 tokens, so <object> looks at the two words before </phrase>
+        for slot in range(16):
+            f = slot % 8; omega = 10000 ** (-f / (half - 1))
+            att.k_proj.weight[2 * slot, f] = GATHER; att.k_proj.weight[2 * slot + 1, half + f] = GATHER
+            for back in (2, 3):
+                c, s_ = torch.cos(torch.tensor(omega * back)), torch.sin(torch.tensor(omega * back))
+                att.q_proj.weight[2 * slot, f] += GATHER * c; att.q_proj.weight[2 * slot, half + f] -= GATHER * s_
+                att.q_proj.weight[2 * slot + 1, half + f] += GATHER * c; att.q_proj.weight[2 * slot + 1, f] += GATHER * s_
+        att.v_proj.weight[:32] = shared; att.v_proj.bias[:32] = 0
+        att.out_proj.weight[:, :32] = shared.T
 QK_STD = float(args.get("qk_std", 0))  # start the decoder's query and key projections at this std (0: as built)
 if QK_STD:
     with torch.no_grad():
@@ -53,6 +74,7 @@ def image_embeds(paths):
         out.append(torch.cat([words, c, torch.eye(64)], 1))
     features = torch.stack(out)
     tied = features[..., :V] @ model.get_input_embeddings().weight if TIED else 0.0
+    if TIED and TURN: tied = tied @ image_turn.T
     return proj(features) + TIED * tied
 HOP = float(args.get("hop", 0)); HOP_LAYER = int(args.get("hop_layer", 1))
 phrase_open, phrase_close = tok.convert_tokens_to_ids("<phrase>"), tok.convert_tokens_to_ids("</phrase>")
@@ -122,7 +144,7 @@ for step in range(1, STEPS + 1):
     if ATT:
         corners = torch.stack([patch_targets(objs.get(ts.examples[i].image_path, []), 8, V)[1] for i in order])
         b = ts.batch(order)
-        loss = loss + ATT * box_attention_loss(out.attentions[-1][:, 0], {"labels": b.labels, "image_embeds_position_mask": b.image_embeds_position_mask}, corners, first)
+        loss = loss + ATT * box_attention_loss(out.attentions[SHARP_LAYER if SHARP else -1][:, 0], {"labels": b.labels, "image_embeds_position_mask": b.image_embeds_position_mask}, corners, first)
     loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sch.step(); opt.zero_grad()
     L.append(out.loss.item())
     if step % 250 == 0:

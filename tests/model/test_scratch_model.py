@@ -44,3 +44,31 @@ def test_grid_codes_are_sharp_or_smooth_as_asked():
     assert (similarity.argmax(dim=-1) == torch.arange(64)).all()
     smooth = grid_codes(32, 64)
     assert torch.dist(smooth[0], smooth[1]) < torch.dist(smooth[0], smooth[31])
+
+
+def test_phrase_lookup_starts_on_the_object_the_phrase_names():
+    from kosmos_serve.training.patch_supervision import WORD_CODE_SCALE
+    from kosmos_serve.training.scratch import LOOKUP_LAYER, word_space
+
+    model, processor = build_scratch_model(seed=0)
+    model.set_attn_implementation("eager")
+    inputs = processor(text="<grounding><phrase> the red circle</phrase><object>", images=Image.new("RGB", (224, 224)),
+                       return_tensors="pt")
+    table = model.get_input_embeddings().weight.detach()
+    word = {name: table[processor.tokenizer.convert_tokens_to_ids(f"▁{name}")] for name in ("red", "circle", "blue", "square")}
+    width = table.shape[1]
+    _, turn = word_space(width, width // model.config.text_config.attention_heads)
+    # Image tokens 0-31 hold a blue square's words (as patch supervision teaches), 32-63 a red circle's.
+    image_embeds = torch.zeros(1, 64, width)
+    image_embeds[0, :32] = WORD_CODE_SCALE * (word["blue"] + word["square"]) @ turn.T
+    image_embeds[0, 32:] = WORD_CODE_SCALE * (word["red"] + word["circle"]) @ turn.T
+    with torch.no_grad():
+        out = model.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                               image_embeds=image_embeds, image_embeds_position_mask=inputs["image_embeds_position_mask"],
+                               output_attentions=True)
+    writer = inputs["input_ids"].shape[1] - 1  # <object>: the position that writes the box
+    gather = out.attentions[0][0, 0, writer]
+    assert gather[writer - 3 : writer - 1].sum() > 0.8  # "red" and "circle"
+    image_start = int(inputs["image_embeds_position_mask"][0].nonzero()[0])
+    lookup = out.attentions[LOOKUP_LAYER][0, 0, writer, image_start : image_start + 64]
+    assert lookup[32:].sum() > 0.9

@@ -1,5 +1,7 @@
 """Fine-tuning: label masking, loss going down, resume equal to an uninterrupted run."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
@@ -131,3 +133,17 @@ def test_location_attention_needs_patch_supervision(tiny_model_dir, shape_exampl
     with pytest.raises(DataError, match="--patch-supervision-weight"):
         train(model, processor, TrainingSet(processor, shape_examples[:4]), tmp_path,
               TrainConfig(steps=1, batch_size=2, location_attention_weight=1.0), progress=False)
+
+
+def test_word_loss_is_zero_when_image_tokens_hold_their_words():
+    from kosmos_serve.training.patch_supervision import WORD_CODE_SCALE, PatchSupervision
+    from kosmos_serve.training.scratch import build_scratch_model
+
+    model, processor = build_scratch_model(0)
+    example = Example(kind="referring", image_path=Path("scene.png"), prompt="<grounding><phrase> the red circle</phrase>",
+                      target="<object><patch_index_0000><patch_index_0528></object>")
+    supervision = PatchSupervision(model, processor, [example])
+    words = supervision.words_of([example.image_path])  # the upper-left quarter's patches: "the red circle"
+    held = WORD_CODE_SCALE * (words @ model.get_input_embeddings().weight.detach()) @ supervision.word_turn.T
+    assert supervision.word_loss(model, held, [example.image_path]).item() < 1e-8
+    assert supervision.word_loss(model, torch.zeros_like(held), [example.image_path]).item() > 0.01

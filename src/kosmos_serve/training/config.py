@@ -19,8 +19,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     freeze_vision_steps: int = 0  # keep the vision encoder and resampler fixed for this many first steps
-    # Weight of the location-attention loss (0: off; needs patch supervision): the last decoder layer's
-    # first head, while it writes a box's location tokens, is taught to look at that box's patches.
+    # Weight of the location-attention loss (0: off; needs patch supervision): the decoder's lookup head
+    # (scratch.LOOKUP_LAYER, head 0), while it writes a box's location tokens, is taught to look at
+    # that box's patches, and image tokens to hold their patch's words for it to compare with the phrase.
     location_attention_weight: float = 0.0
     # Weight of the patch-supervision loss (0: off): each vision patch learns the words and box of the
     # grounded phrase it lies in (see kosmos_serve.training.patch_supervision).

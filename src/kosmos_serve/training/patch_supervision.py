@@ -24,8 +24,10 @@ from transformers.models.kosmos2.processing_kosmos2 import (
 )
 
 from kosmos_serve.training.records import IGNORE_INDEX, PATCHES_PER_SIDE, Example
+from kosmos_serve.training.scratch import word_space
 
 WORDS_WEIGHT = 10.0  # the words' binary cross-entropy is ~10x smaller than the corners' cross-entropy
+WORD_CODE_SCALE = 3.0  # image tokens hold their words' embeddings at this scale (`PatchSupervision.word_loss`)
 NormalisedBox = tuple[float, float, float, float]
 
 
@@ -88,6 +90,10 @@ class PatchSupervision(nn.Module):
         self._targets: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
         self.words = nn.Linear(vision.hidden_size, self.vocab_size)
         self.corners = nn.Linear(vision.hidden_size, 4 * PATCHES_PER_SIDE)
+        text = model.config.text_config
+        rows, turn = word_space(text.embed_dim, text.embed_dim // text.attention_heads)
+        self.register_buffer("word_rows", rows, persistent=False)
+        self.register_buffer("word_turn", turn, persistent=False)
 
     def _targets_of(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         """One image's patch targets, memoised (the words kept sparse)."""
@@ -118,6 +124,20 @@ class PatchSupervision(nn.Module):
         corner_logits = self.corners(features).reshape(-1, PATCHES_PER_SIDE)
         corners_loss = nn.functional.cross_entropy(corner_logits, corners.reshape(-1), ignore_index=IGNORE_INDEX)
         return WORDS_WEIGHT * words_loss + corners_loss
+
+    def word_loss(self, model: Kosmos2ForConditionalGeneration, image_embeds: torch.Tensor, images: Sequence[Path]) -> torch.Tensor:
+        """How far each image token is from holding its patch's words, as the decoder's lookup head reads them.
+
+        Image token i (one per patch) should hold WORD_CODE_SCALE x the sum of patch i's words' text
+        embeddings, turned by `word_space`'s turn, in the word space: there the lookup head's keys
+        turn it back and compare it with the phrase (`scratch.start_with_phrase_lookup`). Squared
+        error summed over the word space, mean over tokens; the embeddings are the target, not trained by it.
+        """
+        words = self.words_of(images).to(image_embeds.device)
+        embeddings = model.get_input_embeddings().weight.detach()
+        target = WORD_CODE_SCALE * (words @ embeddings) @ self.word_rows.T
+        read = image_embeds @ self.word_turn @ self.word_rows.T
+        return (read - target).pow(2).sum(dim=-1).mean()
 
 
 def box_attention_loss(

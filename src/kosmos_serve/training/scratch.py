@@ -22,6 +22,12 @@ from kosmos_serve.tiny_model import (
 # so the resampler's 64 latent queries can start one per patch (see `start_with_spatial_codes`).
 SCRATCH_SIZE = {"text_width": 192, "text_layers": 4, "vision_width": 192, "vision_layers": 4, "patch_size": 28}
 CODE_SHARE = 0.5  # of each attention head's dimensions, the share that starts as a position code
+# The decoder heads that start as the phrase lookup (`start_with_phrase_lookup`): head 0 of layer 0
+# gathers the phrase, head 0 of LOOKUP_LAYER compares it with the image tokens.
+LOOKUP_LAYER = 1
+PHRASE_OFFSETS = (2, 3)  # "<phrase> a red circle</phrase><object>": the words 2 and 3 tokens before <object>
+GATHER_SHARPNESS = 1.0
+LOOKUP_SHARPNESS = 3.0
 
 
 def build_scratch_model(seed: int = 0) -> tuple[Kosmos2ForConditionalGeneration, Kosmos2Processor]:
@@ -31,6 +37,7 @@ def build_scratch_model(seed: int = 0) -> tuple[Kosmos2ForConditionalGeneration,
     config = tiny_config(len(processor.tokenizer), init_std=0.02, **SCRATCH_SIZE)
     model = Kosmos2ForConditionalGeneration(config)
     start_with_spatial_codes(model, processor)
+    start_with_phrase_lookup(model)
     return model, processor
 
 
@@ -153,3 +160,60 @@ def start_with_colour_features(patch_embedding: torch.nn.Conv2d, content: torch.
         row, column = divmod(block, blocks)
         weight[channel] = 0.0
         weight[channel, colour, row * step : (row + 1) * step, column * step : (column + 1) * step] = 1.0 / step**2
+
+
+def word_space(width: int, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed frame the phrase lookup compares words in: `dims` orthonormal rows of the text width,
+    and the orthogonal turn that image tokens apply to their words' embeddings (so that a phrase's
+    own text tokens never match it). Seeded, so the start and the training loss agree."""
+    generator = torch.Generator().manual_seed(2023)
+    rows = torch.linalg.qr(torch.randn(width, dims, generator=generator))[0].T
+    turn = torch.linalg.qr(torch.randn(width, width, generator=generator))[0]
+    return rows, turn
+
+
+@torch.no_grad()
+def start_with_phrase_lookup(model: Kosmos2ForConditionalGeneration) -> None:
+    """Start two decoder heads as "find the image tokens of the object the phrase names".
+
+    Learning this lookup from the language loss alone stalled at picking *some* object (see
+    experiments/grounding). The start, free to change in training:
+    - layer 0, head 0 (the gather): its queries are the sinusoidal positions turned back by
+      PHRASE_OFFSETS tokens, its keys the positions as they are, so the position that writes a box
+      (<object>) looks at the phrase's words; its values and output pass their `word_space` part on;
+    - LOOKUP_LAYER, head 0 (the lookup): queries read that gathered phrase in the word space, keys
+      read an image token's words turned back (patch supervision teaches image tokens to hold their
+      words' embeddings turned, `PatchSupervision.word_loss`), so the phrase's words select the
+      image tokens of the object they name.
+    The box-attention loss (`box_attention_loss`) then keeps the lookup on the named object.
+    """
+    layers = model.text_model.model.layers
+    width = model.config.text_config.embed_dim
+    head_dim = width // model.config.text_config.attention_heads
+    rows, turn = word_space(width, head_dim)
+    half = width // 2  # the sinusoidal positions: sines in the first half, cosines in the second
+
+    gather = layers[0].self_attn
+    for projection in (gather.q_proj, gather.k_proj, gather.v_proj):
+        projection.weight[:head_dim] = 0.0
+        projection.bias[:head_dim] = 0.0
+    for pair in range(head_dim // 2):
+        frequency = pair % 8  # the 8 highest frequencies, repeated: sharp over a few tokens
+        omega = 10000 ** (-frequency / (half - 1))
+        sine, cosine = 2 * pair, 2 * pair + 1
+        gather.k_proj.weight[sine, frequency] = GATHER_SHARPNESS
+        gather.k_proj.weight[cosine, half + frequency] = GATHER_SHARPNESS
+        for back in PHRASE_OFFSETS:  # rotate the query's phase back by `back` positions
+            c, s = torch.cos(torch.tensor(omega * back)), torch.sin(torch.tensor(omega * back))
+            gather.q_proj.weight[sine, frequency] += GATHER_SHARPNESS * c
+            gather.q_proj.weight[sine, half + frequency] -= GATHER_SHARPNESS * s
+            gather.q_proj.weight[cosine, half + frequency] += GATHER_SHARPNESS * c
+            gather.q_proj.weight[cosine, frequency] += GATHER_SHARPNESS * s
+    gather.v_proj.weight[:head_dim] = rows
+    gather.out_proj.weight[:, :head_dim] = rows.T
+
+    lookup = layers[LOOKUP_LAYER].self_attn
+    lookup.q_proj.weight[:head_dim] = LOOKUP_SHARPNESS * rows
+    lookup.k_proj.weight[:head_dim] = LOOKUP_SHARPNESS * rows @ turn.T
+    lookup.q_proj.bias[:head_dim] = 0.0
+    lookup.k_proj.bias[:head_dim] = 0.0

@@ -27,6 +27,7 @@ from kosmos_serve.images import load_image
 from kosmos_serve.loading import load_model
 from kosmos_serve.training.config import TrainConfig
 from kosmos_serve.training.patch_supervision import PatchSupervision, box_attention_loss
+from kosmos_serve.training.scratch import LOOKUP_LAYER
 from kosmos_serve.training.records import IGNORE_INDEX, DataError, Example
 from kosmos_serve.training.scratch import build_scratch_model
 
@@ -176,9 +177,10 @@ def train(
                 patch_loss = supervision.loss(model, outputs.vision_model_output.last_hidden_state, images)
                 loss = loss + config.patch_supervision_weight * patch_loss
             if guided:
-                guided_head = outputs.attentions[-1][:, 0]
-                attention_loss = box_attention_loss(guided_head, inputs, supervision.corners_of(images), first_location_id)
-                loss = loss + config.location_attention_weight * attention_loss
+                lookup_head = outputs.attentions[LOOKUP_LAYER][:, 0]
+                attention_loss = box_attention_loss(lookup_head, inputs, supervision.corners_of(images), first_location_id)
+                word_loss = supervision.word_loss(model, outputs.image_embeds, images)
+                loss = loss + config.location_attention_weight * (attention_loss + word_loss)
             loss = loss / config.gradient_accumulation
             loss.backward()
             loss_sum += loss.item()

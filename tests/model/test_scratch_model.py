@@ -46,7 +46,7 @@ def test_grid_codes_are_sharp_or_smooth_as_asked():
     assert torch.dist(smooth[0], smooth[1]) < torch.dist(smooth[0], smooth[31])
 
 
-def test_phrase_lookup_starts_on_the_object_the_phrase_names():
+def test_lookups_start_on_the_object_the_words_name():
     from kosmos_serve.training.patch_supervision import WORD_CODE_SCALE
     from kosmos_serve.training.scratch import LOOKUP_LAYER, word_space
 
@@ -72,3 +72,6 @@ def test_phrase_lookup_starts_on_the_object_the_phrase_names():
     image_start = int(inputs["image_embeds_position_mask"][0].nonzero()[0])
     lookup = out.attentions[LOOKUP_LAYER][0, 0, writer, image_start : image_start + 64]
     assert lookup[32:].sum() > 0.9
+    red = writer - 3  # (the image placeholders' ids are ordinary words here too)
+    name_lookup = out.attentions[0][0, 1, red, image_start : image_start + 64]  # "red" finds the red circle
+    assert name_lookup[32:].sum() > 0.9

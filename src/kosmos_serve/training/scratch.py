@@ -163,11 +163,19 @@ def start_with_colour_features(patch_embedding: torch.nn.Conv2d, content: torch.
 
 
 def word_space(width: int, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed frame the phrase lookup compares words in: `dims` orthonormal rows of the text width,
-    and the orthogonal turn that image tokens apply to their words' embeddings (so that a phrase's
-    own text tokens never match it). Seeded, so the start and the training loss agree."""
+    """The fixed frame the lookups compare words in, and the turn image tokens hold their words with.
+
+    Rows: first `dims` random orthonormal rows (the phrase lookup's), then the text width's slowest
+    sinusoidal sines (the name lookup's: positions up to a few hundred are ~0 there, so a word's own
+    embedding is not drowned by its position), the two sets orthogonal. The orthogonal turn keeps a
+    text token from matching itself. Seeded, so the start and the training loss agree.
+    """
     generator = torch.Generator().manual_seed(2023)
-    rows = torch.linalg.qr(torch.randn(width, dims, generator=generator))[0].T
+    half = width // 2
+    quiet = torch.arange(half - width // 8, half)  # sines of the slowest frequencies
+    random_rows = torch.randn(width, dims, generator=generator)
+    random_rows[quiet] = 0.0
+    rows = torch.cat([torch.linalg.qr(random_rows)[0].T, torch.eye(width)[quiet]])
     turn = torch.linalg.qr(torch.randn(width, width, generator=generator))[0]
     return rows, turn
 
@@ -185,12 +193,15 @@ def start_with_phrase_lookup(model: Kosmos2ForConditionalGeneration) -> None:
       read an image token's words turned back (patch supervision teaches image tokens to hold their
       words' embeddings turned, `PatchSupervision.word_loss`), so the phrase's words select the
       image tokens of the object they name.
+    - layer 0, head 1 (the name lookup): a word looks up the image tokens that hold it and passes
+      on their words, so that "red" is followed by the red object's shape.
     The box-attention loss (`box_attention_loss`) then keeps the lookup on the named object.
     """
     layers = model.text_model.model.layers
     width = model.config.text_config.embed_dim
     head_dim = width // model.config.text_config.attention_heads
-    rows, turn = word_space(width, head_dim)
+    both_rows, turn = word_space(width, head_dim)
+    rows, name_rows = both_rows[:head_dim], both_rows[head_dim:]
     half = width // 2  # the sinusoidal positions: sines in the first half, cosines in the second
 
     gather = layers[0].self_attn
@@ -211,6 +222,16 @@ def start_with_phrase_lookup(model: Kosmos2ForConditionalGeneration) -> None:
             gather.q_proj.weight[cosine, frequency] += GATHER_SHARPNESS * s
     gather.v_proj.weight[:head_dim] = rows
     gather.out_proj.weight[:, :head_dim] = rows.T
+
+    name = slice(head_dim, head_dim + len(name_rows))  # head 1 of layer 0
+    for projection in (gather.q_proj, gather.k_proj, gather.v_proj):
+        projection.weight[head_dim : 2 * head_dim] = 0.0
+    gather.q_proj.weight[name] = LOOKUP_SHARPNESS * name_rows
+    gather.k_proj.weight[name] = LOOKUP_SHARPNESS * name_rows @ turn.T
+    gather.v_proj.weight[name] = name_rows @ turn.T
+    gather.out_proj.weight[:, name] = name_rows.T
+    for projection in (gather.q_proj, gather.k_proj, gather.v_proj):
+        projection.bias[name] = 0.0
 
     lookup = layers[LOOKUP_LAYER].self_attn
     lookup.q_proj.weight[:head_dim] = LOOKUP_SHARPNESS * rows

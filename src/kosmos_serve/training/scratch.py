@@ -20,7 +20,7 @@ from kosmos_serve.tiny_model import (
 
 # The size of a model trained from scratch on synthetic scenes (`--model scratch`): an 8x8 patch grid,
 # so the resampler's 64 latent queries can start one per patch (see `start_with_spatial_codes`).
-SCRATCH_SIZE = {"text_width": 192, "text_layers": 4, "vision_width": 192, "vision_layers": 4, "patch_size": 28}
+SCRATCH_SIZE = {"text_width": 128, "text_layers": 3, "vision_width": 128, "vision_layers": 3, "patch_size": 28}
 CODE_SHARE = 0.5  # of each attention head's dimensions, the share that starts as a position code
 # The decoder heads that start as the phrase lookup (`start_with_phrase_lookup`): head 0 of layer 0
 # gathers the phrase, head 0 of LOOKUP_LAYER compares it with the image tokens.

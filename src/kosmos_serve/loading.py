@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 # What a checkpoint needs; the hub repo also holds pytorch_model.bin and example images.
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
+DEMO_MODEL_NAME = "demo"  # the small model shipped in the package (kosmos_serve.training.demo_model)
+DEMO_MODEL_DIR = Path(__file__).parent / "models" / "demo"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -136,7 +138,11 @@ def quantize_int8(model: Kosmos2ForConditionalGeneration) -> None:
 
 
 def resolve_source(model: str) -> str:
-    """A local folder for `model`: the folder itself, the hub cache's copy, or a fresh download."""
+    """A local folder for `model`: the shipped demo model, the folder itself, the hub cache's copy, or a download."""
+    if model == DEMO_MODEL_NAME:
+        if not (DEMO_MODEL_DIR / "config.json").exists():
+            raise ModelLoadError(f"The demo model is missing from this install ({DEMO_MODEL_DIR}); reinstall kosmos-serve.")
+        return str(DEMO_MODEL_DIR)
     if Path(model).is_dir():
         return model
     if Path(model).exists() or model.startswith((".", "/")):

@@ -1,7 +1,7 @@
 """The demo page in a real headless Chromium, driven by Selenium through Debian's matching chromedriver.
 
-The service runs on loopback in a thread, on `demo_engine` (the tiny random model; a trained model can be
-swapped in there). A failing browser test leaves a screenshot of the page and names it in its report.
+The service runs on loopback in a thread, on `demo_engine` (the shipped demo model, which really grounds
+the synthetic scenes of `examples/scene-*.png`). A failing browser test leaves a screenshot of the page and names it in its report.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ def need(condition: bool, reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def demo_engine(engine):
-    """The model behind the page: the tiny random Kosmos-2 (gibberish words, real location tokens)."""
-    return engine
+def demo_engine():
+    """The model behind the page: the shipped demo model (synthetic shapes), as `kosmos-serve demo --model demo`."""
+    from kosmos_serve.config import EngineSettings
+    from kosmos_serve.engine import Engine
+
+    return Engine(EngineSettings(model="demo", device="cpu", max_batch_size=8))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from kosmos_serve.demo.form import TASK_FIELDS
+from kosmos_serve.grounding import iou
 from kosmos_serve.tasks import Task
 
 pytest.importorskip("selenium")
@@ -100,6 +101,21 @@ def test_an_uploaded_image_comes_back_with_its_entities_in_matching_colours(page
     time.sleep(0.2)  # Chromium renames the finished file into place; give it a moment to close it
     with Image.open(downloaded) as png:
         assert png.format == "PNG" and png.convert("RGB").tobytes() == shown_image.convert("RGB").tobytes()
+
+
+def test_the_demo_model_finds_what_a_phrase_names_in_a_bundled_example(page):
+    upload(page, EXAMPLES / "scene-four-shapes.png")  # a purple triangle, a pink square, a yellow cross, a blue circle
+    choose_task(page, Task.REFERRING_COMPREHENSION)
+    type_into(page, "#phrases textarea", "the blue circle")
+    page.find_element(By.CSS_SELECTOR, "#run").click()
+
+    mark = element(page, "#text .kosmos-text mark.kosmos-entity")
+    assert mark.text == "the blue circle"
+    box = [int(v) for v in mark.get_attribute("title").split(",")]
+    assert iou(box, [134, 0, 221, 87]) >= 0.5  # the circle's true box, from the scene's record
+    shown_image = Image.open(io.BytesIO(httpx.get(element(page, "#annotated img").get_attribute("src")).content))
+    colour = css_rgb(mark.value_of_css_property("background-color"))
+    assert shown_image.convert("RGB").getpixel((box[0], (box[1] + box[3]) // 2)) == colour  # its box, in its colour
 
 
 def test_each_task_shows_the_inputs_it_reads(page):

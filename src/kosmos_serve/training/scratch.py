@@ -204,33 +204,33 @@ def start_with_phrase_lookup(model: Kosmos2ForConditionalGeneration) -> None:
     rows, name_rows = both_rows[:head_dim], both_rows[head_dim:]
     half = width // 2  # the sinusoidal positions: sines in the first half, cosines in the second
 
-    gather = layers[0].self_attn
-    for projection in (gather.q_proj, gather.k_proj, gather.v_proj):
+    layer_zero = layers[0].self_attn  # head 0: the gather; head 1: the name lookup
+    for projection in (layer_zero.q_proj, layer_zero.k_proj, layer_zero.v_proj):
         projection.weight[:head_dim] = 0.0
         projection.bias[:head_dim] = 0.0
     for pair in range(head_dim // 2):
         frequency = pair % 8  # the 8 highest frequencies, repeated: sharp over a few tokens
         omega = 10000 ** (-frequency / (half - 1))
         sine, cosine = 2 * pair, 2 * pair + 1
-        gather.k_proj.weight[sine, frequency] = GATHER_SHARPNESS
-        gather.k_proj.weight[cosine, half + frequency] = GATHER_SHARPNESS
+        layer_zero.k_proj.weight[sine, frequency] = GATHER_SHARPNESS
+        layer_zero.k_proj.weight[cosine, half + frequency] = GATHER_SHARPNESS
         for back in PHRASE_OFFSETS:  # rotate the query's phase back by `back` positions
             c, s = torch.cos(torch.tensor(omega * back)), torch.sin(torch.tensor(omega * back))
-            gather.q_proj.weight[sine, frequency] += GATHER_SHARPNESS * c
-            gather.q_proj.weight[sine, half + frequency] -= GATHER_SHARPNESS * s
-            gather.q_proj.weight[cosine, half + frequency] += GATHER_SHARPNESS * c
-            gather.q_proj.weight[cosine, frequency] += GATHER_SHARPNESS * s
-    gather.v_proj.weight[:head_dim] = rows
-    gather.out_proj.weight[:, :head_dim] = rows.T
+            layer_zero.q_proj.weight[sine, frequency] += GATHER_SHARPNESS * c
+            layer_zero.q_proj.weight[sine, half + frequency] -= GATHER_SHARPNESS * s
+            layer_zero.q_proj.weight[cosine, half + frequency] += GATHER_SHARPNESS * c
+            layer_zero.q_proj.weight[cosine, frequency] += GATHER_SHARPNESS * s
+    layer_zero.v_proj.weight[:head_dim] = rows
+    layer_zero.out_proj.weight[:, :head_dim] = rows.T
 
     name = slice(head_dim, head_dim + len(name_rows))  # head 1 of layer 0
-    for projection in (gather.q_proj, gather.k_proj, gather.v_proj):
+    for projection in (layer_zero.q_proj, layer_zero.k_proj, layer_zero.v_proj):
         projection.weight[head_dim : 2 * head_dim] = 0.0
-    gather.q_proj.weight[name] = LOOKUP_SHARPNESS * name_rows
-    gather.k_proj.weight[name] = LOOKUP_SHARPNESS * name_rows @ turn.T
-    gather.v_proj.weight[name] = name_rows @ turn.T
-    gather.out_proj.weight[:, name] = name_rows.T
-    for projection in (gather.q_proj, gather.k_proj, gather.v_proj):
+    layer_zero.q_proj.weight[name] = LOOKUP_SHARPNESS * name_rows
+    layer_zero.k_proj.weight[name] = LOOKUP_SHARPNESS * name_rows @ turn.T
+    layer_zero.v_proj.weight[name] = name_rows @ turn.T
+    layer_zero.out_proj.weight[:, name] = name_rows.T
+    for projection in (layer_zero.q_proj, layer_zero.k_proj, layer_zero.v_proj):
         projection.bias[name] = 0.0
 
     lookup = layers[LOOKUP_LAYER].self_attn

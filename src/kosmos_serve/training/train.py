@@ -27,9 +27,8 @@ from kosmos_serve.images import load_image
 from kosmos_serve.loading import load_model
 from kosmos_serve.training.config import TrainConfig
 from kosmos_serve.training.patch_supervision import PatchSupervision, box_attention_loss
-from kosmos_serve.training.scratch import LOOKUP_LAYER
 from kosmos_serve.training.records import IGNORE_INDEX, DataError, Example
-from kosmos_serve.training.scratch import build_scratch_model
+from kosmos_serve.training.scratch import LOOKUP_LAYER, build_scratch_model
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 `kosmos-serve train-demo --out DIR` writes the synthetic scenes, trains a Kosmos-2 from scratch
 on them (`--model scratch`'s start, patch supervision and the box-attention loss), scores it on
 scenes of a seed never used in training, and leaves the model in DIR/final with its scores in
-DIR/final/held-out-scores.txt. About 55 minutes on 2 CPU cores; an interrupted run continues
+DIR/final/held-out-scores.txt. 44 minutes on 2 CPU cores; an interrupted run continues
 where it stopped when run again with the same DIR.
 """
 

@@ -10,6 +10,9 @@ args = dict(a.split("=") for a in sys.argv[1:])
 torch.set_num_threads(int(args.get("threads", 1)))
 W = int(args.get("width", 128))
 scratch.SCRATCH_SIZE = {"text_width": W, "text_layers": int(args.get("tl", 3)), "vision_width": W, "vision_layers": 1, "patch_size": 28}
+# The options below build their own starts (`gather`/`turn`/`sharp` are the prototype of the package's
+# scratch.start_with_phrase_lookup), measured on the start as it was before that one: leave it out.
+scratch.start_with_phrase_lookup = lambda model: None
 model, proc = scratch.build_scratch_model(0)
 TIED = float(args.get("tied", 0))  # image tokens also hold TIED x the sum of their words' text embeddings
 SHARP = float(args.get("sharp", 0))  # layer 0, head 0: query and key start as SHARP x one shared projection

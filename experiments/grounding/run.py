@@ -5,7 +5,7 @@ from kosmos_serve.config import EngineSettings
 from kosmos_serve.training.records import read_examples
 from kosmos_serve.training.train import TrainingSet, train
 from kosmos_serve.training.config import TrainConfig
-from kosmos_serve.training import scratch
+from kosmos_serve.training import patch_supervision, scratch
 from kosmos_serve.training.evaluate import evaluate, format_scores
 
 torch.set_num_threads(int(dict(a.split("=") for a in sys.argv[1:]).get("threads", 2)))
@@ -13,6 +13,7 @@ args = dict(a.split("=") for a in sys.argv[1:])
 W = int(args.get("width", 128))
 scratch.SCRATCH_SIZE = {"text_width": W, "text_layers": int(args.get("tl", 3)), "vision_width": W,
                         "vision_layers": int(args.get("vl", 3)), "patch_size": 28}
+patch_supervision.WORDS_WEIGHT = float(args.get("ww", patch_supervision.WORDS_WEIGHT))
 model, processor = scratch.build_scratch_model(0)
 examples = read_examples(args.get("data", "data/shapes-8k/records.jsonl"))
 held = read_examples(args.get("held", "data/shapes-eval/records.jsonl"))

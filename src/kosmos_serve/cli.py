@@ -259,7 +259,7 @@ def train(model, data_file, out, eval_data, steps, batch_size, gradient_accumula
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--threads", type=int, help="Torch intra-op threads (default: all cores).")
 def train_demo(out, threads):
-    """Rebuild the shipped demo model in OUT: data, training from scratch, held-out scores (~45 min, 2 cores).
+    """Rebuild the shipped demo model in OUT: data, training from scratch, held-out scores (~52 min, 2 cores).
 
     Run again with the same OUT to continue an interrupted run.
     """

@@ -147,3 +147,26 @@ def test_word_loss_is_zero_when_image_tokens_hold_their_words():
     held = WORD_CODE_SCALE * (words @ model.get_input_embeddings().weight.detach()) @ supervision.word_turn.T
     assert supervision.word_loss(model, held, [example.image_path]).item() < 1e-8
     assert supervision.word_loss(model, torch.zeros_like(held), [example.image_path]).item() > 0.01
+
+
+def test_patch_words_loss_sums_over_the_vocabulary_from_a_small_start():
+    import math
+
+    from kosmos_serve.training import patch_supervision
+    from kosmos_serve.training.scratch import build_scratch_model
+
+    model, processor = build_scratch_model(0)
+    example = Example(kind="referring", image_path=Path("scene.png"), prompt="<grounding><phrase> the red circle</phrase>",
+                      target="<object><patch_index_0000><patch_index_0528></object>")
+    supervision = patch_supervision.PatchSupervision(model, processor, [example])
+    vocab = supervision.vocab_size
+    with torch.no_grad():  # every patch predicts the prior alone: each word at 1 / vocab, each corner cell at 1 / 32
+        supervision.words.weight.zero_()
+        supervision.corners.weight.zero_()
+        supervision.corners.bias.zero_()
+    features = torch.randn(1, 1 + supervision.side**2, model.config.vision_config.hidden_size)
+    named = supervision.words_of([example.image_path]).sum(-1)  # 3 words on the box's patches, 0 elsewhere
+    per_patch = named * math.log(1 + vocab) + (vocab - named) * math.log(1 + 1 / vocab)
+    expected = patch_supervision.WORDS_WEIGHT * per_patch.mean() + math.log(32)
+    torch.testing.assert_close(supervision.loss(model, features, [example.image_path]), expected, rtol=1e-4, atol=0)
+    assert per_patch.mean() < 10  # the prior keeps the summed loss small at the start (0.69 x vocab without it)

@@ -12,6 +12,7 @@ the saved model is an ordinary Kosmos-2.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +27,10 @@ from transformers.models.kosmos2.processing_kosmos2 import (
 from kosmos_serve.training.records import IGNORE_INDEX, PATCHES_PER_SIDE, Example
 from kosmos_serve.training.scratch import word_space
 
-WORDS_WEIGHT = 10.0  # the words' binary cross-entropy is ~10x smaller than the corners' cross-entropy
+# The words' binary cross-entropy is summed over the vocabulary (one multi-label prediction per patch).
+# Weighed up against the corners: at 10x less (the mean over the vocabulary, as before), patches
+# learnt their object's colour but never its shape (experiments/grounding, "Shapes").
+WORDS_WEIGHT = 2.5
 WORD_CODE_SCALE = 3.0  # image tokens hold their words' embeddings at this scale (`PatchSupervision.word_loss`)
 NormalisedBox = tuple[float, float, float, float]
 
@@ -89,6 +93,8 @@ class PatchSupervision(nn.Module):
         self.objects = grounded_objects(examples, processor)
         self._targets: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
         self.words = nn.Linear(vision.hidden_size, self.vocab_size)
+        with torch.no_grad():  # a patch's prior: each word unlikely, so the summed loss starts small
+            self.words.bias.fill_(-math.log(self.vocab_size))
         self.corners = nn.Linear(vision.hidden_size, 4 * PATCHES_PER_SIDE)
         text = model.config.text_config
         rows, turn = word_space(text.embed_dim, text.embed_dim // text.attention_heads)
@@ -111,14 +117,14 @@ class PatchSupervision(nn.Module):
         return torch.stack([self._targets_of(path)[1] for path in images])
 
     def loss(self, model: Kosmos2ForConditionalGeneration, vision_output: torch.Tensor, images: Sequence[Path]) -> torch.Tensor:
-        """Words (binary cross-entropy) and corner cells (cross-entropy) of every patch of `images`.
+        """Words (binary cross-entropy, summed over the vocabulary) and corner cells (cross-entropy) of every patch of `images`.
 
         `vision_output` is the vision encoder's last hidden state; its patches are read as the
         resampler reads them, after the post-layernorm.
         """
         features = model.vision_model.model.post_layernorm(vision_output[:, 1:])
         words, corners = self.words_of(images).to(features.device), self.corners_of(images).to(features.device)
-        words_loss = nn.functional.binary_cross_entropy_with_logits(self.words(features), words)
+        words_loss = nn.functional.binary_cross_entropy_with_logits(self.words(features), words, reduction="none").sum(-1).mean()
         if not (corners != IGNORE_INDEX).any():  # no patch of these images lies in a grounded box
             return WORDS_WEIGHT * words_loss
         corner_logits = self.corners(features).reshape(-1, PATCHES_PER_SIDE)

@@ -116,12 +116,15 @@ def serve(model, device, dtype, host, port, max_batch_size, workers, quantize):
 @click.option("--top-p", type=float, default=0.9, show_default=True)
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--no-repeat-ngram-size", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Forbid repeating n-grams of this size (the original demo's 3; 0: off, which the demo model's "
+                   "captions of three or more objects need).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as a JSON list.")
 @click.option("--draw", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the annotated image here (with several images: NAME_1.png, NAME_2.png, ...).")
 @model_options
 def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, sample, top_p, temperature, seed,
-            as_json, draw, model, device, dtype, quantize):
+            no_repeat_ngram_size, as_json, draw, model, device, dtype, quantize):
     """Describe and ground IMAGES; prints the text, then each entity with its pixel boxes.
 
     \b
@@ -140,7 +143,7 @@ def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, 
     loaded = [load_image_file(path, settings.max_image_pixels) for path in images]
     task_input = TaskInput(task=task, prompt=prompt, phrases=phrases, boxes=boxes, grounding=not no_grounding)
     params = GenerationParams(max_new_tokens=max_new_tokens, do_sample=sample, top_p=top_p,
-                              temperature=temperature, seed=seed)
+                              temperature=temperature, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size)
     requests = [Request(image, task_input, params) for image in loaded]
     for request in requests:  # refuse bad input before spending seconds on loading the model
         check_request(request, settings)
@@ -278,21 +281,24 @@ def train_demo(out, threads):
 @click.option("--data", "data_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True)
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="Score the model with int8 weights (CPU), to compare with float32.")
-def evaluate(model, data_file, quantize):
+@click.option("--no-repeat-ngram-size", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Forbid repeating n-grams of this size while decoding (the service's default is 3; 0: plain "
+                   "greedy, which a caption of several objects needs).")
+def evaluate(model, data_file, quantize, no_repeat_ngram_size):
     """Score MODEL's grounding on held-out JSONL records (referring IoU>=0.5, caption recall, region exact)."""
     from kosmos_serve.training.records import read_examples
 
     quiet_transformers()
-    click.echo(_scores(model, read_examples(data_file), quantize))
+    click.echo(_scores(model, read_examples(data_file), quantize, no_repeat_ngram_size))
 
 
-def _scores(model, examples, quantize: str = "none") -> str:
+def _scores(model, examples, quantize: str = "none", no_repeat_ngram_size: int = 0) -> str:
     from kosmos_serve.engine import Engine
     from kosmos_serve.training.evaluate import evaluate as score
     from kosmos_serve.training.evaluate import format_scores
 
     engine = Engine(EngineSettings(model=str(model), max_batch_size=32, quantize=quantize))
-    return format_scores(score(engine, examples))
+    return format_scores(score(engine, examples, no_repeat_ngram_size=no_repeat_ngram_size))
 
 
 @main.command()

@@ -139,8 +139,7 @@ def test_concurrent_mixed_requests_each_get_their_own_answer(serve, engine, samp
         body = {"image": base64.b64encode(png_bytes[index]).decode(), "task": task_input.task.value,
                 "prompt": task_input.prompt, "phrases": list(task_input.phrases),
                 "boxes": [list(box) for box in task_input.boxes], "grounding": task_input.grounding,
-                **{key: value for key, value in dataclasses.asdict(params).items()
-                   if value is not None and key != "no_repeat_ngram_size"}}
+                **{key: value for key, value in dataclasses.asdict(params).items() if value is not None}}
         return httpx.post(f"{url}/v1/generate", json=body, timeout=120)
 
     with serve(max_batch_size=4, batch_timeout_ms=200) as url:
@@ -161,6 +160,7 @@ BAD_REQUESTS = [
     ("image", {"task": "referring_generation", "boxes": "[[0, 0, 9000, 10]]"}, 422, "invalid_box"),
     ("image", {"task": "referring_generation", "boxes": "not json"}, 422, "invalid_request"),
     ("image", {"max_new_tokens": "5000"}, 422, "invalid_request"),
+    ("image", {"no_repeat_ngram_size": "-1"}, 422, "invalid_request"),
     ("image", {"temperature": "0"}, 422, "invalid_request"),
     ("image", {"task": "grounded_vqa", "prompt": "why? " * 1000}, 422, "invalid_request"),
     ("image", {"unknown_field": "1"}, 422, "invalid_request"),

@@ -34,13 +34,15 @@ class GenerationFields(BaseModel):
     top_p: float = Field(0.9, description="Nucleus sampling: keep the smallest set of tokens with this probability.")
     num_beams: int = Field(1, description="Beam search width (1: none).")
     seed: int | None = Field(None, description="Seed of a sampled request, for repeatable samples.")
+    no_repeat_ngram_size: int = Field(3, description="Forbid repeating n-grams of this size (the original demo's 3; "
+                                                     "0: off).")
     return_image: bool = Field(False, description="Also return the image with the boxes drawn (base64 PNG).")
     stream: bool = Field(False, description="Answer as server-sent events: `text` pieces, then the `result`.")
 
     def params(self) -> GenerationParams:
         return GenerationParams(
             max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, temperature=self.temperature,
-            top_p=self.top_p, num_beams=self.num_beams, seed=self.seed,
+            top_p=self.top_p, num_beams=self.num_beams, seed=self.seed, no_repeat_ngram_size=self.no_repeat_ngram_size,
         )
 
     def task_input(self, boxes: list[PixelBoxInput]) -> TaskInput:

@@ -4,6 +4,11 @@
 - caption: share of true objects that the brief caption (`<grounding> An image of`) names with the
   same phrase and a box at IoU >= 0.5;
 - region: the description generated for a box equals the true one.
+
+Decoding is greedy. By default without the original demo's no-repeat-3-gram rule (the engine's
+serving default): a caption of several objects repeats 3-grams such as `</object> , <phrase>`, so
+under that rule 103 of 200 held-out scenes' true captions, holding 68% of their objects, cannot
+be generated at all.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from kosmos_serve.tasks import Task, TaskInput
 from kosmos_serve.training.records import Example
 
 IOU_THRESHOLD = 0.5
+PLAIN_GREEDY = 0  # no_repeat_ngram_size that scores the model itself: no n-gram is forbidden
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,8 @@ def true_entities(example: Example) -> list[tuple[str, list]]:
     return [(name.lower(), boxes) for name, _, boxes in entities]
 
 
-def _request(example: Example, image) -> Request:
-    params = GenerationParams(max_new_tokens=64)
+def _request(example: Example, image, no_repeat_ngram_size: int) -> Request:
+    params = GenerationParams(max_new_tokens=64, no_repeat_ngram_size=no_repeat_ngram_size)
     if example.kind == "caption":
         return Request(image, TaskInput(Task.CAPTION), params)
     return Request(image, TaskInput(Task.RAW, prompt=example.prompt, grounding=False), params)
@@ -67,12 +73,13 @@ def _score(example: Example, result) -> Score:
     return Score(hits, len(truth))
 
 
-def evaluate(engine: Engine, examples: Sequence[Example], batch_size: int = 32) -> dict[str, Score]:
-    """Scores per example kind, running the engine in batches."""
+def evaluate(engine: Engine, examples: Sequence[Example], batch_size: int = 32,
+             no_repeat_ngram_size: int = PLAIN_GREEDY) -> dict[str, Score]:
+    """Scores per example kind, running the engine in batches (greedy, forbidding repeated n-grams of that size)."""
     scores: dict[str, Score] = {}
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        requests = [_request(example, load_image(example.image_path)) for example in chunk]
+        requests = [_request(example, load_image(example.image_path), no_repeat_ngram_size) for example in chunk]
         for example, result in zip(chunk, engine.run(requests)):
             scores[example.kind] = scores.get(example.kind, Score()) + _score(example, result)
     return scores

@@ -34,8 +34,8 @@ class GenerationFields(BaseModel):
     top_p: float = Field(0.9, description="Nucleus sampling: keep the smallest set of tokens with this probability.")
     num_beams: int = Field(1, description="Beam search width (1: none).")
     seed: int | None = Field(None, description="Seed of a sampled request, for repeatable samples.")
-    no_repeat_ngram_size: int = Field(3, description="Forbid repeating n-grams of this size (the original demo's 3; "
-                                                     "0: off).")
+    no_repeat_ngram_size: int = Field(GenerationParams.no_repeat_ngram_size,
+                                      description="Forbid repeating n-grams of this size (the original demo's 3; 0: off).")
     return_image: bool = Field(False, description="Also return the image with the boxes drawn (base64 PNG).")
     stream: bool = Field(False, description="Answer as server-sent events: `text` pieces, then the `result`.")
 

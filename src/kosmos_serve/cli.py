@@ -12,7 +12,7 @@ import click
 from pydantic import ValidationError
 
 from kosmos_serve.config import EngineSettings
-from kosmos_serve.errors import InvalidBoxError, KosmosServeError
+from kosmos_serve.errors import InvalidBoxError, InvalidRequestError, KosmosServeError
 from kosmos_serve.tasks import TASK_DESCRIPTIONS, Task
 from kosmos_serve.training.config import TrainConfig
 
@@ -103,22 +103,70 @@ def serve(model, device, dtype, host, port, max_batch_size, workers, quantize):
                    "KOSMOS_HOST": host, "PORT": port, "MAX_BATCH_SIZE": max_batch_size, "NUM_API_SERVERS": workers})
 
 
+TASK_OPTION_FLAGS = {"prompt": "--prompt", "phrases": "--phrase", "boxes": "--box", "grounding": "--no-grounding"}
+
+
+def task_options(command):
+    """--task and its inputs: --prompt, --phrase, --box, --no-grounding."""
+    options = [
+        click.option("--task", help=f"Default: caption, or raw when only --prompt is given (the prompt as given, as POST "
+                          f"/predict uses it).\n\n{TASK_HELP}"),
+        click.option("--prompt", help="Question (grounded_vqa, region_vqa) or whole prompt (raw)."),
+        click.option("--phrase", "phrases", multiple=True, help="A phrase to ground or find; repeat for several."),
+        click.option("--box", "boxes", multiple=True, callback=lambda _c, _p, v: tuple(parse_box(b) for b in v),
+                     help="x1,y1,x2,y2 in image pixels; repeat for several."),
+        click.option("--no-grounding", is_flag=True, help="raw task: do not prepend <grounding>."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def decoding_options(command):
+    """--max-new-tokens, --sample, --top-p, --temperature, --seed, --no-repeat-ngram-size."""
+    options = [
+        click.option("--max-new-tokens", type=int, help="New tokens to generate (default: the model's, else 128)."),
+        click.option("--sample", is_flag=True, help="Sample (top-p, temperature) instead of greedy decoding."),
+        click.option("--top-p", type=float, default=0.9, show_default=True),
+        click.option("--temperature", type=float, default=0.7, show_default=True),
+        click.option("--seed", type=int, help="Seed for sampling."),
+        click.option("--no-repeat-ngram-size", type=int,
+                     help="Forbid repeating n-grams of this size (0: off; default: the model's, else the original "
+                          "demo's 3)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def task_input_from_options(task, prompt, phrases, boxes, no_grounding):
+    """The TaskInput the options ask for; an option the task does not use is an error naming what it takes."""
+    from kosmos_serve.tasks import TASK_INPUTS, TaskInput, parse_task
+
+    if task is None and prompt and not phrases and not boxes:
+        return TaskInput(Task.RAW, prompt=prompt, grounding=False)  # used as given, as POST /predict does
+    task_input = TaskInput(task=task or Task.CAPTION, prompt=prompt, phrases=phrases, boxes=boxes,
+                           grounding=not no_grounding)
+    chosen = parse_task(task_input.task)
+    unused = [TASK_OPTION_FLAGS[name] for name in task_input.given_inputs() if name not in TASK_INPUTS[chosen]]
+    if unused:
+        takes = ", ".join(TASK_OPTION_FLAGS[name] for name in TASK_INPUTS[chosen]) or "no options"
+        raise InvalidRequestError(f"--task {chosen.value} does not use {' or '.join(unused)}; it takes {takes}.")
+    return task_input
+
+
+def generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size):
+    """The GenerationParams the decoding options ask for."""
+    from kosmos_serve.generation import GenerationParams
+
+    return GenerationParams(max_new_tokens=max_new_tokens, do_sample=sample, top_p=top_p, temperature=temperature,
+                            seed=seed, no_repeat_ngram_size=no_repeat_ngram_size)
+
+
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--task", default=Task.CAPTION.value, show_default=True, help=TASK_HELP)
-@click.option("--prompt", help="Question (grounded_vqa, region_vqa) or whole prompt (raw).")
-@click.option("--phrase", "phrases", multiple=True, help="A phrase to ground or find; repeat for several.")
-@click.option("--box", "boxes", multiple=True, callback=lambda _c, _p, v: tuple(parse_box(b) for b in v),
-              help="x1,y1,x2,y2 in image pixels; repeat for several.")
-@click.option("--no-grounding", is_flag=True, help="raw task: do not prepend <grounding>.")
-@click.option("--max-new-tokens", type=int, help="New tokens to generate (default from settings: 128).")
-@click.option("--sample", is_flag=True, help="Sample (top-p, temperature) instead of greedy decoding.")
-@click.option("--top-p", type=float, default=0.9, show_default=True)
-@click.option("--temperature", type=float, default=0.7, show_default=True)
-@click.option("--seed", type=int, help="Seed for sampling.")
-@click.option("--no-repeat-ngram-size", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Forbid repeating n-grams of this size (the original demo's 3; 0: off, which the demo model's "
-                   "captions of three or more objects need).")
+@task_options
+@decoding_options
 @click.option("--json", "as_json", is_flag=True, help="Print results as a JSON list.")
 @click.option("--draw", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the annotated image here (with several images: NAME_1.png, NAME_2.png, ...).")
@@ -132,18 +180,17 @@ def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, 
       kosmos-serve predict snowman.png
       kosmos-serve predict snowman.png --task phrase_grounding --phrase "a snowman"
       kosmos-serve predict snowman.png --task referring_generation --box 250,22,630,397
+      kosmos-serve predict snowman.png --prompt "<grounding> Describe this image in detail:"
     """
-    from kosmos_serve.engine import Engine, GenerationParams, Request, check_request
+    from kosmos_serve.engine import Engine, Request, check_request
     from kosmos_serve.loading import set_threads
-    from kosmos_serve.tasks import TaskInput
 
     flags = {"model": model, "device": device, "dtype": dtype, "quantize": quantize}
     settings = EngineSettings(**{key: value for key, value in flags.items() if value})
     set_threads(settings.threads)
+    task_input = task_input_from_options(task, prompt, phrases, boxes, no_grounding)
+    params = generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size)
     loaded = [load_image_file(path, settings.max_image_pixels) for path in images]
-    task_input = TaskInput(task=task, prompt=prompt, phrases=phrases, boxes=boxes, grounding=not no_grounding)
-    params = GenerationParams(max_new_tokens=max_new_tokens, do_sample=sample, top_p=top_p,
-                              temperature=temperature, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size)
     requests = [Request(image, task_input, params) for image in loaded]
     for request in requests:  # refuse bad input before spending seconds on loading the model
         check_request(request, settings)

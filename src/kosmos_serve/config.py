@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kosmos_serve.generation import MAX_NEW_TOKENS_LIMIT, MaxNewTokens, NoRepeatNgramSize
+
 DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
 
 
@@ -28,7 +30,14 @@ class EngineSettings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, description="Most prompts generated together in one batch.")
     image_cache_size: int = Field(128, ge=0, description="Images whose vision features are kept (0: no cache).")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest accepted image, in pixels.")
-    max_new_tokens: int = Field(128, ge=1, description="New tokens generated when a request does not say.")
-    max_new_tokens_cap: int = Field(1024, ge=1, description="Most new tokens a request may ask for.")
+    max_new_tokens: MaxNewTokens | None = Field(
+        None, description="New tokens generated when a request does not say (unset: the model's default, else 128)."
+    )
+    no_repeat_ngram_size: NoRepeatNgramSize | None = Field(
+        None, description="Default of no_repeat_ngram_size (unset: the model's default, else the original demo's 3)."
+    )
+    max_new_tokens_cap: int = Field(
+        1024, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Most new tokens a request may ask for."
+    )
     max_prompt_chars: int = Field(2000, ge=1, description="Longest accepted prompt or question, in characters.")
 

@@ -20,9 +20,16 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.errors import InvalidRequestError
+from kosmos_serve.generation import (
+    GenerationParams,
+    ModelDefaults,
+    generation_kwargs,
+    read_model_defaults,
+    resolve_defaults,
+)
 from kosmos_serve.grounding import Entity, GroundedText, parse_generation, render_markdown
 from kosmos_serve.images import image_digest
-from kosmos_serve.loading import load_model
+from kosmos_serve.loading import load_model, resolve_source
 from kosmos_serve.tasks import PromptSpec, Task, TaskInput, build_prompts, parse_task
 
 # Token ids do not depend on pixels: tokenising against this placeholder runs the processor's own
@@ -34,33 +41,6 @@ def tokenise(processor, text: str, bboxes=None) -> tuple[list[int], list[int]]:
     """Token ids and image-position mask of a prompt, exactly as the processor makes them with an image."""
     encoded = processor(text=text, images=_TOKENISATION_PLACEHOLDER, bboxes=bboxes)
     return encoded["input_ids"], encoded["image_embeds_position_mask"]
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Decoding settings; the defaults are the original demo's (greedy, no 3-gram repeats)."""
-
-    max_new_tokens: int | None = None  # None: the engine's configured default
-    do_sample: bool = False
-    temperature: float = 0.7
-    top_p: float = 0.9
-    num_beams: int = 1
-    no_repeat_ngram_size: int = 3
-    seed: int | None = None
-
-    def validate(self, max_new_tokens_cap: int) -> None:
-        """Raise InvalidRequestError naming the first parameter out of range."""
-        checks = [
-            (self.max_new_tokens is None or 1 <= self.max_new_tokens <= max_new_tokens_cap,
-             f"max_new_tokens must be between 1 and {max_new_tokens_cap}"),
-            (self.temperature > 0, "temperature must be above 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (1 <= self.num_beams <= 8, "num_beams must be between 1 and 8"),
-            (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be 0 (off) or more"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InvalidRequestError(f"{message}.")
 
 
 @dataclass(frozen=True)
@@ -174,6 +154,9 @@ class Engine:
     def __init__(self, settings: EngineSettings | None = None):
         self.settings = settings or EngineSettings()
         self.model, self.processor = load_model(self.settings)
+        operator = ModelDefaults(max_new_tokens=self.settings.max_new_tokens,
+                                 no_repeat_ngram_size=self.settings.no_repeat_ngram_size)
+        self.defaults = resolve_defaults(operator, read_model_defaults(resolve_source(self.settings.model)))
         self.device = self.model.device
         self.dtype = self.model.dtype
         self.cache = ImageFeatureCache(self.settings.image_cache_size)
@@ -254,13 +237,21 @@ class Engine:
         pixel_values = self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
         return image_features(self.model, pixel_values.to(self.device, self.dtype))
 
+    def with_defaults(self, params: GenerationParams) -> GenerationParams:
+        """`params` with each field left to the default (None) filled in from `self.defaults`."""
+        return dataclasses.replace(
+            params,
+            max_new_tokens=params.max_new_tokens or self.defaults.max_new_tokens,
+            no_repeat_ngram_size=(self.defaults.no_repeat_ngram_size if params.no_repeat_ngram_size is None
+                                  else params.no_repeat_ngram_size),
+        )
+
     def _groups(self, requests: Sequence[Request], rows: list[_Row]) -> list[tuple[GenerationParams, list[_Row]]]:
         """Rows that may share a batch: same parameters; a sampled request always alone (its own seed)."""
         groups: dict[tuple[GenerationParams, int | None], list[_Row]] = {}
         for row in rows:
             params = requests[row.request_index].params
-            if params.max_new_tokens is None:
-                params = dataclasses.replace(params, max_new_tokens=self.settings.max_new_tokens)
+            params = self.with_defaults(params)
             alone = row.request_index if params.do_sample else None
             groups.setdefault((params, alone), []).append(row)
         return [(params, group) for (params, _), group in groups.items()]
@@ -334,19 +325,6 @@ def check_request(request: Request, settings: EngineSettings) -> list[PromptSpec
         if len(text) > limit:
             raise InvalidRequestError(f"A prompt or phrase is {len(text)} characters long; the limit is {limit}.")
     return build_prompts(request.task, *request.image.size)
-
-
-def generation_kwargs(params: GenerationParams) -> dict:
-    """`generate` keyword arguments for `params` (sampling knobs only when sampling)."""
-    kwargs = {
-        "max_new_tokens": params.max_new_tokens,
-        "num_beams": params.num_beams,
-        "no_repeat_ngram_size": params.no_repeat_ngram_size,
-        "do_sample": params.do_sample,
-    }
-    if params.do_sample:
-        kwargs.update(temperature=params.temperature, top_p=params.top_p)
-    return kwargs
 
 
 def combine_detections(rows: list[_Row]) -> GroundedText:

@@ -78,8 +78,33 @@ class RequestTimeoutError(KosmosServeError):
     code = "timeout"
 
 
+class ClientGoneError(KosmosServeError):
+    """The client disconnected before its answer was ready (nginx's 499); nobody reads this answer."""
+
+    status = 499
+    code = "client_closed_request"
+
+
 class UnauthorizedError(KosmosServeError):
     """The API key is missing or wrong."""
 
     status = 401
     code = "unauthorized"
+
+
+def describe_validation_errors(problems: list[dict]) -> str:
+    """Pydantic's error list as one line for people: `field: what is wrong` per problem, never the input's repr.
+
+    >>> describe_validation_errors([{"loc": ("body", "temperature"), "msg": "Input should be a finite number",
+    ...                              "type": "finite_number"}])
+    'temperature: Input should be a finite number'
+    """
+    lines = []
+    for problem in problems:
+        location = [str(part) for part in problem.get("loc", ()) if part not in ("body", "query", "form")]
+        field = ".".join(location) or "body"
+        message = problem["msg"]
+        if problem.get("type") == "value_error" and "UploadFile" in message:  # FastAPI's check of a file field
+            message = f"must be a file, sent as a multipart/form-data file part (curl -F {field}=@image.png)"
+        lines.append(f"{field}: {message}")
+    return "; ".join(lines)

@@ -58,6 +58,20 @@ TASK_DESCRIPTIONS = {
 }
 
 
+# The inputs each task reads; any other input given to it is refused, never ignored.
+TASK_INPUTS: dict[Task, tuple[str, ...]] = {
+    Task.CAPTION: (),
+    Task.DETAILED_CAPTION: (),
+    Task.PHRASE_GROUNDING: ("phrases",),
+    Task.REFERRING_COMPREHENSION: ("phrases",),
+    Task.REFERRING_GENERATION: ("boxes",),
+    Task.GROUNDED_VQA: ("prompt",),
+    Task.REGION_VQA: ("prompt", "phrases", "boxes"),
+    Task.DETECTION: ("phrases",),
+    Task.RAW: ("prompt", "boxes", "grounding"),
+}
+
+
 @dataclass(frozen=True)
 class TaskInput:
     """What a caller asks for: a task and the inputs it needs (boxes in image pixels)."""
@@ -67,6 +81,25 @@ class TaskInput:
     phrases: tuple[str, ...] = ()
     boxes: tuple[tuple[float, float, float, float], ...] = ()
     grounding: bool = True
+
+    def given_inputs(self) -> list[str]:
+        """The inputs set here, by the names of TASK_INPUTS (`grounding` counts when it is turned off).
+
+        >>> TaskInput("raw", prompt="Hi", grounding=False).given_inputs()
+        ['prompt', 'grounding']
+        """
+        given = {"prompt": bool(self.prompt), "phrases": bool(self.phrases), "boxes": bool(self.boxes),
+                 "grounding": not self.grounding}
+        return [name for name, is_given in given.items() if is_given]
+
+
+def unused_inputs(request: TaskInput) -> list[str]:
+    """The inputs `request` gives that its task does not read.
+
+    >>> unused_inputs(TaskInput("caption", prompt="<grounding> Describe this image:"))
+    ['prompt']
+    """
+    return [name for name in request.given_inputs() if name not in TASK_INPUTS[parse_task(request.task)]]
 
 
 @dataclass(frozen=True)
@@ -106,6 +139,11 @@ def validate_box(box: tuple[float, ...], width: int, height: int) -> NormalisedB
 def build_prompts(request: TaskInput, width: int, height: int) -> list[PromptSpec]:
     """The model inputs for one request on a `width` x `height` image (several only for detection)."""
     task = parse_task(request.task)
+    unused = unused_inputs(request)
+    if unused:
+        takes = ", ".join(TASK_INPUTS[task]) or "no inputs"
+        own_prompt = "; to send a prompt of your own, use task 'raw'" if "prompt" in unused else ""
+        raise InvalidRequestError(f"Task {task.value!r} does not use {' or '.join(unused)} (it takes {takes}){own_prompt}.")
     phrases = tuple(_check_phrase(p) for p in request.phrases)
     boxes = [validate_box(tuple(b), width, height) for b in request.boxes]
     builder = _BUILDERS[task]
@@ -126,13 +164,8 @@ def _require(condition: bool, message: str) -> None:
         raise InvalidRequestError(message)
 
 
-def _no_extra_boxes(task: Task, boxes: list) -> None:
-    _require(not boxes, f"Task {task.value!r} takes no boxes.")
-
-
 def _caption(text: str):
     def build(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
-        _no_extra_boxes(parse_task(request.task), boxes)
         return [PromptSpec(text)]
 
     return build
@@ -141,7 +174,6 @@ def _caption(text: str):
 def _single_phrase(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
     task = parse_task(request.task)
     _require(len(phrases) == 1, f"Task {task.value!r} needs exactly one phrase (--phrase); got {len(phrases)}.")
-    _no_extra_boxes(task, boxes)
     return [PromptSpec(f"{GROUNDING_TAG}<phrase> {phrases[0]}</phrase>")]
 
 
@@ -157,7 +189,6 @@ def _question(request: TaskInput) -> str:
 
 
 def _grounded_vqa(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
-    _no_extra_boxes(Task.GROUNDED_VQA, boxes)
     return [PromptSpec(f"{GROUNDING_TAG} Question: {_question(request)} Answer:")]
 
 
@@ -177,7 +208,6 @@ def _region_vqa(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
 
 def _detection(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
     _require(bool(phrases), "Task 'detection' needs at least one phrase to look for (--phrase).")
-    _no_extra_boxes(Task.DETECTION, boxes)
     return [PromptSpec(f"{GROUNDING_TAG}<phrase> {p}</phrase>", phrase=p) for p in phrases]
 
 

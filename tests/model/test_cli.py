@@ -70,6 +70,15 @@ def test_predict_draws_the_annotated_image(image_file, tiny_model_dir, tmp_path)
         (["--task", "referring_generation", "--box", "0,0,700,100"], "outside the 640x480 image"),
         (["--task", "referring_generation", "--box", "1,2"], "is not a box"),
         (["--max-new-tokens", "0"], "max_new_tokens must be between 1"),
+        (["--sample", "--temperature", "inf"], "temperature: Input should be a finite number"),
+        (["--sample", "--seed", str(2**64)], "seed: Input should be less than or equal to"),
+        (["--task", "caption", "--prompt", "<grounding> Hi"], "--task caption does not use --prompt; it takes no options"),
+        (["--task", "phrase_grounding", "--phrase", "a dog", "--box", "1,1,5,5"],
+         "--task phrase_grounding does not use --box; it takes --phrase."),
+        (["--no-grounding"], "--task caption does not use --no-grounding"),
+        (["--prompt", "Where?", "--phrase", "a dog"], "--task caption does not use --prompt or --phrase"),
+        (["--task", "grounded_vqa", "--prompt", "Why?", "--box", "1,1,5,5"],
+         "--task grounded_vqa does not use --box; it takes --prompt."),
     ],
 )
 def test_bad_requests_exit_1_with_one_clear_line(image_file, tiny_model_dir, extra, message):
@@ -77,6 +86,15 @@ def test_bad_requests_exit_1_with_one_clear_line(image_file, tiny_model_dir, ext
     assert result.exit_code == 1
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_prompt_alone_is_sent_as_given(image_file, tiny_model_dir):
+    prompt = "<grounding> Describe this image:"
+    result = invoke("predict", image_file, "--model", tiny_model_dir, "--prompt", prompt, "--max-new-tokens", 4,
+                    "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)[0]
+    assert answer["task"] == "raw" and answer["prompt"] == prompt
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,10 @@ def test_image_feature_cache_is_a_bounded_lru():
         (GenerationParams(temperature=0), "temperature"),
         (GenerationParams(top_p=1.5), "top_p"),
         (GenerationParams(num_beams=0), "num_beams"),
+        (GenerationParams(do_sample=True, temperature=float("inf")), "temperature: Input should be a finite number"),
+        (GenerationParams(do_sample=True, temperature=1e-300), "temperature: Input should be greater than or equal to"),
+        (GenerationParams(do_sample=True, seed=2**64), "seed: Input should be less than or equal to"),
+        (GenerationParams(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
     ],
 )
 def test_bad_generation_parameters_are_refused(engine, sample_images, params, message):

@@ -12,7 +12,7 @@ from kosmos_serve.server.settings import ServerSettings
 def test_the_reference_variables_keep_their_names_and_defaults(monkeypatch):
     defaults = ServerSettings()
     assert (defaults.port, defaults.log_level, defaults.num_api_servers, defaults.max_batch_size) == (8000, "INFO", 1, 2)
-    assert defaults.default_prompt == "<grounding> Describe this image:"
+    assert defaults.default_prompt is None  # unset: the model's own default prompt, else the reference's
     for name, value in {"PORT": "9001", "LOG_LEVEL": "DEBUG", "NUM_API_SERVERS": "3", "MAX_BATCH_SIZE": "5",
                         "DEFAULT_PROMPT": "<grounding> Hi"}.items():
         monkeypatch.setenv(name, value)
@@ -36,5 +36,7 @@ def test_serve_runs_the_service_from_environment_variables(tiny_model_dir, png_b
     output = service.output
     assert answer.status_code == 200 and set(answer.json()) == {"output", "generated_text", "entities"}
     assert info["limits"]["max_batch_size"] == 4 and info["model"] == str(tiny_model_dir)
+    assert info["defaults"] == {"default_prompt": "<grounding> Describe this image:", "max_new_tokens": 128,
+                                "no_repeat_ngram_size": 3}  # the tiny model carries none: the reference's
     assert "Application shutdown complete" in output  # SIGTERM stops it gracefully (uvicorn re-raises it after)
     assert "POST /predict -> 200" in output and "] POST /predict" in output  # access log with a request id

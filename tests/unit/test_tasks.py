@@ -84,7 +84,11 @@ def test_bad_boxes_say_what_is_wrong(box, message):
         ("detection", {"phrases": ("a <tag>",)}, "reserves for its tags"),
         ("raw", {}, "needs a prompt"),
         ("raw", {"prompt": "no phrase here", "boxes": ((0, 0, 9, 9),)}, "0 <phrase>"),
-        ("caption", {"boxes": ((0, 0, 9, 9),)}, "takes no boxes"),
+        ("caption", {"boxes": ((0, 0, 9, 9),)}, r"Task 'caption' does not use boxes \(it takes no inputs\)\.$"),
+        ("caption", {"prompt": "<grounding> Describe this image:"}, "does not use prompt .*use task 'raw'"),
+        ("phrase_grounding", {"phrases": ("a",), "prompt": "Hi"}, r"does not use prompt \(it takes phrases\)"),
+        ("grounded_vqa", {"prompt": "Why?", "phrases": ("a",), "grounding": False},
+         r"does not use phrases or grounding \(it takes prompt\)"),
     ],
 )
 def test_bad_task_inputs_say_what_is_missing(task, inputs, message):

@@ -22,13 +22,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.demo import mount_demo
-from kosmos_serve.engine import Engine, GenerationParams
+from kosmos_serve.engine import Engine
 from kosmos_serve.errors import (
     KosmosServeError,
     PayloadTooLargeError,
     ServiceBusyError,
     UnauthorizedError,
+    describe_validation_errors,
 )
+from kosmos_serve.generation import GenerationParams
 from kosmos_serve.loading import quiet_transformers, set_threads
 from kosmos_serve.server.batcher import Batcher
 from kosmos_serve.server.metrics import Metrics
@@ -62,6 +64,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = state
+    _declare_configured_cap(app, state.engine_settings.max_new_tokens_cap)
     app.include_router(router)
     _add_error_handlers(app)
     app.middleware("http")(_observe_and_authorise)
@@ -69,6 +72,22 @@ def create_app(
     if state.settings.demo:
         mount_demo(app, state)  # the Gradio page at /demo, on this app's model
     return app
+
+
+def _declare_configured_cap(app: FastAPI, max_new_tokens_cap: int) -> None:
+    """OpenAPI states the configured cap as `max_new_tokens`' maximum (the schemas know only the model's context)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            for schema in build().get("components", {}).get("schemas", {}).values():
+                field = schema.get("properties", {}).get("max_new_tokens", {})
+                for option in [field, *field.get("anyOf", [])]:
+                    if "maximum" in option:
+                        option["maximum"] = max_new_tokens_cap
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def app_from_environment() -> FastAPI:
@@ -156,11 +175,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in problem['loc'][1:]) or 'body'}: {problem['msg']}"
-            for problem in error.errors()
-        )
-        return JSONResponse({"error": {"code": "invalid_request", "message": problems}}, 422)
+        message = describe_validation_errors(error.errors())
+        return JSONResponse({"error": {"code": "invalid_request", "message": message}}, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
@@ -175,7 +191,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class BodySizeLimit:
-    """ASGI middleware: a body over `max_bytes` is refused with 413, by its Content-Length or as it streams in."""
+    """ASGI middleware: a body over `max_bytes` is refused with 413, by its Content-Length or as it streams in.
+
+    A body sent without a length (chunked) is counted as it arrives; once over the limit, reading it
+    fails, and whatever the app answers to that failure (a parser's 400, say) is replaced by the 413.
+    """
 
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -189,16 +209,30 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await error_response(too_large)(scope, receive, send)
         received = 0
+        exceeded = answered = False
 
         async def counted_receive():
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
+                exceeded = True
                 raise too_large
             return message
 
-        return await self.app(scope, counted_receive, send)
+        async def send_413_once_exceeded(message):
+            nonlocal answered
+            if not exceeded:
+                return await send(message)
+            if not answered:  # the app's own answer to the failed read is dropped, start and body alike
+                answered = True
+                await error_response(too_large)(scope, receive, send)
+
+        try:
+            await self.app(scope, counted_receive, send_413_once_exceeded)
+        except PayloadTooLargeError:
+            if not answered:
+                await error_response(too_large)(scope, receive, send)
 
 
 def configure_logging(level: str) -> None:

@@ -5,7 +5,7 @@ thread runs it. Requests queue in arrival order. The first waits up to `batch_ti
 (at most `max_batch_size`); the engine then groups them by generation parameters, so requests
 that cannot share a batch still run apart, and every request gets its own answer. A streamed
 request runs alone, token by token. A request whose caller has gone (timed out or disconnected)
-is dropped before it runs.
+is dropped before it runs; a stream whose client left stops after the current token.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kosmos_serve.engine import Engine, Request, Result
-from kosmos_serve.errors import KosmosServeError, ServiceBusyError
+from kosmos_serve.errors import ClientGoneError, KosmosServeError, ServiceBusyError
 
 logger = logging.getLogger(__name__)
 
@@ -78,35 +78,59 @@ class Batcher:
         self._pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, request: Request, timeout: float | None = None) -> Result:
-        """Queue `request` and wait for its result (asyncio.TimeoutError after `timeout` seconds)."""
+    async def submit(
+        self, request: Request, timeout: float | None = None, client_gone: Callable[[], Awaitable[None]] | None = None
+    ) -> Result:
+        """Queue `request` and wait for its result.
+
+        TimeoutError after `timeout` seconds; ClientGoneError as soon as `client_gone()` completes. Either
+        way a job that has not started yet is dropped and never runs.
+        """
         job = self._enqueue(request)
+        gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout)
+            done, _ = await asyncio.wait({job.future} | ({gone} if gone else set()), timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if job.future in done:
+                return job.future.result()
+            if gone in done:
+                raise ClientGoneError("The client disconnected before its answer was ready.")
+            raise TimeoutError
         finally:
             job.cancelled = True  # a no-op once done; drops the job if its caller gave up first
+            if gone is not None:
+                gone.cancel()
 
-    def stream(self, request: Request) -> AsyncGenerator[str | Result, None]:
+    def stream(
+        self, request: Request, client_gone: Callable[[], Awaitable[None]] | None = None
+    ) -> AsyncGenerator[str | Result, None]:
         """Queue `request` to run alone; the iterator yields each piece of text as generated, then the result.
 
-        Queued at once (a full queue raises here). Closing the iterator early (the client left)
-        stops generation after the current token.
+        Queued at once (a full queue raises here). Closing the iterator early, or `client_gone`
+        completing, drops the job if it is still queued and otherwise stops generation after the
+        current token.
         """
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         job = self._enqueue(request, on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
-        return self._relay(job, pieces)
+        return self._relay(job, pieces, client_gone)
 
     @staticmethod
-    async def _relay(job: _Job, pieces: asyncio.Queue[str]) -> AsyncGenerator[str | Result, None]:
+    async def _relay(
+        job: _Job, pieces: asyncio.Queue[str], client_gone: Callable[[], Awaitable[None]] | None
+    ) -> AsyncGenerator[str | Result, None]:
+        gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
         try:
             while True:
                 piece = asyncio.ensure_future(pieces.get())
-                await asyncio.wait({piece, job.future}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({piece, job.future} | ({gone} if gone else set()),
+                                   return_when=asyncio.FIRST_COMPLETED)
                 if piece.done():
                     yield piece.result()
                     continue
                 piece.cancel()
+                if not job.future.done():  # the client left
+                    return
                 while not pieces.empty():
                     yield pieces.get_nowait()
                 yield job.future.result()
@@ -114,6 +138,8 @@ class Batcher:
         finally:
             job.cancelled = True
             job.stop_event.set()
+            if gone is not None:
+                gone.cancel()
 
     def _enqueue(self, request: Request, on_text: Callable[[str], None] | None = None) -> _Job:
         if len(self._pending) >= self.max_queue:
@@ -127,19 +153,19 @@ class Batcher:
     async def _serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._arrived.wait()
             self._drop_abandoned()
-            if not self._pending:
+            if not self._pending:  # sleep only on an empty queue: no arrival can be missed
                 self._arrived.clear()
+                await self._arrived.wait()
                 continue
             if not self._pending[0].streamed:
                 await self._wait_for_company()
+                self._drop_abandoned()
+                if not self._pending:
+                    continue
             batch = self._take_batch()
             self.observer.queue_depth(len(self._pending))
-            if not self._pending:
-                self._arrived.clear()
-            if batch:
-                await loop.run_in_executor(self._executor, self._run, loop, batch)
+            await loop.run_in_executor(self._executor, self._run, loop, batch)
 
     async def _wait_for_company(self) -> None:
         """Let the first request wait up to `batch_timeout` for others to share its batch."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -69,8 +69,8 @@ async def predict(
 ):
     state = _state(request)
     image = await _read_image(state, await content.read())
-    task = TaskInput("raw", prompt or state.settings.default_prompt, grounding=False)
-    result = await state.generate(EngineRequest(image, task))
+    task = TaskInput("raw", prompt or state.default_prompt, grounding=False)
+    result = await state.generate(EngineRequest(image, task), functools.partial(client_gone, request))
     return predict_body(result)
 
 
@@ -81,7 +81,7 @@ async def predict(
 async def generate_json(request: Request, body: GenerateJSON):
     state = _state(request)
     image = await _read_image(state, decode_base64_image(body.image))
-    return await _generate(state, image, body, body.boxes)
+    return await _generate(request, image, body, body.boxes)
 
 
 @router.post(
@@ -95,7 +95,7 @@ async def generate_json(request: Request, body: GenerateJSON):
 async def generate_upload(request: Request, fields: Annotated[GenerateForm, Form()]):
     state = _state(request)
     decoded = await _read_image(state, await fields.image.read())
-    return await _generate(state, decoded, fields, fields.boxes)
+    return await _generate(request, decoded, fields, fields.boxes)
 
 
 @router.get("/v1/tasks", tags=["v1"], summary="The tasks and the inputs each needs.")
@@ -128,11 +128,16 @@ async def info(request: Request):
             "max_upload_bytes": state.settings.max_upload_bytes,
             "max_image_pixels": limits.max_image_pixels,
             "max_prompt_chars": limits.max_prompt_chars,
-            "default_max_new_tokens": limits.max_new_tokens,
+            "default_max_new_tokens": engine.defaults.max_new_tokens if engine else limits.max_new_tokens,
             "max_new_tokens_cap": limits.max_new_tokens_cap,
             "max_batch_size": state.settings.max_batch_size,
             "max_queue": state.settings.max_queue,
             "request_timeout_s": state.settings.request_timeout_s,
+        },
+        "defaults": {  # request fields override them; see kosmos_serve.generation for where each comes from
+            "default_prompt": state.default_prompt,
+            "max_new_tokens": engine.defaults.max_new_tokens if engine else limits.max_new_tokens,
+            "no_repeat_ngram_size": engine.defaults.no_repeat_ngram_size if engine else limits.no_repeat_ngram_size,
         },
         "tasks": [task.value for task in TASK_DESCRIPTIONS],
     }
@@ -148,18 +153,28 @@ async def _read_image(state: ServiceState, data: bytes) -> Image.Image:
     return await run_in_threadpool(functools.partial(load_image, data, max_pixels=state.engine_settings.max_image_pixels))
 
 
-async def _generate(state: ServiceState, image: Image.Image, fields: GenerationFields, boxes: list[PixelBoxInput]):
+async def client_gone(request: Request) -> None:
+    """Returns once the HTTP client has disconnected (call it after the body has been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _generate(http_request: Request, image: Image.Image, fields: GenerationFields, boxes: list[PixelBoxInput]):
+    state = _state(http_request)
     request = EngineRequest(image, fields.task_input(boxes), fields.params())
     if fields.stream:
-        return _stream(state, request, fields.return_image)
-    result = await state.generate(request)  # drawing and PNG encoding stay off the event loop:
+        return _stream(state, request, fields.return_image, functools.partial(client_gone, http_request))
+    result = await state.generate(request, functools.partial(client_gone, http_request))
+    # drawing and PNG encoding stay off the event loop:
     return JSONResponse(await run_in_threadpool(response_body, result, image if fields.return_image else None))
 
 
-def _stream(state: ServiceState, request: EngineRequest, return_image: bool) -> EventSourceResponse:
+def _stream(
+    state: ServiceState, request: EngineRequest, return_image: bool, gone: Callable[[], Awaitable[None]]
+) -> EventSourceResponse:
     batcher = state.ready_batcher()
     check_request(request, state.engine_settings)
-    pieces = batcher.stream(request)  # queued now: a full queue is a 503 before the stream starts
+    pieces = batcher.stream(request, gone)  # queued now: a full queue is a 503 before the stream starts
 
     async def events() -> AsyncIterator[bytes]:
         try:

@@ -5,21 +5,27 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from typing import Annotated
 
 from fastapi import UploadFile
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, Json
 
 from kosmos_serve.drawing import draw_entities
-from kosmos_serve.engine import GenerationParams, Result
+from kosmos_serve.engine import Result
 from kosmos_serve.errors import InvalidImageError
+from kosmos_serve.generation import GenerationParams, MaxNewTokens, NoRepeatNgramSize, NumBeams, Seed, Temperature, TopP
 from kosmos_serve.tasks import Task, TaskInput
 
-PixelBoxInput = tuple[float, float, float, float]
+PixelCoordinate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+PixelBoxInput = tuple[PixelCoordinate, PixelCoordinate, PixelCoordinate, PixelCoordinate]
 
 
 class GenerationFields(BaseModel):
-    """Everything about a generation request except the image and its boxes."""
+    """Everything about a generation request except the image and its boxes.
+
+    Numeric fields carry the engine's own ranges (`kosmos_serve.generation`), so the schema states what is valid.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -28,14 +34,18 @@ class GenerationFields(BaseModel):
     phrases: list[str] = Field([], description="Phrases to ground (phrase_grounding, referring_comprehension, "
                                                "detection) or the phrases of a region_vqa question.")
     grounding: bool = Field(True, description="raw task only: add `<grounding>` to the prompt.")
-    max_new_tokens: int | None = Field(None, description="New tokens at most (default and cap: GET /info).")
+    max_new_tokens: MaxNewTokens | None = Field(
+        None, description="New tokens at most (unset: the model's default; the cap is in GET /info)."
+    )
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
-    temperature: float = Field(0.7, description="Sampling temperature.")
-    top_p: float = Field(0.9, description="Nucleus sampling: keep the smallest set of tokens with this probability.")
-    num_beams: int = Field(1, description="Beam search width (1: none).")
-    seed: int | None = Field(None, description="Seed of a sampled request, for repeatable samples.")
-    no_repeat_ngram_size: int = Field(GenerationParams.no_repeat_ngram_size,
-                                      description="Forbid repeating n-grams of this size (the original demo's 3; 0: off).")
+    temperature: Temperature = 0.7
+    top_p: TopP = 0.9
+    num_beams: NumBeams = 1
+    seed: Seed | None = None
+    no_repeat_ngram_size: NoRepeatNgramSize | None = Field(
+        None, description="Forbid repeating n-grams of this size (0: off; unset: the model's default, else the "
+                          "original demo's 3)."
+    )
     return_image: bool = Field(False, description="Also return the image with the boxes drawn (base64 PNG).")
     stream: bool = Field(False, description="Answer as server-sent events: `text` pieces, then the `result`.")
 

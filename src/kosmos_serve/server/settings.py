@@ -23,9 +23,10 @@ class ServerSettings(BaseSettings):
         2, ge=1, validation_alias="MAX_BATCH_SIZE",
         description="Most concurrent requests run as one batch (the reference's default; 8 for throughput).",
     )
-    default_prompt: str = Field(
-        "<grounding> Describe this image:", validation_alias="DEFAULT_PROMPT",
-        description="Prompt of `POST /predict` when the request sends none.",
+    default_prompt: str | None = Field(
+        None, min_length=1, validation_alias="DEFAULT_PROMPT",
+        description="Prompt of `POST /predict` when the request sends none (unset: the model's `default_prompt`, "
+                    "else the reference's `<grounding> Describe this image:`).",
     )
     batch_timeout_ms: float = Field(10.0, ge=0, description="How long the first request of a batch waits for others.")
     max_queue: int = Field(64, ge=1, description="Requests waiting at most; beyond it: 503 with Retry-After.")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine import Engine, Request, Result, check_request
 from kosmos_serve.errors import ModelLoadError, RequestTimeoutError, ServiceBusyError
+from kosmos_serve.generation import REFERENCE_DEFAULT_PROMPT
 from kosmos_serve.server.batcher import Batcher
 from kosmos_serve.server.metrics import Metrics
 from kosmos_serve.server.settings import ServerSettings
@@ -33,12 +35,23 @@ class ServiceState:
             raise ModelLoadError(self.load_error)
         raise ServiceBusyError("The model is still loading; try again shortly.", retry_after=LOADING_RETRY_AFTER)
 
-    async def generate(self, request: Request) -> Result:
-        """Validate now (a bad request never reaches a batch), then queue and wait, within the time limit."""
+    @property
+    def default_prompt(self) -> str:
+        """`POST /predict`'s prompt when none is sent: DEFAULT_PROMPT if set, else the model's, else the reference's."""
+        if self.settings.default_prompt is not None:
+            return self.settings.default_prompt
+        return self.engine.defaults.default_prompt if self.engine is not None else REFERENCE_DEFAULT_PROMPT
+
+    async def generate(self, request: Request, client_gone: Callable[[], Awaitable[None]] | None = None) -> Result:
+        """Validate now (a bad request never reaches a batch), then queue and wait, within the time limit.
+
+        When `client_gone()` completes first (the HTTP client disconnected), the request is dropped
+        unrun if it is still queued.
+        """
         batcher = self.ready_batcher()
         check_request(request, self.engine_settings)
         try:
-            return await batcher.submit(request, timeout=self.settings.request_timeout_s)
+            return await batcher.submit(request, timeout=self.settings.request_timeout_s, client_gone=client_gone)
         except TimeoutError:
             raise RequestTimeoutError(
                 f"The request took longer than {self.settings.request_timeout_s:g} s (KOSMOS_REQUEST_TIMEOUT_S)."

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from kosmos_serve.generation import MODEL_DEFAULTS_FILE, ModelDefaults
 from kosmos_serve.training.config import TrainConfig
 
 TRAIN_SCENES, TRAIN_SEED = 8000, 1
@@ -19,6 +20,9 @@ HELD_OUT_SCENES, HELD_OUT_SEED = 200, 2
 RECIPE = TrainConfig(steps=8000, batch_size=32, learning_rate=2e-3, warmup_steps=100, checkpoint_every=500,
                      patch_supervision_weight=1.0, location_attention_weight=1.0, seed=0)
 SCORES_FILE = "held-out-scores.txt"
+# What the demo model was trained on: the brief caption's prompt, and captions that repeat 3-grams
+# (`</object> , <phrase>`), which the original demo's no-repeat-3-gram rule would forbid.
+DEMO_DEFAULTS = ModelDefaults(default_prompt="<grounding> An image of", max_new_tokens=64, no_repeat_ngram_size=0)
 
 
 def build_demo_model(out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
@@ -41,6 +45,7 @@ def build_demo_model(out_dir: str | Path, log: Callable[[str], None] = print) ->
         datasets[name] = read_examples(records)
     model, processor = build_scratch_model(RECIPE.seed)
     final = train(model, processor, TrainingSet(processor, datasets["train"]), out_dir, RECIPE, resume=True)
+    (final / MODEL_DEFAULTS_FILE).write_text(DEMO_DEFAULTS.model_dump_json(indent=2, exclude_none=True) + "\n")
     held_out = [example for example in datasets["held-out"] if example.kind in ("referring", "caption")]
     scores = format_scores(evaluate(Engine(EngineSettings(model=str(final), max_batch_size=32)), held_out))
     (final / SCORES_FILE).write_text(

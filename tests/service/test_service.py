@@ -175,7 +175,7 @@ def test_bad_requests_get_a_clear_error_and_the_service_goes_on(serve, png_bytes
             assert response.status_code == status, (data, response.text)
             assert error_of(response)["code"] == code
         url_image = httpx.post(f"{url}/v1/generate", json={"image": "https://example.com/cat.png"})
-        assert url_image.status_code == 400 and "never fetches URLs" in error_of(url_image)["message"]
+        assert url_image.status_code == 400 and "fetches no image from example.com" in error_of(url_image)["message"]
         assert httpx.post(f"{url}/v1/generate/upload", files={"image": ("a.png", png_bytes[0])},
                           data={"max_new_tokens": "2"}).status_code == 200
         assert error_of(httpx.get(f"{url}/nowhere"))["code"] == "not_found"

@@ -25,7 +25,6 @@ from kosmos_serve.server.schemas import (
     GenerationFields,
     PixelBoxInput,
     PredictResponse,
-    decode_base64_image,
     predict_body,
     response_body,
 )
@@ -80,7 +79,7 @@ async def predict(
 )
 async def generate_json(request: Request, body: GenerateJSON):
     state = _state(request)
-    image = await _read_image(state, decode_base64_image(body.image))
+    image = await _read_image(state, await state.image_bytes(body.image))
     return await _generate(request, image, body, body.boxes)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 from typing import Annotated
 
@@ -13,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, Json
 
 from kosmos_serve.drawing import draw_entities
 from kosmos_serve.engine import Result
-from kosmos_serve.errors import InvalidImageError
 from kosmos_serve.generation import GenerationParams, MaxNewTokens, NoRepeatNgramSize, NumBeams, Seed, Temperature, TopP
 from kosmos_serve.tasks import Task, TaskInput
 
@@ -60,9 +58,10 @@ class GenerationFields(BaseModel):
 
 
 class GenerateJSON(GenerationFields):
-    """A request with the image as base64 (a `data:` URL is fine too). URLs are never fetched."""
+    """A request with the image as base64 (a `data:` URI is fine too); a URL only from an allowed host."""
 
-    image: str = Field(description="The image file's bytes, base64-encoded.")
+    image: str = Field(description="The image file's bytes, base64-encoded (or a data: URI; an http(s) URL only "
+                                   "from a host in KOSMOS_ALLOWED_IMAGE_HOSTS).")
     boxes: list[PixelBoxInput] = Field([], description="Boxes in the image's pixels, [x1, y1, x2, y2] each.")
 
     model_config = ConfigDict(
@@ -141,18 +140,6 @@ class PredictResponse(BaseModel):
     entities: list[tuple[str, tuple[int, int], list[tuple[float, float, float, float]]]] = Field(
         description="(phrase, (start, end), [normalised boxes]) as post_process_generation gives them."
     )
-
-
-def decode_base64_image(data: str) -> bytes:
-    """The bytes of a base64 image (optionally a data: URL); a URL to fetch is refused."""
-    if data.startswith(("http://", "https://", "ftp://", "file:")):
-        raise InvalidImageError("The service never fetches URLs: send the image's bytes (base64 or a multipart file).")
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidImageError("`image` is not valid base64.") from None
 
 
 def response_body(result: Result, image: Image.Image | None) -> dict:

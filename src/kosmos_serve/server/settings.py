@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ServerSettings(BaseSettings):
@@ -35,6 +37,18 @@ class ServerSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="When set, every route but /health and /ready needs `Authorization: Bearer <key>` or `X-API-Key`."
     )
+    allowed_image_hosts: Annotated[list[str], NoDecode] = Field(
+        [], description="Hosts whose http(s) image URLs requests may name (comma-separated); by default none: the "
+                        "service fetches nothing.",
+    )
+    image_fetch_timeout_s: float = Field(10.0, gt=0, description="Longest an allowed image URL may take to fetch.")
     warmup: bool = Field(True, description="Run one tiny generation before /ready answers 200.")
     demo: bool = Field(True, description="Serve the web demo at /demo when gradio is installed (`.[demo]`).")
 
+    @field_validator("allowed_image_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value):
+        """`a.example, b.example:8080` (the environment's form) -> a list of hosts."""
+        if isinstance(value, str):
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value

@@ -10,6 +10,7 @@ from kosmos_serve.engine import Engine, Request, Result, check_request
 from kosmos_serve.errors import ModelLoadError, RequestTimeoutError, ServiceBusyError
 from kosmos_serve.generation import REFERENCE_DEFAULT_PROMPT
 from kosmos_serve.server.batcher import Batcher
+from kosmos_serve.server.image_sources import image_bytes
 from kosmos_serve.server.metrics import Metrics
 from kosmos_serve.server.settings import ServerSettings
 
@@ -34,6 +35,12 @@ class ServiceState:
         if self.load_error is not None:
             raise ModelLoadError(self.load_error)
         raise ServiceBusyError("The model is still loading; try again shortly.", retry_after=LOADING_RETRY_AFTER)
+
+    async def image_bytes(self, reference: str) -> bytes:
+        """The bytes of an image given as base64, a data: URI, or a URL on an allowed host (fetched)."""
+        settings = self.settings
+        return await image_bytes(reference, settings.allowed_image_hosts, settings.max_upload_bytes,
+                                 settings.image_fetch_timeout_s)
 
     @property
     def default_prompt(self) -> str:

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import gradio as gr
-from gradio.utils import get_upload_folder
 from fastapi import FastAPI
+from gradio.utils import get_upload_folder
 
 from kosmos_serve.demo.display import highlighted_html, save_png
 from kosmos_serve.demo.form import BOX_EXAMPLE, TASK_FIELDS, add_corner, generation_params, task_input

@@ -91,7 +91,7 @@ async def generate_json(request: Request, body: GenerateJSON):
         "http://127.0.0.1:8000/v1/generate/upload`; repeat `phrases` for several; `boxes` is JSON text."
     ),
 )
-async def generate_upload(request: Request, fields: Annotated[GenerateForm, Form()]):
+async def generate_upload(request: Request, fields: Annotated[GenerateForm, Form(media_type="multipart/form-data")]):
     state = _state(request)
     decoded = await _read_image(state, await fields.image.read())
     return await _generate(request, decoded, fields, fields.boxes)

@@ -7,6 +7,8 @@ Errors are mapped to one JSON shape in one place: `{"error": {"code": ..., "mess
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextvars
 import logging
 import secrets
@@ -32,6 +34,7 @@ from kosmos_serve.errors import (
 )
 from kosmos_serve.generation import GenerationParams
 from kosmos_serve.loading import quiet_transformers, set_threads
+from kosmos_serve.server import label_studio, openai, supervisely
 from kosmos_serve.server.batcher import Batcher
 from kosmos_serve.server.metrics import Metrics
 from kosmos_serve.server.routes import router
@@ -66,6 +69,9 @@ def create_app(
     app.state.service = state
     _declare_configured_cap(app, state.engine_settings.max_new_tokens_cap)
     app.include_router(router)
+    app.include_router(label_studio.router)  # Label Studio ML backend under /label-studio
+    app.include_router(openai.router)  # OpenAI-compatible /v1/chat/completions and /v1/models
+    app.include_router(supervisely.router)  # Supervisely's served-model protocol under /supervisely
     _add_error_handlers(app)
     app.middleware("http")(_observe_and_authorise)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_upload_bytes)
@@ -81,10 +87,11 @@ def _declare_configured_cap(app: FastAPI, max_new_tokens_cap: int) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             for schema in build().get("components", {}).get("schemas", {}).values():
-                field = schema.get("properties", {}).get("max_new_tokens", {})
-                for option in [field, *field.get("anyOf", [])]:
-                    if "maximum" in option:
-                        option["maximum"] = max_new_tokens_cap
+                for name in ("max_new_tokens", "max_tokens", "max_completion_tokens"):  # the last two: OpenAI's
+                    field = schema.get("properties", {}).get(name, {})
+                    for option in [field, *field.get("anyOf", [])]:
+                        if "maximum" in option:
+                            option["maximum"] = max_new_tokens_cap
         return app.openapi_schema
 
     app.openapi = openapi
@@ -140,7 +147,7 @@ async def _observe_and_authorise(request: Request, call_next):
             _check_api_key(request, state.settings.api_key.get_secret_value())
         response = await call_next(request)
     except KosmosServeError as error:  # raised before routing (API key)
-        response = error_response(error)
+        response = error_response(error, request.url.path)
     seconds = time.perf_counter() - began
     route = getattr(request.scope.get("route"), "path", "unmatched")
     state.metrics.record_request(route, response.status_code, seconds)
@@ -156,15 +163,30 @@ def _check_api_key(request: Request, expected: str) -> None:
     authorization = request.headers.get("authorization", "")
     if given is None and authorization.lower().startswith("bearer "):
         given = authorization[len("bearer ") :].strip()
+    if given is None and authorization.lower().startswith("basic "):  # Label Studio's ML backend auth: key as password
+        given = _basic_auth_password(authorization)
     if given is None or not secrets.compare_digest(given.encode(), expected.encode()):
         raise UnauthorizedError("A valid API key is needed: send `Authorization: Bearer <key>` or `X-API-Key: <key>`.")
 
 
-def error_response(error: KosmosServeError) -> JSONResponse:
-    """The one JSON error shape; 503s carry Retry-After."""
+def _basic_auth_password(authorization: str) -> str | None:
+    try:
+        return base64.b64decode(authorization[len("basic ") :].strip(), validate=True).decode().partition(":")[2]
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def error_response(error: KosmosServeError, path: str = "") -> JSONResponse:
+    """The one JSON error shape (OpenAI's on the OpenAI-compatible paths); 503s carry Retry-After."""
     headers = {"Retry-After": str(error.retry_after)} if isinstance(error, ServiceBusyError) else None
     if isinstance(error, UnauthorizedError):
         headers = {"WWW-Authenticate": "Bearer"}
+    if openai.is_openai_path(path):
+        return openai.openai_error(error, headers)
+    if label_studio.is_label_studio_path(path):
+        return label_studio.error_response(error, headers)
+    if supervisely.is_supervisely_path(path):
+        return supervisely.error_response(error.status, error.message, headers)
     return JSONResponse({"error": {"code": error.code, "message": error.message}}, error.status, headers=headers)
 
 
@@ -180,6 +202,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
+        if openai.is_openai_path(request.url.path):  # no such route or method under the OpenAI paths
+            return openai.openai_http_error(error.status_code, str(error.detail))
+        if label_studio.is_label_studio_path(request.url.path):
+            return label_studio.http_error_response(error.status_code, str(error.detail))
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         return JSONResponse({"error": {"code": code, "message": str(error.detail)}}, error.status_code)
 
@@ -207,7 +233,7 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         too_large = PayloadTooLargeError(f"The request body is larger than the {self.max_bytes}-byte upload limit.")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await error_response(too_large)(scope, receive, send)
+            return await error_response(too_large, scope["path"])(scope, receive, send)
         received = 0
         exceeded = answered = False
 
@@ -226,13 +252,13 @@ class BodySizeLimit:
                 return await send(message)
             if not answered:  # the app's own answer to the failed read is dropped, start and body alike
                 answered = True
-                await error_response(too_large)(scope, receive, send)
+                await error_response(too_large, scope["path"])(scope, receive, send)
 
         try:
             await self.app(scope, counted_receive, send_413_once_exceeded)
         except PayloadTooLargeError:
             if not answered:
-                await error_response(too_large)(scope, receive, send)
+                await error_response(too_large, scope["path"])(scope, receive, send)
 
 
 def configure_logging(level: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -44,6 +44,21 @@ class ServerSettings(BaseSettings):
     image_fetch_timeout_s: float = Field(10.0, gt=0, description="Longest an allowed image URL may take to fetch.")
     warmup: bool = Field(True, description="Run one tiny generation before /ready answers 200.")
     demo: bool = Field(True, description="Serve the web demo at /demo when gradio is installed (`.[demo]`).")
+    # The Label Studio ML backend (server/label_studio.py) reads Label Studio's own variable names.
+    label_studio_url: str | None = Field(
+        None, validation_alias=AliasChoices("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"),
+        description="Label Studio's address (http://host:8080); its uploads and local files are fetched from it, "
+                    "and from no other host.",
+    )
+    label_studio_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"),
+        description="Label Studio token sent when fetching its images: a legacy token, or a personal access token.",
+    )
+    label_studio_local_files_document_root: str | None = Field(
+        None, validation_alias=AliasChoices("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "LOCAL_FILES_DOCUMENT_ROOT"),
+        description="Folder that Label Studio's local-files URLs (/data/local-files/?d=...) are read from when they "
+                    "are there (as Label Studio's own setting); nothing outside it is read.",
+    )
 
     @field_validator("allowed_image_hosts", mode="before")
     @classmethod
@@ -52,3 +67,12 @@ class ServerSettings(BaseSettings):
         if isinstance(value, str):
             return [host.strip() for host in value.split(",") if host.strip()]
         return value
+
+    @field_validator("label_studio_url")
+    @classmethod
+    def _check_label_studio_url(cls, value: str | None) -> str | None:
+        """Label Studio's address as the SDK takes it: http(s)://host[:port][/path]."""
+        if value is not None and not value.lower().startswith(("http://", "https://")):
+            raise ValueError(f"LABEL_STUDIO_URL must start with http:// or https:// (e.g. http://127.0.0.1:8080); "
+                             f"got {value!r}")
+        return value.rstrip("/") if value else None

@@ -230,6 +230,92 @@ def summary(path: Path, result) -> str:
     return "\n".join(lines)
 
 
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL records, one line per image; an earlier run's file is continued.")
+@task_options
+@click.option("--ontology", type=click.Path(dir_okay=False, path_type=Path),
+              help='JSON object of prompt phrase -> class name, e.g. {"a red car": "car"}: each entity gets its '
+                   "phrase's class; its phrases are the task's (detection unless --task says otherwise).")
+@decoding_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Images run through the model together.")
+@click.option("--decode-threads", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Threads that read and decode the next images while the model runs.")
+@click.option("--quiet", is_flag=True, help="No progress bar (it shows only on a terminal anyway).")
+@model_options
+def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, max_new_tokens, sample, top_p,
+             temperature, seed, no_repeat_ngram_size, batch_size, decode_threads, quiet, model, device, dtype, quantize):
+    """Annotate every image of INPUTS into one JSONL file: one record per image, resumable.
+
+    INPUTS are folders (searched recursively), globs, image files, and manifests: a .txt of paths, or a
+    .jsonl of {"image": path, "phrases": [...], "prompt": "..."} lines, whose phrases and prompt replace
+    the options' for that image. Phrases alone (--phrase, --ontology or a manifest's) mean --task detection.
+    Run the same command again to continue an interrupted run: images already in --out are skipped.
+    Ctrl-C finishes the current batch, writes it and stops.
+
+    \b
+    Examples:
+      kosmos-serve annotate photos/ --out boxes.jsonl --phrase "a car" --phrase "a person"
+      kosmos-serve annotate "photos/**/*.jpg" --out boxes.jsonl --ontology ontology.json --quantize int8
+      kosmos-serve annotate photos/ --out captions.jsonl --task detailed_caption
+    """
+    from kosmos_serve.collections.inputs import collect_images, read_ontology
+    from kosmos_serve.collections.records import RecordAppender, read_previous
+    from kosmos_serve.collections.runner import AnnotateRun, describe, engine_settings, same_run_check
+    from kosmos_serve.engine import Engine
+    from kosmos_serve.loading import set_threads
+
+    flags = {"model": model, "device": device, "dtype": dtype, "quantize": quantize}
+    settings = EngineSettings(**{key: value for key, value in flags.items() if value})
+    params = generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size)
+    params.validate(settings.max_new_tokens_cap)
+    classes = read_ontology(ontology) if ontology else None
+    if classes and phrases:
+        raise InvalidRequestError("Give the phrases either with --phrase or in --ontology, not both.")
+    jobs = annotate_jobs(collect_images(inputs), settings, params, task, prompt, phrases, boxes, no_grounding, classes)
+    previous = read_previous(out, check=same_run_check(jobs, settings.model, out))  # refuses a file of anything else
+    settings = engine_settings(settings, jobs, batch_size)
+    set_threads(settings.threads)
+    quiet_transformers()
+    engine = Engine(settings)
+    with RecordAppender(out, previous) as appender:
+        show_progress = not quiet and sys.stderr.isatty()
+        run = AnnotateRun(engine, appender, previous.done, params=params, model=settings.model, ontology=classes,
+                          batch_size=batch_size, decode_threads=decode_threads, show_progress=show_progress)
+        summary = run.run(jobs)
+    click.echo(describe(summary, out))
+    if summary.interrupted:
+        sys.exit(128 + summary.stopped_by)  # the shell's code for "ended by this signal": 130 for Ctrl-C
+
+
+def annotate_jobs(entries, settings, params, task, prompt, phrases, boxes, no_grounding, ontology):
+    """Each image's job: the options' task inputs, or its manifest line's phrases and prompt; all checked up front."""
+    from kosmos_serve.collections.runner import Job, check_inputs
+    from kosmos_serve.tasks import TASK_INPUTS, parse_task
+
+    checked = {}
+    jobs = []
+    for entry in entries:
+        own = (entry.phrases, entry.prompt)
+        if own not in checked:
+            wanted, asked = entry.phrases or phrases, entry.prompt or prompt
+            try:
+                if ontology and not wanted and (task is None or "phrases" in TASK_INPUTS[parse_task(task)]):
+                    wanted = tuple(ontology)
+                chosen = Task.DETECTION.value if task is None and wanted and not asked and not boxes else task
+                task_input = task_input_from_options(chosen, asked, wanted, boxes, no_grounding)
+                specs = check_inputs(task_input, params, settings)
+            except KosmosServeError as error:
+                if own == (None, None):
+                    raise
+                raise type(error)(f"{entry.origin}: {error.message}") from error
+            checked[own] = (task_input, "\n".join(spec.text for spec in specs))
+        jobs.append(Job(entry, *checked[own]))
+    return jobs
+
+
 @main.command("tiny-model")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -324,19 +410,85 @@ def train_demo(out, threads):
 
 
 @main.command()
-@click.option("--model", required=True, help="Hub id, folder, or 'demo'.")
-@click.option("--data", "data_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True)
+@click.option("--model", help="Hub id, folder, or 'demo'.")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The project's own grounded JSONL records (README: Training).")
+@click.option("--benchmark", help="refcoco, refcoco+, refcocog or flickr30k: the paper's benchmark, scored with the "
+                                  "original evaluation's prompts and protocol.")
+@click.option("--annotations", multiple=True, type=click.Path(path_type=Path),
+              help="--benchmark: an MDETR annotation file (finetune_refcoco_val.json, "
+                   "final_flickr_separateGT_test.json, ...); repeat for several splits.")
+@click.option("--images", type=click.Path(path_type=Path),
+              help="--benchmark: the images (COCO 2014: the folder with train2014/ and val2014/; Flickr30k: the "
+                   ".jpg folder).")
+@click.option("--flickr-entities", type=click.Path(path_type=Path),
+              help="flickr30k: the official Flickr30k Entities folder (Sentences/, Annotations/): true boxes and "
+                   "entity types from there, as the original evaluation reads them (per-type recall).")
+@click.option("--limit", type=click.IntRange(min=1), help="--benchmark: score a fixed sample of N examples per file.")
+@click.option("--url", help="--benchmark: score through a running kosmos-serve service (its /v1/generate) instead of "
+                            "loading the model here; an API key goes in KOSMOS_API_KEY.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="--benchmark: predictions JSONL, a line per example; an interrupted run is continued from it.")
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="Score the model with int8 weights (CPU), to compare with float32.")
-@click.option("--no-repeat-ngram-size", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Forbid repeating n-grams of this size while decoding (the service's default is 3; 0: plain "
-                   "greedy, which a caption of several objects needs).")
-def evaluate(model, data_file, quantize, no_repeat_ngram_size):
-    """Score MODEL's grounding on held-out JSONL records (referring IoU>=0.5, caption recall, region exact)."""
-    from kosmos_serve.training.records import read_examples
+@click.option("--no-repeat-ngram-size", type=click.IntRange(min=0),
+              help="Forbid repeating n-grams of this size while decoding (default: 0 with --data, plain greedy, which "
+                   "a caption of several objects needs; 3 with --benchmark, as the original evaluation).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1),
+              help="--benchmark: new tokens per prompt (default 128; the original allowed 500 in all).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="--benchmark: prompts run (or sent) together.")
+def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, limit, url, out, quantize,
+             no_repeat_ngram_size, max_new_tokens, batch_size):
+    """Score a model's grounding: on the project's JSONL records (--data), or on the paper's benchmarks (--benchmark).
 
-    quiet_transformers()
-    click.echo(_scores(model, read_examples(data_file), quantize, no_repeat_ngram_size))
+    --data: referring IoU>=0.5, caption recall, region descriptions exact. --benchmark: RefCOCO/+/g accuracy
+    (the first box at IoU>=0.5) and Flickr30k Entities recall@1/5/10, each split beside the paper's figure.
+
+    \b
+    Examples:
+      kosmos-serve evaluate --model demo --data data/shapes-eval/records.jsonl
+      kosmos-serve evaluate --model microsoft/kosmos-2-patch14-224 --benchmark refcoco \\
+          --annotations mdetr_annotations/finetune_refcoco_val.json --images coco2014 --out refcoco-val.jsonl
+      kosmos-serve evaluate --benchmark flickr30k --url http://gpu-box:8000 \\
+          --annotations mdetr_annotations/final_flickr_separateGT_test.json --images flickr30k-images
+    """
+    benchmark_options = {"--annotations": annotations, "--images": images, "--flickr-entities": flickr_entities,
+                         "--limit": limit, "--url": url, "--out": out, "--max-new-tokens": max_new_tokens}
+    if benchmark is None:
+        given = [name for name, value in benchmark_options.items() if value]
+        if given:
+            raise InvalidRequestError(f"{', '.join(given)}: only with --benchmark NAME.")
+        if data_file is None or not model:
+            raise InvalidRequestError(
+                "Give --model and --data FILE (the project's JSONL records), or --benchmark NAME with --annotations "
+                "FILE and --images DIR (and --model, or --url of a running service).")
+        from kosmos_serve.training.records import read_examples
+
+        quiet_transformers()
+        click.echo(_scores(model, read_examples(data_file), quantize, no_repeat_ngram_size or 0))
+        return
+    from kosmos_serve.evaluation.datasets import BENCHMARKS
+    from kosmos_serve.evaluation.report import format_report
+    from kosmos_serve.evaluation.runner import DEFAULT_MAX_NEW_TOKENS, ORIGINAL_NO_REPEAT_NGRAM_SIZE, evaluate_benchmark
+
+    if benchmark not in BENCHMARKS:
+        raise InvalidRequestError(f"Unknown benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}.")
+    if data_file is not None or not annotations or images is None:
+        raise InvalidRequestError("--benchmark takes --annotations FILE (MDETR's) and --images DIR, not --data.")
+    if bool(model) == bool(url):
+        raise InvalidRequestError("--benchmark needs --model (run here) or --url (a running service), one of them.")
+    if url and quantize != "none":
+        raise InvalidRequestError("--quantize is the service's to choose with --url (kosmos-serve serve --quantize).")
+    outcome = evaluate_benchmark(
+        benchmark, annotations, images, model=model, url=url, out=out, limit=limit, flickr_entities=flickr_entities,
+        quantize=quantize, batch_size=batch_size, show_progress=sys.stderr.isatty(),
+        no_repeat_ngram_size=ORIGINAL_NO_REPEAT_NGRAM_SIZE if no_repeat_ngram_size is None else no_repeat_ngram_size,
+        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+    )
+    click.echo(format_report(outcome))
+    if outcome.interrupted:
+        sys.exit(130)
 
 
 def _scores(model, examples, quantize: str = "none", no_repeat_ngram_size: int = 0) -> str:
@@ -391,6 +543,45 @@ def start_service(flags: dict, announce: Callable[[str], str] | None = None) -> 
         "kosmos_serve.server.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
         workers=settings.num_api_servers, log_level=settings.log_level.lower(), access_log=False,
     )
+
+
+@main.command()
+@click.argument("records", type=click.Path(path_type=Path))
+@click.option("--format", "format_name", required=True, metavar="FORMAT",
+              help="coco (a COCO detection dataset) or label-studio (tasks with predictions).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The file to write.")
+@click.option("--relative-to", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder that image names (COCO file_name, Label Studio paths) are relative to; default: the "
+                   "deepest folder holding every image, or for label-studio's local files "
+                   "$LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT when set.")
+@click.option("--image-root", metavar="URL",
+              help="label-studio: prefix of each image reference (default /data/local-files/?d=, Label Studio's "
+                   "local files under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT).")
+@click.option("--from-name", help="label-studio: name of the RectangleLabels control (default label).")
+@click.option("--to-name", help="label-studio: name of the Image object (default image).")
+@click.option("--label-config", type=click.Path(dir_okay=False, path_type=Path),
+              help="label-studio: also write a labeling config with these names and every label here.")
+def export(records, format_name, out, relative_to, image_root, from_name, to_name, label_config):
+    """Export annotation RECORDS (the JSONL of kosmos-serve annotate) as COCO or Label Studio tasks.
+
+    Failed records are left out; boxes with reversed corners are put in order, boxes of zero size
+    left out; the summary counts each. For supervision.Detections use the Python helper
+    kosmos_serve.exports.to_detections.
+
+    \b
+    Examples:
+      kosmos-serve export results.jsonl --format coco --out coco.json
+      kosmos-serve export results.jsonl --format label-studio --out tasks.json --label-config config.xml
+    """
+    import os
+
+    from kosmos_serve.exports import export_records
+
+    if format_name == "label-studio" and image_root is None and relative_to is None:
+        relative_to = os.environ.get("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT") or None  # what ?d= is relative to
+    report = export_records(records, format_name, out, relative_to=relative_to, image_root=image_root,
+                            from_name=from_name, to_name=to_name, label_config=label_config)
+    click.echo(report.summary())
 
 
 if __name__ == "__main__":

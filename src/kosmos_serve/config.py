@@ -24,10 +24,11 @@ class EngineSettings(BaseSettings):
     )
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="Attention implementation.")
     quantize: Literal["none", "int8"] = Field(
-        "none", description="int8: linear layers with int8 weights and dynamic int8 activations (CPU only)."
+        "none", description="int8: linear layers with int8 weights and dynamic int8 activations, quantized per row "
+                            "(CPU only)."
     )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: the cores, shared among workers).")
-    max_batch_size: int = Field(8, ge=1, description="Most prompts generated together in one batch.")
+    max_batch_size: int = Field(8, ge=1, description="Most prompts (rows) decoding together in the running batch.")
     image_cache_size: int = Field(128, ge=0, description="Images whose vision features are kept (0: no cache).")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest accepted image, in pixels.")
     max_new_tokens: MaxNewTokens | None = Field(

@@ -120,9 +120,8 @@ def quantize_int8(model: Kosmos2ForConditionalGeneration) -> None:
     The parameters that stay float32 (embeddings, norms, biases) are first copied out of the
     memory-mapped checkpoint; each linear weight is then read from the mapping as its layer is
     converted. Nothing references the mapping afterwards, so the checkpoint file is released and
-    only the int8 model stays in memory. The activation scale is computed per
-    call over the whole batch, so a row's int8 result can differ slightly with its batch neighbours
-    (float32 results never do).
+    only the int8 model stays in memory. Activations are quantized per row (per token,
+    `engine.kernels.RowwiseInt8Linear`), so a row's int8 result never depends on its batch neighbours.
     """
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
@@ -135,6 +134,9 @@ def quantize_int8(model: Kosmos2ForConditionalGeneration) -> None:
     with warnings.catch_warnings():  # torch.ao's dynamic quantization works but announces its move to torchao
         warnings.simplefilter("ignore")
         quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    from kosmos_serve.engine.kernels import use_rowwise_activations  # here: the engine package imports this module
+
+    use_rowwise_activations(model)
 
 
 def resolve_source(model: str) -> str:

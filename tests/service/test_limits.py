@@ -17,7 +17,6 @@ from kosmos_serve.server.app import create_app
 from kosmos_serve.server.settings import ServerSettings
 
 
-
 def error_of(response) -> dict:
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
@@ -114,19 +113,22 @@ def test_a_chunked_body_over_the_upload_limit_is_413(engine, serve_app, png_byte
     assert small.status_code == 200
 
 
-def _gate_engine(engine, monkeypatch):
-    """Make the engine hold its first call until `gate` is set; `calls` records every call it gets."""
+def _gate_engine(monkeypatch):
+    """Make the engine hold its first admission until `gate` is set; `calls` records every request admitted.
+
+    Admission (`Scheduler.add`) is the engine's unit of work: a request that never reaches it never runs.
+    """
+    from kosmos_serve.engine.scheduler import Scheduler
+
     gate, calls = threading.Event(), []
+    add = Scheduler.add
 
-    def gated(method):
-        def call(*args, **kwargs):
-            calls.append(method.__name__)
-            gate.wait(30)
-            return method(*args, **kwargs)
-        return call
+    def gated(self, request, *args, **kwargs):
+        calls.append("stream" if kwargs.get("on_text") else "run")
+        gate.wait(30)
+        return add(self, request, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "run", gated(engine.run))
-    monkeypatch.setattr(engine, "stream", gated(engine.stream))
+    monkeypatch.setattr(Scheduler, "add", gated)
     return gate, calls
 
 
@@ -136,7 +138,7 @@ def test_a_request_whose_client_left_while_queued_is_never_run(serve, engine, pn
                           data={"max_new_tokens": "4", "stream": stream}, timeout=timeout)
 
     with serve(max_batch_size=1, batch_timeout_ms=0) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
-        gate, calls = _gate_engine(engine, monkeypatch)
+        gate, calls = _gate_engine(monkeypatch)
         first = pool.submit(caption, url, 60)
         while not calls:
             time.sleep(0.01)

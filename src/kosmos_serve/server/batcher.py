@@ -1,11 +1,13 @@
-"""Micro-batching: concurrent requests wait briefly, then run together on the one engine thread.
+"""Continuous batching for the service: requests join the engine's running batch as they arrive.
 
-The engine is not thread-safe and a forward pass already uses every core, so exactly one worker
-thread runs it. Requests queue in arrival order. The first waits up to `batch_timeout` for others
-(at most `max_batch_size`); the engine then groups them by generation parameters, so requests
-that cannot share a batch still run apart, and every request gets its own answer. A streamed
-request runs alone, token by token. A request whose caller has gone (timed out or disconnected)
-is dropped before it runs; a stream whose client left stops after the current token.
+The engine is not thread-safe and a forward pass already uses every core, so exactly one thread
+runs it: a loop of `Scheduler.step` (`engine/scheduler.py`). Requests queue in arrival order and
+are admitted at the next decode step while fewer than `max_batch_size` requests are in the engine;
+their prefill joins the running batch and each leaves it the moment it finishes. Streamed and
+plain requests share the batch. When the engine is idle, the first arrival waits up to
+`batch_timeout` for others so that simultaneous requests prefill together; a batch already
+decoding is never waited for. A request whose caller has gone (timed out or disconnected) is
+dropped before it runs, and stops after its current token if it is running.
 """
 
 from __future__ import annotations
@@ -13,15 +15,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from kosmos_serve.engine import Engine, Request, Result
+from kosmos_serve.engine import Engine, Request, Result, Ticket
 from kosmos_serve.errors import ClientGoneError, KosmosServeError, ServiceBusyError
 
 logger = logging.getLogger(__name__)
+STOP_WAIT_S = 30.0  # longest `stop` waits for the engine thread to finish its step
 
 
 @dataclass(eq=False)
@@ -31,6 +35,7 @@ class _Job:
     on_text: Callable[[str], None] | None = None  # set for a streamed request
     cancelled: bool = False
     stop_event: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.perf_counter)
 
     @property
     def streamed(self) -> bool:
@@ -38,19 +43,26 @@ class _Job:
 
     @property
     def abandoned(self) -> bool:
-        return self.cancelled or self.future.done()
+        return self.cancelled or self.stop_event.is_set() or self.future.done()
+
+    def should_stop(self) -> bool:
+        """Polled by the engine thread after each token: the caller has gone."""
+        return self.cancelled or self.stop_event.is_set()
 
 
 @dataclass(frozen=True)
 class BatchObserver:
-    """Hooks the metrics attach to: queue depth changes, and each batch's size and results."""
+    """Hooks the metrics attach to: queue depth; after each step, the requests it decoded, those running and
+    those waiting after it;
+    each finished request with its time to first token and time per output token (None where not defined)."""
 
     queue_depth: Callable[[int], None] = lambda depth: None
-    batch_done: Callable[[int, list[Result]], None] = lambda size, results: None
+    step_done: Callable[[int, int, int], None] = lambda decoded, running, waiting: None
+    request_done: Callable[[Result, float | None, float | None], None] = lambda result, first_token, per_token: None
 
 
 class Batcher:
-    """Queues requests for one engine and runs them in batches on a single worker thread."""
+    """Queues requests for one engine and admits them to its scheduler, step by step, on one engine thread."""
 
     def __init__(
         self, engine: Engine, *, max_batch_size: int, batch_timeout: float, max_queue: int,
@@ -62,20 +74,31 @@ class Batcher:
         self.max_queue = max_queue
         self.observer = observer or BatchObserver()
         self._pending: deque[_Job] = deque()
-        self._arrived = asyncio.Event()
+        self._lock = threading.Condition()  # guards _pending and _stopping; notified on arrival and on stop
+        self._stopping = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kosmos-engine")
-        self._worker: asyncio.Task | None = None
+        self._worker: asyncio.Future | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._serve_forever())
+        self._loop = asyncio.get_running_loop()
+        self._worker = self._loop.run_in_executor(self._executor, self._engine_loop)
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-        for job in self._pending:
+        with self._lock:
+            self._stopping = True
+            pending, self._pending = list(self._pending), deque()
+            self._lock.notify_all()
+        for job in pending:
             if not job.future.done():
                 job.future.set_exception(ServiceBusyError("The service is shutting down."))
-        self._pending.clear()
+        if self._worker is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._worker), STOP_WAIT_S)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+            except Exception:
+                logger.exception("The engine thread failed")
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(
@@ -84,7 +107,7 @@ class Batcher:
         """Queue `request` and wait for its result.
 
         TimeoutError after `timeout` seconds; ClientGoneError as soon as `client_gone()` completes. Either
-        way a job that has not started yet is dropped and never runs.
+        way a job that has not started yet is dropped and never runs, and a running one stops.
         """
         job = self._enqueue(request)
         gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
@@ -97,14 +120,14 @@ class Batcher:
                 raise ClientGoneError("The client disconnected before its answer was ready.")
             raise TimeoutError
         finally:
-            job.cancelled = True  # a no-op once done; drops the job if its caller gave up first
+            job.cancelled = True  # a no-op once done; drops or stops the job if its caller gave up first
             if gone is not None:
                 gone.cancel()
 
     def stream(
         self, request: Request, client_gone: Callable[[], Awaitable[None]] | None = None
     ) -> AsyncGenerator[str | Result, None]:
-        """Queue `request` to run alone; the iterator yields each piece of text as generated, then the result.
+        """Queue `request`; the iterator yields each piece of text as generated, then the result.
 
         Queued at once (a full queue raises here). Closing the iterator early, or `client_gone`
         completing, drops the job if it is still queued and otherwise stops generation after the
@@ -112,7 +135,7 @@ class Batcher:
         """
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
-        job = self._enqueue(request, on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
+        job = self._enqueue(request, on_text=lambda text: _call_soon(loop, pieces.put_nowait, text))
         return self._relay(job, pieces, client_gone)
 
     @staticmethod
@@ -142,53 +165,79 @@ class Batcher:
                 gone.cancel()
 
     def _enqueue(self, request: Request, on_text: Callable[[str], None] | None = None) -> _Job:
-        if len(self._pending) >= self.max_queue:
-            raise ServiceBusyError(f"The queue is full ({self.max_queue} requests waiting); try again shortly.")
         job = _Job(request, asyncio.get_running_loop().create_future(), on_text)
-        self._pending.append(job)
-        self._arrived.set()
-        self.observer.queue_depth(len(self._pending))
+        with self._lock:
+            if self._stopping:
+                raise ServiceBusyError("The service is shutting down.")
+            if len(self._pending) >= self.max_queue:
+                raise ServiceBusyError(f"The queue is full ({self.max_queue} requests waiting); try again shortly.")
+            self._pending.append(job)
+            depth = len(self._pending)
+            self._lock.notify_all()
+        self.observer.queue_depth(depth)
         return job
 
-    async def _serve_forever(self) -> None:
-        loop = asyncio.get_running_loop()
+    # the engine thread
+
+    def _engine_loop(self) -> None:
+        """Admit arrivals, run one step, settle what finished; sleep only when nothing is queued or running."""
+        scheduler = self.engine.scheduler()
+        jobs: dict[int, _Job] = {}  # id(ticket) -> its job
         while True:
-            self._drop_abandoned()
-            if not self._pending:  # sleep only on an empty queue: no arrival can be missed
-                self._arrived.clear()
-                await self._arrived.wait()
-                continue
-            if not self._pending[0].streamed:
-                await self._wait_for_company()
-                self._drop_abandoned()
-                if not self._pending:
+            admitted = self._take(scheduler, len(jobs))
+            if admitted is None:
+                break
+            for job in admitted:
+                try:
+                    ticket = scheduler.add(job.request, on_text=job.on_text, should_stop=self._stop_check(job),
+                                           submitted_at=job.arrived)
+                except Exception as error:  # noqa: BLE001 - a bad request fails alone (logged unless a domain error)
+                    self._settle(job, _logged(error))
                     continue
-            batch = self._take_batch()
-            self.observer.queue_depth(len(self._pending))
-            await loop.run_in_executor(self._executor, self._run, loop, batch)
+                jobs[id(ticket)] = job
+            if not scheduler.busy:
+                continue
+            decoded = scheduler.running_requests  # the requests this step decodes
+            finished = scheduler.step()
+            self.observer.step_done(decoded, scheduler.running_requests, len(scheduler.waiting) + len(self._pending))
+            for ticket in finished:
+                job = jobs.pop(id(ticket))
+                if ticket.error is not None:
+                    self._settle(job, _logged(ticket.error))
+                    continue
+                if not ticket.cancelled:
+                    self.observer.request_done(ticket.result, *_timings(ticket))
+                self._settle(job, ticket.result)
+        self.observer.step_done(0, 0, 0)
+        for job in jobs.values():
+            self._settle(job, ServiceBusyError("The service is shutting down."))
 
-    async def _wait_for_company(self) -> None:
-        """Let the first request wait up to `batch_timeout` for others to share its batch."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.batch_timeout
-        while sum(not job.streamed for job in self._pending) < self.max_batch_size:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                return
+    def _stop_check(self, job: _Job) -> Callable[[], bool]:
+        return lambda: job.should_stop() or self._stopping
 
-    def _take_batch(self) -> list[_Job]:
-        """The first waiting job alone if streamed, else up to `max_batch_size` unstreamed jobs in order."""
-        if self._pending[0].streamed:
-            return [self._pending.popleft()]
-        batch = [job for job in self._pending if not job.streamed][: self.max_batch_size]
-        for job in batch:
-            self._pending.remove(job)
-        return batch
+    def _take(self, scheduler, in_engine: int) -> list[_Job] | None:
+        """The jobs to admit now (None once stopping); when the engine is idle, sleeps until one arrives."""
+        with self._lock:
+            while True:
+                if self._stopping:
+                    return None
+                self._drop_abandoned()
+                room = self.max_batch_size - in_engine
+                if not self._pending or room <= 0:
+                    if scheduler.busy:
+                        return []
+                    self._lock.wait()
+                    continue
+                if not scheduler.busy and len(self._pending) < room:  # idle: let simultaneous arrivals share a prefill
+                    remaining = self._pending[0].arrived + self.batch_timeout - time.perf_counter()
+                    if remaining > 0:
+                        self._lock.wait(remaining)
+                        continue
+                taken = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+                depth = len(self._pending)
+                break
+        self.observer.queue_depth(depth)
+        return taken
 
     def _drop_abandoned(self) -> None:
         kept = [job for job in self._pending if not job.abandoned]
@@ -196,34 +245,36 @@ class Batcher:
             self._pending = deque(kept)
             self.observer.queue_depth(len(self._pending))
 
-    def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
-        """On the worker thread: run the batch; settle every job's future on the event loop."""
-        live = [job for job in batch if not job.abandoned]
-        if not live:
-            return
-        if live[0].streamed:
-            job = live[0]
-            outcomes = [_outcome(lambda: self.engine.stream(job.request, job.on_text, job.stop_event.is_set))]
-        else:
-            outcomes = _outcome(lambda: self.engine.run([job.request for job in live]))
-            if isinstance(outcomes, Exception) and len(live) > 1:  # one bad request must not fail the rest
-                outcomes = [_outcome(lambda job=job: self.engine.run([job.request])[0]) for job in live]
-            elif isinstance(outcomes, Exception):
-                outcomes = [outcomes]
-        self.observer.batch_done(len(live), [result for result in outcomes if isinstance(result, Result)])
-        for job, outcome in zip(live, outcomes):
-            loop.call_soon_threadsafe(_settle, job.future, outcome)
+    def _settle(self, job: _Job, outcome: Result | Exception) -> None:
+        _call_soon(self._loop, _settle, job.future, outcome)
 
 
-def _outcome(work: Callable[[], Result | list[Result]]) -> Result | list[Result] | Exception:
-    """The result of `work`, or the exception it raised (logged when it is not a domain error)."""
+def _timings(ticket: Ticket) -> tuple[float | None, float | None]:
+    """Time to first token (from arrival) and time per output token after it, as vLLM reports them."""
+    if ticket.first_token_at is None:
+        return None, None
+    first = ticket.first_token_at - ticket.submitted_at
+    tokens = ticket.generated_tokens
+    if ticket.params.num_beams > 1 or tokens < 2 or ticket.finished_at is None:
+        return first, None
+    return first, (ticket.finished_at - ticket.first_token_at) / (tokens - 1)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop | None, callback, *args) -> None:
+    """Run `callback` on the event loop from the engine thread (nothing once the loop has closed)."""
+    if loop is None or loop.is_closed():
+        return
     try:
-        return work()
-    except KosmosServeError as error:
-        return error
-    except Exception as error:
-        logger.exception("Inference failed")
-        return error
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # closed meanwhile
+        pass
+
+
+def _logged(error: Exception) -> Exception:
+    """`error`, logged with its traceback unless it is a domain error meant for the client."""
+    if not isinstance(error, KosmosServeError):
+        logger.error("Inference failed", exc_info=error)
+    return error
 
 
 def _settle(future: asyncio.Future, outcome: Result | Exception) -> None:

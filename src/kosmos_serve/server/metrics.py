@@ -9,10 +9,16 @@ from kosmos_serve.server.batcher import BatchObserver
 
 disable_created_metrics()  # the `_created` series only add noise to every scrape
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+# modelled on vLLM's histograms of the same names (seconds; wide, as CPU requests can take minutes)
+TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                               10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TIME_PER_OUTPUT_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                                 10.0, 20.0, 40.0, 80.0)
 
 
 class Metrics:
-    """Requests by route and status, latency, queue depth, batch sizes, tokens and image-cache use."""
+    """Requests by route and status, latency, queue depth, batch sizes, tokens, image-cache use, and as vLLM
+    exposes them: time to first token, time per output token, requests running and waiting."""
 
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -25,24 +31,47 @@ class Metrics:
         )
         self.queue_depth = Gauge("kosmos_queue_depth", "Requests waiting for the model.", registry=self.registry)
         self.batch_size = Histogram(
-            "kosmos_batch_size", "Requests run together in one batch.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
-            registry=self.registry,
+            "kosmos_batch_size", "Requests decoded together, observed at each decode step (continuous batching).",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=self.registry,
         )
         self.generated_tokens = Counter("kosmos_generated_tokens", "New tokens generated.", registry=self.registry)
         self.image_features = Counter(
             "kosmos_image_features", "Images a request needed, by where their features came from (cache or encoder).",
             ["source"], registry=self.registry,
         )
+        self.time_to_first_token = Histogram(
+            "kosmos_time_to_first_token_seconds", "From a request's arrival to its first generated token.",
+            buckets=TIME_TO_FIRST_TOKEN_BUCKETS, registry=self.registry,
+        )
+        self.time_per_output_token = Histogram(
+            "kosmos_time_per_output_token_seconds", "A request's mean time per generated token after its first.",
+            buckets=TIME_PER_OUTPUT_TOKEN_BUCKETS, registry=self.registry,
+        )
+        self.requests_running = Gauge(
+            "kosmos_requests_running", "Requests in the running batch (decoding).", registry=self.registry
+        )
+        self.requests_waiting = Gauge(
+            "kosmos_requests_waiting", "Requests queued, not yet admitted to the running batch.", registry=self.registry
+        )
 
     def observer(self) -> BatchObserver:
         """Hooks for the batcher."""
-        return BatchObserver(queue_depth=self.queue_depth.set, batch_done=self.record_batch)
+        return BatchObserver(queue_depth=self.queue_depth.set, step_done=self.record_step,
+                             request_done=self.record_result)
 
-    def record_batch(self, size: int, results: list[Result]) -> None:
-        self.batch_size.observe(size)
-        for result in results:
-            self.generated_tokens.inc(result.generated_tokens)
-            self.image_features.labels("cache" if result.image_cached else "encoder").inc()
+    def record_step(self, decoded: int, running: int, waiting: int) -> None:
+        if decoded:
+            self.batch_size.observe(decoded)
+        self.requests_running.set(running)
+        self.requests_waiting.set(waiting)
+
+    def record_result(self, result: Result, first_token: float | None, per_token: float | None) -> None:
+        self.generated_tokens.inc(result.generated_tokens)
+        self.image_features.labels("cache" if result.image_cached else "encoder").inc()
+        if first_token is not None:
+            self.time_to_first_token.observe(first_token)
+        if per_token is not None:
+            self.time_per_output_token.observe(per_token)
 
     def record_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()

@@ -23,14 +23,18 @@ class ServerSettings(BaseSettings):
     )
     max_batch_size: int = Field(
         2, ge=1, validation_alias="MAX_BATCH_SIZE",
-        description="Most concurrent requests run as one batch (the reference's default; 8 for throughput).",
+        description="Most requests decoding together in the running batch; more wait in the queue and join as "
+                    "others finish (the reference's default; 8 for throughput).",
     )
     default_prompt: str | None = Field(
         None, min_length=1, validation_alias="DEFAULT_PROMPT",
         description="Prompt of `POST /predict` when the request sends none (unset: the model's `default_prompt`, "
                     "else the reference's `<grounding> Describe this image:`).",
     )
-    batch_timeout_ms: float = Field(10.0, ge=0, description="How long the first request of a batch waits for others.")
+    batch_timeout_ms: float = Field(
+        10.0, ge=0, description="When the engine is idle, how long its first arrival waits for others to prefill with "
+                                "it; requests arriving while a batch decodes join it at the next step without waiting.",
+    )
     max_queue: int = Field(64, ge=1, description="Requests waiting at most; beyond it: 503 with Retry-After.")
     request_timeout_s: float = Field(300.0, gt=0, description="Longest a request may wait and run; then 504.")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body (413 beyond).")

@@ -1,24 +1,27 @@
-"""The inference core: prepared prompts -> batched `generate` -> grounded results.
+"""The inference core: prepared prompts -> continuous batching (`scheduler.py`) -> grounded results.
 
 One `Engine.run` call takes any mix of tasks, prompts, images and generation parameters. Vision
-features are computed once per distinct image (and kept in an LRU across calls); prompts with
-the same generation parameters share left-padded batches; every result equals the request run
-alone through transformers' own `generate` + `post_process_generation`.
+features are computed once per distinct image (and kept in an LRU across calls); rows decode
+together step by step whatever their parameters (`decode.py`), joining and leaving the batch at
+any step; every result equals the request run alone through transformers' own `generate` +
+`post_process_generation`. Beam search runs through `generate` itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import StoppingCriteria, TextStreamer
 
 from kosmos_serve.config import EngineSettings
+from kosmos_serve.engine.features import ImageFeatureCache, image_features
+from kosmos_serve.engine.results import Result, Timings, combine_detections
+from kosmos_serve.engine.scheduler import Scheduler, Ticket
 from kosmos_serve.errors import InvalidRequestError
 from kosmos_serve.generation import (
     GenerationParams,
@@ -27,10 +30,15 @@ from kosmos_serve.generation import (
     read_model_defaults,
     resolve_defaults,
 )
-from kosmos_serve.grounding import Entity, GroundedText, parse_generation, render_markdown
+from kosmos_serve.grounding import GroundedText, parse_generation
 from kosmos_serve.images import image_digest
 from kosmos_serve.loading import load_model, resolve_source
-from kosmos_serve.tasks import PromptSpec, Task, TaskInput, build_prompts, parse_task
+from kosmos_serve.tasks import PromptSpec, TaskInput, build_prompts
+
+__all__ = [  # what the rest of kosmos-serve imports from here
+    "Engine", "GenerationParams", "ImageFeatureCache", "Request", "Result", "Scheduler", "Ticket", "Timings",
+    "check_request", "combine_detections", "image_features", "tokenise",
+]
 
 # Token ids do not depend on pixels: tokenising against this placeholder runs the processor's own
 # text path (tags, location tokens, image slots) without preprocessing the real image per prompt.
@@ -52,51 +60,6 @@ class Request:
     params: GenerationParams = field(default_factory=GenerationParams)
 
 
-@dataclass(frozen=True)
-class Timings:
-    """Seconds spent on this request's image features and on the generate call(s) it was part of."""
-
-    vision: float = 0.0
-    generation: float = 0.0
-
-
-@dataclass(frozen=True)
-class Result:
-    """A grounded answer: reference text and entities, pixel boxes, markdown, sizes and timings."""
-
-    task: Task
-    prompt: str
-    text: str
-    answer: str
-    raw_text: str
-    entities: tuple[Entity, ...]
-    markdown: str
-    image_size: tuple[int, int]
-    generated_tokens: int
-    image_cached: bool
-    timings: Timings
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict: entities as objects with normalised and pixel boxes."""
-        return {
-            "task": self.task.value,
-            "prompt": self.prompt,
-            "text": self.text,
-            "answer": self.answer,
-            "raw_text": self.raw_text,
-            "entities": [
-                {"phrase": e.phrase, "span": list(e.span), "boxes": [list(b) for b in e.boxes],
-                 "pixel_boxes": [list(b) for b in e.pixel_boxes]}
-                for e in self.entities
-            ],
-            "markdown": self.markdown,
-            "image_size": list(self.image_size),
-            "generated_tokens": self.generated_tokens,
-            "image_cached": self.image_cached,
-            "timings": {"vision_seconds": self.timings.vision, "generation_seconds": self.timings.generation},
-        }
-
-
 @dataclass
 class _Row:
     """One prompt to generate: which request it belongs to and its tokenised inputs."""
@@ -109,43 +72,6 @@ class _Row:
     output: GroundedText | None = None
     generated_tokens: int = 0
     generation_seconds: float = 0.0
-
-
-class ImageFeatureCache:
-    """A bounded LRU of image features (`image_embeds`) keyed by image content digest."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: str) -> torch.Tensor | None:
-        """The features for `key`, marked as recently used, or None."""
-        features = self._entries.get(key)
-        if features is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
-        return features
-
-    def put(self, key: str, features: torch.Tensor) -> None:
-        """Keep `features`, evicting the least recently used entries beyond capacity."""
-        if self.capacity == 0:
-            return
-        self._entries[key] = features
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        """Forget every entry and reset the hit and miss counts."""
-        self._entries.clear()
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 class Engine:
@@ -167,33 +93,39 @@ class Engine:
         return self.run([Request(image, task or TaskInput(), params or GenerationParams())])[0]
 
     def run(self, requests: Sequence[Request]) -> list[Result]:
-        """Run many requests together; each result equals that request run alone (greedy decoding)."""
-        rows = [row for index, request in enumerate(requests) for row in self._prepare(index, request)]
-        features, vision_seconds, cached_keys = self._image_features(requests, rows)
-        for params, group in self._groups(requests, rows):
-            for start in range(0, len(group), self.settings.max_batch_size):
-                self._generate(group[start : start + self.settings.max_batch_size], features, params, requests)
-        rows_by_request: dict[int, list[_Row]] = {}
-        for row in rows:
-            rows_by_request.setdefault(row.request_index, []).append(row)
-        return [_result(request, rows_by_request[index], vision_seconds, cached_keys)
-                for index, request in enumerate(requests)]
+        """Run many requests together; each result equals that request run alone (greedy and seeded sampling).
+
+        They go through one `Scheduler`: rows decode together step by step, each leaving the batch as
+        soon as it ends, the next waiting rows joining at the next step (at most `max_batch_size` rows).
+        """
+        scheduler = self.scheduler()
+        tickets = [scheduler.add(request) for request in requests]
+        scheduler.load_features(tickets)  # "image_cached" means: cached before this call
+        while scheduler.busy:
+            scheduler.step()
+        for ticket in tickets:
+            if ticket.error is not None:
+                raise ticket.error
+        return [ticket.result for ticket in tickets]
 
     def stream(self, request: Request, on_text: Callable[[str], None], should_stop: Callable[[], bool] | None = None) -> Result:
-        """Run one request alone, passing each piece of generated text to `on_text` as it is decoded.
+        """Run one request, passing each piece of generated text to `on_text` as it is decoded.
 
-        Its prompts run one at a time (a detection's phrases one after another), so the result
-        equals `run([request])[0]` for greedy decoding. `should_stop` is polled after every token:
+        Its prompts run one after another (a detection's phrases in order), so the text reads in
+        order and the result equals `run([request])[0]`. `should_stop` is polled after every token:
         when it answers True (the client left), generation ends early.
         """
-        rows = self._prepare(0, request)
-        features, vision_seconds, cached_keys = self._image_features([request], rows)
-        streamer = _TextCallbackStreamer(self.processor.tokenizer, on_text)
-        stopping = StoppingCriteriaList([_StopWhen(should_stop)] if should_stop else [])
-        for params, group in self._groups([request], rows):
-            for row in group:
-                self._generate([row], features, params, [request], streamer=streamer, stopping_criteria=stopping)
-        return _result(request, rows, vision_seconds, cached_keys)
+        scheduler = self.scheduler()
+        ticket = scheduler.add(request, on_text=on_text, should_stop=should_stop)
+        while scheduler.busy:
+            scheduler.step()
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.result
+
+    def scheduler(self, max_rows: int | None = None) -> Scheduler:
+        """A fresh continuous-batching scheduler over this engine (at most `max_rows` rows, default `max_batch_size`)."""
+        return Scheduler(self, max_rows)
 
     def _prepare(self, index: int, request: Request) -> list[_Row]:
         key = image_digest(request.image)
@@ -246,16 +178,6 @@ class Engine:
                                   else params.no_repeat_ngram_size),
         )
 
-    def _groups(self, requests: Sequence[Request], rows: list[_Row]) -> list[tuple[GenerationParams, list[_Row]]]:
-        """Rows that may share a batch: same parameters; a sampled request always alone (its own seed)."""
-        groups: dict[tuple[GenerationParams, int | None], list[_Row]] = {}
-        for row in rows:
-            params = requests[row.request_index].params
-            params = self.with_defaults(params)
-            alone = row.request_index if params.do_sample else None
-            groups.setdefault((params, alone), []).append(row)
-        return [(params, group) for (params, _), group in groups.items()]
-
     @torch.inference_mode()
     def _generate(self, batch: list[_Row], features: dict, params: GenerationParams, requests, **extra) -> None:
         width = max(len(row.input_ids) for row in batch)
@@ -285,12 +207,6 @@ class Engine:
             row.output = parse_generation(text, row.spec.text, *image.size)
             row.generated_tokens = int((tokens != self.pad_token_id).sum())
             row.generation_seconds = elapsed
-
-
-def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """What `generate` computes from pixels: vision encoder -> post-layernorm -> L2 norm -> resampler."""
-    hidden = model.vision_model.model.post_layernorm(model.vision_model(pixel_values)[0])
-    return model.image_to_text_projection(torch.nn.functional.normalize(hidden, dim=-1))[0]
 
 
 class _TextCallbackStreamer(TextStreamer):
@@ -325,45 +241,3 @@ def check_request(request: Request, settings: EngineSettings) -> list[PromptSpec
         if len(text) > limit:
             raise InvalidRequestError(f"A prompt or phrase is {len(text)} characters long; the limit is {limit}.")
     return build_prompts(request.task, *request.image.size)
-
-
-def combine_detections(rows: list[_Row]) -> GroundedText:
-    """One result for a detection request: the phrases as text, each linked to the boxes found for it."""
-    phrases = [row.spec.phrase for row in rows]
-    text = ", ".join(phrases)
-    entities = []
-    start = 0
-    for row, phrase in zip(rows, phrases):
-        found = next((e for e in row.output.entities if e.phrase == phrase), None)
-        if found is not None:
-            entities.append(Entity(phrase, (start, start + len(phrase)), found.boxes, found.pixel_boxes))
-        start += len(phrase) + 2
-    entities = tuple(entities)
-    return GroundedText(
-        text=text,
-        answer=text,
-        raw_text="\n".join(row.output.raw_text for row in rows),
-        entities=entities,
-        markdown=render_markdown(text, entities),
-    )
-
-
-def _result(request: Request, rows: list[_Row], vision_seconds: dict[str, float], cached_keys: set[str]) -> Result:
-    """One request's result from its generated rows, with its image's vision time and cache state."""
-    key = rows[0].image_key
-    timings = Timings(vision_seconds.get(key, 0.0), sum(row.generation_seconds for row in rows))
-    task = parse_task(request.task.task)
-    output = combine_detections(rows) if task is Task.DETECTION else rows[0].output
-    return Result(
-        task=task,
-        prompt="\n".join(row.spec.text for row in rows),
-        text=output.text,
-        answer=output.answer,
-        raw_text=output.raw_text,
-        entities=output.entities,
-        markdown=output.markdown,
-        image_size=request.image.size,
-        generated_tokens=sum(row.generated_tokens for row in rows),
-        image_cached=key in cached_keys,
-        timings=timings,
-    )

@@ -1,0 +1,204 @@
+"""The JSONL records of `kosmos-serve annotate`: one line per image, appended a batch at a time, crash-safe.
+
+An annotated image:
+    {"path", "resolved", "sha256", "width", "height", "task", "prompt", "text", "answer", "raw_text",
+     "entities": [{"phrase", "class", "span", "boxes", "pixel_boxes"}], "markdown", "generated_tokens",
+     "model", "kosmos_serve_version"}
+An image that could not be annotated:
+    {"path", "resolved", "sha256" (null when the file cannot be read), "width": null, "height": null, "task",
+     "error": {"code", "message"}, "model", "kosmos_serve_version"}
+
+Crash safety: a batch's lines go out in one write, then flush and fsync. A process killed mid-write
+leaves at most its last line torn (no newline at the end of the file); the next run drops that line
+before appending (or only adds its newline, when the line is whole), so every image is in the file
+once, on a complete line. An image is done when a record with its resolved path and sha256 is there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Self
+
+from kosmos_serve.collections.inputs import ImageEntry
+from kosmos_serve.engine import Result
+from kosmos_serve.errors import InvalidRequestError, KosmosServeError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; two runs on one file there are the user's to avoid
+    fcntl = None
+
+KOSMOS_SERVE_VERSION = version("kosmos-serve")
+DoneKey = tuple[str, str | None]  # (resolved path, sha256 of the file's bytes or None when unreadable)
+
+
+def annotated_record(entry: ImageEntry, sha256: str, result: Result, *, model: str,
+                     ontology: dict[str, str] | None = None) -> dict:
+    """The record of an annotated image: `Result.to_dict()` without timings and cache state, each entity with its class."""
+    answer = result.to_dict()
+    width, height = result.image_size
+    entities = [{"phrase": e["phrase"], "class": (ontology or {}).get(e["phrase"]), "span": e["span"],
+                 "boxes": e["boxes"], "pixel_boxes": e["pixel_boxes"]} for e in answer["entities"]]
+    return {
+        "path": entry.path, "resolved": str(entry.resolved), "sha256": sha256, "width": width, "height": height,
+        "task": answer["task"], "prompt": answer["prompt"], "text": answer["text"], "answer": answer["answer"],
+        "raw_text": answer["raw_text"], "entities": entities, "markdown": answer["markdown"],
+        "generated_tokens": answer["generated_tokens"], "model": model, "kosmos_serve_version": KOSMOS_SERVE_VERSION,
+    }
+
+
+def failed_record(entry: ImageEntry, sha256: str | None, task: str, error: KosmosServeError, *, model: str) -> dict:
+    """The record of an image that could not be annotated: the error's code and its message for people."""
+    return {
+        "path": entry.path, "resolved": str(entry.resolved), "sha256": sha256, "width": None, "height": None,
+        "task": task, "error": {"code": error.code, "message": error.message}, "model": model,
+        "kosmos_serve_version": KOSMOS_SERVE_VERSION,
+    }
+
+
+def record_problem(record) -> str | None:
+    """Why `record` is not an annotate record, or None when it is one.
+
+    >>> record_problem({"path": "a.png"})
+    'it has no "resolved"'
+    """
+    if not isinstance(record, dict):
+        return "it is not a JSON object"
+    for key in ("path", "resolved", "sha256", "task", "model", "kosmos_serve_version"):
+        if key not in record:
+            return f'it has no "{key}"'
+    if not all(isinstance(record[key], str) for key in ("path", "resolved", "task")):
+        return '"path", "resolved" and "task" are not all strings'
+    if not (record["sha256"] is None or isinstance(record["sha256"], str)):
+        return '"sha256" is neither a string nor null'
+    if "error" in record:
+        error = record["error"]
+        return None if isinstance(error, dict) and {"code", "message"} <= error.keys() else '"error" has no code and message'
+    if not isinstance(record.get("entities"), list) or not isinstance(record.get("prompt"), str):
+        return 'it has neither "error" nor "prompt" and "entities"'
+    return None
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each complete record line of an annotate output (a torn last line left out)."""
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            if line.endswith(b"\n") and line.strip():
+                yield number, json.loads(line)
+
+
+@dataclass
+class PreviousRun:
+    """What an output file already holds: the images done, and how to make its end whole before appending."""
+
+    done: set[DoneKey] = field(default_factory=set)
+    records: int = 0
+    size: int = 0  # bytes when read: if it has changed when we append, someone else is writing the file
+    keep: int = 0  # bytes to keep; beyond them lies a torn last line
+    add_newline: bool = False  # the last line is a whole record that lost only its newline
+
+    @property
+    def torn(self) -> bool:
+        """Whether the file ends in a torn line (dropped, or given its newline, before the next append)."""
+        return self.keep < self.size or self.add_newline
+
+
+def read_previous(path: Path, check: Callable[[int, dict], None] | None = None) -> PreviousRun:
+    """Read an earlier run's records from `path` (absent or empty: none); anything else there is an error.
+
+    `check(line_number, record)` may refuse a record (raising) that this run could not continue.
+    """
+    previous = PreviousRun()
+    if not path.exists():
+        return previous
+    if not path.is_file():
+        raise InvalidRequestError(f"--out {path} is not a file.")
+    offset = 0
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            start, offset = offset, offset + len(line)
+            complete = line.endswith(b"\n")
+            record, problem = _parse(line)
+            if problem is None:
+                previous.done.add((record["resolved"], record["sha256"]))
+                previous.records += 1
+                if check is not None:
+                    check(number, record)
+            elif not complete:  # killed mid-write: drop the torn line
+                offset = start
+            elif line.strip():
+                raise InvalidRequestError(
+                    f"--out {path} is not the records of an earlier annotate run (line {number}: {problem}); "
+                    "choose another --out, or move the file away."
+                )
+            previous.add_newline = problem is None and not complete
+    previous.size, previous.keep = path.stat().st_size, offset
+    return previous
+
+
+def _parse(line: bytes) -> tuple[dict | None, str | None]:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None, "not valid JSON"
+    return record, record_problem(record)
+
+
+class RecordAppender:
+    """Appends record lines to the output, each batch in one write followed by flush and fsync.
+
+    The file is opened (and locked against a second run) at the first append, so a run that fails
+    before annotating anything leaves it untouched; a torn last line is mended then.
+    """
+
+    def __init__(self, path: Path, previous: PreviousRun):
+        self.path = path
+        self.previous = previous
+        self._file = None
+
+    def append(self, records: list[dict]) -> None:
+        """Write `records`, one JSON line each, and make them durable."""
+        if not records:
+            return
+        if self._file is None:
+            self._open()
+        self._file.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "ab")  # noqa: SIM115  (kept open across appends; closed by close())
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise InvalidRequestError(f"Another annotate run is writing {self.path}; wait for it.") from None
+            if os.fstat(file.fileno()).st_size != self.previous.size:
+                raise InvalidRequestError(f"{self.path} changed while this run started; is another run writing it?")
+            if self.previous.keep < self.previous.size:
+                file.truncate(self.previous.keep)
+            if self.previous.add_newline:
+                file.write(b"\n")
+        except BaseException:
+            file.close()
+            raise
+        self._file = file
+
+    def close(self) -> None:
+        """Close the file (and release its lock)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,95 @@
+"""Results: one request's rows (generated prompts) -> its grounded answer, timings and sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kosmos_serve.grounding import Entity, GroundedText, render_markdown
+from kosmos_serve.tasks import Task, parse_task
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent on this request's image features and on generating its rows (admission to last token)."""
+
+    vision: float = 0.0
+    generation: float = 0.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """A grounded answer: reference text and entities, pixel boxes, markdown, sizes and timings."""
+
+    task: Task
+    prompt: str
+    text: str
+    answer: str
+    raw_text: str
+    entities: tuple[Entity, ...]
+    markdown: str
+    image_size: tuple[int, int]
+    generated_tokens: int
+    image_cached: bool
+    timings: Timings
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict: entities as objects with normalised and pixel boxes."""
+        return {
+            "task": self.task.value,
+            "prompt": self.prompt,
+            "text": self.text,
+            "answer": self.answer,
+            "raw_text": self.raw_text,
+            "entities": [
+                {"phrase": e.phrase, "span": list(e.span), "boxes": [list(b) for b in e.boxes],
+                 "pixel_boxes": [list(b) for b in e.pixel_boxes]}
+                for e in self.entities
+            ],
+            "markdown": self.markdown,
+            "image_size": list(self.image_size),
+            "generated_tokens": self.generated_tokens,
+            "image_cached": self.image_cached,
+            "timings": {"vision_seconds": self.timings.vision, "generation_seconds": self.timings.generation},
+        }
+
+
+def combine_detections(rows: list) -> GroundedText:
+    """One result for a detection request: the phrases as text, each linked to the boxes found for it."""
+    phrases = [row.spec.phrase for row in rows]
+    text = ", ".join(phrases)
+    entities = []
+    start = 0
+    for row, phrase in zip(rows, phrases):
+        found = next((e for e in row.output.entities if e.phrase == phrase), None)
+        if found is not None:
+            entities.append(Entity(phrase, (start, start + len(phrase)), found.boxes, found.pixel_boxes))
+        start += len(phrase) + 2
+    entities = tuple(entities)
+    return GroundedText(
+        text=text,
+        answer=text,
+        raw_text="\n".join(row.output.raw_text for row in rows),
+        entities=entities,
+        markdown=render_markdown(text, entities),
+    )
+
+
+def _result(request, rows: list, vision_seconds: dict[str, float], cached_keys: set[str]) -> Result:
+    """One request's result from its generated rows, with its image's vision time and cache state."""
+    key = rows[0].image_key
+    timings = Timings(vision_seconds.get(key, 0.0), sum(row.generation_seconds for row in rows))
+    task = parse_task(request.task.task)
+    output = combine_detections(rows) if task is Task.DETECTION else rows[0].output
+    return Result(
+        task=task,
+        prompt="\n".join(row.spec.text for row in rows),
+        text=output.text,
+        answer=output.answer,
+        raw_text=output.raw_text,
+        entities=output.entities,
+        markdown=output.markdown,
+        image_size=request.image.size,
+        generated_tokens=sum(row.generated_tokens for row in rows),
+        image_cached=key in cached_keys,
+        timings=timings,
+    )

@@ -1,0 +1,332 @@
+"""Who runs at each decode step: continuous batching on the one engine thread.
+
+Each `Scheduler.step` runs one decode step for every running row, emits each row's new token,
+retires the rows that finished (end of sequence, their own `max_new_tokens`, a stop callback for a
+client that left), then admits waiting requests: their prompts are prefilled together and their
+KV-cache rows appended to the running batch, so they decode with it from the next step on.
+
+Every row keeps its own logits processors (transformers' own, built as `generate` builds them for
+its parameters) and, when sampling, its own `torch.Generator` seeded with the request's seed. So a
+greedy row equals transformers' `generate` run alone, and a seeded sampled row equals `generate`
+run alone after `torch.manual_seed(seed)`, whatever shares its batch. Beam search keeps
+`generate` (an exact path): such a request runs whole when admitted, between two steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessorList, StoppingCriteriaList
+
+from kosmos_serve.engine.decode import RunningBatch, decode_step, keep_rows, merge, prefill
+from kosmos_serve.engine.results import _result
+from kosmos_serve.generation import GenerationParams, generation_kwargs
+from kosmos_serve.grounding import parse_generation
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request in the scheduler: its rows (prompts), callbacks, and once done its result or error."""
+
+    request: object  # engine.Request
+    rows: list  # engine._Row
+    params: GenerationParams  # defaults filled in
+    on_text: Callable[[str], None] | None = None
+    should_stop: Callable[[], bool] = lambda: False
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    started_rows: int = 0
+    finished_rows: int = 0
+    result: object | None = None  # engine.Result
+    error: Exception | None = None
+    cancelled: bool = False  # its stop callback answered True
+    features: dict | None = None
+    vision_seconds: dict = field(default_factory=dict)
+    cached_keys: set = field(default_factory=set)
+    streamer: object | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.on_text is not None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(row.generated_tokens for row in self.rows)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """A row being decoded: its ids so far, the token chosen but not yet fed, its processors and generator."""
+
+    ticket: Ticket
+    row: object  # engine._Row
+    ids: list[int]
+    processors: LogitsProcessorList
+    generator: torch.Generator | None
+    started_at: float
+    new_tokens: int = 0
+    pending: int | None = None
+    finished: bool = False
+
+
+class Scheduler:
+    """Waiting requests and the running batch of one engine; `step` until not `busy`."""
+
+    def __init__(self, engine, max_rows: int | None = None):
+        self.engine = engine
+        self.max_rows = max_rows or engine.settings.max_batch_size
+        self.waiting: deque[Ticket] = deque()
+        self.sequences: list[_Sequence] = []
+        self.batch: RunningBatch | None = None
+        self._processors: dict[GenerationParams, tuple[LogitsProcessorList, set[int]]] = {}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.sequences)
+
+    @property
+    def running_requests(self) -> int:
+        """Requests with a row in the running batch."""
+        return len({id(sequence.ticket) for sequence in self.sequences})
+
+    def add(self, request, on_text: Callable[[str], None] | None = None,
+            should_stop: Callable[[], bool] | None = None, submitted_at: float | None = None) -> Ticket:
+        """Validate and queue `request`; it joins the running batch at the next step (InvalidRequestError if bad)."""
+        rows = self.engine._prepare(0, request)
+        ticket = Ticket(request, rows, self.engine.with_defaults(request.params), on_text,
+                        should_stop or (lambda: False))
+        if submitted_at is not None:
+            ticket.submitted_at = submitted_at
+        self.waiting.append(ticket)
+        return ticket
+
+    def step(self) -> list[Ticket]:
+        """One decode step for the running rows, then admission of waiting requests; the tickets that finished."""
+        finished: list[Ticket] = []
+        if self.sequences:
+            try:
+                logits = decode_step(self.engine.model, self.batch, torch.tensor([s.pending for s in self.sequences]))
+                for sequence, scores in zip(self.sequences, logits):
+                    self._choose(sequence, scores)
+            except Exception as error:  # noqa: BLE001 - the running batch is lost; each of its requests says so
+                self._fail_running(error, finished)
+            self._retire(finished)
+        self._admit(finished)
+        return finished
+
+    # admission
+
+    def _admit(self, finished: list[Ticket]) -> None:
+        capacity = self.max_rows - len(self.sequences)
+        joining: list[_Sequence] = []
+        with contextlib.suppress(Exception):  # a failure here is met again, request by request, below
+            self.load_features([t for t in list(self.waiting)[: max(capacity, 0)] if not t.should_stop()])
+        for ticket in list(self.waiting):
+            if ticket.should_stop():
+                self.waiting.remove(ticket)
+                ticket.cancelled = True
+                if not any(s.ticket is ticket for s in self.sequences + joining):
+                    self._close_unstarted(ticket, finished)
+                continue
+            if ticket.params.num_beams > 1:
+                self.waiting.remove(ticket)
+                self._run_with_generate(ticket, finished)
+                continue
+            if ticket.streamed and any(s.ticket is ticket for s in self.sequences + joining):
+                continue  # a streamed request's prompts run one after another, so its text reads in order
+            if capacity <= 0:
+                break
+            if not self._load_features(ticket, finished):
+                continue
+            wanted = 1 if ticket.streamed else len(ticket.rows) - ticket.started_rows
+            for row in ticket.rows[ticket.started_rows : ticket.started_rows + min(wanted, capacity)]:
+                joining.append(self._sequence(ticket, row))
+                ticket.started_rows += 1
+                capacity -= 1
+            if ticket.started_rows == len(ticket.rows):
+                self.waiting.remove(ticket)
+        if not joining:
+            return
+        try:
+            embeds = torch.cat([s.ticket.features[s.row.image_key] for s in joining])
+            batch, logits = prefill(self.engine.model, [s.row.input_ids for s in joining],
+                                    [s.row.image_mask for s in joining], embeds, self.engine.pad_token_id)
+            for sequence, scores in zip(joining, logits):
+                self._choose(sequence, scores)
+        except Exception as error:  # noqa: BLE001 - handed to the request(s), whose caller reports it
+            for sequence in joining:
+                self._fail(sequence.ticket, error, finished)
+            return
+        self.batch = merge(self.batch, batch)
+        self.sequences.extend(joining)
+        self._retire(finished)
+
+    def load_features(self, tickets: list[Ticket]) -> None:
+        """Image features of `tickets` in one pass (each distinct image encoded once, in batches), shared by them."""
+        tickets = [ticket for ticket in tickets if ticket.features is None and not ticket.done]
+        if not tickets:
+            return
+        pairs = [(ticket, row) for ticket in tickets for row in ticket.rows]
+        rows = [dataclasses.replace(row, request_index=index) for index, (_, row) in enumerate(pairs)]
+        features, seconds, cached = self.engine._image_features([ticket.request for ticket, _ in pairs], rows)
+        for ticket in tickets:
+            ticket.features, ticket.vision_seconds, ticket.cached_keys = features, seconds, cached
+
+    def _load_features(self, ticket: Ticket, finished: list[Ticket]) -> bool:
+        if ticket.features is not None:
+            return True
+        try:
+            self.load_features([ticket])
+        except Exception as error:  # noqa: BLE001 - handed to the request(s), whose caller reports it
+            self._fail(ticket, error, finished)
+            return False
+        return True
+
+    def _sequence(self, ticket: Ticket, row) -> _Sequence:
+        processors, _ = self._processors_for(ticket.params, len(row.input_ids))
+        generator = None
+        if ticket.params.do_sample:
+            generator = torch.Generator(device=self.engine.device)
+            if ticket.params.seed is not None:
+                generator.manual_seed(ticket.params.seed)
+            else:
+                generator.seed()
+        if ticket.streamed:
+            if ticket.streamer is None:
+                from kosmos_serve.engine import _TextCallbackStreamer
+
+                ticket.streamer = _TextCallbackStreamer(self.engine.processor.tokenizer, ticket.on_text)
+            ticket.streamer.put(torch.tensor([row.input_ids]))  # the prompt: skipped, as `generate` does
+        return _Sequence(ticket, row, list(row.input_ids), processors, generator, time.perf_counter())
+
+    def _processors_for(self, params: GenerationParams, prompt_length: int) -> tuple[LogitsProcessorList, set[int]]:
+        """transformers' own logits processors and end-of-sequence ids for `params`, as `generate` builds them."""
+        if params not in self._processors:
+            text_model = self.engine.model.text_model
+            config, _ = text_model._prepare_generation_config(None, **generation_kwargs(params))
+            text_model._prepare_special_tokens(config, False, device=self.engine.device)
+            processors = text_model._get_logits_processor(
+                config, input_ids_seq_length=prompt_length, encoder_input_ids=torch.zeros(1, prompt_length, dtype=torch.long),
+                device=self.engine.device, model_kwargs={},
+            )
+            eos = config._eos_token_tensor
+            eos_ids = set() if eos is None else {int(token) for token in eos.view(-1)}
+            self._processors[params] = (processors, eos_ids)
+        return self._processors[params]
+
+    # token choice and retirement
+
+    def _choose(self, sequence: _Sequence, logits: torch.Tensor) -> None:
+        """Pick the row's next token as `generate` does, emit it, and note whether the row is done."""
+        ticket = sequence.ticket
+        scores = sequence.processors(torch.tensor([sequence.ids], device=logits.device), logits[None])
+        if sequence.generator is not None:
+            probs = torch.nn.functional.softmax(scores, dim=-1)
+            token = int(torch.multinomial(probs, num_samples=1, generator=sequence.generator)[0, 0])
+        else:
+            token = int(torch.argmax(scores, dim=-1)[0])
+        sequence.ids.append(token)
+        sequence.new_tokens += 1
+        sequence.pending = token
+        if ticket.first_token_at is None:
+            ticket.first_token_at = time.perf_counter()
+        if ticket.streamer is not None:
+            ticket.streamer.put(torch.tensor([token]))
+        _, eos_ids = self._processors[ticket.params]
+        if ticket.should_stop():
+            ticket.cancelled = sequence.finished = True
+        elif token in eos_ids or sequence.new_tokens >= ticket.params.max_new_tokens:
+            sequence.finished = True
+
+    def _retire(self, finished: list[Ticket]) -> None:
+        kept = [index for index, sequence in enumerate(self.sequences) if not sequence.finished]
+        for sequence in self.sequences:
+            if sequence.finished:
+                self._finish_row(sequence.ticket, sequence.row, sequence.ids, sequence.new_tokens,
+                                 time.perf_counter() - sequence.started_at, finished)
+        if len(kept) != len(self.sequences):
+            self.batch = keep_rows(self.batch, kept) if self.batch is not None else None
+            self.sequences = [self.sequences[index] for index in kept]
+
+    def _finish_row(self, ticket: Ticket, row, ids: list[int], new_tokens: int, seconds: float,
+                    finished: list[Ticket]) -> None:
+        if ticket.streamer is not None:
+            ticket.streamer.end()
+        image = ticket.request.image
+        text = self.engine.processor.tokenizer.decode(ids, skip_special_tokens=True)
+        row.output = parse_generation(text, row.spec.text, *image.size)
+        row.generated_tokens = new_tokens
+        row.generation_seconds = seconds
+        ticket.finished_rows += 1
+        if ticket.should_stop() and ticket.started_rows < len(ticket.rows):
+            ticket.cancelled = True
+            if ticket in self.waiting:
+                self.waiting.remove(ticket)
+            self._close_unstarted(ticket, finished)
+            return
+        if ticket.finished_rows == len(ticket.rows):
+            self._complete(ticket, finished)
+
+    def _close_unstarted(self, ticket: Ticket, finished: list[Ticket]) -> None:
+        """A request whose caller left: its prompts not yet started end with no new tokens, never run."""
+        for row in ticket.rows[ticket.started_rows :]:
+            text = self.engine.processor.tokenizer.decode(row.input_ids, skip_special_tokens=True)
+            row.output = parse_generation(text, row.spec.text, *ticket.request.image.size)
+            ticket.started_rows += 1
+            ticket.finished_rows += 1
+        if ticket.finished_rows == len(ticket.rows) and not ticket.done:
+            self._complete(ticket, finished)
+
+    def _complete(self, ticket: Ticket, finished: list[Ticket]) -> None:
+        ticket.result = _result(ticket.request, ticket.rows, ticket.vision_seconds, ticket.cached_keys)
+        ticket.finished_at = time.perf_counter()
+        finished.append(ticket)
+
+    def _fail(self, ticket: Ticket, error: Exception, finished: list[Ticket]) -> None:
+        if ticket.done:
+            return
+        ticket.error = error
+        ticket.finished_at = time.perf_counter()
+        if ticket in self.waiting:
+            self.waiting.remove(ticket)
+        finished.append(ticket)
+
+    def _fail_running(self, error: Exception, finished: list[Ticket]) -> None:
+        for sequence in self.sequences:
+            self._fail(sequence.ticket, error, finished)
+        self.sequences = []
+        self.batch = None
+
+    # the exact path for beam search
+
+    def _run_with_generate(self, ticket: Ticket, finished: list[Ticket]) -> None:
+        """A beam-search request through transformers' `generate`, all its prompts together, now."""
+        if not self._load_features(ticket, finished):
+            return
+        from kosmos_serve.engine import _StopWhen
+
+        stopping = StoppingCriteriaList([_StopWhen(ticket.should_stop)])
+        try:
+            self.engine._generate(ticket.rows, ticket.features, ticket.params, [ticket.request],
+                                  stopping_criteria=stopping)
+        except Exception as error:  # noqa: BLE001 - handed to the request(s), whose caller reports it
+            self._fail(ticket, error, finished)
+            return
+        ticket.first_token_at = time.perf_counter()
+        ticket.started_rows = ticket.finished_rows = len(ticket.rows)
+        if ticket.on_text is not None:  # beam search streams nothing while it searches: the answer comes whole
+            for row in ticket.rows:
+                if row.output.raw_text:
+                    ticket.on_text(row.output.answer or row.output.text)
+        self._complete(ticket, finished)

@@ -1,0 +1,12 @@
+"""The paper's grounding benchmarks, scored with the original Kosmos-2 evaluation's prompts and protocol.
+
+    datasets.py         MDETR's RefCOCO/+/g and Flickr30k Entities files -> examples with the original prompts
+    flickr_entities.py  the official Flickr30k Entities folder: true boxes and entity types as the original reads them
+    metrics.py          IoU, accuracy@0.5 (the first box), recall@k (any of the first k boxes, any true box)
+    backends.py         where prompts run: the engine here, or a service's /v1/generate
+    runner.py           batches through a backend, predictions JSONL written as they finish, resumable
+    report.py           each split's figures beside the paper's
+    synthetic.py        MDETR-format files of the synthetic shapes scenes, for the demo model
+
+`kosmos-serve evaluate --benchmark NAME --annotations FILE --images DIR` runs them (README: "Benchmarks").
+"""

@@ -1,0 +1,198 @@
+"""Where the benchmark prompts run: the engine in this process, or a kosmos-serve service over HTTP.
+
+Both send each prompt exactly as given (task `raw`, `grounding: false`) and hand back the raw generation and the
+entities transformers' `post_process_generation` finds in it, with their normalised boxes. Images are read as their
+pixels are stored, without applying an EXIF rotation: COCO's and Flickr30k's boxes are drawn on the stored pixels
+(the service is sent a PNG of those pixels when a file carries a rotation, its bytes as they are otherwise).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import ExifTags, Image
+
+from kosmos_serve.errors import KosmosServeError
+from kosmos_serve.generation import GenerationParams
+from kosmos_serve.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_count, decode_fully, open_lazily, viewable_rgb
+
+NormalisedBox = tuple[float, float, float, float]
+IMAGES_KEPT = 16  # decoded images kept: Flickr30k asks five captions' phrases of one image in a row
+SERVICE_CONCURRENCY = 8  # requests in flight at once: the service batches them
+BUSY_RETRIES = 30
+
+
+class EvaluationError(KosmosServeError):
+    """The evaluation cannot go on (the service is unreachable or refuses every request); the message says why."""
+
+    status = 503
+    code = "evaluation_failed"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What the model wrote for one prompt: the text after `</image>` and its entities (phrase, normalised boxes)."""
+
+    raw_text: str
+    entities: tuple[tuple[str, tuple[NormalisedBox, ...]], ...]
+    image_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An example that could not be run, and why (the image is missing or unreadable)."""
+
+    reason: str
+
+
+def load_stored_pixels(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """An image file's pixels as stored, in RGB: every mode handled as `load_image` does, but no EXIF rotation."""
+    with open_lazily(path) as image:
+        check_pixel_count(image.size, max_pixels)
+        decode_fully(image)
+        image.getexif().pop(ExifTags.Base.Orientation, None)  # `viewable_rgb` reads this same (cached) Exif
+        return viewable_rgb(image)
+
+
+def has_rotation(path: Path) -> bool:
+    """Whether an image file asks viewers to rotate or mirror it (an EXIF orientation other than 1)."""
+    with open_lazily(path) as image:
+        return image.getexif().get(ExifTags.Base.Orientation, 1) != 1
+
+
+class ImageStore:
+    """The last few images read, so the phrases of one image read its file once; a failure is kept as a Skipped."""
+
+    def __init__(self, read, capacity: int = IMAGES_KEPT):
+        self.read, self.capacity = read, capacity
+        self._kept: OrderedDict[Path, object] = OrderedDict()
+
+    def get(self, path: Path):
+        """`read(path)`, or a Skipped saying why it failed."""
+        if path not in self._kept:
+            if not path.is_file():
+                value = Skipped(f"image not found: {path}")
+            else:
+                try:
+                    value = self.read(path)
+                except KosmosServeError as error:
+                    value = Skipped(f"{path}: {error.message}")
+            self._kept[path] = value
+            while len(self._kept) > self.capacity:
+                self._kept.popitem(last=False)
+        self._kept.move_to_end(path)
+        return self._kept[path]
+
+
+class LocalBackend:
+    """The engine in this process: prompts run in batches, each image encoded once (the engine's feature cache)."""
+
+    def __init__(self, engine, params: GenerationParams):
+        from kosmos_serve.engine import Request
+        from kosmos_serve.tasks import Task, TaskInput
+
+        self.engine, self.params = engine, params
+        self.model = engine.settings.model
+        self._request = lambda image, prompt: Request(
+            image, TaskInput(Task.RAW, prompt=prompt, grounding=False), params)
+        self.images = ImageStore(lambda path: load_stored_pixels(path, engine.settings.max_image_pixels))
+
+    def generate(self, examples: Sequence) -> list[Generation | Skipped]:
+        """Each example's generation (one `Engine.run` for the whole batch), or why it was skipped."""
+        outcomes: list[Generation | Skipped | None] = []
+        requests, positions = [], []
+        for position, example in enumerate(examples):
+            image = self.images.get(example.image_path)
+            outcomes.append(image if isinstance(image, Skipped) else None)
+            if not isinstance(image, Skipped):
+                requests.append(self._request(image, example.prompt))
+                positions.append(position)
+        for position, result in zip(positions, self.engine.run(requests) if requests else []):
+            entities = tuple((e.phrase, tuple(e.boxes)) for e in result.entities)
+            outcomes[position] = Generation(result.raw_text, entities, tuple(result.image_size))
+        return outcomes
+
+    def close(self) -> None:
+        """Nothing to release: the engine belongs to the caller."""
+
+
+class ServiceBackend:
+    """A running kosmos-serve service: a `POST /v1/generate` per prompt, several in flight for the service to batch."""
+
+    def __init__(self, url: str, params: GenerationParams, concurrency: int = SERVICE_CONCURRENCY,
+                 timeout: float = 600):
+        import httpx
+
+        self.url, self.params, self.concurrency = url.rstrip("/"), params, concurrency
+        key = os.environ.get("KOSMOS_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._transport_error = httpx.TransportError
+        info = self._call("GET", "/info")
+        self.model = info.json().get("model", self.url)
+        self.images = ImageStore(self._payload)
+
+    def _call(self, method: str, route: str, **kwargs):
+        """One HTTP call; a service busy or still loading is waited for, one that cannot be reached is an error."""
+        for _ in range(BUSY_RETRIES):
+            try:
+                response = self.client.request(method, route, **kwargs)
+            except self._transport_error as error:
+                raise EvaluationError(f"The service at {self.url} cannot be reached ({type(error).__name__}); is "
+                                      "`kosmos-serve serve` running there?") from None
+            if response.status_code != 503:
+                break
+            time.sleep(min(float(response.headers.get("Retry-After", 1)), 10.0))
+        if response.status_code in (401, 404, 405):
+            raise EvaluationError(f"{self.url}{route} answered {response.status_code}: {_message(response)} (an API "
+                                  "key goes in KOSMOS_API_KEY; --url is a kosmos-serve service's address).")
+        return response
+
+    @staticmethod
+    def _payload(path: Path) -> str:
+        """The image as base64: the file's bytes, or a PNG of its stored pixels when the file carries a rotation."""
+        if not has_rotation(path):
+            return base64.b64encode(path.read_bytes()).decode("ascii")
+        buffer = io.BytesIO()
+        load_stored_pixels(path).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    def generate(self, examples: Sequence) -> list[Generation | Skipped]:
+        """Each example's generation, `concurrency` requests in flight at a time, or why it was skipped."""
+        payloads = [self.images.get(example.image_path) for example in examples]
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="evaluate-http") as pool:
+            return list(pool.map(self._one, examples, payloads))
+
+    def _one(self, example, payload) -> Generation | Skipped:
+        if isinstance(payload, Skipped):
+            return payload
+        body = {"image": payload, "task": "raw", "prompt": example.prompt, "grounding": False,
+                "max_new_tokens": self.params.max_new_tokens, "no_repeat_ngram_size": self.params.no_repeat_ngram_size}
+        response = self._call("POST", "/v1/generate", json=body)
+        if response.status_code in (400, 413):  # this image: not decodable or too large for the service
+            return Skipped(f"{example.image_path}: the service refused it: {_message(response)}")
+        if response.status_code != 200:
+            raise EvaluationError(f"The service answered {response.status_code} to /v1/generate: {_message(response)}")
+        answer = response.json()
+        entities = tuple((e["phrase"], tuple(tuple(b) for b in e["boxes"])) for e in answer["entities"])
+        return Generation(answer["raw_text"], entities, tuple(answer["image_size"]))
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self.client.close()
+
+
+def _message(response) -> str:
+    """The service's own error message, else the start of the body."""
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]

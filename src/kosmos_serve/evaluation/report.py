@@ -1,0 +1,125 @@
+"""Each split's figures beside Kosmos-2's published ones, as a table for people.
+
+The paper's zero-shot figures (Kosmos-2, arXiv 2306.14824, Tables 2 and 3; the per-type Flickr30k Entities figures
+are those of microsoft/unilm `kosmos-2/evaluation/flickr_entities/README.md`), in percent.
+"""
+
+from __future__ import annotations
+
+from kosmos_serve.evaluation.datasets import FLICKR_BENCHMARK
+from kosmos_serve.evaluation.metrics import RECALL_KS, RecallTally
+from kosmos_serve.evaluation.runner import Outcome, SplitResult
+
+PAPER_ACCURACY = {
+    ("refcoco", "val"): 52.32, ("refcoco", "testA"): 57.42, ("refcoco", "testB"): 47.26,
+    ("refcoco+", "val"): 45.48, ("refcoco+", "testA"): 50.73, ("refcoco+", "testB"): 42.24,
+    ("refcocog", "val"): 60.57, ("refcocog", "test"): 61.65,
+}
+_TYPES = ("all", "animals", "bodyparts", "clothing", "instruments", "other", "people", "scene", "vehicles")
+PAPER_RECALL = {  # split -> k -> entity type -> recall@k
+    "val": {1: dict(zip(_TYPES, (77.84, 90.82, 41.40, 70.88, 76.77, 64.71, 88.96, 80.63, 86.69))),
+            5: dict(zip(_TYPES, (79.24, 91.59, 42.51, 72.21, 78.71, 66.32, 90.73, 80.76, 86.98))),
+            10: dict(zip(_TYPES, (79.26, 91.59, 42.51, 72.21, 78.71, 66.35, 90.74, 80.76, 86.98)))},
+    "test": {1: dict(zip(_TYPES, (78.72, 91.70, 40.92, 73.55, 76.54, 65.06, 89.52, 82.21, 91.25))),
+             5: dict(zip(_TYPES, (80.11, 92.47, 41.30, 74.37, 77.78, 66.15, 91.92, 82.33, 91.25))),
+             10: dict(zip(_TYPES, (80.14, 92.47, 41.30, 74.41, 77.78, 66.15, 91.97, 82.33, 91.25)))},
+}
+MAX_LISTED = 10
+ACCURACY_HEADER = ("benchmark", "split", "acc@0.5", "paper", "scored", "skipped")
+RECALL_HEADER = ("benchmark", "split", "entity type", *(name for k in RECALL_KS for name in (f"R@{k}", "paper")),
+                 "scored", "skipped")
+
+
+def recall_tally(records: list[dict]) -> RecallTally:
+    """Recall@1/5/10 overall and per entity type over flickr30k prediction lines."""
+    tally = RecallTally()
+    for record in records:
+        tally.add({k: record["recall"][str(k)] for k in RECALL_KS}, record.get("types", ()))
+    return tally
+
+
+def split_rows(result: SplitResult) -> list[tuple]:
+    """One split's table rows: accuracy beside the paper's (refexp), or recall@k per entity type (flickr30k)."""
+    split, records = result.split, result.records
+    counts = (len(records), len(result.skipped))
+    if split.benchmark != FLICKR_BENCHMARK:
+        accuracy = 100 * sum(r["hit"] for r in records) / len(records) if records else None
+        return [(split.benchmark, split.name, accuracy, PAPER_ACCURACY.get((split.benchmark, split.name)), *counts)]
+    tally, paper = recall_tally(records), PAPER_RECALL.get(split.name, {})
+    rows = []
+    for category in tally.categories():
+        figures = [(100 * tally.recall(k, category) if records else None, paper.get(k, {}).get(category))
+                   for k in RECALL_KS]
+        rows.append((split.benchmark, split.name, category, *(v for pair in figures for v in pair),
+                     *(counts if category == "all" else (tally.totals[category], ""))))
+    return rows
+
+
+def format_table(rows: list[tuple], left: int = 2) -> str:
+    """Rows of cells as aligned text columns: the first `left` columns left-aligned, numbers right-aligned.
+
+    >>> print(format_table([("split", "acc@0.5"), ("val", 52.3)], left=1))
+    split  acc@0.5
+    val      52.30
+    """
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def format_report(outcome: Outcome) -> str:
+    """The table of every split beside the paper's figures, then what was skipped and where the predictions are."""
+    settings = outcome.settings
+    heading = (f"{settings.model} ({outcome.source}): greedy, no_repeat_ngram_size {settings.no_repeat_ngram_size}, "
+               f"max_new_tokens {settings.max_new_tokens}; IoU >= 0.5 in the image's pixels")
+    lines = [heading, ""]
+    flickr = any(result.split.benchmark == FLICKR_BENCHMARK for result in outcome.results)
+    rows = [RECALL_HEADER if flickr else ACCURACY_HEADER]
+    for result in outcome.results:
+        rows += split_rows(result)
+    lines.append(format_table(rows, left=3 if flickr else 2))
+    notes = []
+    for result in outcome.results:
+        notes += _split_notes(result)
+    if outcome.interrupted:
+        where = (f" in {outcome.out}; run the same command again to continue where it stopped." if outcome.out
+                 else "; give --out to be able to continue a run.")
+        notes.append(f"Interrupted: every finished batch is saved{where}")
+    seconds = f"{outcome.seconds:.1f} s"
+    notes.append(f"Predictions: {outcome.out} ({seconds})." if outcome.out else f"({seconds}; --out FILE keeps every "
+                 "prediction, and lets an interrupted run continue.)")
+    return "\n".join(lines + [""] + notes)
+
+
+def _split_notes(result: SplitResult) -> list[str]:
+    split, notes = result.split, []
+    label = f"{split.benchmark} {split.name}"
+    if len(split.examples) < split.available:
+        notes.append(f"{label}: a sample of {len(split.examples)} of {split.available} examples (--limit); the paper's "
+                     "figure is over all of them.")
+    if "mergedGT" in split.annotations.name:
+        notes.append(f"{label}: a mergedGT file scores against each phrase's boxes merged into one; the paper's "
+                     "protocol keeps them apart (final_flickr_separateGT_*.json).")
+    if result.resumed:
+        notes.append(f"{label}: {result.resumed} predictions taken from the earlier run in the --out file.")
+    if split.benchmark == FLICKR_BENCHMARK and result.records and not any(r.get("types") for r in result.records):
+        notes.append(f"{label}: recall per entity type needs --flickr-entities (the official Flickr30k Entities "
+                     "folder).")
+    if result.skipped:
+        images = list(dict.fromkeys(reason for _, reason in result.skipped))
+        listed = "; ".join(images[:MAX_LISTED])
+        if len(images) > MAX_LISTED:
+            listed += f"; and {len(images) - MAX_LISTED} more"
+        notes.append(f"{label}: {len(result.skipped)} examples skipped, not scored ({len(images)} images): {listed}.")
+        if not result.records:
+            notes.append(f"{label}: no image was found; --images should be the folder that holds them (COCO: "
+                         "train2014/ and val2014/ in it; Flickr30k: the .jpg files).")
+    return notes

@@ -1,0 +1,253 @@
+"""Benchmark examples through a backend in batches, each scored as it finishes and written to a predictions JSONL.
+
+A predictions line (one per example) holds what error analysis needs and what a re-run needs to skip it:
+    {"benchmark", "annotations" (the file's name), "split", "key", "image", "phrase", "prompt", "raw_text",
+     "boxes" (predicted, pixels, in the order written), "truth" (pixels), "iou" (each predicted box's best),
+     "hit", ["recall": {"1", "5", "10"}, "types"] (flickr30k), "model", "max_new_tokens", "no_repeat_ngram_size",
+     "ground_truth"}
+Lines are appended a batch at a time with flush and fsync (the annotate command's `RecordAppender`); a run killed
+mid-write leaves at most a torn last line, which the next run drops. A re-run with the same `--out` scores only
+the examples not in the file yet, and refuses a file whose lines were made with other settings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from kosmos_serve.collections.records import PreviousRun, RecordAppender
+from kosmos_serve.collections.runner import stop_on_signals
+from kosmos_serve.errors import InvalidRequestError
+from kosmos_serve.evaluation.backends import Generation, Skipped
+from kosmos_serve.evaluation.datasets import FLICKR_BENCHMARK, Example, Split
+from kosmos_serve.evaluation.metrics import RECALL_KS, best_ious, first_box_hit, recall_at_k
+
+ORIGINAL_NO_REPEAT_NGRAM_SIZE = 3  # the original evaluation scripts decode greedily with --no-repeat-ngram-size 3
+DEFAULT_MAX_NEW_TOKENS = 128  # the original allows 500 tokens in all; the box of the phrase comes in the first few
+SETTINGS_FIELDS = ("model", "max_new_tokens", "no_repeat_ngram_size", "ground_truth")
+IDENTITY_FIELDS = ("benchmark", "annotations", "key")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What makes two runs' predictions the same experiment: the model, the decoding, the source of the truth."""
+
+    model: str
+    max_new_tokens: int
+    no_repeat_ngram_size: int
+    ground_truth: str = "mdetr"  # or "flickr30k_entities": the official folder's boxes and types
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in SETTINGS_FIELDS}
+
+
+@dataclass
+class SplitResult:
+    """A split's scored predictions (earlier runs' included, in file order) and the examples skipped."""
+
+    split: Split
+    records: list[dict] = field(default_factory=list)
+    skipped: list[tuple[Example, str]] = field(default_factory=list)
+    resumed: int = 0
+
+
+@dataclass
+class Outcome:
+    """Every split's result, the settings, and whether the run was stopped before the end."""
+
+    results: list[SplitResult]
+    settings: Settings
+    source: str  # "this process" or the service's URL
+    out: Path | None
+    seconds: float
+    interrupted: bool = False
+
+
+def predicted_boxes(generation: Generation, phrase: str) -> list[tuple[float, float, float, float]]:
+    """Boxes of every entity named `phrase` (spaces aside), in order, in the image's pixels (x * width, y * height).
+
+    >>> g = Generation("", (("a man", ((0.5, 0.5, 1.0, 1.0),)), ("a dog", ((0.0, 0.0, 0.5, 0.5),))), (200, 100))
+    >>> predicted_boxes(g, "a  man")
+    [(100.0, 50.0, 200.0, 100.0)]
+    """
+    wanted = " ".join(phrase.split())
+    width, height = generation.image_size
+    return [(x1 * width, y1 * height, x2 * width, y2 * height)
+            for name, boxes in generation.entities if " ".join(name.split()) == wanted
+            for x1, y1, x2, y2 in boxes]
+
+
+def prediction_record(split: Split, example: Example, generation: Generation, settings: Settings) -> dict:
+    """The predictions line of one example: prompt, raw text, boxes, IoUs, hit (and recall@k for flickr30k)."""
+    boxes = predicted_boxes(generation, example.phrase)
+    record = {
+        "benchmark": split.benchmark, "annotations": split.annotations.name, "split": split.name, "key": example.key,
+        "image": example.file_name, "phrase": example.phrase, "prompt": example.prompt, "raw_text": generation.raw_text,
+        "boxes": [list(box) for box in boxes], "truth": [list(box) for box in example.truth],
+        "iou": best_ious(boxes, example.truth),
+    }
+    if split.benchmark == FLICKR_BENCHMARK:
+        recall = {k: recall_at_k(boxes, example.truth, k) for k in RECALL_KS}
+        record.update(hit=recall[1], recall={str(k): hit for k, hit in recall.items()}, types=list(example.types))
+    else:
+        record["hit"] = first_box_hit(boxes, example.truth[0])
+    return {**record, **settings.as_dict()}
+
+
+class PredictionLog:
+    """The predictions file: lines earlier runs wrote (by identity), and this run's appended (none without a path).
+
+    Earlier lines of the annotation files in `files` ((benchmark, file name) pairs; all files when None) must have
+    been made with `settings`; lines of other files may share the file and are left as they are.
+    """
+
+    def __init__(self, path: Path | None, settings: Settings, files: set[tuple[str, str]] | None = None):
+        self.path, self.settings, self.files = path, settings, files
+        self.done: dict[tuple, dict] = {}
+        previous = self._read() if path is not None and path.exists() else PreviousRun()
+        self.appender = RecordAppender(path, previous) if path is not None else None
+
+    def _read(self) -> PreviousRun:
+        if not self.path.is_file():
+            raise InvalidRequestError(f"--out {self.path} is not a file.")
+        previous, offset = PreviousRun(), 0
+        with open(self.path, "rb") as file:
+            for number, line in enumerate(file, start=1):
+                start, offset = offset, offset + len(line)
+                record, problem = _parse(line)
+                if problem is None:
+                    self._check(number, record)
+                    self.done[tuple(record[name] for name in IDENTITY_FIELDS)] = record
+                    previous.records += 1
+                elif not line.endswith(b"\n"):  # killed mid-write: the torn line is dropped before appending
+                    offset = start
+                elif line.strip():
+                    raise InvalidRequestError(
+                        f"--out {self.path} is not the predictions of an earlier evaluate run (line {number}: "
+                        f"{problem}); choose another --out, or move the file away.")
+                previous.add_newline = problem is None and not line.endswith(b"\n")
+        previous.size, previous.keep = self.path.stat().st_size, offset
+        return previous
+
+    def _check(self, number: int, record: dict) -> None:
+        if self.files is not None and (record["benchmark"], record["annotations"]) not in self.files:
+            return
+        for name, value in self.settings.as_dict().items():
+            if record[name] != value:
+                raise InvalidRequestError(
+                    f"--out {self.path} line {number} was made with {name} {record[name]!r}, not this run's {value!r}; "
+                    "write to another --out (or move that file away) to score afresh.")
+
+    def earlier(self, split: Split, example: Example) -> dict | None:
+        """The line an earlier run wrote for this example, if any."""
+        return self.done.get((split.benchmark, split.annotations.name, example.key))
+
+    def append(self, records: list[dict]) -> None:
+        """Write `records` durably (nothing without a path)."""
+        if self.appender is not None:
+            self.appender.append(records)
+
+    def close(self) -> None:
+        if self.appender is not None:
+            self.appender.close()
+
+
+def _parse(line: bytes) -> tuple[dict | None, str | None]:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None, "not valid JSON"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    missing = [name for name in (*IDENTITY_FIELDS, "hit", *SETTINGS_FIELDS) if name not in record]
+    return (record, None) if not missing else (None, f'it has no "{missing[0]}"')
+
+
+def run(splits: Sequence[Split], backend, log: PredictionLog, *, batch_size: int = 16, show_progress: bool = False,
+        source: str = "this process") -> Outcome:
+    """Score every example of `splits` not already in `log`; stop after the current batch on SIGINT or SIGTERM."""
+    began = time.perf_counter()
+    outcome = Outcome([], log.settings, source, log.path, 0.0)
+    todo = sum(log.earlier(split, example) is None for split in splits for example in split.examples)
+    bar = tqdm(total=todo, unit="ex", desc="evaluate", file=sys.stderr, dynamic_ncols=True, disable=not show_progress)
+    with bar, stop_on_signals() as stop:
+        for split in splits:
+            result, by_key = SplitResult(split), {}
+            pending = []
+            for example in split.examples:
+                earlier = log.earlier(split, example)
+                if earlier is None:
+                    pending.append(example)
+                else:
+                    by_key[example.key] = earlier
+                    result.resumed += 1
+            for start in range(0, len(pending), batch_size):
+                if stop.requested:
+                    outcome.interrupted = True
+                    break
+                batch = pending[start : start + batch_size]
+                fresh = []
+                for example, generated in zip(batch, backend.generate(batch)):
+                    if isinstance(generated, Skipped):
+                        result.skipped.append((example, generated.reason))
+                    else:
+                        by_key[example.key] = prediction_record(split, example, generated, log.settings)
+                        fresh.append(by_key[example.key])
+                log.append(fresh)
+                bar.update(len(batch))
+            result.records = [by_key[example.key] for example in split.examples if example.key in by_key]
+            outcome.results.append(result)
+            if outcome.interrupted:
+                break
+    outcome.seconds = time.perf_counter() - began
+    return outcome
+
+
+def evaluate_benchmark(benchmark: str, annotations: Sequence[Path], images: Path, *, model: str | None = None,
+                       url: str | None = None, out: Path | None = None, limit: int | None = None,
+                       flickr_entities: Path | None = None, quantize: str = "none",
+                       no_repeat_ngram_size: int = ORIGINAL_NO_REPEAT_NGRAM_SIZE,
+                       max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 16,
+                       show_progress: bool = False) -> Outcome:
+    """Score a model (loaded here, or served at `url`) on a benchmark's annotation files; files are checked first."""
+    from kosmos_serve.evaluation.backends import LocalBackend, ServiceBackend
+    from kosmos_serve.evaluation.datasets import read_splits
+    from kosmos_serve.evaluation.flickr_entities import FlickrEntities
+    from kosmos_serve.generation import GenerationParams
+
+    entities = FlickrEntities(flickr_entities) if flickr_entities is not None else None
+    splits = read_splits(benchmark, list(annotations), images, limit, entities)
+    params = GenerationParams(max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
+    backend = ServiceBackend(url, params) if url is not None else None
+    ground_truth = "flickr30k_entities" if entities is not None else "mdetr"
+    log = PredictionLog(out, Settings(backend.model if backend else str(model), max_new_tokens, no_repeat_ngram_size,
+                                      ground_truth),  # a file of other settings is refused before the model loads
+                        {(split.benchmark, split.annotations.name) for split in splits})
+    try:
+        if backend is None:
+            backend = LocalBackend(_local_engine(str(model), quantize, batch_size, params), params)
+        return run(splits, backend, log, batch_size=batch_size, show_progress=show_progress,
+                   source=url or "this process")
+    finally:
+        log.close()
+        if backend is not None:
+            backend.close()
+
+
+def _local_engine(model: str, quantize: str, batch_size: int, params):
+    """The engine for a local run, its decoding parameters checked against its limits first."""
+    from kosmos_serve.config import EngineSettings
+    from kosmos_serve.engine import Engine
+    from kosmos_serve.loading import quiet_transformers, set_threads
+
+    settings = EngineSettings(model=model, max_batch_size=batch_size, quantize=quantize)
+    params.validate(settings.max_new_tokens_cap)
+    set_threads(settings.threads)
+    quiet_transformers()
+    return Engine(settings)

@@ -1,0 +1,41 @@
+"""Labelled images -> a COCO detection dataset (what pycocotools' `COCO(file)` and `loadRes` read)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from kosmos_serve.exports.records import AnnotatedImage
+
+
+def to_coco(images: Sequence[AnnotatedImage]) -> dict:
+    """A COCO detection dataset: images (ids from 1, by name), annotations with [x, y, w, h] and area, categories.
+
+    Category ids count from 1 over the labels in alphabetical order.
+    """
+    names = sorted({box.label for image in images for box in image.boxes})
+    category_ids = {name: number for number, name in enumerate(names, start=1)}
+    models = sorted({image.model for image in images if image.model})
+    annotations = []
+    for image_id, image in enumerate(images, start=1):
+        for box in image.boxes:
+            x1, y1, x2, y2 = box.xyxy
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_ids[box.label],
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    return {
+        "info": {"description": f"Kosmos-2 boxes ({', '.join(models) or 'no model'}) exported by kosmos-serve",
+                 "version": package_version(), "contributor": "kosmos-serve"},
+        "licenses": [],
+        "images": [{"id": number, "file_name": image.name, "width": image.width, "height": image.height}
+                   for number, image in enumerate(images, start=1)],
+        "annotations": annotations,
+        "categories": [{"id": number, "name": name, "supercategory": "object"} for name, number in category_ids.items()],
+    }
+
+
+def package_version() -> str:
+    """kosmos-serve's installed version ("unknown" when run from a bare source tree)."""
+    try:
+        return version("kosmos-serve")
+    except PackageNotFoundError:
+        return "unknown"

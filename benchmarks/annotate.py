@@ -136,7 +136,35 @@ def measure_speed(args) -> dict:
             engine.cache.clear()
             measured[name] = work()
         rounds.append(measured)
-    return {"images": len(jobs), "rounds": rounds, "peak_rss_gib": peak_rss_gib(), "threads": torch.get_num_threads()}
+    return {"images": len(jobs), "rounds": rounds, "breakdown": breakdown(engine, jobs, task, args),
+            "peak_rss_gib": peak_rss_gib(), "threads": torch.get_num_threads()}
+
+
+def breakdown(engine, jobs, task, args) -> dict:
+    """Seconds per image of the parts of a request, alone and with a batch's images: vision, prefill, decoding."""
+    from PIL import Image
+
+    from kosmos_serve.engine import GenerationParams, Request
+    from kosmos_serve.images import load_image
+
+    flip = Image.Transpose.FLIP_TOP_BOTTOM  # new pixels: no feature of the rounds above is reused
+    images = [load_image(job.entry.resolved).transpose(flip) for job in jobs[: args.batch_size]]
+
+    def per_image(count: int, new_tokens: int) -> float:
+        engine.cache.clear()
+        requests = [Request(image, task, GenerationParams(max_new_tokens=new_tokens)) for image in images[:count]]
+        began = time.perf_counter()
+        engine.run(requests)
+        return (time.perf_counter() - began) / count
+
+    engine.cache.clear()
+    began = time.perf_counter()
+    engine.encode_images(images)
+    parts = {"vision": (time.perf_counter() - began) / len(images)}
+    for label, count in (("alone", 1), ("batched", len(images))):
+        parts[f"{label}_first_token"] = per_image(count, 1)
+        parts[f"{label}_whole"] = per_image(count, args.new_tokens)
+    return parts
 
 
 def measure_command(args) -> dict:
@@ -203,6 +231,14 @@ def render(speed: dict | None, memory: list[dict], args, model_dir, quantize: st
                          f"({count / batched:.3f} images/s) | {alone / batched:.2f}x |")
         ratios = [m["one-at-a-time"] / m["annotate"] for m in speed["rounds"]]
         lines.append(f"| median | | | {statistics.median(ratios):.2f}x |")
+        parts, steps = speed["breakdown"], args.new_tokens - 1
+        lines += ["", f"Where an image's time goes (seconds per image; the batch: {args.batch_size} images together):",
+                  "", "| | vision | first token (vision, prefill, 1 step) | whole request | decoding, per image per step |",
+                  "| --- | --- | --- | --- | --- |"]
+        for label in ("alone", "batched"):
+            first, whole = parts[f"{label}_first_token"], parts[f"{label}_whole"]
+            lines.append(f"| {label} | {parts['vision']:.2f} s (encoder batch of {args.batch_size}) | {first:.2f} s "
+                         f"| {whole:.2f} s | {(whole - first) / steps * 1000:.0f} ms |")
     if memory:
         lines += ["", "Memory: `kosmos-serve annotate` on the demo model (--batch-size 8), a process per run.", "",
                   "| images | images/s | peak RSS |", "| --- | --- | --- |"]

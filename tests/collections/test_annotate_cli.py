@@ -256,3 +256,13 @@ def test_the_progress_bar_shows_images_per_second_and_time_left(photos, tmp_path
     assert summary.annotated == 3
     bar = capsys.readouterr().err
     assert "annotate: 100%" in bar and "3/3" in bar and "img/s" in bar and "<00:00" in bar
+
+
+def test_width_and_height_are_as_a_viewer_sees_the_image(tmp_path, tiny_model_dir):
+    path = tmp_path / "portrait.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees to show it
+    Image.new("RGB", (60, 40), "red").save(path, exif=exif)
+    out = tmp_path / "out.jsonl"
+    assert annotate(out, path, model=tiny_model_dir).exit_code == 0
+    assert [(r["width"], r["height"]) for r in read(out)] == [(40, 60)]

@@ -4,8 +4,9 @@
 inputs), `records` (the JSONL output: record lines, what an earlier run did, crash-safe appends) and
 this one. The main thread runs the model; a pool of threads reads, hashes and decodes the next images
 meanwhile (PIL and hashlib release the GIL). An image whose resolved path and sha256 are already in
-the output is skipped. SIGINT (Ctrl-C) or SIGTERM lets the current batch finish and be written, then
-stops; a second one stops at once (the file stays valid either way).
+the output is skipped. SIGINT (Ctrl-C) or SIGTERM lets the batch in the model finish and be written,
+then stops (images read ahead wait for the next run); a second one stops at once (the file stays
+valid either way).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class AnnotateRun:
         self.batch_size, self.decode_threads, self.show_progress = batch_size, decode_threads, show_progress
 
     def run(self, jobs: list[Job]) -> Summary:
-        """Annotate every job not done yet; stop early (after a whole batch) on SIGINT or SIGTERM."""
+        """Annotate every job not done yet; on SIGINT or SIGTERM, stop once the batch in the model is written."""
         summary = Summary()
         began = time.perf_counter()
         done_paths = {resolved for resolved, _ in self.done}
@@ -135,22 +136,23 @@ class AnnotateRun:
         with progress_bar(expected, self.show_progress) as bar, stop_on_signals() as stop:
             batch: list[Loaded] = []
             for loaded in decode_ahead(jobs, self.load, self.decode_threads, window=2 * self.batch_size):
+                if stop.requested:  # no new batch: the images read ahead are done by the next run
+                    summary.stopped_by = stop.signal
+                    break
                 if loaded.done_before:
                     summary.skipped += 1
-                else:
-                    batch.append(loaded)
-                    if str(loaded.job.entry.resolved) in done_paths:
-                        bar.total += 1  # a file changed since the earlier run: annotated again
-                if batch and (len(batch) == self.batch_size or stop.requested):
+                    continue
+                if str(loaded.job.entry.resolved) in done_paths:
+                    bar.total += 1  # a file changed since the earlier run: annotated again
+                batch.append(loaded)
+                if len(batch) == self.batch_size:
                     self.finish(batch, summary)
                     bar.update(len(batch))
                     batch = []
-                if stop.requested:
-                    summary.stopped_by = stop.signal
-                    break
-            if batch:
-                self.finish(batch, summary)
-                bar.update(len(batch))
+            else:
+                if batch:
+                    self.finish(batch, summary)
+                    bar.update(len(batch))
         summary.seconds = time.perf_counter() - began
         return summary
 

@@ -130,3 +130,52 @@ def test_an_int8_answer_does_not_depend_on_its_batch(int8_engine, sample_images)
                 for i in range(8)]
     alone = [comparable(int8_engine.run([request])[0]) for request in requests]
     assert [comparable(result) for result in int8_engine.run(requests)] == alone  # a batch of 8 rows
+
+
+def test_phrases_on_one_image_prefill_their_shared_beginning_once_and_equal_their_solo_runs(engine, sample_images):
+    phrases = ("a circle", "two green squares next to a red triangle", "it")  # remainders of different lengths
+    detection = Request(sample_images[0], TaskInput(Task.DETECTION, phrases=phrases), GREEDY)
+    caption = Request(sample_images[1], TaskInput(Task.CAPTION), GREEDY)
+    fed = []
+    forward = engine.model.text_model.forward
+
+    def counting(*args, input_ids=None, **kwargs):
+        fed.append(int(input_ids.numel()))
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    engine.model.text_model.forward = counting
+    try:
+        scheduler = engine.scheduler()
+        tickets = [scheduler.add(detection), scheduler.add(caption)]
+        scheduler.step()  # admission: the prefill
+        prefill_tokens = sum(fed)
+        while scheduler.busy:
+            scheduler.step()
+    finally:
+        engine.model.text_model.forward = forward
+    phrase_prompts = [row.input_ids for row in tickets[0].rows]
+    shared = next(i for i, tokens in enumerate(zip(*phrase_prompts)) if len(set(tokens)) > 1)
+    caption_prompt = tickets[1].rows[0].input_ids
+    assert shared > 64  # the image span and the tags before the phrase
+    beginnings = 2 * max(shared, len(caption_prompt))  # the phrases' shared beginning beside the caption, padded
+    remainders = 4 * max(len(prompt) - shared for prompt in phrase_prompts)  # then each phrase's own tokens
+    assert prefill_tokens == beginnings + remainders < sum(map(len, [*phrase_prompts, caption_prompt]))
+    assert comparable(tickets[0].result) == comparable(through_generate(engine, detection))
+    assert comparable(tickets[1].result) == comparable(through_generate(engine, caption))
+    for phrase, raw_text in zip(phrases, tickets[0].result.raw_text.split("\n")):
+        alone = Request(sample_images[0], TaskInput(Task.PHRASE_GROUNDING, phrases=(phrase,)), GREEDY)
+        assert raw_text == through_generate(engine, alone).raw_text
+
+
+def test_a_decode_step_appends_to_the_cache_in_place(engine, sample_images):
+    scheduler = engine.scheduler()
+    scheduler.add(Request(sample_images[0], TaskInput(Task.CAPTION), GenerationParams(max_new_tokens=12)))
+    scheduler.step()
+    layer = scheduler.batch.cache.layers[0]
+    scheduler.step()  # the first step after prefill moves the cache into a buffer with spare columns
+    storage, width = layer.keys.data_ptr(), layer.keys.shape[-2]
+    for step in range(1, 6):
+        scheduler.step()
+        assert layer.keys.shape[-2] == width + step and layer.keys.data_ptr() == storage  # no copy
+    while scheduler.busy:
+        scheduler.step()

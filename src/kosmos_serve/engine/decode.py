@@ -5,6 +5,14 @@ mask that says which cache columns are real. Positions come from the mask (`cums
 padding_idx`, prefill's own formula, as `loading.PaddingAwareKosmos2TextForCausalLM` supplies them
 to `generate`), so a row sees exactly the positions it sees alone, whatever joined before or after it.
 Pad columns hold zeros and are masked: a masked key gets softmax weight exactly 0.
+
+Two savings keep every row's numbers those of its solo run:
+- Prompts that begin alike on one image (a detection's phrases: `<s><image>`, 64 image tokens,
+  `</image><grounding><phrase>`, ...) prefill their common beginning once; each row then runs only
+  its own remainder against a copy of that cache, after masked pad columns where remainders differ
+  in length.
+- Each cache layer keeps spare columns (`GrowingLayer`), so a decode step writes its new key and
+  value in place instead of copying the whole cache as `DynamicLayer`'s concatenation does.
 """
 
 from __future__ import annotations
@@ -13,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+SPARE_COLUMNS = 16  # cache columns reserved ahead: one copy of the cache per 16 decode steps, not one per step
 
 
 @dataclass
@@ -32,10 +43,78 @@ def positions_from_mask(mask: torch.Tensor, padding_idx: int) -> torch.Tensor:
     return mask.cumsum(dim=-1) * mask + padding_idx
 
 
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views into buffers with spare columns, appended to in place."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length, added = self.keys.shape[-2] if self.keys.dim() == 4 else 0, key_states.shape[-2]
+        buffers = getattr(self, "_buffers", None)
+        if (buffers is None or buffers[0].shape[-2] < length + added or buffers[0].shape[0] != key_states.shape[0]
+                or not _views_into(self.keys, buffers[0]) or not _views_into(self.values, buffers[1])):
+            buffers = tuple(_with_spare_columns(old, new, length) for old, new in
+                            ((self.keys, key_states), (self.values, value_states)))
+            self._buffers = buffers
+        buffers[0][:, :, length : length + added] = key_states
+        buffers[1][:, :, length : length + added] = value_states
+        self.keys, self.values = buffers[0][:, :, : length + added], buffers[1][:, :, : length + added]
+        return self.keys, self.values
+
+
+def _views_into(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether `tensor` is the leading columns of `buffer` (not a tensor that `merge` or `keep_rows` put there)."""
+    return tensor.dim() == 4 and tensor.data_ptr() == buffer.data_ptr() and tensor.stride() == buffer.stride()
+
+
+def _with_spare_columns(cached: torch.Tensor, new: torch.Tensor, length: int) -> torch.Tensor:
+    """A buffer for `length` cached columns plus `new`'s and SPARE_COLUMNS more, the cached ones copied in."""
+    batch, heads, added, width = new.shape
+    buffer = new.new_empty((batch, heads, length + added + SPARE_COLUMNS, width))
+    if length:
+        buffer[:, :, :length] = cached
+    return buffer
+
+
+def _new_cache(text_model) -> DynamicCache:
+    cache = DynamicCache(config=text_model.config)
+    cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache
+
+
 @torch.inference_mode()
 def prefill(model, input_ids: list[list[int]], image_masks: list[list[int]], image_embeds: torch.Tensor,
-            pad_token_id: int) -> tuple[RunningBatch, torch.Tensor]:
-    """Run the prompts of new rows (left-padded together); their batch and the float32 logits of their next token."""
+            pad_token_id: int, image_keys: list[str] | None = None) -> tuple[RunningBatch, torch.Tensor]:
+    """Run the prompts of new rows; their batch and the float32 logits of their next token.
+
+    Rows of one image (same key in `image_keys`) whose prompts share their image span and more run
+    that shared beginning once; each then runs its remainder alone against a copy of its cache.
+    """
+    groups = _shared_beginnings(input_ids, image_masks, image_keys)
+    if all(len(rows) == 1 for rows, _ in groups):
+        return _prefill(model, input_ids, image_masks, image_embeds, pad_token_id)
+    firsts = [rows[0] for rows, _ in groups]
+    beginnings = [input_ids[rows[0]][:shared] for rows, shared in groups]
+    beginning_masks = [image_masks[rows[0]][:shared] for rows, shared in groups]
+    shared_batch, shared_logits = _prefill(model, beginnings, beginning_masks, image_embeds[firsts], pad_token_id)
+    order = [row for rows, _ in groups for row in rows]  # rows grouped; put back in the callers' order at the end
+    group_of = [index for index, (rows, _) in enumerate(groups) for _ in rows]
+    remainders = [input_ids[row][shared:] for rows, shared in groups for row in rows]
+    logits = torch.empty((len(order), shared_logits.shape[-1]), dtype=shared_logits.dtype, device=shared_logits.device)
+    has_remainder = [index for index, remainder in enumerate(remainders) if remainder]
+    batch = _copy_rows(shared_batch, group_of)
+    if has_remainder:
+        logits[has_remainder] = _extend(model, batch, has_remainder, [remainders[i] for i in has_remainder],
+                                        pad_token_id)
+    whole = [index for index, remainder in enumerate(remainders) if not remainder]  # a prompt that is all beginning
+    if whole:
+        logits[whole] = shared_logits[[group_of[index] for index in whole]]
+    back = torch.argsort(torch.tensor(order, device=logits.device))
+    return keep_rows(batch, back.tolist()), logits.index_select(0, back)
+
+
+def _prefill(model, input_ids, image_masks, image_embeds, pad_token_id) -> tuple[RunningBatch, torch.Tensor]:
+    """One forward pass over whole prompts, left-padded together."""
     width = max(len(ids) for ids in input_ids)
     pads = [width - len(ids) for ids in input_ids]
     device = model.device
@@ -43,13 +122,83 @@ def prefill(model, input_ids: list[list[int]], image_masks: list[list[int]], ima
     mask = torch.tensor([[0] * p + [1] * len(row) for p, row in zip(pads, input_ids)], device=device)
     image_mask = torch.tensor([[0] * p + row for p, row in zip(pads, image_masks)], dtype=torch.bool, device=device)
     text_model = model.text_model
-    cache = DynamicCache(config=text_model.config)
     output = text_model(
         input_ids=ids, attention_mask=mask, image_embeds=image_embeds, image_embeds_position_mask=image_mask,
-        position_ids=positions_from_mask(mask, text_model.config.pad_token_id), past_key_values=cache,
+        position_ids=positions_from_mask(mask, text_model.config.pad_token_id), past_key_values=_new_cache(text_model),
         use_cache=True, logits_to_keep=1,
     )
     return RunningBatch(output.past_key_values, mask), _last_logits(output)
+
+
+def _extend(model, batch: RunningBatch, rows: list[int], remainders: list[list[int]], pad_token_id: int) -> torch.Tensor:
+    """Feed the remainders of `rows` after their cached beginnings (left-padded among themselves, masked pads).
+
+    Every row of `batch` gets the new columns; rows not in `rows` get only masked pads (their logits
+    are not asked for). The logits of each row in `rows`' last token.
+    """
+    width = max(len(ids) for ids in remainders)
+    ids = torch.full((batch.size, width), pad_token_id, dtype=torch.long, device=batch.mask.device)
+    mask = torch.zeros((batch.size, width), dtype=batch.mask.dtype, device=batch.mask.device)
+    for row, remainder in zip(rows, remainders):
+        ids[row, width - len(remainder) :] = torch.tensor(remainder)
+        mask[row, width - len(remainder) :] = 1
+    batch.mask = torch.cat([batch.mask, mask], dim=1)
+    text_model = model.text_model
+    positions = positions_from_mask(batch.mask, text_model.config.pad_token_id)[:, -width:].contiguous()
+    output = text_model(input_ids=ids, attention_mask=batch.mask, position_ids=positions,
+                        past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+    batch.cache = output.past_key_values
+    return _last_logits(output)[rows]
+
+
+def _shared_beginnings(input_ids, image_masks, image_keys) -> list[tuple[list[int], int]]:
+    """Rows grouped by image and common beginning: (row indices, tokens they share); (rows, full length) alone.
+
+    A beginning is shared only when it covers the whole image span (rows of one image then see the
+    same image embeddings) and all grouped rows; rows of an image whose prompts differ before the
+    image span ends stay alone.
+    """
+    by_image: dict[str, list[int]] = {}
+    for row, key in enumerate(image_keys or []):
+        by_image.setdefault(key, []).append(row)
+    groups, grouped = [], set()
+    for rows in by_image.values():
+        if len(rows) < 2:
+            continue
+        shared = _common_length([input_ids[row] for row in rows])
+        image_end = max(index for index, flag in enumerate(image_masks[rows[0]]) if flag) + 1 if any(image_masks[rows[0]]) else 0
+        if shared > image_end:
+            groups.append((rows, shared))
+            grouped.update(rows)
+    singles = [([row], len(input_ids[row])) for row in range(len(input_ids)) if row not in grouped]
+    return groups + singles
+
+
+def _common_length(sequences: list[list[int]]) -> int:
+    """How many leading tokens all `sequences` have in common."""
+    length = 0
+    for tokens in zip(*sequences):
+        if any(token != tokens[0] for token in tokens):
+            break
+        length += 1
+    return length
+
+
+def _copy_rows(batch: RunningBatch, rows: list[int]) -> RunningBatch:
+    """A new batch whose row i is a copy of `batch`'s row `rows[i]` (cache and mask)."""
+    index = torch.tensor(rows, device=batch.mask.device)
+    cache = _new_cache_like(batch.cache)
+    for target, source in zip(cache.layers, batch.cache.layers):
+        target.lazy_initialization(source.keys, source.values)
+        target.keys, target.values = source.keys.index_select(0, index), source.values.index_select(0, index)
+    return RunningBatch(cache, batch.mask.index_select(0, index))
+
+
+def _new_cache_like(cache: DynamicCache) -> DynamicCache:
+    copy = DynamicCache()
+    copy.layers = [GrowingLayer() for _ in cache.layers]
+    copy.layer_class_to_replicate = None
+    return copy
 
 
 @torch.inference_mode()

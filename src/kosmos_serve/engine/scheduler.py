@@ -161,7 +161,8 @@ class Scheduler:
         try:
             embeds = torch.cat([s.ticket.features[s.row.image_key] for s in joining])
             batch, logits = prefill(self.engine.model, [s.row.input_ids for s in joining],
-                                    [s.row.image_mask for s in joining], embeds, self.engine.pad_token_id)
+                                    [s.row.image_mask for s in joining], embeds, self.engine.pad_token_id,
+                                    [s.row.image_key for s in joining])
             for sequence, scores in zip(joining, logits):
                 self._choose(sequence, scores)
         except Exception as error:  # noqa: BLE001 - handed to the request(s), whose caller reports it

@@ -6,7 +6,8 @@
 
 Each configuration runs in its own process (so peak memory is its own): the model-card code
 (transformers' `generate` + `post_process_generation`, one request at a time, float32), then the
-kosmos-serve engine in each weight format, alone and behind its real HTTP service. The machine's
+kosmos-serve engine in each weight format (`--formats`: fp32, int8 and auto), alone and behind its
+real HTTP service. The CPU model and its vector and matrix extensions head the report. The machine's
 memory bandwidth and matrix-product rate are measured in the same run and give the floors:
 decode reads every text weight once per step; vision and prefill are bound by arithmetic.
 Results print as a markdown table (`--out FILE` appends it there).
@@ -31,6 +32,7 @@ TEXT_GFLOP_PER_TOKEN = 2 * 1.34  # the full-size text decoder, per prompt token
 FULL_MODEL_DIR = Path.home() / ".cache" / "kosmos-serve" / "full-size-random"
 CAPTION = "<grounding> An image of"
 AGREEMENT_PROMPTS = 4  # fresh images whose greedy tokens each format must reproduce from fp32
+EXTENSIONS = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]  # /proc/cpuinfo flags
 
 
 def main() -> None:
@@ -38,7 +40,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="checkpoint folder (default: full-size architecture, random weights)")
     parser.add_argument("--tiny", action="store_true", help="run on the project's tiny random model (checks the script)")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--formats", default="fp32,int8", help="kosmos-serve weight formats to measure")
+    parser.add_argument("--formats", default="fp32,int8,auto", help="kosmos-serve --quantize settings to measure "
+                        "(fp32 is none)")
     parser.add_argument("--clients", default="1,4,8", help="concurrent HTTP clients to measure throughput with")
     parser.add_argument("--repeats", type=int, default=3, help="timed requests per measurement (median)")
     parser.add_argument("--out", type=Path, help="append the markdown report to this file")
@@ -94,7 +97,21 @@ def measure_machine() -> dict:
         a @ b
     flops = 5 * 2 * 2048**3 / (time.perf_counter() - began)
     return {"bandwidth_gb_s": bandwidth / 1e9, "matmul_gflop_s": flops / 1e9, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine()}
+            "cpu": cpu_description()}
+
+
+def cpu_description() -> str:
+    """The CPU model and the vector and matrix extensions that decide which kernels are fastest."""
+    from kosmos_serve.engine.kernels import cpu_features
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    flags = cpu_features()
+    shown = [name for name in EXTENSIONS if name in flags]
+    return (f"{model} ({', '.join(shown) or 'none of ' + ', '.join(EXTENSIONS)}; no "
+            f"{', '.join(name for name in EXTENSIONS if name not in flags) or '-'}; torch sees "
+            f"{torch.backends.cpu.get_cpu_capability()})")
 
 
 def fresh_images(count: int, seed: int):
@@ -200,7 +217,7 @@ def measure_engine(args) -> dict:
             "decode_step_s": (whole - first_token) / (args.new_tokens - 1), "generated_tokens": tokens,
             "second_question_first_token_s": second_question, "fresh_question_first_token_s": fresh_question,
             "text_weight_bytes": text_weight_bytes(engine.model), "greedy_tokens": greedy, "loaded_rss_gib": loaded_rss,
-            **http}
+            "weight_formats": engine.model.weight_formats, **http}
 
 
 def measure_http(engine, images, args) -> dict:
@@ -245,7 +262,6 @@ def measure_http(engine, images, args) -> dict:
             throughput[str(clients)] = clients / elapsed
     one_http = statistics.median(over_http)
     return {"http_request_s": one_http, "engine_request_s": statistics.median(alone), "throughput": throughput}
-    return {"http_request_s": one_http, "throughput": throughput}
 
 
 def text_weight_bytes(model) -> int:
@@ -302,6 +318,8 @@ def render(rows: list[dict], machine: dict, args, command: str) -> str:
             f"of {floor * 1000:.0f} ms) | {row['request_s']:.2f} s | {base['request_s'] / row['request_s']:.2f}x | "
             f"{second} | {overhead} | {throughput} | {row['loaded_rss_gib']:.1f} GiB | {row['peak_rss_gib']:.1f} GiB |"
         )
+    for row in rows[1:]:
+        lines.append(f"\n{row['config']}: vision {row['weight_formats']['vision']}, text {row['weight_formats']['text']}.")
     if reference_tokens is not None:
         for row in rows[2:]:  # the formats after fp32
             lines.append(f"\n{row['config']}: {agreement(row['greedy_tokens'], reference_tokens):.1%} of greedy tokens "

@@ -23,9 +23,10 @@ class EngineSettings(BaseSettings):
         "auto", description="auto: float32 on CPU, bfloat16 (or float16) on GPU."
     )
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="Attention implementation.")
-    quantize: Literal["none", "int8"] = Field(
+    quantize: Literal["none", "int8", "auto"] = Field(
         "none", description="int8: linear layers with int8 weights and dynamic int8 activations, quantized per row "
-                            "(CPU only)."
+                            "(CPU only). auto: per part (vision, text) the format measured fastest on this CPU kind "
+                            "(the choice for speed; float32 weights on the CPU, else the loaded dtype)."
     )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: the cores, shared among workers).")
     max_batch_size: int = Field(8, ge=1, description="Most prompts (rows) decoding together in the running batch.")

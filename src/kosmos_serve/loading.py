@@ -82,7 +82,7 @@ def load_model(settings: EngineSettings) -> tuple[Kosmos2ForConditionalGeneratio
     """Load model and processor from `settings.model`, ready for generation."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    check_quantization(settings, device, dtype)
+    formats = weight_formats(settings, device, dtype)
     source = resolve_source(settings.model)
     try:
         processor = AutoProcessor.from_pretrained(source)
@@ -98,32 +98,77 @@ def load_model(settings: EngineSettings) -> tuple[Kosmos2ForConditionalGeneratio
         raise ModelLoadError(f"{source!r} is not a Kosmos-2 checkpoint (its processor is {type(processor).__name__}).")
     model.text_model.__class__ = PaddingAwareKosmos2TextForCausalLM
     model.to(device).eval()
-    if settings.quantize == "int8":
-        quantize_int8(model)
+    if any(part_format.startswith("int8") for part_format in formats.values()):
+        quantize_parts(model, formats)
         gc.collect()  # the replaced float32 layers sit in reference cycles: free them, and the checkpoint mapping
-    logger.info("Loaded %s on %s as %s (%s attention, quantize=%s)", source, device, dtype, settings.attention,
-                settings.quantize)
+    model.weight_formats = formats
+    logger.info("Loaded %s on %s as %s (%s attention, quantize=%s: vision %s, text %s)", source, device, dtype,
+                settings.attention, settings.quantize, formats["vision"], formats["text"])
     return model, processor
 
 
-def check_quantization(settings: EngineSettings, device: torch.device, dtype: torch.dtype) -> None:
-    """int8 runs on fbgemm's CPU kernels from float32 weights; say so before loading anything else."""
-    if settings.quantize == "int8" and (device.type != "cpu" or dtype != torch.float32):
-        raise ModelLoadError(
-            "--quantize int8 runs on the CPU from float32 weights; on a GPU use --dtype bfloat16 or float16 instead."
-        )
+# Weight formats of a part of the model (vision: encoder and resampler; text: the decoder, whose prefill
+# and decode share one copy of the weights, so that memory holds the text weights once).
+FLOAT32 = "float32"
+INT8_FBGEMM = "int8 per row, fbgemm"  # engine.kernels.RowwiseInt8Linear (torch.ao dynamic quantization)
+INT8_MATMUL = "int8 per row, torch._int_mm"  # engine.kernels.RowwiseInt8MatmulLinear (oneDNN)
+
+# What `--quantize auto` picks on each CPU kind: the kernel measured fastest per part among those that keep
+# a row's answer independent of its batch (benchmarks/linear_kernels.py; the tables are in BENCHMARKS.md).
+AUTO_FORMATS = {
+    # AMD EPYC (Zen 4 class), 2 cores. Vision (257 rows an image): _int_mm 3.9x float32, fbgemm 3.2x,
+    # bfloat16 2.5x. Decode (1-32 rows): fbgemm 5.0x at 1 row, _int_mm 2.5x, bfloat16 1.8x. Prefill
+    # (75-600 rows): fbgemm and _int_mm 4.5x, 3.2x; oneDNN's qlinear 5.7x, 4.0x, but only in a second
+    # copy of the text weights, and decode dominates a request. AMX machines land here too: AMX was not
+    # available to measure (see BENCHMARKS.md).
+    "avx512_vnni": {"vision": INT8_MATMUL, "text": INT8_FBGEMM},
+    # AMD EPYC (AVX2): fbgemm int8 everywhere, 5.0x the model-card code per request (BENCHMARKS.md);
+    # bfloat16 is slower than float32 there.
+    "avx2": {"vision": INT8_FBGEMM, "text": INT8_FBGEMM},
+    "other": {"vision": FLOAT32, "text": FLOAT32},  # fbgemm needs AVX2; no other CPU kind was measured
+}
 
 
-def quantize_int8(model: Kosmos2ForConditionalGeneration) -> None:
-    """Every linear layer to int8 weights (per channel) with dynamic int8 activations, in place.
+def cpu_kind(flags: frozenset[str], capability: str) -> str:
+    """The row of AUTO_FORMATS for a CPU: its /proc/cpuinfo flags, and the kernels torch dispatches to."""
+    if capability == "AVX512" and {"avx512_vnni", "avx512bw"} <= flags:
+        return "avx512_vnni"
+    if capability in ("AVX2", "AVX512") and "avx2" in flags:
+        return "avx2"
+    return "other"
+
+
+def weight_formats(settings: EngineSettings, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """The format of each part (vision, text) for `settings.quantize` on this device; refuses int8 off the CPU.
+
+    `none` keeps the loaded dtype; `int8` is fbgemm's per-row int8 everywhere; `auto` looks the CPU up in
+    AUTO_FORMATS (off the CPU, or from half-precision weights, it keeps the loaded dtype).
+    """
+    loaded = str(dtype).removeprefix("torch.")
+    if settings.quantize == "int8":
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ModelLoadError("--quantize int8 runs on the CPU from float32 weights; on a GPU use --dtype "
+                                 "bfloat16 or float16 instead.")
+        return {"vision": INT8_FBGEMM, "text": INT8_FBGEMM}
+    if settings.quantize == "auto" and device.type == "cpu" and dtype == torch.float32:
+        from kosmos_serve.engine.kernels import cpu_features  # here: the engine package imports this module
+
+        return dict(AUTO_FORMATS[cpu_kind(cpu_features(), torch.backends.cpu.get_cpu_capability())])
+    return {"vision": loaded, "text": loaded}
+
+
+def quantize_parts(model: Kosmos2ForConditionalGeneration, formats: dict[str, str]) -> None:
+    """Convert each part's linear layers to its format in `formats`, in place.
 
     The parameters that stay float32 (embeddings, norms, biases) are first copied out of the
     memory-mapped checkpoint; each linear weight is then read from the mapping as its layer is
     converted. Nothing references the mapping afterwards, so the checkpoint file is released and
-    only the int8 model stays in memory. Activations are quantized per row (per token,
-    `engine.kernels.RowwiseInt8Linear`), so a row's int8 result never depends on its batch neighbours.
+    only the int8 model stays in memory. Activations are quantized per row (per token), so a row's
+    int8 result never depends on its batch neighbours.
     """
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    from kosmos_serve.engine.kernels import RowwiseInt8MatmulLinear, use_rowwise_activations  # engine imports us
 
     for module in model.modules():  # everything but the linear weights leaves the checkpoint's mapping
         for name, parameter in module.named_parameters(recurse=False):
@@ -131,12 +176,22 @@ def quantize_int8(model: Kosmos2ForConditionalGeneration) -> None:
                 setattr(module, name, torch.nn.Parameter(parameter.detach().clone(), requires_grad=False))
         for name, buffer in module.named_buffers(recurse=False):
             setattr(module, name, buffer.clone())
-    with warnings.catch_warnings():  # torch.ao's dynamic quantization works but announces its move to torchao
-        warnings.simplefilter("ignore")
-        quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-    from kosmos_serve.engine.kernels import use_rowwise_activations  # here: the engine package imports this module
-
-    use_rowwise_activations(model)
+    parts = {"vision": [model.vision_model, model.image_to_text_projection], "text": [model.text_model]}
+    for part, modules in parts.items():
+        for root in modules:
+            if formats[part] == INT8_FBGEMM:
+                # fbgemm's packed int8 weights exist only through torch.ao's quantized tensors: quantize_dynamic
+                # works but announces its move to torchao, whose CPU int8 kernels are 4-10x slower (BENCHMARKS.md)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    quantize_dynamic(root, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
+                                     inplace=True)
+                use_rowwise_activations(root)
+            elif formats[part] == INT8_MATMUL:
+                for module in list(root.modules()):
+                    for name, child in list(module.named_children()):
+                        if type(child) is torch.nn.Linear:
+                            setattr(module, name, RowwiseInt8MatmulLinear(child.weight, child.bias))
 
 
 def resolve_source(model: str) -> str:

@@ -29,13 +29,15 @@ def test_serve_refuses_a_missing_model_at_once(tmp_path):
 
 def test_serve_runs_the_service_from_environment_variables(tiny_model_dir, png_bytes, command_service):
     env = {"PORT": "{port}", "KOSMOS_MODEL": str(tiny_model_dir), "KOSMOS_DEVICE": "cpu", "MAX_BATCH_SIZE": "4",
-           "LOG_LEVEL": "INFO"}
+           "LOG_LEVEL": "INFO", "KOSMOS_QUANTIZE": "int8"}
     with command_service(["serve"], env) as service:
         answer = httpx.post(f"{service.url}/predict", files={"content": ("a.png", png_bytes[0])}, timeout=60)
         info = httpx.get(f"{service.url}/info").json()
     output = service.output
     assert answer.status_code == 200 and set(answer.json()) == {"output", "generated_text", "entities"}
     assert info["limits"]["max_batch_size"] == 4 and info["model"] == str(tiny_model_dir)
+    assert info["quantize"] == "int8"
+    assert info["weight_formats"] == {"vision": "int8 per row, fbgemm", "text": "int8 per row, fbgemm"}
     assert info["defaults"] == {"default_prompt": "<grounding> Describe this image:", "max_new_tokens": 128,
                                 "no_repeat_ngram_size": 3}  # the tiny model carries none: the reference's
     assert "Application shutdown complete" in output  # SIGTERM stops it gracefully (uvicorn re-raises it after)

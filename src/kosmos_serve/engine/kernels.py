@@ -1,22 +1,31 @@
-"""Weight formats: int8 linear layers whose activation scales are per row (per token), on fbgemm's kernels.
+"""Weight formats: int8 linear layers whose activations are quantized per row (per token).
 
 `torch.ao.quantization.quantize_dynamic` quantizes a call's activations with one scale and zero
 point for the whole tensor, so an int8 row's output depends on what else is in its batch. Here
 each row (token) is first mapped affinely onto [-1, 1], its own minimum to -1 and maximum to 1
-(`x' = a x + b`). Every row of every call then spans exactly [-1, 1], so fbgemm's per-tensor
-dynamic quantization chooses the same grid whatever the batch, and the int8 product of a row
-depends on that row alone. The map is undone on the output: `W x = (W x' - b W 1) / a`, with
-`W 1` the dequantized weight's row sums. Each row thus gets the full 8-bit range of its own
-values (per-token asymmetric quantization), which is also more accurate than one scale per call.
-fbgemm's kernels are called exactly as `quantize_dynamic`'s layers call them (`reduce_range=True`).
+(`x' = a x + b`), and fbgemm quantizes the mapped rows on one fixed grid (`INPUT_SCALE`,
+`INPUT_ZERO_POINT`: [-1, 1] onto [1, 127], the 7 bits `quantize_dynamic`'s layers use), so the int8
+product of a row depends on that row alone. The map is undone on the output:
+`W x = (W x' - b W 1) / a`, with `W 1` the dequantized weight's row sums. Each row thus gets the full
+range of its own values (per-token asymmetric quantization), which is also more accurate than one
+scale per call.
+
+`RowwiseInt8MatmulLinear` does the same with symmetric per-row scales on `torch._int_mm` (oneDNN),
+whose int32 sums are exact whatever the batch; `quantize_per_channel` and `quantize_rows` are its
+two quantizers.
 """
 
 from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
 
 import torch
 
 TINY_SPAN = 1e-12
 MINUS_ONE = torch.tensor(-1.0)
+INPUT_SCALE = 2 / 126  # the mapped rows' grid: -1 -> 1, 1 -> 127, inside the 7 bits fbgemm's AVX2 kernels need
+INPUT_ZERO_POINT = 64
 
 
 class RowwiseInt8Linear(torch.nn.Module):
@@ -41,15 +50,14 @@ class RowwiseInt8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        high, top = rows.max(dim=1, keepdim=True)
-        low, bottom = rows.min(dim=1, keepdim=True)
-        # a constant row gets a huge scale: it maps to -1 everywhere (its top pinned to 1), and the
-        # correction below gives back low * W 1 to float precision
+        low, high = torch.aminmax(rows, dim=1, keepdim=True)
+        # a constant row gets a huge scale: it maps to -1 everywhere, and the correction below gives back
+        # low * W 1 to float precision
         scale = 2 / (high - low).clamp_(min=TINY_SPAN)
         shift = torch.addcmul(MINUS_ONE, low, scale, value=-1)  # -1 - low * scale
-        mapped = torch.addcmul(shift, rows, scale).clamp_(-1, 1)
-        mapped.scatter_(1, bottom, -1.0).scatter_(1, top, 1.0)  # each row spans exactly [-1, 1], whatever rounding did
-        output = torch.ops.quantized.linear_dynamic(mapped, self._packed, True)  # a (W x) + shift W 1 + bias
+        mapped = torch.addcmul(shift, rows, scale)  # [-1, 1] up to rounding, which the grid's margins absorb
+        output = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(  # a (W x) + shift W 1 + bias
+            mapped, INPUT_SCALE, INPUT_ZERO_POINT, self._packed)
         if self.bias is None:
             output = output.sub_(shift * self.weight_sums).mul_(scale.reciprocal_())
         else:
@@ -72,3 +80,50 @@ def use_rowwise_activations(model: torch.nn.Module) -> int:
                 setattr(module, name, RowwiseInt8Linear(child))
                 swapped += 1
     return swapped
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weights, one scale per output channel (row of `weight`): (int8 weight, float32 scales)."""
+    scales = weight.abs().amax(dim=1).clamp_(min=TINY_SPAN) / 127
+    return torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales.float()
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 activations, one scale per row (token): (int8 rows, float32 scales of shape (rows, 1))."""
+    scales = x.abs().amax(dim=1, keepdim=True).clamp_(min=TINY_SPAN) / 127
+    return torch.round(x / scales).to(torch.int8), scales
+
+
+class RowwiseInt8MatmulLinear(torch.nn.Module):
+    """int8 x int8 products on `torch._int_mm`: weights per channel, activations per row, both symmetric."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        quantized, scales = quantize_per_channel(weight.detach().float())
+        self.register_buffer("int8_weight_t", quantized.t().contiguous())
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        quantized, row_scales = quantize_rows(rows)
+        output = torch._int_mm(quantized, self.int8_weight_t).float().mul_(row_scales).mul_(self.scales)
+        if self.bias is not None:
+            output = output.add_(self.bias)
+        return output.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, activations=int8 per row"
+
+
+@cache
+def cpu_features() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return frozenset()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()

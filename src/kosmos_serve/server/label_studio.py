@@ -325,13 +325,13 @@ def label_for_phrase(phrase: str, labels: tuple[LabelSpec, ...]) -> LabelSpec | 
 
 
 def model_version(model: str, quantize: str = "none") -> str:
-    """`kosmos-2:<model>`: the hub id, or a local folder's name, and `+int8` when quantized.
+    """`kosmos-2:<model>`: the hub id, or a local folder's name, and `+int8` or `+auto` when quantized.
 
     >>> model_version("microsoft/kosmos-2-patch14-224"), model_version("/models/my-kosmos/", "int8")
     ('kosmos-2:microsoft/kosmos-2-patch14-224', 'kosmos-2:my-kosmos+int8')
     """
     name = Path(model).name if model.startswith((".", "/", "~")) or os.path.isdir(model) else model
-    return f"kosmos-2:{name}" + ("+int8" if quantize == "int8" else "")
+    return f"kosmos-2:{name}" + ("" if quantize == "none" else f"+{quantize}")
 
 
 def regions(result: Result, config: DetectionConfig, plan: dict[str, LabelSpec | None]) -> list[dict]:

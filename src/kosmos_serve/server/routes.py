@@ -121,6 +121,8 @@ async def info(request: Request):
         "model": limits.model,
         "device": str(engine.device) if engine else None,
         "dtype": str(engine.dtype).removeprefix("torch.") if engine else None,
+        "quantize": limits.quantize,
+        "weight_formats": engine.model.weight_formats if engine else None,  # per part: what --quantize chose here
         "version": request.app.version,
         "ready": state.batcher is not None,
         "limits": {

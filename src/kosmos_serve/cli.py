@@ -64,8 +64,9 @@ def model_options(command):
         click.option("--device", envvar="KOSMOS_DEVICE", help="auto, cpu, cuda, mps.  [env: KOSMOS_DEVICE]"),
         click.option("--dtype", envvar="KOSMOS_DTYPE", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
                      help="Weight dtype.  [env: KOSMOS_DTYPE]"),
-        click.option("--quantize", envvar="KOSMOS_QUANTIZE", type=click.Choice(["none", "int8"]),
-                     help="int8: int8 linear layers on the CPU.  [env: KOSMOS_QUANTIZE]"),
+        click.option("--quantize", envvar="KOSMOS_QUANTIZE", type=click.Choice(["none", "int8", "auto"]),
+                     help="auto: per part, the weight format fastest on this CPU (the choice for speed); "
+                          "int8: int8 linear layers on the CPU.  [env: KOSMOS_QUANTIZE]"),
     ]
     for option in reversed(options):
         command = option(command)
@@ -77,6 +78,39 @@ def listen_options(command):
     command = click.option("--port", envvar="PORT", type=int, help="TCP port (default 8000).  [env: PORT]")(command)
     return click.option("--host", envvar="KOSMOS_HOST",
                         help="Address to listen on (default 127.0.0.1).  [env: KOSMOS_HOST]")(command)
+
+
+def ray_options(command):
+    """--ray [ADDRESS], --workers, --cpus-per-worker, --gpus-per-worker: the job on a Ray cluster (Ray Data)."""
+    options = [
+        click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+                     help="Run on a Ray cluster (pip install 'kosmos-serve[ray]'): ADDRESS (HOST:PORT, ray://HOST:10001 "
+                          "or auto) joins it; without one, RAY_ADDRESS, else a new local cluster. Image paths must be "
+                          "the same on every node."),
+        click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="--ray: workers, each an actor holding its own engine."),
+        click.option("--cpus-per-worker", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+                     help="--ray: CPUs each worker claims (its torch threads)."),
+        click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="--ray: GPUs each worker claims (the engine then runs on a GPU)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def ray_job_options(ray_address, workers, cpus_per_worker, gpus_per_worker):
+    """The RayOptions the options ask for, or None without --ray (the Ray-only options refused then)."""
+    if ray_address is None:
+        if workers != 1 or cpus_per_worker != 1.0 or gpus_per_worker:
+            raise InvalidRequestError("--workers, --cpus-per-worker and --gpus-per-worker go with --ray.")
+        return None
+    from kosmos_serve.distributed.cluster import check_address, require_ray
+
+    require_ray()
+    from kosmos_serve.distributed.ray_data import RayOptions
+
+    return RayOptions(check_address(ray_address or None), workers, cpus_per_worker, gpus_per_worker)
 
 
 @click.group(cls=FriendlyErrors)
@@ -93,14 +127,57 @@ def main():
               help="Most requests batched together (default 2).  [env: MAX_BATCH_SIZE]")
 @click.option("--workers", envvar="NUM_API_SERVERS", type=int,
               help="Worker processes, each with its own model (default 1).  [env: NUM_API_SERVERS]")
-def serve(model, device, dtype, host, port, max_batch_size, workers, quantize):
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run as a Ray Serve application (pip install 'kosmos-serve[ray]'): ADDRESS (HOST:PORT, "
+                   "ray://HOST:10001 or auto) joins that cluster; without one, RAY_ADDRESS, else a new local cluster.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--ray: replicas, each with its own model, batcher and image cache.")
+@click.option("--autoscale", metavar="MIN,MAX", help="--ray: scale between MIN and MAX replicas with the load.")
+@click.option("--cpus-per-replica", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="--ray: CPUs each replica claims (its torch threads).")
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="--ray: GPUs each replica claims (its engine then runs on a GPU).")
+def serve(model, device, dtype, host, port, max_batch_size, workers, quantize, ray_address, replicas, autoscale,
+          cpus_per_replica, gpus_per_replica):
     """Run the HTTP service: POST /predict (drop-in), /v1 JSON API, /docs, /health, /ready, /metrics.
 
     Every setting is also an environment variable (README: Configuration); the API key is one only
-    (KOSMOS_API_KEY), so it never shows in a process list.
+    (KOSMOS_API_KEY), so it never shows in a process list. With --ray, the same service runs as a Ray
+    Serve application on a cluster (the web demo aside).
     """
-    start_service({"KOSMOS_MODEL": model, "KOSMOS_DEVICE": device, "KOSMOS_DTYPE": dtype, "KOSMOS_QUANTIZE": quantize,
-                   "KOSMOS_HOST": host, "PORT": port, "MAX_BATCH_SIZE": max_batch_size, "NUM_API_SERVERS": workers})
+    flags = {"KOSMOS_MODEL": model, "KOSMOS_DEVICE": device, "KOSMOS_DTYPE": dtype, "KOSMOS_QUANTIZE": quantize,
+             "KOSMOS_HOST": host, "PORT": port, "MAX_BATCH_SIZE": max_batch_size, "NUM_API_SERVERS": workers}
+    if ray_address is None:
+        if replicas != 1 or autoscale or cpus_per_replica != 1.0 or gpus_per_replica:
+            raise InvalidRequestError("--replicas, --autoscale, --cpus-per-replica and --gpus-per-replica go with --ray.")
+        start_service(flags)
+        return
+    import os
+
+    from kosmos_serve.distributed.cluster import require_ray
+
+    require_ray()
+    from kosmos_serve.distributed.ray_serve import ServeOptions, serve_on_ray
+    from kosmos_serve.server.settings import ServerSettings
+
+    if workers:
+        raise InvalidRequestError("--workers is for one machine; with --ray, use --replicas or --autoscale.")
+    options = ServeOptions(ray_address or None, replicas, parse_autoscale(autoscale) if autoscale else None,
+                           cpus_per_replica, gpus_per_replica)
+    os.environ.update({name: str(value) for name, value in flags.items() if value is not None})
+    serve_on_ray(ServerSettings(), EngineSettings(), options, announce=click.echo)
+
+
+def parse_autoscale(value: str) -> tuple[int, int]:
+    """`MIN,MAX` replicas -> (MIN, MAX), 1 <= MIN <= MAX.
+
+    >>> parse_autoscale("1,4")
+    (1, 4)
+    """
+    low, _, high = value.replace(" ", "").partition(",")
+    if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high)):
+        raise InvalidRequestError(f"--autoscale {value!r}: write MIN,MAX replicas with 1 <= MIN <= MAX, e.g. 1,4.")
+    return int(low), int(high)
 
 
 TASK_OPTION_FLAGS = {"prompt": "--prompt", "phrases": "--phrase", "boxes": "--box", "grounding": "--no-grounding"}
@@ -244,9 +321,11 @@ def summary(path: Path, result) -> str:
 @click.option("--decode-threads", type=click.IntRange(min=1), default=4, show_default=True,
               help="Threads that read and decode the next images while the model runs.")
 @click.option("--quiet", is_flag=True, help="No progress bar (it shows only on a terminal anyway).")
+@ray_options
 @model_options
 def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, max_new_tokens, sample, top_p,
-             temperature, seed, no_repeat_ngram_size, batch_size, decode_threads, quiet, model, device, dtype, quantize):
+             temperature, seed, no_repeat_ngram_size, batch_size, decode_threads, quiet, ray_address, workers,
+             cpus_per_worker, gpus_per_worker, model, device, dtype, quantize):
     """Annotate every image of INPUTS into one JSONL file: one record per image, resumable.
 
     INPUTS are folders (searched recursively), globs, image files, and manifests: a .txt of paths, or a
@@ -260,6 +339,7 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
       kosmos-serve annotate photos/ --out boxes.jsonl --phrase "a car" --phrase "a person"
       kosmos-serve annotate "photos/**/*.jpg" --out boxes.jsonl --ontology ontology.json --quantize int8
       kosmos-serve annotate photos/ --out captions.jsonl --task detailed_caption
+      kosmos-serve annotate /shared/photos --out boxes.jsonl --phrase "a car" --ray=head-node:6379 --workers 8
     """
     from kosmos_serve.collections.inputs import collect_images, read_ontology
     from kosmos_serve.collections.records import RecordAppender, read_previous
@@ -267,6 +347,7 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
     from kosmos_serve.engine import Engine
     from kosmos_serve.loading import set_threads
 
+    ray_job = ray_job_options(ray_address, workers, cpus_per_worker, gpus_per_worker)
     flags = {"model": model, "device": device, "dtype": dtype, "quantize": quantize}
     settings = EngineSettings(**{key: value for key, value in flags.items() if value})
     params = generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size)
@@ -277,14 +358,21 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
     jobs = annotate_jobs(collect_images(inputs), settings, params, task, prompt, phrases, boxes, no_grounding, classes)
     previous = read_previous(out, check=same_run_check(jobs, settings.model, out))  # refuses a file of anything else
     settings = engine_settings(settings, jobs, batch_size)
-    set_threads(settings.threads)
-    quiet_transformers()
-    engine = Engine(settings)
-    with RecordAppender(out, previous) as appender:
-        show_progress = not quiet and sys.stderr.isatty()
-        run = AnnotateRun(engine, appender, previous.done, params=params, model=settings.model, ontology=classes,
-                          batch_size=batch_size, decode_threads=decode_threads, show_progress=show_progress)
-        summary = run.run(jobs)
+    show_progress = not quiet and sys.stderr.isatty()
+    if ray_job is not None:
+        from kosmos_serve.distributed.ray_data import annotate_on_ray
+
+        summary = annotate_on_ray(jobs, out, previous, settings=settings, params=params, ontology=classes,
+                                  batch_size=batch_size, decode_threads=decode_threads, options=ray_job,
+                                  show_progress=show_progress)
+    else:
+        set_threads(settings.threads)
+        quiet_transformers()
+        engine = Engine(settings)
+        with RecordAppender(out, previous) as appender:
+            run = AnnotateRun(engine, appender, previous.done, params=params, model=settings.model, ontology=classes,
+                              batch_size=batch_size, decode_threads=decode_threads, show_progress=show_progress)
+            summary = run.run(jobs)
     click.echo(describe(summary, out))
     if summary.interrupted:
         sys.exit(128 + summary.stopped_by)  # the shell's code for "ended by this signal": 130 for Ctrl-C
@@ -429,8 +517,9 @@ def train_demo(out, threads):
                             "loading the model here; an API key goes in KOSMOS_API_KEY.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="--benchmark: predictions JSONL, a line per example; an interrupted run is continued from it.")
-@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
-              help="Score the model with int8 weights (CPU), to compare with float32.")
+@click.option("--quantize", type=click.Choice(["none", "int8", "auto"]), default="none", show_default=True,
+              help="Score the model with int8 weights (CPU; auto: the formats fastest on this CPU), to compare "
+                   "with float32.")
 @click.option("--no-repeat-ngram-size", type=click.IntRange(min=0),
               help="Forbid repeating n-grams of this size while decoding (default: 0 with --data, plain greedy, which "
                    "a caption of several objects needs; 3 with --benchmark, as the original evaluation).")
@@ -438,8 +527,9 @@ def train_demo(out, threads):
               help="--benchmark: new tokens per prompt (default 128; the original allowed 500 in all).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="--benchmark: prompts run (or sent) together.")
+@ray_options
 def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, limit, url, out, quantize,
-             no_repeat_ngram_size, max_new_tokens, batch_size):
+             no_repeat_ngram_size, max_new_tokens, batch_size, ray_address, workers, cpus_per_worker, gpus_per_worker):
     """Score a model's grounding: on the project's JSONL records (--data), or on the paper's benchmarks (--benchmark).
 
     --data: referring IoU>=0.5, caption recall, region descriptions exact. --benchmark: RefCOCO/+/g accuracy
@@ -454,7 +544,9 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
           --annotations mdetr_annotations/final_flickr_separateGT_test.json --images flickr30k-images
     """
     benchmark_options = {"--annotations": annotations, "--images": images, "--flickr-entities": flickr_entities,
-                         "--limit": limit, "--url": url, "--out": out, "--max-new-tokens": max_new_tokens}
+                         "--limit": limit, "--url": url, "--out": out, "--max-new-tokens": max_new_tokens,
+                         "--ray": ray_address is not None, "--workers": workers != 1,
+                         "--cpus-per-worker": cpus_per_worker != 1.0, "--gpus-per-worker": gpus_per_worker}
     if benchmark is None:
         given = [name for name, value in benchmark_options.items() if value]
         if given:
@@ -480,9 +572,12 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
         raise InvalidRequestError("--benchmark needs --model (run here) or --url (a running service), one of them.")
     if url and quantize != "none":
         raise InvalidRequestError("--quantize is the service's to choose with --url (kosmos-serve serve --quantize).")
+    if url and ray_address is not None:
+        raise InvalidRequestError("--ray runs the model on a Ray cluster, --url through a service: one of them.")
     outcome = evaluate_benchmark(
         benchmark, annotations, images, model=model, url=url, out=out, limit=limit, flickr_entities=flickr_entities,
         quantize=quantize, batch_size=batch_size, show_progress=sys.stderr.isatty(),
+        ray=ray_job_options(ray_address, workers, cpus_per_worker, gpus_per_worker),
         no_repeat_ngram_size=ORIGINAL_NO_REPEAT_NGRAM_SIZE if no_repeat_ngram_size is None else no_repeat_ngram_size,
         max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
     )

@@ -179,6 +179,14 @@ class AnnotateRun:
 
     def finish(self, batch: list[Loaded], summary: Summary) -> None:
         """Run a batch's images through the engine together and append all its records, in input order."""
+        records = self.annotate_batch(batch)
+        self.appender.append(records)
+        failed = sum("error" in record for record in records)
+        summary.annotated += len(records) - failed
+        summary.failed += failed
+
+    def annotate_batch(self, batch: list[Loaded]) -> list[dict]:
+        """The records of a batch's images (run through the engine together), in input order."""
         records: list[dict | None] = [None] * len(batch)
         requests, positions = [], []
         for position, item in enumerate(batch):
@@ -197,9 +205,7 @@ class AnnotateRun:
             item = batch[position]
             records[position] = annotated_record(item.job.entry, item.sha256, result, model=self.model,
                                                  ontology=self.ontology)
-        self.appender.append(records)
-        summary.annotated += len(requests)
-        summary.failed += len(batch) - len(requests)
+        return records
 
 
 def decode_ahead(jobs: Iterable[Job], load: Callable[[Job], Loaded], threads: int, window: int) -> Iterator[Loaded]:

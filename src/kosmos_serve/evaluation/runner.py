@@ -214,8 +214,9 @@ def evaluate_benchmark(benchmark: str, annotations: Sequence[Path], images: Path
                        flickr_entities: Path | None = None, quantize: str = "none",
                        no_repeat_ngram_size: int = ORIGINAL_NO_REPEAT_NGRAM_SIZE,
                        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 16,
-                       show_progress: bool = False) -> Outcome:
-    """Score a model (loaded here, or served at `url`) on a benchmark's annotation files; files are checked first."""
+                       show_progress: bool = False, ray=None) -> Outcome:
+    """Score a model (loaded here, on a Ray cluster with `ray` (RayOptions), or served at `url`) on a benchmark's
+    annotation files; files are checked first."""
     from kosmos_serve.evaluation.backends import LocalBackend, ServiceBackend
     from kosmos_serve.evaluation.datasets import read_splits
     from kosmos_serve.evaluation.flickr_entities import FlickrEntities
@@ -230,6 +231,11 @@ def evaluate_benchmark(benchmark: str, annotations: Sequence[Path], images: Path
                                       ground_truth),  # a file of other settings is refused before the model loads
                         {(split.benchmark, split.annotations.name) for split in splits})
     try:
+        if ray is not None:
+            from kosmos_serve.distributed.ray_data import evaluate_on_ray
+
+            return evaluate_on_ray(splits, log, settings=_engine_settings(str(model), quantize, batch_size, params),
+                                   params=params, batch_size=batch_size, options=ray, show_progress=show_progress)
         if backend is None:
             backend = LocalBackend(_local_engine(str(model), quantize, batch_size, params), params)
         return run(splits, backend, log, batch_size=batch_size, show_progress=show_progress,
@@ -240,14 +246,21 @@ def evaluate_benchmark(benchmark: str, annotations: Sequence[Path], images: Path
             backend.close()
 
 
-def _local_engine(model: str, quantize: str, batch_size: int, params):
-    """The engine for a local run, its decoding parameters checked against its limits first."""
+def _engine_settings(model: str, quantize: str, batch_size: int, params):
+    """The engine settings of a run, its decoding parameters checked against their limits first."""
     from kosmos_serve.config import EngineSettings
-    from kosmos_serve.engine import Engine
-    from kosmos_serve.loading import quiet_transformers, set_threads
 
     settings = EngineSettings(model=model, max_batch_size=batch_size, quantize=quantize)
     params.validate(settings.max_new_tokens_cap)
+    return settings
+
+
+def _local_engine(model: str, quantize: str, batch_size: int, params):
+    """The engine for a local run."""
+    from kosmos_serve.engine import Engine
+    from kosmos_serve.loading import quiet_transformers, set_threads
+
+    settings = _engine_settings(model, quantize, batch_size, params)
     set_threads(settings.threads)
     quiet_transformers()
     return Engine(settings)

@@ -179,3 +179,25 @@ def test_a_decode_step_appends_to_the_cache_in_place(engine, sample_images):
         assert layer.keys.shape[-2] == width + step and layer.keys.data_ptr() == storage  # no copy
     while scheduler.busy:
         scheduler.step()
+
+
+def test_the_gpu_path_bfloat16_with_sdpa_runs_through_the_scheduler_on_the_cpu(tiny_model_dir, sample_images):
+    import torch
+
+    half = Engine(EngineSettings(model=str(tiny_model_dir), device="cpu", dtype="bfloat16", attention="sdpa"))
+    assert half.dtype == torch.bfloat16 and half.model.weight_formats == {"vision": "bfloat16", "text": "bfloat16"}
+    requests = [Request(sample_images[0], TaskInput(Task.CAPTION), GREEDY),
+                Request(sample_images[1], TaskInput(Task.DETECTION, phrases=("a circle", "two green squares")), GREEDY),
+                Request(sample_images[2], TaskInput(Task.CAPTION), dataclasses.replace(GREEDY, num_beams=2))]
+    scheduler = half.scheduler()
+    pieces = []
+    tickets = [scheduler.add(requests[0], on_text=pieces.append), *map(scheduler.add, requests[1:])]
+    while scheduler.busy:
+        scheduler.step()
+    assert all(ticket.error is None for ticket in tickets)
+    assert scheduler.batch is None  # every row left the batch
+    caption, detection, beams = (ticket.result for ticket in tickets)
+    streamed = "".join(pieces).replace(" ", "")
+    assert caption.generated_tokens == 16 and streamed and caption.raw_text.replace(" ", "").endswith(streamed)
+    assert detection.generated_tokens == 32 and len(detection.raw_text.split("\n")) == 2
+    assert 0 < beams.generated_tokens <= 16

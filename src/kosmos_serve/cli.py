@@ -160,7 +160,7 @@ def serve(model, device, dtype, host, port, max_batch_size, workers, quantize, r
     from kosmos_serve.distributed.ray_serve import ServeOptions, serve_on_ray
     from kosmos_serve.server.settings import ServerSettings
 
-    if workers:
+    if workers not in (None, 1):  # NUM_API_SERVERS=1 (the default) is fine
         raise InvalidRequestError("--workers is for one machine; with --ray, use --replicas or --autoscale.")
     options = ServeOptions(ray_address or None, replicas, parse_autoscale(autoscale) if autoscale else None,
                            cpus_per_replica, gpus_per_replica)

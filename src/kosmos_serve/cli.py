@@ -153,6 +153,7 @@ def serve(model, device, dtype, host, port, max_batch_size, workers, quantize, r
         start_service(flags)
         return
     import os
+    from unittest import mock
 
     from kosmos_serve.distributed.cluster import require_ray
 
@@ -164,8 +165,10 @@ def serve(model, device, dtype, host, port, max_batch_size, workers, quantize, r
         raise InvalidRequestError("--workers is for one machine; with --ray, use --replicas or --autoscale.")
     options = ServeOptions(ray_address or None, replicas, parse_autoscale(autoscale) if autoscale else None,
                            cpus_per_replica, gpus_per_replica)
-    os.environ.update({name: str(value) for name, value in flags.items() if value is not None})
-    serve_on_ray(ServerSettings(), EngineSettings(), options, announce=click.echo)
+    given = {name: str(value) for name, value in flags.items() if value is not None}
+    with mock.patch.dict(os.environ, given):  # the settings read flags over the environment, which stays as it was
+        settings, engine_settings = ServerSettings(), EngineSettings()
+    serve_on_ray(settings, engine_settings, options, announce=click.echo)
 
 
 def parse_autoscale(value: str) -> tuple[int, int]:

@@ -76,9 +76,11 @@ def _with_spare_columns(cached: torch.Tensor, new: torch.Tensor, length: int) ->
     return buffer
 
 
-def _new_cache(text_model) -> DynamicCache:
-    cache = DynamicCache(config=text_model.config)
-    cache.layers = [GrowingLayer() for _ in cache.layers]
+def _growing_cache(layers: int) -> DynamicCache:
+    """An empty cache of `layers` GrowingLayers."""
+    cache = DynamicCache()
+    cache.layers = [GrowingLayer() for _ in range(layers)]
+    cache.layer_class_to_replicate = None
     return cache
 
 
@@ -124,7 +126,7 @@ def _prefill(model, input_ids, image_masks, image_embeds, pad_token_id) -> tuple
     text_model = model.text_model
     output = text_model(
         input_ids=ids, attention_mask=mask, image_embeds=image_embeds, image_embeds_position_mask=image_mask,
-        position_ids=positions_from_mask(mask, text_model.config.pad_token_id), past_key_values=_new_cache(text_model),
+        position_ids=positions_from_mask(mask, text_model.config.pad_token_id), past_key_values=_growing_cache(text_model.config.num_hidden_layers),
         use_cache=True, logits_to_keep=1,
     )
     return RunningBatch(output.past_key_values, mask), _last_logits(output)
@@ -187,18 +189,11 @@ def _common_length(sequences: list[list[int]]) -> int:
 def _copy_rows(batch: RunningBatch, rows: list[int]) -> RunningBatch:
     """A new batch whose row i is a copy of `batch`'s row `rows[i]` (cache and mask)."""
     index = torch.tensor(rows, device=batch.mask.device)
-    cache = _new_cache_like(batch.cache)
+    cache = _growing_cache(len(batch.cache.layers))
     for target, source in zip(cache.layers, batch.cache.layers):
         target.lazy_initialization(source.keys, source.values)
         target.keys, target.values = source.keys.index_select(0, index), source.values.index_select(0, index)
     return RunningBatch(cache, batch.mask.index_select(0, index))
-
-
-def _new_cache_like(cache: DynamicCache) -> DynamicCache:
-    copy = DynamicCache()
-    copy.layers = [GrowingLayer() for _ in cache.layers]
-    copy.layer_class_to_replicate = None
-    return copy
 
 
 @torch.inference_mode()

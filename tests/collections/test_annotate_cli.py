@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -19,6 +20,15 @@ from kosmos_serve.tasks import TaskInput
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 TOKENS = 6
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One torch thread: the tiny model gains nothing from more, and a shared machine's cores stay free."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("KOSMOS_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

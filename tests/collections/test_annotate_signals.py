@@ -10,6 +10,7 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -36,6 +37,14 @@ def command(folder, out, model, batch_size):
 
 
 ENVIRONMENT = {**os.environ, "KOSMOS_THREADS": "1"}  # the tiny model gains nothing from more on a shared machine
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("KOSMOS_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
 
 
 def start(args):

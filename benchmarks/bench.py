@@ -3,6 +3,8 @@
     python benchmarks/bench.py                      # full-size Kosmos-2 architecture, random weights
     python benchmarks/bench.py --model DIR          # a real checkpoint folder instead
     python benchmarks/bench.py --tiny               # a quick check of the script on the tiny model
+    ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python benchmarks/bench.py                  # an AVX-512 machine's libraries capped to AVX2 (the report says so)
 
 Each configuration runs in its own process (so peak memory is its own): the model-card code
 (transformers' `generate` + `post_process_generation`, one request at a time, float32), then the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -33,6 +36,9 @@ FULL_MODEL_DIR = Path.home() / ".cache" / "kosmos-serve" / "full-size-random"
 CAPTION = "<grounding> An image of"
 AGREEMENT_PROMPTS = 4  # fresh images whose greedy tokens each format must reproduce from fp32
 EXTENSIONS = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]  # /proc/cpuinfo flags
+# Settings that cap the instruction sets the kernel libraries use, to measure a smaller CPU kind on a larger one:
+# ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+ISA_CAPS = ["ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"]
 
 
 def main() -> None:
@@ -109,9 +115,11 @@ def cpu_description() -> str:
                  platform.processor() or platform.machine())
     flags = cpu_features()
     shown = [name for name in EXTENSIONS if name in flags]
+    caps = [f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name)]
     return (f"{model} ({', '.join(shown) or 'none of ' + ', '.join(EXTENSIONS)}; no "
             f"{', '.join(name for name in EXTENSIONS if name not in flags) or '-'}; torch sees "
-            f"{torch.backends.cpu.get_cpu_capability()})")
+            f"{torch.backends.cpu.get_cpu_capability()})"
+            + (f", instruction sets capped by {' '.join(caps)}" if caps else ""))
 
 
 def fresh_images(count: int, seed: int):
@@ -209,15 +217,29 @@ def measure_engine(args) -> dict:
     second_question = median_time(lambda: request(1, next(seen_iter), question), args.repeats)
     fresh_question = median_time(lambda: request(1, task=question), args.repeats)
     whole = median_time(lambda: request(args.new_tokens), args.repeats)
+    decode_step = statistics.median(decode_step_time(engine, Request(next(images), caption, GenerationParams(
+        max_new_tokens=args.new_tokens, no_repeat_ngram_size=0))) for _ in range(args.repeats))
     tokens = request(args.new_tokens).generated_tokens
     greedy = [engine.processor.tokenizer(request(args.new_tokens, image).raw_text, add_special_tokens=False).input_ids
               for image in fresh_images(AGREEMENT_PROMPTS, seed=3)]
     http = measure_http(engine, images, args)
     return {"vision_s": vision, "first_token_s": first_token, "request_s": whole,
-            "decode_step_s": (whole - first_token) / (args.new_tokens - 1), "generated_tokens": tokens,
+            "decode_step_s": decode_step, "generated_tokens": tokens,
             "second_question_first_token_s": second_question, "fresh_question_first_token_s": fresh_question,
             "text_weight_bytes": text_weight_bytes(engine.model), "greedy_tokens": greedy, "loaded_rss_gib": loaded_rss,
             "weight_formats": engine.model.weight_formats, **http}
+
+
+def decode_step_time(engine, request) -> float:
+    """Seconds per decode step of one request alone, timed step by step after its first token."""
+    scheduler = engine.scheduler()
+    scheduler.add(request)
+    scheduler.step()  # vision, prefill and the first token
+    steps, began = 0, time.perf_counter()
+    while scheduler.busy:
+        scheduler.step()
+        steps += 1
+    return (time.perf_counter() - began) / steps
 
 
 def measure_http(engine, images, args) -> dict:

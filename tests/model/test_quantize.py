@@ -44,3 +44,24 @@ def test_int8_answers_every_task(int8_engine, engine, sample_images):
 def test_int8_is_refused_off_the_cpu_or_from_half_precision(tiny_model_dir):
     with pytest.raises(ModelLoadError, match="int8 runs on the CPU from float32"):
         Engine(EngineSettings(model=str(tiny_model_dir), device="cpu", dtype="bfloat16", quantize="int8"))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fbgemm_row_layer_is_close_to_float_and_row_independent(bias):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=bias)
+    dynamic = quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                               dtype=torch.qint8)[0]
+    assert isinstance(dynamic, DynamicLinear)
+    layer = RowwiseInt8Linear(dynamic)
+    rows = torch.cat([torch.randn(1, 256), torch.randn(20, 256) * 50 + 7, torch.zeros(1, 256), torch.full((1, 256), 3.0)])
+    with torch.no_grad():
+        expected, together = linear(rows), layer(rows)
+    assert ((together - expected).norm() / expected.norm()) < 0.02
+    dequantized = torch.nn.functional.linear(rows[-2:], layer.weight().dequantize(), linear.bias)
+    assert torch.allclose(together[-2:], dequantized, atol=1e-4)  # a constant row: its int8 weights' exact product
+    for index in range(rows.shape[0]):
+        assert torch.equal(layer(rows[index : index + 1])[0], together[index])

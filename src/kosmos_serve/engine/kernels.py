@@ -2,13 +2,13 @@
 
 `torch.ao.quantization.quantize_dynamic` quantizes a call's activations with one scale and zero
 point for the whole tensor, so an int8 row's output depends on what else is in its batch. Here
-each row (token) is first mapped affinely onto [-1, 1], its own minimum to -1 and maximum to 1
-(`x' = a x + b`), and fbgemm quantizes the mapped rows on one fixed grid (`INPUT_SCALE`,
-`INPUT_ZERO_POINT`: [-1, 1] onto [1, 127], the 7 bits `quantize_dynamic`'s layers use), so the int8
+each row (token) is first mapped affinely onto [0, 1], its own minimum to 0 and maximum to 1
+(`u = (x - low) / span`), and fbgemm quantizes the mapped rows on one fixed grid (`INPUT_SCALE`,
+`INPUT_ZERO_POINT`: [0, 1] onto [1, 127], the 7 bits `quantize_dynamic`'s layers use), so the int8
 product of a row depends on that row alone. The map is undone on the output:
-`W x = (W x' - b W 1) / a`, with `W 1` the dequantized weight's row sums. Each row thus gets the full
-range of its own values (per-token asymmetric quantization), which is also more accurate than one
-scale per call.
+`W x + b = span (W u) + low (W 1) + b`, with `W 1` the dequantized weight's row sums. Each row thus
+gets the full range of its own values (per-token asymmetric quantization), which is also more
+accurate than one scale per call.
 
 `RowwiseInt8MatmulLinear` does the same with symmetric per-row scales on `torch._int_mm` (oneDNN),
 whose int32 sums are exact whatever the batch; `quantize_per_channel` and `quantize_rows` are its
@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 TINY_SPAN = 1e-12
-MINUS_ONE = torch.tensor(-1.0)
-INPUT_SCALE = 2 / 126  # the mapped rows' grid: -1 -> 1, 1 -> 127, inside the 7 bits fbgemm's AVX2 kernels need
-INPUT_ZERO_POINT = 64
+INPUT_SCALE = 1 / 126  # the mapped rows' grid: 0 -> 1, 1 -> 127, inside the 7 bits fbgemm's AVX2 kernels need
+INPUT_ZERO_POINT = 1
 
 
 class RowwiseInt8Linear(torch.nn.Module):
@@ -35,14 +34,11 @@ class RowwiseInt8Linear(torch.nn.Module):
         super().__init__()
         self.in_features = quantized.in_features
         self.out_features = quantized.out_features
-        self._packed = quantized._packed_params._packed_params
         weight, bias = quantized._packed_params._weight_bias()
+        self._packed = torch.ops.quantized.linear_prepack(weight, None)  # the bias is added after the map is undone
         self.register_buffer("weight_sums", weight.dequantize().sum(dim=1), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
-
-    @classmethod
-    def from_dynamic(cls, quantized: torch.nn.Module) -> RowwiseInt8Linear:
-        return cls(quantized)
+        self.register_buffer("bias", torch.zeros(self.out_features) if bias is None else bias.detach().clone(),
+                             persistent=False)
 
     def weight(self) -> torch.Tensor:
         """The int8 weight (per-channel quantized), as torch.ao's dynamic Linear exposes it."""
@@ -51,18 +47,12 @@ class RowwiseInt8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         low, high = torch.aminmax(rows, dim=1, keepdim=True)
-        # a constant row gets a huge scale: it maps to -1 everywhere, and the correction below gives back
-        # low * W 1 to float precision
-        scale = 2 / (high - low).clamp_(min=TINY_SPAN)
-        shift = torch.addcmul(MINUS_ONE, low, scale, value=-1)  # -1 - low * scale
-        mapped = torch.addcmul(shift, rows, scale)  # [-1, 1] up to rounding, which the grid's margins absorb
-        output = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(  # a (W x) + shift W 1 + bias
-            mapped, INPUT_SCALE, INPUT_ZERO_POINT, self._packed)
-        if self.bias is None:
-            output = output.sub_(shift * self.weight_sums).mul_(scale.reciprocal_())
-        else:
-            output = torch.addcmul(self.bias, output.sub_(torch.addcmul(self.bias, shift, self.weight_sums)),
-                                   scale.reciprocal_())
+        # a constant row gets a tiny span: it maps to 0 everywhere, and the correction below gives back low * W 1
+        span = (high - low).clamp_(min=TINY_SPAN)
+        unit = (rows - low).div_(span)  # [0, 1]: the maximum maps to exactly 1 (the same rounded difference)
+        output = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(  # W u
+            unit, INPUT_SCALE, INPUT_ZERO_POINT, self._packed)
+        output = torch.addcmul(torch.addcmul(self.bias, low, self.weight_sums), output, span)
         return output.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

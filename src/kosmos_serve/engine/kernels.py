@@ -34,8 +34,8 @@ class RowwiseInt8Linear(torch.nn.Module):
         super().__init__()
         self.in_features = quantized.in_features
         self.out_features = quantized.out_features
+        self._packed = quantized._packed_params._packed_params  # shared, not repacked: no second copy in memory
         weight, bias = quantized._packed_params._weight_bias()
-        self._packed = torch.ops.quantized.linear_prepack(weight, None)  # the bias is added after the map is undone
         self.register_buffer("weight_sums", weight.dequantize().sum(dim=1), persistent=False)
         self.register_buffer("bias", torch.zeros(self.out_features) if bias is None else bias.detach().clone(),
                              persistent=False)
@@ -50,9 +50,9 @@ class RowwiseInt8Linear(torch.nn.Module):
         # a constant row gets a tiny span: it maps to 0 everywhere, and the correction below gives back low * W 1
         span = (high - low).clamp_(min=TINY_SPAN)
         unit = (rows - low).div_(span)  # [0, 1]: the maximum maps to exactly 1 (the same rounded difference)
-        output = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(  # W u
+        output = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(  # W u + b
             unit, INPUT_SCALE, INPUT_ZERO_POINT, self._packed)
-        output = torch.addcmul(torch.addcmul(self.bias, low, self.weight_sums), output, span)
+        output = torch.addcmul(torch.addcmul(self.bias, low, self.weight_sums), output.sub_(self.bias), span)
         return output.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

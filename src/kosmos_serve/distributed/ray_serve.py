@@ -7,9 +7,10 @@ Two deployments:
   prints the address) only when every replica is.
 - `Gateway` (the HTTP ingress): hands each request, unchanged, to a replica and streams the answer back.
   Requests about the same image go to the same replica (`ImageAffinityRouter`), so its cache keeps working.
-  A request whose replica dies before answering is sent to another one (Ray Serve replaces the dead
-  replica); after FORWARD_ATTEMPTS the client gets 503 with Retry-After. An answer already streaming
-  when its replica dies is cut off (the client sees the connection close).
+  A request whose replica dies before its answer is whole is sent to another one (Ray Serve replaces the
+  dead replica); after FORWARD_ATTEMPTS the client gets 503 with Retry-After. A plain answer is gathered
+  whole before it is sent, so that holds up to its last byte; a stream (server-sent events) is passed on
+  as it comes, so one whose replica dies after its first event is cut off (the connection closes).
 """
 
 from __future__ import annotations
@@ -171,6 +172,10 @@ class Gateway:
             answer = handle.forward.remote(forwarded)
             try:
                 start = await answer.__anext__()
+                if not is_event_stream(start["headers"]):  # whole before it is sent: a death mid-body is retried
+                    response = Response(b"".join([chunk async for chunk in body_chunks(answer)]), start["status"])
+                    response.raw_headers = list(start["headers"])
+                    return response
             except (RayActorError, ActorUnavailableError) as error:
                 logger.warning("A replica failed before answering %s (%s); attempt %d of %d", request.url.path,
                                type(error).__name__, attempt + 1, FORWARD_ATTEMPTS)
@@ -181,6 +186,11 @@ class Gateway:
         message = "No replica could answer (they failed or restarted); try again shortly."
         return JSONResponse({"error": {"code": "service_busy", "message": message}}, 503,
                             headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether an answer's headers announce server-sent events (streamed as they come, not gathered first)."""
+    return any(name.lower() == b"content-type" and value.startswith(b"text/event-stream") for name, value in headers)
 
 
 async def body_chunks(answer) -> AsyncIterator[bytes]:

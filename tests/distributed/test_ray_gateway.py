@@ -78,5 +78,6 @@ def test_three_deaths_answer_503_with_retry_after():
 
 def test_a_stream_is_passed_on_as_it_comes():
     events = [b"event: text\ndata: a red\n\n", b"event: text\ndata:  circle\n\n"]
-    replicas = Replicas([SSE_START, {"type": "http.response.body", "body": events[0], "more_body": True}, body(events[1])])
+    first = {"type": "http.response.body", "body": events[0], "more_body": True}
+    replicas = Replicas([SSE_START, first, body(events[1])])
     assert asyncio.run(send_through(Gateway(replicas))) == (200, b"".join(events))

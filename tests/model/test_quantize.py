@@ -57,7 +57,8 @@ def test_fbgemm_row_layer_is_close_to_float_and_row_independent(bias):
                                dtype=torch.qint8)[0]
     assert isinstance(dynamic, DynamicLinear)
     layer = RowwiseInt8Linear(dynamic)
-    rows = torch.cat([torch.randn(1, 256), torch.randn(20, 256) * 50 + 7, torch.zeros(1, 256), torch.full((1, 256), 3.0)])
+    rows = torch.cat([torch.randn(1, 256), torch.randn(20, 256) * 50 + 7,
+                      torch.zeros(1, 256), torch.full((1, 256), 3.0)])  # the last two constant
     with torch.no_grad():
         expected, together = linear(rows), layer(rows)
     assert ((together - expected).norm() / expected.norm()) < 0.02

@@ -126,7 +126,8 @@ def _prefill(model, input_ids, image_masks, image_embeds, pad_token_id) -> tuple
     text_model = model.text_model
     output = text_model(
         input_ids=ids, attention_mask=mask, image_embeds=image_embeds, image_embeds_position_mask=image_mask,
-        position_ids=positions_from_mask(mask, text_model.config.pad_token_id), past_key_values=_growing_cache(text_model.config.num_hidden_layers),
+        position_ids=positions_from_mask(mask, text_model.config.pad_token_id),
+        past_key_values=_growing_cache(text_model.config.num_hidden_layers),
         use_cache=True, logits_to_keep=1,
     )
     return RunningBatch(output.past_key_values, mask), _last_logits(output)

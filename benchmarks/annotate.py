@@ -101,7 +101,7 @@ def measure_speed(args) -> dict:
     from kosmos_serve.config import EngineSettings
     from kosmos_serve.engine import Engine, GenerationParams
     from kosmos_serve.images import load_image
-    from kosmos_serve.loading import quiet_transformers, set_threads
+    from kosmos_serve.engine.loading import quiet_transformers, set_threads
     from kosmos_serve.tasks import TaskInput
 
     quiet_transformers()

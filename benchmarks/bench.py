@@ -73,7 +73,7 @@ def main() -> None:
 
 def prepare_model(tiny: bool) -> Path:
     """The model folder: the tiny model, or the full-size architecture with random weights (built once)."""
-    from kosmos_serve.tiny_model import build_processor, build_tiny_model, build_tokenizer, training_corpus
+    from kosmos_serve.training.tiny_model import build_processor, build_tiny_model, build_tokenizer, training_corpus
 
     if tiny:
         return build_tiny_model(Path("/tmp/kosmos-serve-bench-tiny"))
@@ -198,7 +198,7 @@ def measure_engine(args) -> dict:
     from kosmos_serve.tasks import Task, TaskInput
 
     engine = Engine(EngineSettings(model=str(args.model), device="cpu", quantize=args.worker.replace("fp32", "none"),
-                                   max_batch_size=8, image_cache_size=1024))
+                                   max_batch_rows=8, image_cache_size=1024))
     images = iter(fresh_images(100, seed=2))
     caption, question = TaskInput(Task.CAPTION), TaskInput(Task.GROUNDED_VQA, prompt="What is in the picture?")
 
@@ -252,8 +252,8 @@ def measure_http(engine, images, args) -> dict:
 
     from kosmos_serve.engine import GenerationParams, Request
     from kosmos_serve.server.app import create_app
-    from kosmos_serve.server.settings import ServerSettings
-    from kosmos_serve.server.threaded import serve_in_thread
+    from kosmos_serve.config import ServerSettings
+    from local_server import serve_in_thread
     from kosmos_serve.tasks import Task, TaskInput
 
     def body(image):
@@ -265,7 +265,7 @@ def measure_http(engine, images, args) -> dict:
         params = GenerationParams(max_new_tokens=args.new_tokens, no_repeat_ngram_size=0)
         engine.run([Request(image, TaskInput(Task.CAPTION), params)])
 
-    app = create_app(ServerSettings(max_batch_size=8, batch_timeout_ms=20, demo=False), engine.settings, engine=engine)
+    app = create_app(ServerSettings(max_batch_requests=8, batch_timeout_ms=20, demo=False), engine.settings, engine=engine)
     throughput = {}
     with serve_in_thread(app) as url, httpx.Client(timeout=3600) as client:
         while client.get(f"{url}/ready").status_code != 200:

@@ -244,7 +244,7 @@ def profile_decode(quantize: str, batch: int, steps: int) -> str:
     from kosmos_serve.engine import Engine, GenerationParams, Request
     from kosmos_serve.tasks import Task, TaskInput
 
-    engine = Engine(EngineSettings(model=str(FULL_MODEL_DIR), device="cpu", quantize=quantize, max_batch_size=batch))
+    engine = Engine(EngineSettings(model=str(FULL_MODEL_DIR), device="cpu", quantize=quantize, max_batch_rows=batch))
     params = GenerationParams(max_new_tokens=steps + 6, no_repeat_ngram_size=3)
     scheduler = engine.scheduler()
     for image in fresh_images(batch, seed=5):

@@ -91,7 +91,7 @@ def words_model(base: Path) -> Path:
     filler words up to the model's vocabulary: every generated token is text, as with the real
     checkpoint, and the model's work per token is unchanged.
     """
-    from kosmos_serve.tiny_model import build_processor, build_tokenizer, training_corpus
+    from kosmos_serve.training.tiny_model import build_processor, build_tokenizer, training_corpus
 
     vocab_size = json.loads((base / "config.json").read_text())["text_config"]["vocab_size"]
     folder = base.parent / f"{base.name}-words"

@@ -21,7 +21,7 @@ REFERENCE_NEW_TOKENS = 24  # what the `reference` fixture generates unless told 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Folder of a tiny random Kosmos-2, written by the project's own builder."""
-    from kosmos_serve.tiny_model import build_tiny_model
+    from kosmos_serve.training.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-kosmos2"), seed=0)
 
@@ -32,7 +32,7 @@ def engine(tiny_model_dir):
     from kosmos_serve.config import EngineSettings
     from kosmos_serve.engine import Engine
 
-    return Engine(EngineSettings(model=str(tiny_model_dir), device="cpu", max_batch_size=8))
+    return Engine(EngineSettings(model=str(tiny_model_dir), device="cpu", max_batch_rows=8))
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,9 @@ import click
 from pydantic import ValidationError
 
 from kosmos_serve.config import EngineSettings
-from kosmos_serve.errors import InvalidBoxError, InvalidRequestError, KosmosServeError
-from kosmos_serve.tasks import TASK_DESCRIPTIONS, Task
+from kosmos_serve.engine.loading import quiet_transformers
+from kosmos_serve.errors import InvalidRequestError, KosmosServeError
+from kosmos_serve.tasks import TASK_DESCRIPTIONS, Task, parse_box
 from kosmos_serve.training.config import TrainConfig
 
 TASK_HELP = "\n".join(f"{task.value}: {text}." for task, text in TASK_DESCRIPTIONS.items())
@@ -34,27 +35,8 @@ class FriendlyErrors(click.Group):
             sys.exit(1)
 
 
-def parse_box(value: str) -> tuple[float, float, float, float]:
-    """`x1,y1,x2,y2` in pixels -> a tuple of four numbers.
-
-    >>> parse_box("10,20,110.5,220")
-    (10.0, 20.0, 110.5, 220.0)
-    """
-    parts = value.replace(" ", "").split(",")
-    try:
-        numbers = tuple(float(part) for part in parts)
-    except ValueError:
-        numbers = ()
-    if len(numbers) != 4:
-        raise InvalidBoxError(f"{value!r} is not a box; write x1,y1,x2,y2 in pixels, e.g. 10,20,200,180.")
-    return numbers
 
 
-def quiet_transformers() -> None:
-    """Hide transformers' advisory output (imported late: `--help` stays fast without torch)."""
-    from kosmos_serve.loading import quiet_transformers as quiet
-
-    quiet()
 
 
 def model_options(command):
@@ -158,8 +140,8 @@ def serve(model, device, dtype, host, port, max_batch_size, workers, quantize, r
     from kosmos_serve.distributed.cluster import require_ray
 
     require_ray()
+    from kosmos_serve.config import ServerSettings
     from kosmos_serve.distributed.ray_serve import ServeOptions, serve_on_ray
-    from kosmos_serve.server.settings import ServerSettings
 
     if workers not in (None, 1):  # NUM_API_SERVERS=1 (the default) is fine
         raise InvalidRequestError("--workers is for one machine; with --ray, use --replicas or --autoscale.")
@@ -262,20 +244,17 @@ def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, 
       kosmos-serve predict snowman.png --task referring_generation --box 250,22,630,397
       kosmos-serve predict snowman.png --prompt "<grounding> Describe this image in detail:"
     """
-    from kosmos_serve.engine import Engine, Request, check_request
-    from kosmos_serve.loading import set_threads
+    from kosmos_serve.engine import Request, check_task, start_engine
 
     flags = {"model": model, "device": device, "dtype": dtype, "quantize": quantize}
     settings = EngineSettings(**{key: value for key, value in flags.items() if value})
-    set_threads(settings.threads)
     task_input = task_input_from_options(task, prompt, phrases, boxes, no_grounding)
     params = generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size)
     loaded = [load_image_file(path, settings.max_image_pixels) for path in images]
     requests = [Request(image, task_input, params) for image in loaded]
     for request in requests:  # refuse bad input before spending seconds on loading the model
-        check_request(request, settings)
-    quiet_transformers()
-    results = Engine(settings).run(requests)
+        check_task(request.task, request.params, settings, request.image.size)
+    results = start_engine(settings).run(requests)
     if as_json:
         payload = [{"image": str(path), **result.to_dict()} for path, result in zip(images, results)]
         click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
@@ -347,8 +326,7 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
     from kosmos_serve.collections.inputs import collect_images, read_ontology
     from kosmos_serve.collections.records import RecordAppender, read_previous
     from kosmos_serve.collections.runner import AnnotateRun, describe, engine_settings, same_run_check
-    from kosmos_serve.engine import Engine
-    from kosmos_serve.loading import set_threads
+    from kosmos_serve.engine import start_engine
 
     ray_job = ray_job_options(ray_address, workers, cpus_per_worker, gpus_per_worker)
     flags = {"model": model, "device": device, "dtype": dtype, "quantize": quantize}
@@ -369,9 +347,7 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
                                   batch_size=batch_size, decode_threads=decode_threads, options=ray_job,
                                   show_progress=show_progress)
     else:
-        set_threads(settings.threads)
-        quiet_transformers()
-        engine = Engine(settings)
+        engine = start_engine(settings)
         with RecordAppender(out, previous) as appender:
             run = AnnotateRun(engine, appender, previous.done, params=params, model=settings.model, ontology=classes,
                               batch_size=batch_size, decode_threads=decode_threads, show_progress=show_progress)
@@ -412,7 +388,7 @@ def annotate_jobs(entries, settings, params, task, prompt, phrases, boxes, no_gr
 @click.option("--seed", type=int, default=0, show_default=True)
 def tiny_model(out, seed):
     """Write a tiny random Kosmos-2 (for tests and trying the tools offline) to folder OUT."""
-    from kosmos_serve.tiny_model import build_tiny_model
+    from kosmos_serve.training.tiny_model import build_tiny_model
 
     quiet_transformers()
     click.echo(str(build_tiny_model(out, seed=seed)))
@@ -580,7 +556,7 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
     outcome = evaluate_benchmark(
         benchmark, annotations, images, model=model, url=url, out=out, limit=limit, flickr_entities=flickr_entities,
         quantize=quantize, batch_size=batch_size, show_progress=sys.stderr.isatty(),
-        ray=ray_job_options(ray_address, workers, cpus_per_worker, gpus_per_worker),
+        on_cluster=_on_ray_cluster(ray_address, workers, cpus_per_worker, gpus_per_worker, batch_size),
         no_repeat_ngram_size=ORIGINAL_NO_REPEAT_NGRAM_SIZE if no_repeat_ngram_size is None else no_repeat_ngram_size,
         max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
     )
@@ -589,12 +565,24 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
         sys.exit(130)
 
 
+def _on_ray_cluster(ray_address, workers, cpus_per_worker, gpus_per_worker, batch_size):
+    """evaluate_on_ray for --ray (None without it)."""
+    options = ray_job_options(ray_address, workers, cpus_per_worker, gpus_per_worker)
+    if options is None:
+        return None
+    import functools
+
+    from kosmos_serve.distributed.ray_data import evaluate_on_ray
+
+    return functools.partial(evaluate_on_ray, batch_size=batch_size, options=options, show_progress=sys.stderr.isatty())
+
+
 def _scores(model, examples, quantize: str = "none", no_repeat_ngram_size: int = 0) -> str:
-    from kosmos_serve.engine import Engine
+    from kosmos_serve.engine import start_engine
     from kosmos_serve.training.evaluate import evaluate as score
     from kosmos_serve.training.evaluate import format_scores
 
-    engine = Engine(EngineSettings(model=str(model), max_batch_size=32, quantize=quantize))
+    engine = start_engine(EngineSettings(model=str(model), max_batch_rows=32, quantize=quantize))
     return format_scores(score(engine, examples, no_repeat_ngram_size=no_repeat_ngram_size))
 
 
@@ -627,8 +615,8 @@ def start_service(flags: dict, announce: Callable[[str], str] | None = None) -> 
 
     import uvicorn
 
-    from kosmos_serve.loading import resolve_source
-    from kosmos_serve.server.settings import ServerSettings
+    from kosmos_serve.config import ServerSettings
+    from kosmos_serve.engine.loading import resolve_source
 
     os.environ.update({name: str(value) for name, value in flags.items() if value is not None})
     settings, engine_settings = ServerSettings(), EngineSettings()

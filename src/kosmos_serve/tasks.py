@@ -237,3 +237,19 @@ _BUILDERS = {
     Task.DETECTION: _detection,
     Task.RAW: _raw,
 }
+
+
+def parse_box(value: str) -> tuple[float, float, float, float]:
+    """`x1,y1,x2,y2` in pixels -> a tuple of four numbers.
+
+    >>> parse_box("10,20,110.5,220")
+    (10.0, 20.0, 110.5, 220.0)
+    """
+    parts = value.replace(" ", "").split(",")
+    try:
+        numbers = tuple(float(part) for part in parts)
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 4:
+        raise InvalidBoxError(f"{value!r} is not a box; write x1,y1,x2,y2 in pixels, e.g. 10,20,200,180.")
+    return numbers

@@ -11,8 +11,7 @@ import time
 
 import httpx
 import pytest
-
-from kosmos_serve.server.threaded import serve_in_thread
+from local_server import serve_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -31,15 +30,15 @@ def demo_engine():
     from kosmos_serve.config import EngineSettings
     from kosmos_serve.engine import Engine
 
-    return Engine(EngineSettings(model="demo", device="cpu", max_batch_size=8))
+    return Engine(EngineSettings(model="demo", device="cpu", max_batch_rows=8))
 
 
 @pytest.fixture(scope="module")
 def demo_url(demo_engine):
     """The demo page of a ready service on loopback, serving `demo_engine`."""
     need(_importable("gradio"), "gradio is not installed")
+    from kosmos_serve.config import ServerSettings
     from kosmos_serve.server.app import create_app
-    from kosmos_serve.server.settings import ServerSettings
 
     app = create_app(ServerSettings(), demo_engine.settings, engine=demo_engine)
     with serve_in_thread(app) as base_url:

@@ -25,7 +25,7 @@ def demo_engine():
     """The shipped demo model, loaded once."""
     from kosmos_serve.config import EngineSettings
     from kosmos_serve.engine import Engine
-    from kosmos_serve.loading import quiet_transformers
+    from kosmos_serve.engine.loading import quiet_transformers
 
     quiet_transformers()
-    return Engine(EngineSettings(model="demo", max_batch_size=16))
+    return Engine(EngineSettings(model="demo", max_batch_rows=16))

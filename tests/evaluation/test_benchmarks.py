@@ -192,7 +192,7 @@ def test_each_image_is_encoded_once_for_all_its_phrases(shapes):
     from kosmos_serve.config import EngineSettings
     from kosmos_serve.engine import Engine
 
-    engine = Engine(EngineSettings(model="demo", max_batch_size=4))
+    engine = Engine(EngineSettings(model="demo", max_batch_rows=4))
     splits = read_splits("flickr30k", [shapes.flickr30k], shapes.folder)
     outcome = run(splits, LocalBackend(engine, PARAMS), PredictionLog(None, Settings("demo", 24, 3)), batch_size=4)
     images = {example.image_path for example in splits[0].examples}

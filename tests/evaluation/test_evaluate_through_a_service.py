@@ -8,16 +8,16 @@ import time
 import httpx
 import pytest
 from click.testing import CliRunner
+from local_server import serve_in_thread
 from PIL import Image
 
 from kosmos_serve.cli import main
+from kosmos_serve.config import ServerSettings
 from kosmos_serve.engine import GenerationParams
 from kosmos_serve.evaluation.backends import LocalBackend, ServiceBackend, has_rotation, load_stored_pixels
 from kosmos_serve.evaluation.datasets import read_splits
 from kosmos_serve.evaluation.runner import PredictionLog, Settings, evaluate_benchmark, run
 from kosmos_serve.server.app import create_app
-from kosmos_serve.server.settings import ServerSettings
-from kosmos_serve.server.threaded import serve_in_thread
 
 ORIENTATION = 0x0112
 TOKENS = 24
@@ -26,7 +26,7 @@ TOKENS = 24
 @pytest.fixture(scope="module")
 def service(demo_engine):
     """The demo model served on loopback, batching up to 8 concurrent requests."""
-    app = create_app(ServerSettings(demo=False, max_batch_size=8), demo_engine.settings, engine=demo_engine)
+    app = create_app(ServerSettings(demo=False, max_batch_requests=8), demo_engine.settings, engine=demo_engine)
     with serve_in_thread(app) as url:
         deadline = time.monotonic() + 60
         while httpx.get(f"{url}/ready").status_code != 200:

@@ -28,12 +28,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from local_server import serve_in_thread
 
-from kosmos_serve.config import EngineSettings
+from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.engine import Engine
 from kosmos_serve.server.app import create_app
-from kosmos_serve.server.settings import ServerSettings
-from kosmos_serve.server.threaded import serve_in_thread
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"

@@ -171,4 +171,4 @@ def test_invalid_setting_from_the_environment_is_one_line(image_file, monkeypatc
     monkeypatch.setenv("KOSMOS_MAX_BATCH_SIZE", "zero")
     result = invoke("predict", image_file)
     assert result.exit_code == 1
-    assert "invalid setting (max_batch_size:" in result.output and "Traceback" not in result.output
+    assert "invalid setting (KOSMOS_MAX_BATCH_SIZE:" in result.output and "Traceback" not in result.output

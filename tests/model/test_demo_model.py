@@ -6,7 +6,7 @@ import pytest
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine import Engine
-from kosmos_serve.loading import DEMO_MODEL_DIR
+from kosmos_serve.engine.loading import DEMO_MODEL_DIR
 from kosmos_serve.training.demo_model import HELD_OUT_SEED, TRAIN_SEED
 from kosmos_serve.training.evaluate import evaluate
 from kosmos_serve.training.records import read_examples

@@ -207,7 +207,7 @@ def test_missing_models_say_how_to_fix_it(tmp_path):
 
 
 def test_tiny_model_build_is_deterministic(tiny_model_dir, tmp_path):
-    from kosmos_serve.tiny_model import build_tiny_model
+    from kosmos_serve.training.tiny_model import build_tiny_model
 
     again = build_tiny_model(tmp_path / "again", seed=0)
     for name in ("model.safetensors", "tokenizer.json"):

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from kosmos_serve import loading
 from kosmos_serve.config import EngineSettings
-from kosmos_serve.engine import Engine, GenerationParams, Request
+from kosmos_serve.engine import Engine, GenerationParams, Request, loading
 from kosmos_serve.engine.kernels import RowwiseInt8Linear, RowwiseInt8MatmulLinear, cpu_features
 from kosmos_serve.tasks import Task, TaskInput
 
@@ -17,7 +16,7 @@ def auto_engine(model_dir, kind: str) -> Engine:
     """An auto engine loaded as if on a CPU of `kind` (each kind's kernels run on any x86 CPU torch supports)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loading, "cpu_kind", lambda flags, capability: kind)
-        return Engine(EngineSettings(model=str(model_dir), device="cpu", quantize="auto", max_batch_size=8))
+        return Engine(EngineSettings(model=str(model_dir), device="cpu", quantize="auto", max_batch_rows=8))
 
 
 @pytest.fixture(scope="module", params=["avx512_vnni", "avx2"])

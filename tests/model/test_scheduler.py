@@ -6,7 +6,7 @@ import pytest
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine import Engine, GenerationParams, Request
-from kosmos_serve.engine.results import _result
+from kosmos_serve.engine.results import build_result
 from kosmos_serve.tasks import Task, TaskInput
 
 GREEDY = GenerationParams(max_new_tokens=16)
@@ -19,10 +19,11 @@ def comparable(result):
 
 def through_generate(engine, request):
     """The reference: the request alone through transformers' `generate` (`torch.manual_seed(seed)` when sampling)."""
-    rows = engine._prepare(0, request)
-    features, seconds, cached = engine._image_features([request], rows)
-    engine._generate(rows, features, engine.with_defaults(request.params), [request])
-    return _result(request, rows, seconds, cached)
+    prepared = engine.prepare(request)
+    rows = engine.tokenise(prepared)
+    features, seconds, cached = engine.features_for({row.image_key: request.image for row in rows})
+    engine.generate_rows(rows, features, prepared.params, request.image.size)
+    return build_result(prepared, rows, seconds, cached)
 
 
 def mixed_requests(images):
@@ -66,7 +67,10 @@ def test_many_mixed_requests_arriving_mid_decode_each_equal_their_solo_generate(
         assert comparable(ticket.result) == comparable(engine.run([request])[0])
     for index, pieces in streamed_text.items():  # streamed text: the same pieces as the request streamed alone
         solo = []
-        engine.stream(cases[index][0], solo.append)
+        alone = engine.scheduler()
+        alone.add(cases[index][0], on_text=solo.append)
+        while alone.busy:
+            alone.step()
         assert pieces == solo and pieces
 
 

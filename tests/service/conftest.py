@@ -8,10 +8,10 @@ import time
 
 import httpx
 import pytest
+from local_server import serve_in_thread
 
+from kosmos_serve.config import ServerSettings
 from kosmos_serve.server.app import create_app
-from kosmos_serve.server.settings import ServerSettings
-from kosmos_serve.server.threaded import serve_in_thread
 
 
 def wait_ready(base_url: str, timeout: float = 60) -> None:

@@ -28,7 +28,7 @@ def test_a_short_request_is_answered_while_a_long_stream_decodes_and_metrics_mov
                             data={"max_new_tokens": "4"}, timeout=120)
         return answer, time.monotonic()
 
-    with serve(max_batch_size=4, batch_timeout_ms=0) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with serve(max_batch_requests=4, batch_timeout_ms=0) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
         streaming = pool.submit(long_stream, url)
         deadline = time.monotonic() + 30
         while metric(httpx.get(f"{url}/metrics").text, "kosmos_requests_running") < 1:  # the stream is decoding

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from local_server import serve_in_thread
 from PIL import Image
 
+from kosmos_serve.config import ServerSettings
 from kosmos_serve.server.app import create_app
-from kosmos_serve.server.settings import ServerSettings
-from kosmos_serve.server.threaded import serve_in_thread
 
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")

@@ -64,7 +64,7 @@ def test_an_allowed_host_is_fetched_within_the_caps(serve, image_host):
 
 
 def test_the_environment_lists_hosts_comma_separated(monkeypatch):
-    from kosmos_serve.server.settings import ServerSettings
+    from kosmos_serve.config import ServerSettings
 
     monkeypatch.setenv("KOSMOS_ALLOWED_IMAGE_HOSTS", "images.example.com, cdn.example.com:8443")
     assert ServerSettings().allowed_image_hosts == ["images.example.com", "cdn.example.com:8443"]

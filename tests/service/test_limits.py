@@ -11,10 +11,9 @@ import time
 import httpx
 import pytest
 
-from kosmos_serve.config import EngineSettings
+from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.generation import SEED_LIMIT
 from kosmos_serve.server.app import create_app
-from kosmos_serve.server.settings import ServerSettings
 
 
 def error_of(response) -> dict:
@@ -137,7 +136,7 @@ def test_a_request_whose_client_left_while_queued_is_never_run(serve, engine, pn
         return httpx.post(f"{url}/v1/generate/upload", files={"image": ("a.png", png_bytes[0])},
                           data={"max_new_tokens": "4", "stream": stream}, timeout=timeout)
 
-    with serve(max_batch_size=1, batch_timeout_ms=0) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with serve(max_batch_requests=1, batch_timeout_ms=0) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
         gate, calls = _gate_engine(monkeypatch)
         first = pool.submit(caption, url, 60)
         while not calls:
@@ -159,7 +158,7 @@ def test_a_streamed_request_behind_one_waiting_for_company_is_served(serve, png_
         return httpx.post(f"{url}/v1/generate/upload", files={"image": ("a.png", png_bytes[1])},
                           data={"max_new_tokens": "4", "stream": stream}, timeout=20)
 
-    with serve(max_batch_size=4, batch_timeout_ms=500) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with serve(max_batch_requests=4, batch_timeout_ms=500) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
         plain = pool.submit(caption, url, "false")
         time.sleep(0.1)
         streamed = pool.submit(caption, url, "true")

@@ -12,11 +12,10 @@ import httpx
 import openai
 import pytest
 
-from kosmos_serve.config import EngineSettings
+from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.engine import Engine, GenerationParams, Request, tokenise
 from kosmos_serve.grounding import iou
 from kosmos_serve.server.app import create_app
-from kosmos_serve.server.settings import ServerSettings
 from kosmos_serve.tasks import Task, TaskInput, build_prompts
 
 NEW_TOKENS = 16
@@ -356,7 +355,7 @@ async def _never_ready(app):
 @pytest.fixture(scope="module")
 def demo_service():
     """The service on the shipped demo model, which really grounds the example scenes."""
-    from kosmos_serve.server.threaded import serve_in_thread
+    from local_server import serve_in_thread
 
     engine = Engine(EngineSettings(model="demo", device="cpu"))
     app = create_app(ServerSettings(demo=False), engine.settings, engine=engine)

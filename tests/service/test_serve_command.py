@@ -6,19 +6,19 @@ import httpx
 from click.testing import CliRunner
 
 from kosmos_serve.cli import main
-from kosmos_serve.server.settings import ServerSettings
+from kosmos_serve.config import ServerSettings
 
 
 def test_the_reference_variables_keep_their_names_and_defaults(monkeypatch):
     defaults = ServerSettings()
-    assert (defaults.port, defaults.log_level, defaults.num_api_servers, defaults.max_batch_size) == (8000, "INFO", 1, 2)
+    assert (defaults.port, defaults.log_level, defaults.num_api_servers, defaults.max_batch_requests) == (8000, "INFO", 1, 2)
     assert defaults.default_prompt is None  # unset: the model's own default prompt, else the reference's
     for name, value in {"PORT": "9001", "LOG_LEVEL": "DEBUG", "NUM_API_SERVERS": "3", "MAX_BATCH_SIZE": "5",
                         "DEFAULT_PROMPT": "<grounding> Hi"}.items():
         monkeypatch.setenv(name, value)
     configured = ServerSettings()
     assert (configured.port, configured.log_level, configured.num_api_servers) == (9001, "DEBUG", 3)
-    assert (configured.max_batch_size, configured.default_prompt) == (5, "<grounding> Hi")
+    assert (configured.max_batch_requests, configured.default_prompt) == (5, "<grounding> Hi")
 
 
 def test_serve_refuses_a_missing_model_at_once(tmp_path):

@@ -27,7 +27,6 @@ from PIL import Image, ImageFile
 
 from kosmos_serve.errors import InvalidRequestError
 
-MANIFEST_SUFFIXES = (".txt", ".jsonl")
 NOT_IMAGES = frozenset({"MPEG"})  # PIL identifies MPEG video but decodes no frame of it
 ONTOLOGY_EXAMPLE = '{"a red car": "car", "a person on a bike": "cyclist"}'
 

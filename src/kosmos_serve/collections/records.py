@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -83,13 +83,6 @@ def record_problem(record) -> str | None:
         return 'it has neither "error" nor "prompt" and "entities"'
     return None
 
-
-def iter_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of each complete record line of an annotate output (a torn last line left out)."""
-    with open(path, "rb") as file:
-        for number, line in enumerate(file, start=1):
-            if line.endswith(b"\n") and line.strip():
-                yield number, json.loads(line)
 
 
 @dataclass

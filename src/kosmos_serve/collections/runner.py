@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
-from types import SimpleNamespace
 
 from PIL import Image
 from tqdm import tqdm
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from kosmos_serve.collections.inputs import ImageEntry
 from kosmos_serve.collections.records import DoneKey, RecordAppender, annotated_record, failed_record
 from kosmos_serve.config import EngineSettings
-from kosmos_serve.engine import Engine, GenerationParams, Request, check_request
+from kosmos_serve.engine import Engine, GenerationParams, Request, check_task
 from kosmos_serve.errors import InvalidImageError, InvalidRequestError, KosmosServeError
 from kosmos_serve.images import load_image
 from kosmos_serve.tasks import PromptSpec, TaskInput, parse_task
@@ -86,14 +85,13 @@ class Summary:
 
 def check_inputs(task: TaskInput, params: GenerationParams, settings: EngineSettings) -> list[PromptSpec]:
     """The engine's own request check, before any image is read (box bounds wait for each image's size)."""
-    stand_in = SimpleNamespace(image=SimpleNamespace(size=(ANY_SIZE, ANY_SIZE)), task=task, params=params)
-    return check_request(stand_in, settings)
+    return check_task(task, params, settings, (ANY_SIZE, ANY_SIZE))
 
 
 def engine_settings(settings: EngineSettings, jobs: list[Job], batch_size: int) -> EngineSettings:
     """`settings` with room for a whole batch's prompts in one generate call (at most MAX_ROWS of them)."""
     prompts_per_image = max(job.prompt.count("\n") + 1 for job in jobs)
-    return settings.model_copy(update={"max_batch_size": min(batch_size * prompts_per_image, MAX_ROWS)})
+    return settings.model_copy(update={"max_batch_rows": min(batch_size * prompts_per_image, MAX_ROWS)})
 
 
 def same_run_check(jobs: list[Job], model: str, out: os.PathLike) -> Callable[[int, dict], None]:
@@ -191,10 +189,8 @@ class AnnotateRun:
         requests, positions = [], []
         for position, item in enumerate(batch):
             if item.error is None:
-                request = Request(item.image, item.job.task, self.params)
-                try:
-                    check_request(request, self.engine.settings)  # boxes against this image's size
-                    requests.append(request)
+                try:  # boxes against this image's size
+                    requests.append(self.engine.prepare(Request(item.image, item.job.task, self.params)))
                     positions.append(position)
                 except KosmosServeError as error:
                     item.error = error

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kosmos_serve.cli import parse_box
 from kosmos_serve.engine import GenerationParams
-from kosmos_serve.tasks import Task, TaskInput, parse_task
+from kosmos_serve.tasks import Task, TaskInput, parse_box, parse_task
 
 Box = tuple[float, float, float, float]
 Corner = tuple[int, int]

@@ -68,13 +68,10 @@ def load_engine(settings: EngineSettings, cpus: float):
     """(engine, None), or (None, WorkerFailure) naming the worker's node; `cpus` torch threads unless the settings say."""
     import ray
 
-    from kosmos_serve.engine import Engine
-    from kosmos_serve.loading import quiet_transformers, set_threads
+    from kosmos_serve.engine import start_engine
 
-    set_threads(settings.threads or max(1, int(cpus)))
-    quiet_transformers()
-    try:
-        return Engine(settings), None
+    try:  # `cpus` threads: the worker's own claim (settings.threads, when set, wins)
+        return start_engine(settings.model_copy(update={"threads": settings.threads or max(1, int(cpus))})), None
     except KosmosServeError as error:
         return None, WorkerFailure(f"the worker on {ray.util.get_node_ip_address()}: {error.message}")
 

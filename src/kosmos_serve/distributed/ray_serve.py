@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from kosmos_serve.config import EngineSettings
+from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.distributed.cluster import ClusterError, connected
 from kosmos_serve.errors import ModelLoadError
-from kosmos_serve.server.settings import ServerSettings
 
 try:  # the `ray` extra; without it this module still imports (its doctests run) and `serve --ray` names the install
     from ray import serve
@@ -113,7 +112,7 @@ class KosmosReplica:
     async def __init__(self, settings: ServerSettings, engine_settings: EngineSettings, cpus: float):
         import ray
 
-        from kosmos_serve.loading import quiet_transformers, set_threads
+        from kosmos_serve.engine.loading import quiet_transformers, set_threads
         from kosmos_serve.server.app import create_app
 
         set_threads(engine_settings.threads or max(1, int(cpus)))
@@ -203,12 +202,12 @@ async def body_chunks(answer) -> AsyncIterator[bytes]:
 def build_application(settings: ServerSettings, engine_settings: EngineSettings, options: ServeOptions):
     """The Ray Serve application: the gateway in front of the model replicas."""
     scaling = ({"autoscaling_config": {"min_replicas": options.autoscale[0], "max_replicas": options.autoscale[1],
-                                       "target_ongoing_requests": settings.max_batch_size}}
+                                       "target_ongoing_requests": settings.max_batch_requests}}
                if options.autoscale else {"num_replicas": options.replicas})
     replicas = serve.deployment(
         KosmosReplica, name="KosmosReplica", **scaling,
         ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
-        max_ongoing_requests=max(8, 4 * settings.max_batch_size),  # beyond it, a key's requests spill to others
+        max_ongoing_requests=max(8, 4 * settings.max_batch_requests),  # beyond it, a key's requests spill to others
         max_constructor_retry_count=1,  # a replica that cannot load the model fails the deployment at once
         request_router_config=RequestRouterConfig(request_router_class=ImageAffinityRouter),
     ).bind(settings, engine_settings, options.cpus_per_replica)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kosmos_serve.engine.requests import PreparedRequest, Row
 from kosmos_serve.grounding import Entity, GroundedText, render_markdown
 from kosmos_serve.tasks import Task, parse_task
 
@@ -53,7 +54,7 @@ class Result:
         }
 
 
-def combine_detections(rows: list) -> GroundedText:
+def combine_detections(rows: list[Row]) -> GroundedText:
     """One result for a detection request: the phrases as text, each linked to the boxes found for it."""
     phrases = [row.spec.phrase for row in rows]
     text = ", ".join(phrases)
@@ -74,8 +75,10 @@ def combine_detections(rows: list) -> GroundedText:
     )
 
 
-def _result(request, rows: list, vision_seconds: dict[str, float], cached_keys: set[str]) -> Result:
+def build_result(prepared: PreparedRequest, rows: list[Row], vision_seconds: dict[str, float],
+                 cached_keys: set[str]) -> Result:
     """One request's result from its generated rows, with its image's vision time and cache state."""
+    request = prepared.request
     key = rows[0].image_key
     timings = Timings(vision_seconds.get(key, 0.0), sum(row.generation_seconds for row in rows))
     task = parse_task(request.task.task)

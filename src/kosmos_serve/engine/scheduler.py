@@ -15,28 +15,31 @@ run alone after `torch.manual_seed(seed)`, whatever shares its batch. Beam searc
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import LogitsProcessorList, StoppingCriteriaList
+from transformers import LogitsProcessorList, TextStreamer
 
 from kosmos_serve.engine.decode import RunningBatch, decode_step, keep_rows, merge, prefill
-from kosmos_serve.engine.results import _result
+from kosmos_serve.engine.requests import PreparedRequest, Request, Row
+from kosmos_serve.engine.results import Result, build_result
 from kosmos_serve.generation import GenerationParams, generation_kwargs
 from kosmos_serve.grounding import parse_generation
+
+if TYPE_CHECKING:  # the engine builds schedulers over itself
+    from kosmos_serve.engine.engine import Engine
 
 
 @dataclass(eq=False)
 class Ticket:
     """One request in the scheduler: its rows (prompts), callbacks, and once done its result or error."""
 
-    request: object  # engine.Request
-    rows: list  # engine._Row
-    params: GenerationParams  # defaults filled in
+    prepared: PreparedRequest
+    rows: list[Row]
     on_text: Callable[[str], None] | None = None
     should_stop: Callable[[], bool] = lambda: False
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -44,13 +47,22 @@ class Ticket:
     finished_at: float | None = None
     started_rows: int = 0
     finished_rows: int = 0
-    result: object | None = None  # engine.Result
+    result: Result | None = None
     error: Exception | None = None
     cancelled: bool = False  # its stop callback answered True
-    features: dict | None = None
-    vision_seconds: dict = field(default_factory=dict)
-    cached_keys: set = field(default_factory=set)
-    streamer: object | None = None
+    features: dict[str, torch.Tensor] | None = None
+    vision_seconds: dict[str, float] = field(default_factory=dict)
+    cached_keys: set[str] = field(default_factory=set)
+    streamer: TextStreamer | None = None
+
+    @property
+    def request(self) -> Request:
+        return self.prepared.request
+
+    @property
+    def params(self) -> GenerationParams:
+        """The request's parameters, defaults filled in."""
+        return self.prepared.params
 
     @property
     def streamed(self) -> bool:
@@ -70,7 +82,7 @@ class _Sequence:
     """A row being decoded: its ids so far, the token chosen but not yet fed, its processors and generator."""
 
     ticket: Ticket
-    row: object  # engine._Row
+    row: Row
     ids: list[int]
     processors: LogitsProcessorList
     generator: torch.Generator | None
@@ -83,9 +95,9 @@ class _Sequence:
 class Scheduler:
     """Waiting requests and the running batch of one engine; `step` until not `busy`."""
 
-    def __init__(self, engine, max_rows: int | None = None):
+    def __init__(self, engine: Engine, max_rows: int | None = None):
         self.engine = engine
-        self.max_rows = max_rows or engine.settings.max_batch_size
+        self.max_rows = max_rows or engine.settings.max_batch_rows
         self.waiting: deque[Ticket] = deque()
         self.sequences: list[_Sequence] = []
         self.batch: RunningBatch | None = None
@@ -100,12 +112,12 @@ class Scheduler:
         """Requests with a row in the running batch."""
         return len({id(sequence.ticket) for sequence in self.sequences})
 
-    def add(self, request, on_text: Callable[[str], None] | None = None,
+    def add(self, request: Request | PreparedRequest, on_text: Callable[[str], None] | None = None,
             should_stop: Callable[[], bool] | None = None, submitted_at: float | None = None) -> Ticket:
-        """Validate and queue `request`; it joins the running batch at the next step (InvalidRequestError if bad)."""
-        rows = self.engine._prepare(0, request)
-        ticket = Ticket(request, rows, self.engine.with_defaults(request.params), on_text,
-                        should_stop or (lambda: False))
+        """Queue `request` (validated here unless prepared already: InvalidRequestError if bad); it joins the
+        running batch at the next step."""
+        prepared = request if isinstance(request, PreparedRequest) else self.engine.prepare(request)
+        ticket = Ticket(prepared, self.engine.tokenise(prepared), on_text, should_stop or (lambda: False))
         if submitted_at is not None:
             ticket.submitted_at = submitted_at
         self.waiting.append(ticket)
@@ -178,9 +190,8 @@ class Scheduler:
         tickets = [ticket for ticket in tickets if ticket.features is None and not ticket.done]
         if not tickets:
             return
-        pairs = [(ticket, row) for ticket in tickets for row in ticket.rows]
-        rows = [dataclasses.replace(row, request_index=index) for index, (_, row) in enumerate(pairs)]
-        features, seconds, cached = self.engine._image_features([ticket.request for ticket, _ in pairs], rows)
+        images = {row.image_key: ticket.request.image for ticket in tickets for row in ticket.rows}
+        features, seconds, cached = self.engine.features_for(images)
         for ticket in tickets:
             ticket.features, ticket.vision_seconds, ticket.cached_keys = features, seconds, cached
 
@@ -205,9 +216,7 @@ class Scheduler:
                 generator.seed()
         if ticket.streamed:
             if ticket.streamer is None:
-                from kosmos_serve.engine import _TextCallbackStreamer
-
-                ticket.streamer = _TextCallbackStreamer(self.engine.processor.tokenizer, ticket.on_text)
+                ticket.streamer = self.engine.text_streamer(ticket.on_text)
             ticket.streamer.put(torch.tensor([row.input_ids]))  # the prompt: skipped, as `generate` does
         return _Sequence(ticket, row, list(row.input_ids), processors, generator, time.perf_counter())
 
@@ -260,12 +269,12 @@ class Scheduler:
             self.batch = keep_rows(self.batch, kept) if self.batch is not None else None
             self.sequences = [self.sequences[index] for index in kept]
 
-    def _finish_row(self, ticket: Ticket, row, ids: list[int], new_tokens: int, seconds: float,
+    def _finish_row(self, ticket: Ticket, row: Row, ids: list[int], new_tokens: int, seconds: float,
                     finished: list[Ticket]) -> None:
         if ticket.streamer is not None:
             ticket.streamer.end()
         image = ticket.request.image
-        text = self.engine.processor.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.engine.decode(ids)
         row.output = parse_generation(text, row.spec.text, *image.size)
         row.generated_tokens = new_tokens
         row.generation_seconds = seconds
@@ -282,7 +291,7 @@ class Scheduler:
     def _close_unstarted(self, ticket: Ticket, finished: list[Ticket]) -> None:
         """A request whose caller left: its prompts not yet started end with no new tokens, never run."""
         for row in ticket.rows[ticket.started_rows :]:
-            text = self.engine.processor.tokenizer.decode(row.input_ids, skip_special_tokens=True)
+            text = self.engine.decode(row.input_ids)
             row.output = parse_generation(text, row.spec.text, *ticket.request.image.size)
             ticket.started_rows += 1
             ticket.finished_rows += 1
@@ -290,7 +299,7 @@ class Scheduler:
             self._complete(ticket, finished)
 
     def _complete(self, ticket: Ticket, finished: list[Ticket]) -> None:
-        ticket.result = _result(ticket.request, ticket.rows, ticket.vision_seconds, ticket.cached_keys)
+        ticket.result = build_result(ticket.prepared, ticket.rows, ticket.vision_seconds, ticket.cached_keys)
         ticket.finished_at = time.perf_counter()
         finished.append(ticket)
 
@@ -315,12 +324,9 @@ class Scheduler:
         """A beam-search request through transformers' `generate`, all its prompts together, now."""
         if not self._load_features(ticket, finished):
             return
-        from kosmos_serve.engine import _StopWhen
-
-        stopping = StoppingCriteriaList([_StopWhen(ticket.should_stop)])
         try:
-            self.engine._generate(ticket.rows, ticket.features, ticket.params, [ticket.request],
-                                  stopping_criteria=stopping)
+            self.engine.generate_rows(ticket.rows, ticket.features, ticket.params, ticket.request.image.size,
+                                      should_stop=ticket.should_stop)
         except Exception as error:  # noqa: BLE001 - handed to the request(s), whose caller reports it
             self._fail(ticket, error, finished)
             return

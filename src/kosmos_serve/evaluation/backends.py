@@ -20,9 +20,11 @@ from pathlib import Path
 
 from PIL import ExifTags, Image
 
+from kosmos_serve.engine import Engine, Request
 from kosmos_serve.errors import KosmosServeError
 from kosmos_serve.generation import GenerationParams
 from kosmos_serve.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_count, decode_fully, open_lazily, viewable_rgb
+from kosmos_serve.tasks import Task, TaskInput
 
 NormalisedBox = tuple[float, float, float, float]
 IMAGES_KEPT = 16  # decoded images kept: Flickr30k asks five captions' phrases of one image in a row
@@ -95,10 +97,7 @@ class ImageStore:
 class LocalBackend:
     """The engine in this process: prompts run in batches, each image encoded once (the engine's feature cache)."""
 
-    def __init__(self, engine, params: GenerationParams):
-        from kosmos_serve.engine import Request
-        from kosmos_serve.tasks import Task, TaskInput
-
+    def __init__(self, engine: Engine, params: GenerationParams):
         self.engine, self.params = engine, params
         self.model = engine.settings.model
         self._request = lambda image, prompt: Request(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +23,14 @@ from tqdm import tqdm
 
 from kosmos_serve.collections.records import PreviousRun, RecordAppender
 from kosmos_serve.collections.runner import stop_on_signals
+from kosmos_serve.config import EngineSettings
+from kosmos_serve.engine import start_engine
 from kosmos_serve.errors import InvalidRequestError
-from kosmos_serve.evaluation.backends import Generation, Skipped
-from kosmos_serve.evaluation.datasets import FLICKR_BENCHMARK, Example, Split
+from kosmos_serve.evaluation.backends import Generation, LocalBackend, ServiceBackend, Skipped
+from kosmos_serve.evaluation.datasets import FLICKR_BENCHMARK, Example, Split, read_splits
+from kosmos_serve.evaluation.flickr_entities import FlickrEntities
 from kosmos_serve.evaluation.metrics import RECALL_KS, best_ious, first_box_hit, recall_at_k
+from kosmos_serve.generation import GenerationParams
 
 ORIGINAL_NO_REPEAT_NGRAM_SIZE = 3  # the original evaluation scripts decode greedily with --no-repeat-ngram-size 3
 DEFAULT_MAX_NEW_TOKENS = 128  # the original allows 500 tokens in all; the box of the phrase comes in the first few
@@ -214,14 +218,9 @@ def evaluate_benchmark(benchmark: str, annotations: Sequence[Path], images: Path
                        flickr_entities: Path | None = None, quantize: str = "none",
                        no_repeat_ngram_size: int = ORIGINAL_NO_REPEAT_NGRAM_SIZE,
                        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 16,
-                       show_progress: bool = False, ray=None) -> Outcome:
-    """Score a model (loaded here, on a Ray cluster with `ray` (RayOptions), or served at `url`) on a benchmark's
-    annotation files; files are checked first."""
-    from kosmos_serve.evaluation.backends import LocalBackend, ServiceBackend
-    from kosmos_serve.evaluation.datasets import read_splits
-    from kosmos_serve.evaluation.flickr_entities import FlickrEntities
-    from kosmos_serve.generation import GenerationParams
-
+                       show_progress: bool = False, on_cluster: Callable[..., Outcome] | None = None) -> Outcome:
+    """Score a model (loaded here, served at `url`, or run by `on_cluster(splits, log, settings=, params=)`, which
+    the CLI's --ray hands in) on a benchmark's annotation files; files are checked first."""
     entities = FlickrEntities(flickr_entities) if flickr_entities is not None else None
     splits = read_splits(benchmark, list(annotations), images, limit, entities)
     params = GenerationParams(max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
@@ -231,13 +230,11 @@ def evaluate_benchmark(benchmark: str, annotations: Sequence[Path], images: Path
                                       ground_truth),  # a file of other settings is refused before the model loads
                         {(split.benchmark, split.annotations.name) for split in splits})
     try:
-        if ray is not None:
-            from kosmos_serve.distributed.ray_data import evaluate_on_ray
-
-            return evaluate_on_ray(splits, log, settings=_engine_settings(str(model), quantize, batch_size, params),
-                                   params=params, batch_size=batch_size, options=ray, show_progress=show_progress)
+        if on_cluster is not None:
+            return on_cluster(splits, log, settings=_engine_settings(str(model), quantize, batch_size, params),
+                              params=params)
         if backend is None:
-            backend = LocalBackend(_local_engine(str(model), quantize, batch_size, params), params)
+            backend = LocalBackend(start_engine(_engine_settings(str(model), quantize, batch_size, params)), params)
         return run(splits, backend, log, batch_size=batch_size, show_progress=show_progress,
                    source=url or "this process")
     finally:
@@ -246,21 +243,9 @@ def evaluate_benchmark(benchmark: str, annotations: Sequence[Path], images: Path
             backend.close()
 
 
-def _engine_settings(model: str, quantize: str, batch_size: int, params):
+def _engine_settings(model: str, quantize: str, batch_size: int, params: GenerationParams) -> EngineSettings:
     """The engine settings of a run, its decoding parameters checked against their limits first."""
-    from kosmos_serve.config import EngineSettings
-
-    settings = EngineSettings(model=model, max_batch_size=batch_size, quantize=quantize)
+    settings = EngineSettings(model=model, max_batch_rows=batch_size, quantize=quantize)
     params.validate(settings.max_new_tokens_cap)
     return settings
 
-
-def _local_engine(model: str, quantize: str, batch_size: int, params):
-    """The engine for a local run."""
-    from kosmos_serve.engine import Engine
-    from kosmos_serve.loading import quiet_transformers, set_threads
-
-    settings = _engine_settings(model, quantize, batch_size, params)
-    set_threads(settings.threads)
-    quiet_transformers()
-    return Engine(settings)

@@ -22,9 +22,10 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kosmos_serve.config import EngineSettings
+from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.demo import mount_demo
-from kosmos_serve.engine import Engine
+from kosmos_serve.engine import Engine, start_batcher
+from kosmos_serve.engine.loading import quiet_transformers, set_threads
 from kosmos_serve.errors import (
     KosmosServeError,
     PayloadTooLargeError,
@@ -33,12 +34,9 @@ from kosmos_serve.errors import (
     describe_validation_errors,
 )
 from kosmos_serve.generation import GenerationParams
-from kosmos_serve.loading import quiet_transformers, set_threads
 from kosmos_serve.server import label_studio, openai, supervisely
-from kosmos_serve.server.batcher import Batcher
 from kosmos_serve.server.metrics import Metrics
 from kosmos_serve.server.routes import router
-from kosmos_serve.server.settings import ServerSettings
 from kosmos_serve.server.state import ServiceState
 
 logger = logging.getLogger("kosmos_serve.server")
@@ -121,12 +119,7 @@ async def _start_model(state: ServiceState) -> None:
         state.load_error = "The model failed to load; the service log has the details."
         logger.exception("Model not loaded")
         return
-    batcher = Batcher(
-        state.engine, max_batch_size=state.settings.max_batch_size, batch_timeout=state.settings.batch_timeout_ms / 1000,
-        max_queue=state.settings.max_queue, observer=state.metrics.observer(),
-    )
-    batcher.start()
-    state.batcher = batcher
+    state.batcher = start_batcher(state.engine, state.settings, state.metrics.observer())
     logger.info("Model %s ready on %s (%s)", state.engine.settings.model, state.engine.device, state.engine.dtype)
 
 

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kosmos_serve.config import ServerSettings
 from kosmos_serve.engine import Request as EngineRequest
 from kosmos_serve.engine import Result
 from kosmos_serve.errors import (
@@ -56,7 +57,6 @@ from kosmos_serve.errors import (
 )
 from kosmos_serve.images import load_image
 from kosmos_serve.server.image_sources import decode_base64_image, fetch_image
-from kosmos_serve.server.settings import ServerSettings
 from kosmos_serve.server.state import ServiceState
 from kosmos_serve.tasks import TaskInput
 
@@ -550,7 +550,7 @@ async def predict(request: Request, body: PredictBody):
     plan = detection_plan(config, context)
     version = _model_version(state)
     state.ready_batcher()  # a 503 before any image is fetched
-    room = asyncio.Semaphore(state.settings.max_batch_size)  # enough at once to fill a batch, not the whole queue
+    room = asyncio.Semaphore(state.settings.max_batch_requests)  # enough at once to fill a batch, not the whole queue
 
     async def predict_task(index: int, task: LabelStudioTask) -> dict:
         async with room:

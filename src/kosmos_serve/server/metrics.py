@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from kosmos_serve.engine import Result
-from kosmos_serve.server.batcher import BatchObserver
+from kosmos_serve.engine.batcher import BatchObserver
 
 disable_created_metrics()  # the `_created` series only add noise to every scrape
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)

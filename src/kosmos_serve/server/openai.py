@@ -18,11 +18,9 @@ are OpenAI's `{"error": {"message", "type", "param", "code"}}`.
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,7 +35,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kosmos_serve.engine import Engine, Result, check_request, tokenise
+from kosmos_serve.engine import PreparedRequest, Result
 from kosmos_serve.engine import Request as EngineRequest
 from kosmos_serve.errors import KosmosServeError, ServiceBusyError, UnauthorizedError
 from kosmos_serve.generation import MAX_NEW_TOKENS_LIMIT
@@ -207,53 +205,25 @@ ERRORS = {status: {"model": ErrorResponse, "description": description} for statu
 class Choice:
     """One generation of the request: its engine request, and how to read its result."""
 
-    request: EngineRequest
-    prompt: str  # the prompt text the model is sent
+    request: PreparedRequest
     question: bool
     stop: tuple[str, ...]
-    max_new_tokens: int  # with the model's default filled in: reaching it means finish_reason "length"
+
+    @property
+    def prompt(self) -> str:
+        """The prompt text the model is sent."""
+        return self.request.prompts[0].text
+
+    @property
+    def max_new_tokens(self) -> int:
+        """With the model's default filled in: reaching it means finish_reason "length"."""
+        return self.request.params.max_new_tokens
 
     def answer(self, result: Result) -> ChatAnswer:
         return chat_answer(result.text, result.answer, result.entities, question=self.question, stop=self.stop)
 
     def finish_reason(self, result: Result, answer: ChatAnswer) -> str:
         return "length" if not answer.stopped and result.generated_tokens >= self.max_new_tokens else "stop"
-
-
-# --- the prompt as the model reads it -----------------------------------------------------------------------
-
-
-class PromptReader:
-    """Counts a prompt's tokens and decodes them back, on a private copy of the engine's processor.
-
-    The copy keeps these calls off the processor the engine thread is using; results are cached by prompt.
-    """
-
-    def __init__(self, processor):
-        self._processor = copy.deepcopy(processor)
-        self._lock = threading.Lock()
-        self._cache: dict[str, tuple[int, str]] = {}
-
-    def read(self, prompt: str) -> tuple[int, str]:
-        """(tokens the model reads: <s>, <image>, the 64 image positions, </image> and the text; the text decoded)."""
-        with self._lock:
-            if prompt not in self._cache:
-                if len(self._cache) >= 1024:
-                    self._cache.clear()
-                ids, _ = tokenise(self._processor, prompt)
-                decoded = self._processor.batch_decode([ids], skip_special_tokens=True)[0]
-                self._cache[prompt] = (len(ids), decoded.split("</image>")[-1])
-            return self._cache[prompt]
-
-
-@functools.lru_cache(maxsize=4)
-def _prompt_reader(engine: Engine) -> PromptReader:
-    return PromptReader(engine.processor)
-
-
-def _read_prompt(engine: Engine, prompt: str) -> tuple[int, str]:
-    """PromptReader.read on `engine`'s reader (made on first use: a copy of the processor, off the event loop)."""
-    return _prompt_reader(engine).read(prompt)
 
 
 # --- routes -----------------------------------------------------------------------------------------------
@@ -315,13 +285,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     all_params = generation_params(body, state.engine_settings.max_new_tokens_cap)
     batcher = state.ready_batcher()
     image = await _read_image(state, url, image_param)
-    requests = [EngineRequest(image, task, params) for params in all_params]
-    prompt = check_request(requests[0], state.engine_settings)[0].text  # a prompt too long is a 400 here
-    for engine_request in requests[1:]:
-        check_request(engine_request, state.engine_settings)
-    choices = [Choice(engine_request, prompt, task.task is Task.GROUNDED_VQA, body.stop_strings,
-                      state.engine.with_defaults(engine_request.params).max_new_tokens) for engine_request in requests]
-    prompt_tokens, decoded_prompt = await run_in_threadpool(_read_prompt, state.engine, prompt)
+    choices = [Choice(state.prepare(EngineRequest(image, task, params)), task.task is Task.GROUNDED_VQA,
+                      body.stop_strings) for params in all_params]  # a prompt too long is a 400 here
+    prompt_tokens, decoded_prompt = await run_in_threadpool(state.engine.prompt_reader.read, choices[0].prompt)
     completion = _Completion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.engine_settings.model,
                              prompt_tokens)
     gone = _SharedWatch(functools.partial(_client_gone, request))
@@ -370,7 +336,7 @@ class _SharedWatch:
             self._task.cancel()
 
 
-async def _generate_all(state: ServiceState, requests: list[EngineRequest], gone: _SharedWatch) -> list[Result]:
+async def _generate_all(state: ServiceState, requests: list[PreparedRequest], gone: _SharedWatch) -> list[Result]:
     """Run the choices concurrently; the first failure cancels the rest (dropped if still queued)."""
     tasks = [asyncio.ensure_future(state.generate(engine_request, gone)) for engine_request in requests]
     try:
@@ -471,7 +437,8 @@ def _partial_answer(choice: Choice, decoded_prompt: str, generated: str) -> str 
     """
     if not choice.question and generated and not (generated[0] == "<" or generated[0].isspace()):
         return None
-    grounded = parse_generation(settled_prefix(decoded_prompt + generated), choice.prompt, *choice.request.image.size)
+    grounded = parse_generation(settled_prefix(decoded_prompt + generated), choice.prompt,
+                                *choice.request.request.image.size)
     return chat_answer(grounded.text, grounded.answer, grounded.entities, question=choice.question, stop=choice.stop,
                        partial=True).content
 

@@ -15,7 +15,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from kosmos_serve.engine import Request as EngineRequest
-from kosmos_serve.engine import Result, check_request
+from kosmos_serve.engine import Result
 from kosmos_serve.errors import KosmosServeError
 from kosmos_serve.images import load_image
 from kosmos_serve.server.schemas import (
@@ -131,7 +131,7 @@ async def info(request: Request):
             "max_prompt_chars": limits.max_prompt_chars,
             "default_max_new_tokens": engine.defaults.max_new_tokens if engine else limits.max_new_tokens,
             "max_new_tokens_cap": limits.max_new_tokens_cap,
-            "max_batch_size": state.settings.max_batch_size,
+            "max_batch_size": state.settings.max_batch_requests,
             "max_queue": state.settings.max_queue,
             "request_timeout_s": state.settings.request_timeout_s,
         },
@@ -173,9 +173,7 @@ async def _generate(http_request: Request, image: Image.Image, fields: Generatio
 def _stream(
     state: ServiceState, request: EngineRequest, return_image: bool, gone: Callable[[], Awaitable[None]]
 ) -> EventSourceResponse:
-    batcher = state.ready_batcher()
-    check_request(request, state.engine_settings)
-    pieces = batcher.stream(request, gone)  # queued now: a full queue is a 503 before the stream starts
+    pieces = state.ready_batcher().stream(request, gone)  # validated and queued now: 422 or 503 before the stream
 
     async def events() -> AsyncIterator[bytes]:
         try:

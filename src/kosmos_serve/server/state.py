@@ -5,14 +5,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from kosmos_serve.config import EngineSettings
-from kosmos_serve.engine import Engine, Request, Result, check_request
+from kosmos_serve.config import EngineSettings, ServerSettings
+from kosmos_serve.engine import Batcher, Engine, PreparedRequest, Request, Result
 from kosmos_serve.errors import ModelLoadError, RequestTimeoutError, ServiceBusyError
 from kosmos_serve.generation import REFERENCE_DEFAULT_PROMPT
-from kosmos_serve.server.batcher import Batcher
 from kosmos_serve.server.image_sources import image_bytes
 from kosmos_serve.server.metrics import Metrics
-from kosmos_serve.server.settings import ServerSettings
 
 LOADING_RETRY_AFTER = 5  # seconds
 
@@ -49,14 +47,20 @@ class ServiceState:
             return self.settings.default_prompt
         return self.engine.defaults.default_prompt if self.engine is not None else REFERENCE_DEFAULT_PROMPT
 
-    async def generate(self, request: Request, client_gone: Callable[[], Awaitable[None]] | None = None) -> Result:
+    def prepare(self, request: Request) -> PreparedRequest:
+        """`request` validated by the engine (when a caller needs its prompts or defaults before it runs)."""
+        self.ready_batcher()
+        return self.engine.prepare(request)
+
+    async def generate(
+        self, request: Request | PreparedRequest, client_gone: Callable[[], Awaitable[None]] | None = None
+    ) -> Result:
         """Validate now (a bad request never reaches a batch), then queue and wait, within the time limit.
 
         When `client_gone()` completes first (the HTTP client disconnected), the request is dropped
         unrun if it is still queued.
         """
         batcher = self.ready_batcher()
-        check_request(request, self.engine_settings)
         try:
             return await batcher.submit(request, timeout=self.settings.request_timeout_s, client_gone=client_gone)
         except TimeoutError:

@@ -316,7 +316,7 @@ async def inference_batch(
     gone = asyncio.ensure_future(client_gone(request))  # one listener for the whole batch
     results: list[Result] = []
     try:
-        step = service.settings.max_batch_size
+        step = service.settings.max_batch_requests
         for start in range(0, len(images), step):
             chunk = [engine_request(image, checked) for image in images[start:start + step]]
             results += await asyncio.gather(*(service.generate(r, lambda: asyncio.shield(gone)) for r in chunk))

@@ -28,7 +28,7 @@ DEMO_DEFAULTS = ModelDefaults(default_prompt="<grounding> An image of", max_new_
 def build_demo_model(out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
     """Write data, train, score; returns the trained model's folder (`out_dir`/final)."""
     from kosmos_serve.config import EngineSettings
-    from kosmos_serve.engine import Engine
+    from kosmos_serve.engine import start_engine
     from kosmos_serve.training.evaluate import evaluate, format_scores
     from kosmos_serve.training.records import read_examples
     from kosmos_serve.training.scratch import build_scratch_model
@@ -47,7 +47,7 @@ def build_demo_model(out_dir: str | Path, log: Callable[[str], None] = print) ->
     final = train(model, processor, TrainingSet(processor, datasets["train"]), out_dir, RECIPE, resume=True)
     (final / MODEL_DEFAULTS_FILE).write_text(DEMO_DEFAULTS.model_dump_json(indent=2, exclude_none=True) + "\n")
     held_out = [example for example in datasets["held-out"] if example.kind in ("referring", "caption")]
-    scores = format_scores(evaluate(Engine(EngineSettings(model=str(final), max_batch_size=32)), held_out))
+    scores = format_scores(evaluate(start_engine(EngineSettings(model=str(final), max_batch_rows=32)), held_out))
     (final / SCORES_FILE).write_text(
         f"Held-out scenes: {HELD_OUT_SCENES}, seed {HELD_OUT_SEED} (training used seed {TRAIN_SEED}).\n{scores}\n"
     )

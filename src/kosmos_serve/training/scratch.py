@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import Kosmos2ForConditionalGeneration, Kosmos2Processor
 
-from kosmos_serve.tiny_model import (
+from kosmos_serve.training.tiny_model import (
     NUM_PATCH_INDEX_TOKENS,
     build_processor,
     build_tokenizer,

@@ -23,8 +23,8 @@ from transformers import Kosmos2ForConditionalGeneration, Kosmos2Processor, get_
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine import tokenise
+from kosmos_serve.engine.loading import load_model
 from kosmos_serve.images import load_image
-from kosmos_serve.loading import load_model
 from kosmos_serve.training.config import TrainConfig
 from kosmos_serve.training.patch_supervision import PatchSupervision, box_attention_loss
 from kosmos_serve.training.records import IGNORE_INDEX, DataError, Example

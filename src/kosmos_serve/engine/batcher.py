@@ -2,7 +2,7 @@
 
 The engine is not thread-safe and a forward pass already uses every core, so exactly one thread
 runs it: a loop of `Scheduler.step` (`engine/scheduler.py`). Requests queue in arrival order and
-are admitted at the next decode step while fewer than `max_batch_size` requests are in the engine;
+are admitted at the next decode step while fewer than `max_requests` requests are in the engine;
 their prefill joins the running batch and each leaves it the moment it finishes. Streamed and
 plain requests share the batch. When the engine is idle, the first arrival waits up to
 `batch_timeout` for others so that simultaneous requests prefill together; a batch already
@@ -21,7 +21,11 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from kosmos_serve.engine import Engine, Request, Result, Ticket
+from kosmos_serve.config import ServerSettings
+from kosmos_serve.engine.engine import Engine
+from kosmos_serve.engine.requests import PreparedRequest, Request
+from kosmos_serve.engine.results import Result
+from kosmos_serve.engine.scheduler import Scheduler, Ticket
 from kosmos_serve.errors import ClientGoneError, KosmosServeError, ServiceBusyError
 
 logger = logging.getLogger(__name__)
@@ -30,7 +34,7 @@ STOP_WAIT_S = 30.0  # longest `stop` waits for the engine thread to finish its s
 
 @dataclass(eq=False)
 class _Job:
-    request: Request
+    request: PreparedRequest
     future: asyncio.Future
     on_text: Callable[[str], None] | None = None  # set for a streamed request
     cancelled: bool = False
@@ -65,11 +69,11 @@ class Batcher:
     """Queues requests for one engine and admits them to its scheduler, step by step, on one engine thread."""
 
     def __init__(
-        self, engine: Engine, *, max_batch_size: int, batch_timeout: float, max_queue: int,
+        self, engine: Engine, *, max_requests: int, batch_timeout: float, max_queue: int,
         observer: BatchObserver | None = None,
     ):
         self.engine = engine
-        self.max_batch_size = max_batch_size
+        self.max_requests = max_requests
         self.batch_timeout = batch_timeout
         self.max_queue = max_queue
         self.observer = observer or BatchObserver()
@@ -102,9 +106,11 @@ class Batcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(
-        self, request: Request, timeout: float | None = None, client_gone: Callable[[], Awaitable[None]] | None = None
+        self, request: Request | PreparedRequest, timeout: float | None = None,
+        client_gone: Callable[[], Awaitable[None]] | None = None,
     ) -> Result:
-        """Queue `request` and wait for its result.
+        """Validate `request` (unless prepared already: a bad one never reaches a batch), queue it and wait for its
+        result.
 
         TimeoutError after `timeout` seconds; ClientGoneError as soon as `client_gone()` completes. Either
         way a job that has not started yet is dropped and never runs, and a running one stops.
@@ -125,11 +131,11 @@ class Batcher:
                 gone.cancel()
 
     def stream(
-        self, request: Request, client_gone: Callable[[], Awaitable[None]] | None = None
+        self, request: Request | PreparedRequest, client_gone: Callable[[], Awaitable[None]] | None = None
     ) -> AsyncGenerator[str | Result, None]:
-        """Queue `request`; the iterator yields each piece of text as generated, then the result.
+        """Validate and queue `request`; the iterator yields each piece of text as generated, then the result.
 
-        Queued at once (a full queue raises here). Closing the iterator early, or `client_gone`
+        Validated and queued at once (a bad request or a full queue raises here). Closing the iterator early, or `client_gone`
         completing, drops the job if it is still queued and otherwise stops generation after the
         current token.
         """
@@ -164,8 +170,9 @@ class Batcher:
             if gone is not None:
                 gone.cancel()
 
-    def _enqueue(self, request: Request, on_text: Callable[[str], None] | None = None) -> _Job:
-        job = _Job(request, asyncio.get_running_loop().create_future(), on_text)
+    def _enqueue(self, request: Request | PreparedRequest, on_text: Callable[[str], None] | None = None) -> _Job:
+        prepared = request if isinstance(request, PreparedRequest) else self.engine.prepare(request)
+        job = _Job(prepared, asyncio.get_running_loop().create_future(), on_text)
         with self._lock:
             if self._stopping:
                 raise ServiceBusyError("The service is shutting down.")
@@ -215,14 +222,14 @@ class Batcher:
     def _stop_check(self, job: _Job) -> Callable[[], bool]:
         return lambda: job.should_stop() or self._stopping
 
-    def _take(self, scheduler, in_engine: int) -> list[_Job] | None:
+    def _take(self, scheduler: Scheduler, in_engine: int) -> list[_Job] | None:
         """The jobs to admit now (None once stopping); when the engine is idle, sleeps until one arrives."""
         with self._lock:
             while True:
                 if self._stopping:
                     return None
                 self._drop_abandoned()
-                room = self.max_batch_size - in_engine
+                room = self.max_requests - in_engine
                 if not self._pending or room <= 0:
                     if scheduler.busy:
                         return []
@@ -284,3 +291,11 @@ def _settle(future: asyncio.Future, outcome: Result | Exception) -> None:
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
+
+
+def start_batcher(engine: Engine, settings: ServerSettings, observer: BatchObserver | None = None) -> Batcher:
+    """The batcher `settings` describe over `engine`, started on the running event loop."""
+    batcher = Batcher(engine, max_requests=settings.max_batch_requests, batch_timeout=settings.batch_timeout_ms / 1000,
+                      max_queue=settings.max_queue, observer=observer)
+    batcher.start()
+    return batcher

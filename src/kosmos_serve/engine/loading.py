@@ -15,10 +15,12 @@ import torch
 import transformers
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 from transformers import AutoProcessor, Kosmos2ForConditionalGeneration, Kosmos2Processor
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextForCausalLM
 
 from kosmos_serve.config import EngineSettings
+from kosmos_serve.engine.kernels import RowwiseInt8MatmulLinear, cpu_features, use_rowwise_activations
 from kosmos_serve.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ logger = logging.getLogger(__name__)
 # What a checkpoint needs; the hub repo also holds pytorch_model.bin and example images.
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
 DEMO_MODEL_NAME = "demo"  # the small model shipped in the package (kosmos_serve.training.demo_model)
-DEMO_MODEL_DIR = Path(__file__).parent / "models" / "demo"
+DEMO_MODEL_DIR = Path(__file__).parents[1] / "models" / "demo"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -151,8 +153,6 @@ def weight_formats(settings: EngineSettings, device: torch.device, dtype: torch.
                                  "bfloat16 or float16 instead.")
         return {"vision": INT8_FBGEMM, "text": INT8_FBGEMM}
     if settings.quantize == "auto" and device.type == "cpu" and dtype == torch.float32:
-        from kosmos_serve.engine.kernels import cpu_features  # here: the engine package imports this module
-
         return dict(AUTO_FORMATS[cpu_kind(cpu_features(), torch.backends.cpu.get_cpu_capability())])
     return {"vision": loaded, "text": loaded}
 
@@ -166,10 +166,6 @@ def quantize_parts(model: Kosmos2ForConditionalGeneration, formats: dict[str, st
     only the int8 model stays in memory. Activations are quantized per row (per token), so a row's
     int8 result never depends on its batch neighbours.
     """
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    from kosmos_serve.engine.kernels import RowwiseInt8MatmulLinear, use_rowwise_activations  # engine imports us
-
     for module in model.modules():  # everything but the linear weights leaves the checkpoint's mapping
         for name, parameter in module.named_parameters(recurse=False):
             if not (isinstance(module, torch.nn.Linear) and name == "weight"):

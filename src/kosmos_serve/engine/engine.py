@@ -1,0 +1,202 @@
+"""The engine: a loaded Kosmos-2 that validates requests, computes image features and runs batches of prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+from kosmos_serve.config import EngineSettings
+from kosmos_serve.engine.features import ImageFeatureCache, image_features
+from kosmos_serve.engine.loading import load_model, quiet_transformers, resolve_source, set_threads
+from kosmos_serve.engine.requests import PreparedRequest, PromptReader, Request, Row, check_task, tokenise
+from kosmos_serve.engine.results import Result
+from kosmos_serve.engine.scheduler import Scheduler
+from kosmos_serve.generation import (
+    GenerationParams,
+    ModelDefaults,
+    generation_kwargs,
+    read_model_defaults,
+    resolve_defaults,
+)
+from kosmos_serve.grounding import parse_generation
+from kosmos_serve.images import image_digest
+from kosmos_serve.tasks import TaskInput
+
+
+class Engine:
+    """A loaded Kosmos-2 that runs batches of grounded requests."""
+
+    def __init__(self, settings: EngineSettings | None = None):
+        self.settings = settings or EngineSettings()
+        self.model, self.processor = load_model(self.settings)
+        operator = ModelDefaults(max_new_tokens=self.settings.max_new_tokens,
+                                 no_repeat_ngram_size=self.settings.no_repeat_ngram_size)
+        self.defaults = resolve_defaults(operator, read_model_defaults(resolve_source(self.settings.model)))
+        self.device = self.model.device
+        self.dtype = self.model.dtype
+        self.cache = ImageFeatureCache(self.settings.image_cache_size)
+        self.pad_token_id = self.processor.tokenizer.pad_token_id
+
+    def predict(self, image: Image.Image, task: TaskInput | None = None, params: GenerationParams | None = None) -> Result:
+        """Run one request."""
+        return self.run([Request(image, task or TaskInput(), params or GenerationParams())])[0]
+
+    def run(self, requests: Sequence[Request | PreparedRequest]) -> list[Result]:
+        """Run many requests together; each result equals that request run alone (greedy and seeded sampling).
+
+        They go through one `Scheduler`: rows decode together step by step, each leaving the batch as
+        soon as it ends, the next waiting rows joining at the next step (at most `max_batch_rows` rows).
+        """
+        scheduler = self.scheduler()
+        tickets = [scheduler.add(request) for request in requests]
+        scheduler.load_features(tickets)  # "image_cached" means: cached before this call
+        while scheduler.busy:
+            scheduler.step()
+        for ticket in tickets:
+            if ticket.error is not None:
+                raise ticket.error
+        return [ticket.result for ticket in tickets]
+
+    def scheduler(self, max_rows: int | None = None) -> Scheduler:
+        """A fresh continuous-batching scheduler over this engine (at most `max_rows` rows, default `max_batch_rows`)."""
+        return Scheduler(self, max_rows)
+
+    # the steps a scheduler takes
+
+    def prepare(self, request: Request) -> PreparedRequest:
+        """Validate `request` against this engine's limits (the one check it meets); defaults filled in."""
+        prompts = check_task(request.task, request.params, self.settings, request.image.size)
+        return PreparedRequest(request, tuple(prompts), self.with_defaults(request.params))
+
+    def tokenise(self, prepared: PreparedRequest) -> list[Row]:
+        """The request's prompts as token rows, each reading the request's image."""
+        key = image_digest(prepared.request.image)
+        rows = []
+        for spec in prepared.prompts:
+            input_ids, image_mask = tokenise(self.processor, spec.text, list(spec.bboxes) if spec.bboxes else None)
+            rows.append(Row(spec, key, input_ids, image_mask))
+        return rows
+
+    @functools.cached_property
+    def prompt_reader(self) -> PromptReader:
+        """Token counts and decoded text of prompts, for callers outside the engine thread."""
+        return PromptReader(self.processor)
+
+    def with_defaults(self, params: GenerationParams) -> GenerationParams:
+        """`params` with each field left to the default (None) filled in from `self.defaults`."""
+        return dataclasses.replace(
+            params,
+            max_new_tokens=params.max_new_tokens or self.defaults.max_new_tokens,
+            no_repeat_ngram_size=(self.defaults.no_repeat_ngram_size if params.no_repeat_ngram_size is None
+                                  else params.no_repeat_ngram_size),
+        )
+
+    @torch.inference_mode()
+    def features_for(self, images: dict[str, Image.Image]) -> tuple[dict[str, torch.Tensor], dict[str, float], set[str]]:
+        """Features per image key: from the cache, else encoded in batches; vision seconds per key; the cached keys."""
+        features: dict[str, torch.Tensor] = {}
+        cached_keys = set()
+        missing: dict[str, Image.Image] = {}
+        for key, image in images.items():
+            cached = self.cache.get(key)
+            if cached is not None:
+                features[key] = cached
+                cached_keys.add(key)
+            else:
+                missing[key] = image
+        vision_seconds = {}
+        keys = list(missing)
+        for start in range(0, len(keys), self.settings.max_batch_rows):
+            chunk = keys[start : start + self.settings.max_batch_rows]
+            began = time.perf_counter()
+            encoded = self.encode_images([missing[key] for key in chunk])
+            elapsed = time.perf_counter() - began
+            for key, embeds in zip(chunk, encoded.split(1)):  # each (1, latent queries, width)
+                features[key] = embeds
+                self.cache.put(key, embeds)
+                vision_seconds[key] = elapsed
+        return features, vision_seconds, cached_keys
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Image features as `generate` computes them: vision -> post-layernorm -> L2 norm -> resampler."""
+        pixel_values = self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+        return image_features(self.model, pixel_values.to(self.device, self.dtype))
+
+    @torch.inference_mode()
+    def generate_rows(self, rows: list[Row], features: dict[str, torch.Tensor], params: GenerationParams,
+                      image_size: tuple[int, int], should_stop: Callable[[], bool] | None = None) -> None:
+        """Rows of one image through transformers' own `generate` (the exact path, beam search's); outputs set."""
+        width = max(len(row.input_ids) for row in rows)
+        pads = [width - len(row.input_ids) for row in rows]
+        input_ids = torch.tensor([[self.pad_token_id] * p + row.input_ids for p, row in zip(pads, rows)])
+        attention_mask = torch.tensor([[0] * p + [1] * len(row.input_ids) for p, row in zip(pads, rows)])
+        image_mask = torch.tensor([[0] * p + row.image_mask for p, row in zip(pads, rows)], dtype=torch.bool)
+        image_embeds = torch.cat([features[row.image_key] for row in rows])
+        stopping = StoppingCriteriaList([_StopWhen(should_stop)]) if should_stop is not None else None
+        began = time.perf_counter()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if params.do_sample and params.seed is not None:
+                torch.manual_seed(params.seed)
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                image_embeds=image_embeds,
+                image_embeds_position_mask=image_mask.to(self.device),
+                use_cache=True,
+                stopping_criteria=stopping,
+                **generation_kwargs(params),
+            )
+        elapsed = time.perf_counter() - began
+        new_tokens = output[:, width:]
+        decoded = self.processor.batch_decode(output, skip_special_tokens=True)
+        for row, text, tokens in zip(rows, decoded, new_tokens):
+            row.output = parse_generation(text, row.spec.text, *image_size)
+            row.generated_tokens = int((tokens != self.pad_token_id).sum())
+            row.generation_seconds = elapsed
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids as text, special tokens left out (grounding tags kept: they are ordinary tokens)."""
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def text_streamer(self, on_text: Callable[[str], None]) -> TextStreamer:
+        """A streamer that hands each settled piece of new text to `on_text` (the prompt is not repeated)."""
+        return _TextCallbackStreamer(self.processor.tokenizer, on_text)
+
+
+def start_engine(settings: EngineSettings, workers: int = 1) -> Engine:
+    """The one way a process starts an engine: its share of the cores (`workers` share them), quiet transformers,
+    then the model loaded from `settings`."""
+    set_threads(settings.threads, workers)
+    quiet_transformers()
+    return Engine(settings)
+
+
+class _TextCallbackStreamer(TextStreamer):
+    """Hands each finished piece of new text to a callback (the prompt is not repeated)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
+        if stream_end:
+            self.next_tokens_are_prompt = True  # the next prompt's ids come first again
+
+
+class _StopWhen(StoppingCriteria):
+    """Stops generation as soon as `should_stop()` answers True."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)

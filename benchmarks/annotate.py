@@ -94,7 +94,7 @@ def measure_speed(args) -> dict:
     """One at a time and annotate's runner, alternating on the same images with the same loaded engine."""
     import torch
 
-    from kosmos_serve.cli import annotate_jobs
+    from kosmos_serve.cli.annotate import annotate_jobs
     from kosmos_serve.collections.inputs import collect_images
     from kosmos_serve.collections.records import RecordAppender, read_previous
     from kosmos_serve.collections.runner import AnnotateRun, engine_settings

@@ -250,10 +250,12 @@ def measure_http(engine, images, args) -> dict:
 
     import httpx
 
-    from kosmos_serve.engine import GenerationParams, Request
-    from kosmos_serve.server.app import create_app
-    from kosmos_serve.config import ServerSettings
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' loopback server helper
     from local_server import serve_in_thread
+
+    from kosmos_serve.asgi import create_app
+    from kosmos_serve.config import ServerSettings
+    from kosmos_serve.engine import GenerationParams, Request
     from kosmos_serve.tasks import Task, TaskInput
 
     def body(image):

@@ -83,7 +83,8 @@ class ServerSettings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0, description="Longest a request may wait and run; then 504.")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body (413 beyond).")
     api_key: SecretStr | None = Field(
-        None, description="When set, every route but /health and /ready needs `Authorization: Bearer <key>` or `X-API-Key`."
+        None,
+        description="When set, every route but /health and /ready needs `Authorization: Bearer <key>` or `X-API-Key`.",
     )
     allowed_image_hosts: Annotated[list[str], NoDecode] = Field(
         [], description="Hosts whose http(s) image URLs requests may name (comma-separated); by default none: the "
@@ -92,7 +93,7 @@ class ServerSettings(BaseSettings):
     image_fetch_timeout_s: float = Field(10.0, gt=0, description="Longest an allowed image URL may take to fetch.")
     warmup: bool = Field(True, description="Run one tiny generation before /ready answers 200.")
     demo: bool = Field(True, description="Serve the web demo at /demo when gradio is installed (`.[demo]`).")
-    # The Label Studio ML backend (server/label_studio.py) reads Label Studio's own variable names.
+    # The Label Studio ML backend (server/label_studio/) reads Label Studio's own variable names.
     label_studio_url: str | None = Field(
         None, validation_alias=AliasChoices("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"),
         description="Label Studio's address (http://host:8080); its uploads and local files are fetched from it, "

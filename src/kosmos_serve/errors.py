@@ -25,6 +25,14 @@ class InvalidImageError(KosmosServeError):
     code = "invalid_image"
 
 
+class ImageFetchStatusError(InvalidImageError):
+    """The host of an image URL answered with a status other than 200; `http_status` is that status."""
+
+    def __init__(self, message: str, http_status: int):
+        super().__init__(message)
+        self.http_status = http_status
+
+
 class ImageTooLargeError(KosmosServeError):
     """The image has more pixels (or bytes) than the configured cap."""
 

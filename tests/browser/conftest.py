@@ -37,8 +37,8 @@ def demo_engine():
 def demo_url(demo_engine):
     """The demo page of a ready service on loopback, serving `demo_engine`."""
     need(_importable("gradio"), "gradio is not installed")
+    from kosmos_serve.asgi import create_app
     from kosmos_serve.config import ServerSettings
-    from kosmos_serve.server.app import create_app
 
     app = create_app(ServerSettings(), demo_engine.settings, engine=demo_engine)
     with serve_in_thread(app) as base_url:

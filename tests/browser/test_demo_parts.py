@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import kosmos_serve.demo
+from kosmos_serve.asgi import create_app
 from kosmos_serve.cli import main
 from kosmos_serve.config import ServerSettings
 from kosmos_serve.demo.display import colour_hex, highlighted_html, save_png
@@ -18,7 +19,6 @@ from kosmos_serve.drawing import entity_colours
 from kosmos_serve.engine import GenerationParams, Result, Timings
 from kosmos_serve.errors import InvalidBoxError
 from kosmos_serve.grounding import Entity
-from kosmos_serve.server.app import create_app
 from kosmos_serve.tasks import Task, TaskInput
 
 

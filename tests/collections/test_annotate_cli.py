@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from kosmos_serve.cli import annotate_jobs, main
+from kosmos_serve.cli import main
+from kosmos_serve.cli.annotate import annotate_jobs
 from kosmos_serve.collections.inputs import collect_images
 from kosmos_serve.collections.records import RecordAppender, read_previous
 from kosmos_serve.collections.runner import AnnotateRun

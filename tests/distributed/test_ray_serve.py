@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from kosmos_serve.asgi import create_app
 from kosmos_serve.cli import main
 from kosmos_serve.config import EngineSettings, ServerSettings
-from kosmos_serve.server.app import create_app
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 SCENE = (EXAMPLES / "scene-four-shapes.png").read_bytes()

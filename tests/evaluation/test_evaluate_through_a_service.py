@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from local_server import serve_in_thread
 from PIL import Image
 
+from kosmos_serve.asgi import create_app
 from kosmos_serve.cli import main
 from kosmos_serve.config import ServerSettings
 from kosmos_serve.engine import GenerationParams
 from kosmos_serve.evaluation.backends import LocalBackend, ServiceBackend, has_rotation, load_stored_pixels
 from kosmos_serve.evaluation.datasets import read_splits
 from kosmos_serve.evaluation.runner import PredictionLog, Settings, evaluate_benchmark, run
-from kosmos_serve.server.app import create_app
 
 ORIENTATION = 0x0112
 TOKENS = 24

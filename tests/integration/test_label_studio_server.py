@@ -30,9 +30,9 @@ import httpx
 import pytest
 from local_server import serve_in_thread
 
+from kosmos_serve.asgi import create_app
 from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.engine import Engine
-from kosmos_serve.server.app import create_app
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
+from kosmos_serve.asgi import create_app
 from kosmos_serve.config import ServerSettings
-from kosmos_serve.server.app import create_app
 
 from . import bad_images
 from .support import assert_error_shape, assert_no_internal_text

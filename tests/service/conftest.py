@@ -10,8 +10,8 @@ import httpx
 import pytest
 from local_server import serve_in_thread
 
+from kosmos_serve.asgi import create_app
 from kosmos_serve.config import ServerSettings
-from kosmos_serve.server.app import create_app
 
 
 def wait_ready(base_url: str, timeout: float = 60) -> None:

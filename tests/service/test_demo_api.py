@@ -15,8 +15,8 @@ import pytest
 from local_server import serve_in_thread
 from PIL import Image
 
+from kosmos_serve.asgi import create_app
 from kosmos_serve.config import ServerSettings
-from kosmos_serve.server.app import create_app
 
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")

@@ -21,10 +21,10 @@ import httpx
 import pytest
 from local_server import serve_in_thread
 
+from kosmos_serve.asgi import create_app
 from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.engine import Engine
-from kosmos_serve.server.app import create_app
-from kosmos_serve.server.label_studio import DetectionConfig, LabelSpec, detection_plan, parse_labeling_config
+from kosmos_serve.server.label_studio.config import DetectionConfig, LabelSpec, detection_plan, parse_labeling_config
 
 REPO = Path(__file__).resolve().parents[2]
 SCENE = REPO / "examples" / "scene-four-shapes.png"  # 229 x 195

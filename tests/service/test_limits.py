@@ -11,9 +11,9 @@ import time
 import httpx
 import pytest
 
+from kosmos_serve.asgi import create_app
 from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.generation import SEED_LIMIT
-from kosmos_serve.server.app import create_app
 
 
 def error_of(response) -> dict:

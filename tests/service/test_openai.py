@@ -12,10 +12,10 @@ import httpx
 import openai
 import pytest
 
+from kosmos_serve.asgi import create_app
 from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.engine import Engine, GenerationParams, Request, tokenise
 from kosmos_serve.grounding import iou
-from kosmos_serve.server.app import create_app
 from kosmos_serve.tasks import Task, TaskInput, build_prompts
 
 NEW_TOKENS = 16

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from kosmos_serve.asgi import create_app
 from kosmos_serve.config import ServerSettings
 from kosmos_serve.engine import GenerationParams, Request
-from kosmos_serve.server.app import create_app
 from kosmos_serve.tasks import Task, TaskInput, build_prompts
 
 NEW_TOKENS = 16
@@ -199,7 +199,8 @@ def test_full_queue_is_503_with_retry_after_and_slow_requests_504(serve, png_byt
         return httpx.post(f"{url}/v1/generate/upload", files={"image": ("a.png", png_bytes[0])},
                           data={"max_new_tokens": "64"}, timeout=60)
 
-    with serve(max_queue=1, max_batch_requests=1, batch_timeout_ms=0) as url, concurrent.futures.ThreadPoolExecutor(8) as pool:
+    with serve(max_queue=1, max_batch_requests=1, batch_timeout_ms=0) as url, \
+            concurrent.futures.ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda _: caption(url), range(8)))
     statuses = sorted(response.status_code for response in responses)
     assert set(statuses) == {200, 503}

@@ -23,10 +23,10 @@ import httpx
 import pytest
 from local_server import serve_in_thread
 
+from kosmos_serve.asgi import create_app
 from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.engine import Engine
-from kosmos_serve.server.app import create_app
-from kosmos_serve.server.supervisely import NEEDS_PLATFORM, prediction, rectangle_object
+from kosmos_serve.server.supervisely.protocol import NEEDS_PLATFORM, prediction, rectangle_object
 
 REPO = Path(__file__).resolve().parents[2]
 SCENE = REPO / "examples" / "scene-four-shapes.png"

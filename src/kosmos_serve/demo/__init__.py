@@ -40,7 +40,7 @@ def mount_demo(app: FastAPI, state: ServiceState) -> bool:
     if state.settings.num_api_servers > 1:  # Gradio keeps each session in one process
         logger.warning("Web demo off: it needs a single worker process (NUM_API_SERVERS=1).")
         return False
-    from kosmos_serve.demo.page import mount_page
+    from kosmos_serve.demo.page import mount_page  # here, not at the top: the page imports gradio, an optional extra
 
     mount_page(app, state, DEMO_PATH, example_images())
     return True

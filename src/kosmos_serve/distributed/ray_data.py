@@ -26,7 +26,9 @@ from kosmos_serve.collections.records import DoneKey, PreviousRun, RecordAppende
 from kosmos_serve.collections.runner import AnnotateRun, Job, Summary, stop_on_signals
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.distributed.cluster import ClusterError, connected, worker_error
+from kosmos_serve.engine import start_engine
 from kosmos_serve.errors import KosmosServeError
+from kosmos_serve.evaluation.backends import LocalBackend, Skipped
 from kosmos_serve.evaluation.datasets import Split
 from kosmos_serve.evaluation.runner import Outcome, PredictionLog, SplitResult, prediction_record
 from kosmos_serve.generation import GenerationParams
@@ -66,9 +68,7 @@ def file_key(path: Path) -> DoneKey:
 
 def load_engine(settings: EngineSettings, cpus: float):
     """(engine, None), or (None, WorkerFailure) naming the worker's node; `cpus` torch threads unless the settings say."""
-    import ray
-
-    from kosmos_serve.engine import start_engine
+    import ray  # the ray extra: imported where used, so this module imports (and explains) without it
 
     try:  # `cpus` threads: the worker's own claim (settings.threads, when set, wins)
         return start_engine(settings.model_copy(update={"threads": settings.threads or max(1, int(cpus))})), None
@@ -96,8 +96,6 @@ class EvaluateWorker:
     """A Ray Data actor: one engine; a batch of benchmark prompts in, each one's generation (or why skipped) out."""
 
     def __init__(self, settings: EngineSettings, params: GenerationParams, cpus: float):
-        from kosmos_serve.evaluation.backends import LocalBackend
-
         engine, self.failure = load_engine(settings, cpus)
         self.backend = LocalBackend(engine, params) if engine is not None else None
 
@@ -194,8 +192,6 @@ def evaluate_on_ray(splits: list[Split], log: PredictionLog, *, settings: Engine
 def score(results: list, splits: list[Split], examples: dict, fresh: dict, skipped: dict,
           log: PredictionLog) -> list[dict]:
     """The prediction records of one batch of worker results (kept in `fresh`); skipped examples go to `skipped`."""
-    from kosmos_serve.evaluation.backends import Skipped
-
     records = []
     for index, key, generated in results:
         example = examples[(index, key)]

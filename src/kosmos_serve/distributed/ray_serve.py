@@ -1,8 +1,8 @@
 """`serve --ray`: the service as a Ray Serve application, its replicas each running the whole FastAPI app.
 
 Two deployments:
-- `KosmosReplica` (`--replicas N`, or `--autoscale MIN,MAX`): the app `create_app` builds, every route but
-  the web demo, with its own engine, batcher and image-feature cache. Its constructor loads and warms up
+- `KosmosReplica` (`--replicas N`, or `--autoscale MIN,MAX`): the HTTP API `create_api` builds (every route
+  but the web demo), with its own engine, batcher and image-feature cache. Its constructor loads and warms up
   the model, so a replica is routed to only once its model is ready, and `serve.run` returns (the CLI
   prints the address) only when every replica is.
 - `Gateway` (the HTTP ingress): hands each request, unchanged, to a replica and streams the answer back.
@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from kosmos_serve.config import EngineSettings, ServerSettings
+from kosmos_serve.config import EngineSettings, ServerSettings, Settings
 from kosmos_serve.distributed.cluster import ClusterError, connected
 from kosmos_serve.errors import ModelLoadError
+from kosmos_serve.server.app import create_api
 
 try:  # the `ray` extra; without it this module still imports (its doctests run) and `serve --ray` names the install
     from ray import serve
@@ -112,12 +113,8 @@ class KosmosReplica:
     async def __init__(self, settings: ServerSettings, engine_settings: EngineSettings, cpus: float):
         import ray
 
-        from kosmos_serve.engine.loading import quiet_transformers, set_threads
-        from kosmos_serve.server.app import create_app
-
-        set_threads(engine_settings.threads or max(1, int(cpus)))
-        quiet_transformers()
-        self.app = create_app(settings.model_copy(update={"demo": False}), engine_settings)
+        threads = engine_settings.threads or max(1, int(cpus))  # the CPUs the replica claims, unless set
+        self.app = create_api(settings, engine_settings.model_copy(update={"threads": threads}))
         self.lifespan = self.app.router.lifespan_context(self.app)
         await self.lifespan.__aenter__()
         state = self.app.state.service
@@ -216,7 +213,10 @@ def build_application(settings: ServerSettings, engine_settings: EngineSettings,
 
 
 def deploy(settings: ServerSettings, engine_settings: EngineSettings, options: ServeOptions) -> None:
-    """Deploy the application on the connected cluster and wait until every replica's model is ready."""
+    """Deploy the application on the connected cluster and wait until every replica's model is ready.
+
+    The settings come as `create_api` takes them: a process's one `Settings` serves as both.
+    """
     serve.start(http_options={"host": settings.host, "port": settings.port})
     try:
         serve.run(build_application(settings, engine_settings, options), name=APP_NAME, route_prefix="/")
@@ -229,15 +229,15 @@ def deploy(settings: ServerSettings, engine_settings: EngineSettings, options: S
         raise ClusterError(f"The service could not start on Ray: {reason}") from None
 
 
-def serve_on_ray(settings: ServerSettings, engine_settings: EngineSettings, options: ServeOptions,
-                 announce: Callable[[str], None]) -> None:
+def serve_on_ray(settings: Settings, options: ServeOptions, announce: Callable[[str], None]) -> None:
     """Deploy, announce the address once every replica is ready, serve until Ctrl-C or SIGTERM, then delete the
     application (and stop the local cluster, when one was started for it)."""
     with connected(options.address) as cluster:
-        deploy(settings, engine_settings, options)
+        deploy(settings, settings, options)
         replicas = (f"{options.autoscale[0]} to {options.autoscale[1]} replicas" if options.autoscale
                     else f"{options.replicas} replica{'s' * (options.replicas > 1)}")
-        announce(f"kosmos-serve on {cluster}: {replicas} ready at http://{settings.host}:{settings.port} (Ctrl-C stops)")
+        address = f"http://{settings.host}:{settings.port}"
+        announce(f"kosmos-serve on {cluster}: {replicas} ready at {address} (Ctrl-C stops)")
         previous = signal.signal(signal.SIGTERM, interrupt)  # `kill`, `docker stop`: the same clean stop as Ctrl-C
         try:
             while True:

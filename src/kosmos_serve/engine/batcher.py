@@ -135,9 +135,9 @@ class Batcher:
     ) -> AsyncGenerator[str | Result, None]:
         """Validate and queue `request`; the iterator yields each piece of text as generated, then the result.
 
-        Validated and queued at once (a bad request or a full queue raises here). Closing the iterator early, or `client_gone`
-        completing, drops the job if it is still queued and otherwise stops generation after the
-        current token.
+        Validated and queued at once (a bad request or a full queue raises here). Closing the iterator early,
+        or `client_gone` completing, drops the job if it is still queued and otherwise stops generation after
+        the current token.
         """
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()

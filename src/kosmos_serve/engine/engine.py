@@ -43,7 +43,13 @@ class Engine:
         self.cache = ImageFeatureCache(self.settings.image_cache_size)
         self.pad_token_id = self.processor.tokenizer.pad_token_id
 
-    def predict(self, image: Image.Image, task: TaskInput | None = None, params: GenerationParams | None = None) -> Result:
+    @property
+    def weight_formats(self) -> dict[str, str]:
+        """The weight format of each part (vision, text), as `--quantize` chose it on this machine."""
+        return self.model.weight_formats
+
+    def predict(self, image: Image.Image, task: TaskInput | None = None,
+                params: GenerationParams | None = None) -> Result:
         """Run one request."""
         return self.run([Request(image, task or TaskInput(), params or GenerationParams())])[0]
 
@@ -64,7 +70,7 @@ class Engine:
         return [ticket.result for ticket in tickets]
 
     def scheduler(self, max_rows: int | None = None) -> Scheduler:
-        """A fresh continuous-batching scheduler over this engine (at most `max_rows` rows, default `max_batch_rows`)."""
+        """A fresh continuous-batching scheduler over this engine (at most `max_rows` rows, else `max_batch_rows`)."""
         return Scheduler(self, max_rows)
 
     # the steps a scheduler takes
@@ -98,7 +104,9 @@ class Engine:
         )
 
     @torch.inference_mode()
-    def features_for(self, images: dict[str, Image.Image]) -> tuple[dict[str, torch.Tensor], dict[str, float], set[str]]:
+    def features_for(
+        self, images: dict[str, Image.Image]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float], set[str]]:
         """Features per image key: from the cache, else encoded in batches; vision seconds per key; the cached keys."""
         features: dict[str, torch.Tensor] = {}
         cached_keys = set()

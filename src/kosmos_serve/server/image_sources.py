@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from kosmos_serve.errors import InvalidImageError, PayloadTooLargeError
+from kosmos_serve.errors import ImageFetchStatusError, InvalidImageError, PayloadTooLargeError
 
 URL_SCHEMES = ("http://", "https://", "ftp://", "file:")
 
@@ -55,7 +55,8 @@ async def fetch_image(url: str, allowed_hosts: Collection[str], max_bytes: int, 
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
             async with client.stream("GET", url, headers=headers) as response:
                 if response.status_code != 200:
-                    raise InvalidImageError(f"Fetching the image at {url} answered HTTP {response.status_code}.")
+                    raise ImageFetchStatusError(f"Fetching the image at {url} answered HTTP {response.status_code}.",
+                                                response.status_code)
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > max_bytes:
                     raise _too_large(url, max_bytes)

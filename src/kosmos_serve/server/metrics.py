@@ -23,7 +23,8 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "kosmos_requests", "HTTP requests answered, by route and status.", ["route", "status"], registry=self.registry
+            "kosmos_requests", "HTTP requests answered, by route and status.", ["route", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
             "kosmos_request_seconds", "Time from request to response, by route.", ["route"],

@@ -1,4 +1,4 @@
-"""Routes: the reference's `POST /predict`, the `/v1` JSON API, and operations."""
+"""Routes: the reference's `POST /predict` and the `/v1/generate` JSON API."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from kosmos_serve.engine import Request as EngineRequest
 from kosmos_serve.engine import Result
 from kosmos_serve.errors import KosmosServeError
-from kosmos_serve.images import load_image
+from kosmos_serve.server.common import client_gone, decode_image, service_state
 from kosmos_serve.server.schemas import (
     GenerateForm,
     GenerateJSON,
@@ -29,7 +29,7 @@ from kosmos_serve.server.schemas import (
     response_body,
 )
 from kosmos_serve.server.state import ServiceState
-from kosmos_serve.tasks import TASK_DESCRIPTIONS, TaskInput
+from kosmos_serve.tasks import TaskInput
 
 logger = logging.getLogger("kosmos_serve.server")
 router = APIRouter()
@@ -48,10 +48,6 @@ SSE_DOC = {"description": "With `stream: true`: events `text` ({\"text\": ...}) 
            "content": {"text/event-stream": {}}}
 
 
-def _state(request: Request) -> ServiceState:
-    return request.app.state.service
-
-
 @router.post(
     "/predict", response_model=PredictResponse, tags=["drop-in"], responses=ERRORS,
     summary="The reference service's route: multipart `content` (image) and optional `prompt`.",
@@ -66,8 +62,8 @@ async def predict(
     content: Annotated[UploadFile, File(description="The image file.")],
     prompt: Annotated[str | None, Form(description="Prompt; `<grounding>` where boxes are wanted.")] = None,
 ):
-    state = _state(request)
-    image = await _read_image(state, await content.read())
+    state = service_state(request)
+    image = await decode_image(state, await content.read())
     task = TaskInput("raw", prompt or state.default_prompt, grounding=False)
     result = await state.generate(EngineRequest(image, task), functools.partial(client_gone, request))
     return predict_body(result)
@@ -78,8 +74,8 @@ async def predict(
     summary="Run any task on a base64 image (JSON); `stream: true` answers as server-sent events.",
 )
 async def generate_json(request: Request, body: GenerateJSON):
-    state = _state(request)
-    image = await _read_image(state, await state.image_bytes(body.image))
+    state = service_state(request)
+    image = await decode_image(state, await state.image_bytes(body.image))
     return await _generate(request, image, body, body.boxes)
 
 
@@ -92,76 +88,13 @@ async def generate_json(request: Request, body: GenerateJSON):
     ),
 )
 async def generate_upload(request: Request, fields: Annotated[GenerateForm, Form(media_type="multipart/form-data")]):
-    state = _state(request)
-    decoded = await _read_image(state, await fields.image.read())
+    state = service_state(request)
+    decoded = await decode_image(state, await fields.image.read())
     return await _generate(request, decoded, fields, fields.boxes)
 
 
-@router.get("/v1/tasks", tags=["v1"], summary="The tasks and the inputs each needs.")
-async def tasks():
-    return {"tasks": [{"name": task.value, "description": text} for task, text in TASK_DESCRIPTIONS.items()]}
-
-
-@router.get("/health", tags=["operations"], summary="Liveness: the process answers.")
-async def health():
-    return {"status": "ok"}
-
-
-@router.get("/ready", tags=["operations"], summary="Readiness: 200 once the model is loaded and warmed up, else 503.")
-async def ready(request: Request):
-    _state(request).ready_batcher()
-    return {"status": "ready"}
-
-
-@router.get("/info", tags=["operations"], summary="Model, device, dtype, version and limits.")
-async def info(request: Request):
-    state = _state(request)
-    engine, limits = state.engine, state.engine_settings
-    return {
-        "model": limits.model,
-        "device": str(engine.device) if engine else None,
-        "dtype": str(engine.dtype).removeprefix("torch.") if engine else None,
-        "quantize": limits.quantize,
-        "weight_formats": engine.model.weight_formats if engine else None,  # per part: what --quantize chose here
-        "version": request.app.version,
-        "ready": state.batcher is not None,
-        "limits": {
-            "max_upload_bytes": state.settings.max_upload_bytes,
-            "max_image_pixels": limits.max_image_pixels,
-            "max_prompt_chars": limits.max_prompt_chars,
-            "default_max_new_tokens": engine.defaults.max_new_tokens if engine else limits.max_new_tokens,
-            "max_new_tokens_cap": limits.max_new_tokens_cap,
-            "max_batch_size": state.settings.max_batch_requests,
-            "max_queue": state.settings.max_queue,
-            "request_timeout_s": state.settings.request_timeout_s,
-        },
-        "defaults": {  # request fields override them; see kosmos_serve.generation for where each comes from
-            "default_prompt": state.default_prompt,
-            "max_new_tokens": engine.defaults.max_new_tokens if engine else limits.max_new_tokens,
-            "no_repeat_ngram_size": engine.defaults.no_repeat_ngram_size if engine else limits.no_repeat_ngram_size,
-        },
-        "tasks": [task.value for task in TASK_DESCRIPTIONS],
-    }
-
-
-@router.get("/metrics", tags=["operations"], summary="Prometheus metrics.")
-async def metrics(request: Request):
-    return Response(_state(request).metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-async def _read_image(state: ServiceState, data: bytes) -> Image.Image:
-    """Decode off the event loop; the pixel cap is checked from the header before decoding."""
-    return await run_in_threadpool(functools.partial(load_image, data, max_pixels=state.engine_settings.max_image_pixels))
-
-
-async def client_gone(request: Request) -> None:
-    """Returns once the HTTP client has disconnected (call it after the body has been read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def _generate(http_request: Request, image: Image.Image, fields: GenerationFields, boxes: list[PixelBoxInput]):
-    state = _state(http_request)
+    state = service_state(http_request)
     request = EngineRequest(image, fields.task_input(boxes), fields.params())
     if fields.stream:
         return _stream(state, request, fields.return_image, functools.partial(client_gone, http_request))
@@ -173,7 +106,7 @@ async def _generate(http_request: Request, image: Image.Image, fields: Generatio
 def _stream(
     state: ServiceState, request: EngineRequest, return_image: bool, gone: Callable[[], Awaitable[None]]
 ) -> EventSourceResponse:
-    pieces = state.ready_batcher().stream(request, gone)  # validated and queued now: 422 or 503 before the stream
+    pieces = state.stream(request, gone)  # validated and queued now: 422 or 503 before the stream
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -187,7 +120,8 @@ def _stream(
             yield format_sse_event(event="error", data_str=json.dumps({"code": error.code, "message": error.message}))
         except Exception:
             logger.exception("Streaming failed")
-            yield format_sse_event(event="error", data_str=json.dumps({"code": "internal_error", "message": "Internal error."}))
+            internal = {"code": "internal_error", "message": "Internal error."}
+            yield format_sse_event(event="error", data_str=json.dumps(internal))
         finally:
             await pieces.aclose()
 

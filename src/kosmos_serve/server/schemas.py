@@ -80,7 +80,8 @@ class GenerateForm(GenerationFields):
 
     image: UploadFile = Field(description="The image file.")
 
-    boxes: Json[list[PixelBoxInput]] = Field(default_factory=list, description='Boxes in pixels as JSON: "[[x1, y1, x2, y2]]".')
+    boxes: Json[list[PixelBoxInput]] = Field(default_factory=list,
+                                             description='Boxes in pixels as JSON: "[[x1, y1, x2, y2]]".')
 
 
 class EntityOut(BaseModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from kosmos_serve.config import EngineSettings, ServerSettings
@@ -67,3 +67,13 @@ class ServiceState:
             raise RequestTimeoutError(
                 f"The request took longer than {self.settings.request_timeout_s:g} s (KOSMOS_REQUEST_TIMEOUT_S)."
             ) from None
+
+    def stream(
+        self, request: Request | PreparedRequest, client_gone: Callable[[], Awaitable[None]] | None = None
+    ) -> AsyncGenerator[str | Result, None]:
+        """Validate and queue now (a bad request or a full queue raises here); then each piece of text, then the result.
+
+        Closing the iterator early, or `client_gone()` completing, drops the request if it is still queued and
+        otherwise stops it after its current token.
+        """
+        return self.ready_batcher().stream(request, client_gone)

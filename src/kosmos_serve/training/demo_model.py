@@ -12,8 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from kosmos_serve.config import EngineSettings
+from kosmos_serve.engine import start_engine
 from kosmos_serve.generation import MODEL_DEFAULTS_FILE, ModelDefaults
 from kosmos_serve.training.config import TrainConfig
+from kosmos_serve.training.evaluate import evaluate, format_scores
+from kosmos_serve.training.records import read_examples
+from kosmos_serve.training.scratch import build_scratch_model
+from kosmos_serve.training.shapes import write_shapes_dataset
+from kosmos_serve.training.train import TrainingSet, train
 
 TRAIN_SCENES, TRAIN_SEED = 8000, 1
 HELD_OUT_SCENES, HELD_OUT_SEED = 200, 2
@@ -27,14 +34,6 @@ DEMO_DEFAULTS = ModelDefaults(default_prompt="<grounding> An image of", max_new_
 
 def build_demo_model(out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
     """Write data, train, score; returns the trained model's folder (`out_dir`/final)."""
-    from kosmos_serve.config import EngineSettings
-    from kosmos_serve.engine import start_engine
-    from kosmos_serve.training.evaluate import evaluate, format_scores
-    from kosmos_serve.training.records import read_examples
-    from kosmos_serve.training.scratch import build_scratch_model
-    from kosmos_serve.training.shapes import write_shapes_dataset
-    from kosmos_serve.training.train import TrainingSet, train
-
     out_dir = Path(out_dir)
     datasets = {}
     for name, scenes, seed in (("train", TRAIN_SCENES, TRAIN_SEED), ("held-out", HELD_OUT_SCENES, HELD_OUT_SEED)):

@@ -1,196 +1,22 @@
-"""The OpenAI Chat Completions wire format as vLLM serves it, and its translation to a Kosmos-2 task and back.
-
-Unknown fields are ignored (and logged), as vLLM and OpenAI do, so any OpenAI client's extra options pass.
-The decoding fields reuse the engine's ranges (`kosmos_serve.generation`), so OpenAPI declares what is
-valid; `temperature` adds 0, which means greedy decoding.
+"""A chat request translated for Kosmos-2 (the conversation as a task, its fields as generation parameters), and
+its results translated back (a chat answer, the completion's bodies and stream chunks).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
-from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from kosmos_serve.errors import KosmosServeError
-from kosmos_serve.generation import GenerationParams, MaxNewTokens, Seed, TopP
-from kosmos_serve.grounding import Entity, render_markdown
+from kosmos_serve.engine import PreparedRequest, Result
+from kosmos_serve.generation import GenerationParams
+from kosmos_serve.grounding import Entity, parse_generation, render_markdown
+from kosmos_serve.server.openai.protocol import ChatCompletionRequest, ChatMessage, ChatRequestError
 from kosmos_serve.tasks import Task, TaskInput
 
-MAX_CHOICES = 8  # the most choices (`n`) one request may ask for: each is a generation of its own
-MIN_SAMPLING_TEMPERATURE = 0.01  # the engine's lower bound (kosmos_serve.generation.Temperature)
 SAMPLING_TOP_P = 1.0  # OpenAI's and vLLM's default when a request samples without a top_p
 KOSMOS_TAG = re.compile(r"</?(?:grounding|phrase|object)>|<patch_index_\d+>|</delimiter_of_multi_objects/>")
-
-
-class OpenAIModel(BaseModel):
-    """Fields OpenAI defines and kosmos-serve does not use are accepted and ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-
-
-class ImageURL(OpenAIModel):
-    url: str = Field(description="The image as a `data:image/...;base64,...` URI; an http(s) URL only from a host "
-                                 "in KOSMOS_ALLOWED_IMAGE_HOSTS (by default the service fetches nothing).")
-    detail: str | None = Field(None, description="Accepted and unused: Kosmos-2 always sees the image at 224x224.")
-
-
-class TextPart(OpenAIModel):
-    type: Literal["text"]
-    text: str
-
-
-class ImagePart(OpenAIModel):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
-
-
-class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = Field(
-        None, description="Text, or parts: text parts and, in one message of the conversation, one image_url part.",
-    )
-
-
-class StreamOptions(OpenAIModel):
-    include_usage: bool = Field(False, description="Send a last chunk with the request's token usage.")
-
-
-class ChatCompletionRequest(OpenAIModel):
-    """`POST /v1/chat/completions`: one image and a question (or Kosmos-2 prompt) about it."""
-
-    messages: list[ChatMessage] = Field(min_length=1, description="The conversation; the last one must be the user's.")
-    model: str | None = Field(None, description="The served model's id (GET /v1/models); omitted: that model.")
-    max_tokens: MaxNewTokens | None = Field(None, description="Deprecated by OpenAI for `max_completion_tokens`.")
-    max_completion_tokens: MaxNewTokens | None = Field(
-        None, description="New tokens at most (up to KOSMOS_MAX_NEW_TOKENS_CAP); omitted: the model's default.",
-    )
-    temperature: float | None = Field(
-        None, ge=0, le=100, allow_inf_nan=False,
-        description="0 or omitted: greedy decoding (the original demo's); 0.01 to 100: sampling at that temperature.",
-    )
-    top_p: TopP | None = Field(None, description="Nucleus sampling when sampling (default 1); unused when greedy.")
-    seed: Seed | None = Field(None, description="Seed of choice 0 when sampling; choice i uses seed + i.")
-    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices; more than 1 only when sampling (temperature > 0).")
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(
-        None, description="Cut the answer before the first of these strings (not included).",
-    )
-    stream: bool = Field(False, description="Answer as server-sent `chat.completion.chunk` events, then [DONE].")
-    stream_options: StreamOptions | None = None
-
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{
-        "model": "demo",
-        "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "<grounding><phrase> the blue circle</phrase>"},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo..."}},
-        ]}],
-        "max_tokens": 64,
-    }]})
-
-    @field_validator("temperature")
-    @classmethod
-    def _greedy_or_sampling(cls, value: float | None) -> float | None:
-        if value is not None and 0 < value < MIN_SAMPLING_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or between {MIN_SAMPLING_TEMPERATURE} and 100")
-        return value
-
-    @property
-    def sampling(self) -> bool:
-        """Sampling, rather than greedy decoding: a temperature above 0 was sent."""
-        return bool(self.temperature)
-
-    @property
-    def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
-
-class EntityOut(BaseModel):
-    phrase: str
-    boxes: list[tuple[float, float, float, float]] = Field(description="Normalised to 0..1.")
-    pixel_boxes: list[tuple[int, int, int, int]] = Field(description="In the image's own pixels, [x1, y1, x2, y2].")
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str = Field(description="The answer in the paper's markdown: each grounded phrase a link to its pixel "
-                                     "boxes, `[a blue circle](#box=132,9,225,94)`.")
-    entities: list[EntityOut] = Field(description="The grounded phrases of `content`, with their boxes.")
-
-
-class Choice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = Field(description="The prompt as the model reads it: <s>, the 64 image positions between "
-                                           "<image> and </image>, and the prompt's text tokens.")
-    completion_tokens: int = Field(description="Tokens generated, over all choices.")
-    total_tokens: int
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "id": "chatcmpl-0f6e3d9a4c2b4f1e8a7d5c3b1a9e7f5d", "object": "chat.completion", "created": 1767225600,
-        "model": "demo",
-        "choices": [{"index": 0, "message": {
-            "role": "assistant", "content": "[the blue circle](#box=132,9,225,88)",
-            "entities": [{"phrase": "the blue circle", "boxes": [[0.578125, 0.046875, 0.984375, 0.453125]],
-                          "pixel_boxes": [[132, 9, 225, 88]]}],
-        }, "logprobs": None, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 75, "completion_tokens": 5, "total_tokens": 80},
-    }]})
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "kosmos-serve"
-    max_model_len: int = Field(description="Kosmos-2's text context, in tokens.")
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str = Field(description="OpenAI's error type: invalid_request_error, or server_error for 5xx.")
-    param: str | None = Field(None, description="The request field at fault, e.g. `messages[0].content`.")
-    code: str = Field(description="What went wrong: model_not_found, invalid_api_key, invalid_image, ...")
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
-class ChatRequestError(KosmosServeError):
-    """A request the OpenAI-compatible API cannot serve; `param` names the field at fault."""
-
-    status = 400
-    code = "invalid_request"
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 # --- conversation -> Kosmos-2 task --------------------------------------------------------------------------
@@ -346,3 +172,81 @@ def settled_prefix(raw: str) -> str:
     if partial_tag >= 0 and ">" not in raw[partial_tag:]:
         cut = min(cut, partial_tag)
     return raw[:cut]
+
+
+# --- a choice and the completion ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One generation of the request: its engine request, and how to read its result."""
+
+    request: PreparedRequest
+    question: bool
+    stop: tuple[str, ...]
+
+    @property
+    def prompt(self) -> str:
+        """The prompt text the model is sent."""
+        return self.request.prompts[0].text
+
+    @property
+    def max_new_tokens(self) -> int:
+        """With the model's default filled in: reaching it means finish_reason "length"."""
+        return self.request.params.max_new_tokens
+
+    def answer(self, result: Result) -> ChatAnswer:
+        """The chat answer `result` gives."""
+        return chat_answer(result.text, result.answer, result.entities, question=self.question, stop=self.stop)
+
+    def finish_reason(self, result: Result, answer: ChatAnswer) -> str:
+        """"length" when the token limit ended the answer, else "stop"."""
+        return "length" if not answer.stopped and result.generated_tokens >= self.max_new_tokens else "stop"
+
+    def partial_answer(self, decoded_prompt: str, generated: str) -> str | None:
+        """The answer's content as far as the generation so far settles it (None: nothing can be shown yet).
+
+        The pieces are decoded apart from the prompt, so when they begin with a word rather than a tag or a
+        space, only the result tells whether a space joins that word to the prompt's last one; a question's
+        answer leaves the prompt's words out, so there it does not matter.
+        """
+        if not self.question and generated and not (generated[0] == "<" or generated[0].isspace()):
+            return None
+        grounded = parse_generation(settled_prefix(decoded_prompt + generated), self.prompt,
+                                    *self.request.request.image.size)
+        return chat_answer(grounded.text, grounded.answer, grounded.entities, question=self.question,
+                           stop=self.stop, partial=True).content
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What every body of one completion shares."""
+
+    id: str
+    created: int
+    model: str
+    prompt_tokens: int
+
+    def usage(self, completion_tokens: int) -> dict:
+        """OpenAI's `usage` for this many tokens generated."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def response(self, choices: list[Choice], results: list[Result]) -> dict:
+        """The `chat.completion` body of the choices' results."""
+        body_choices = []
+        for index, (choice, result) in enumerate(zip(choices, results)):
+            answer = choice.answer(result)
+            message = {"role": "assistant", "content": answer.content, "entities": answer.entities_json()}
+            body_choices.append({"index": index, "message": message, "logprobs": None,
+                                 "finish_reason": choice.finish_reason(result, answer)})
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": body_choices, "usage": self.usage(sum(r.generated_tokens for r in results))}
+
+    def chunk(self, choices: list[dict], usage: dict | None = None, include_usage: bool = False) -> bytes:
+        """One `chat.completion.chunk` server-sent event."""
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": choices}
+        if include_usage:
+            body["usage"] = usage  # OpenAI: null on every chunk but the last, which has no choices
+        return f"data: {json.dumps(body)}\n\n".encode()

@@ -1,0 +1,123 @@
+"""`evaluate`: score a model's grounding on the project's JSONL records or on the paper's benchmarks."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from kosmos_serve.cli.options import ray_job_options, ray_options
+from kosmos_serve.config import EngineSettings
+from kosmos_serve.errors import InvalidRequestError
+
+# Commands import their work lazily: --help and argument errors answer without loading torch or Ray.
+
+
+@click.command()
+@click.option("--model", help="Hub id, folder, or 'demo'.")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The project's own grounded JSONL records (README: Training).")
+@click.option("--benchmark", help="refcoco, refcoco+, refcocog or flickr30k: the paper's benchmark, scored with the "
+                                  "original evaluation's prompts and protocol.")
+@click.option("--annotations", multiple=True, type=click.Path(path_type=Path),
+              help="--benchmark: an MDETR annotation file (finetune_refcoco_val.json, "
+                   "final_flickr_separateGT_test.json, ...); repeat for several splits.")
+@click.option("--images", type=click.Path(path_type=Path),
+              help="--benchmark: the images (COCO 2014: the folder with train2014/ and val2014/; Flickr30k: the "
+                   ".jpg folder).")
+@click.option("--flickr-entities", type=click.Path(path_type=Path),
+              help="flickr30k: the official Flickr30k Entities folder (Sentences/, Annotations/): true boxes and "
+                   "entity types from there, as the original evaluation reads them (per-type recall).")
+@click.option("--limit", type=click.IntRange(min=1), help="--benchmark: score a fixed sample of N examples per file.")
+@click.option("--url", help="--benchmark: score through a running kosmos-serve service (its /v1/generate) instead of "
+                            "loading the model here; an API key goes in KOSMOS_API_KEY.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="--benchmark: predictions JSONL, a line per example; an interrupted run is continued from it.")
+@click.option("--quantize", type=click.Choice(["none", "int8", "auto"]), default="none", show_default=True,
+              help="Score the model with int8 weights (CPU; auto: the formats fastest on this CPU), to compare "
+                   "with float32.")
+@click.option("--no-repeat-ngram-size", type=click.IntRange(min=0),
+              help="Forbid repeating n-grams of this size while decoding (default: 0 with --data, plain greedy, which "
+                   "a caption of several objects needs; 3 with --benchmark, as the original evaluation).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1),
+              help="--benchmark: new tokens per prompt (default 128; the original allowed 500 in all).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="--benchmark: prompts run (or sent) together.")
+@ray_options
+def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, limit, url, out, quantize,
+             no_repeat_ngram_size, max_new_tokens, batch_size, ray_address, workers, cpus_per_worker, gpus_per_worker):
+    """Score a model's grounding: on the project's JSONL records (--data), or on the paper's benchmarks (--benchmark).
+
+    --data: referring IoU>=0.5, caption recall, region descriptions exact. --benchmark: RefCOCO/+/g accuracy
+    (the first box at IoU>=0.5) and Flickr30k Entities recall@1/5/10, each split beside the paper's figure.
+
+    \b
+    Examples:
+      kosmos-serve evaluate --model demo --data data/shapes-eval/records.jsonl
+      kosmos-serve evaluate --model microsoft/kosmos-2-patch14-224 --benchmark refcoco \\
+          --annotations mdetr_annotations/finetune_refcoco_val.json --images coco2014 --out refcoco-val.jsonl
+      kosmos-serve evaluate --benchmark flickr30k --url http://gpu-box:8000 \\
+          --annotations mdetr_annotations/final_flickr_separateGT_test.json --images flickr30k-images
+    """
+    benchmark_options = {"--annotations": annotations, "--images": images, "--flickr-entities": flickr_entities,
+                         "--limit": limit, "--url": url, "--out": out, "--max-new-tokens": max_new_tokens,
+                         "--ray": ray_address is not None, "--workers": workers != 1,
+                         "--cpus-per-worker": cpus_per_worker != 1.0, "--gpus-per-worker": gpus_per_worker}
+    if benchmark is None:
+        given = [name for name, value in benchmark_options.items() if value]
+        if given:
+            raise InvalidRequestError(f"{', '.join(given)}: only with --benchmark NAME.")
+        if data_file is None or not model:
+            raise InvalidRequestError(
+                "Give --model and --data FILE (the project's JSONL records), or --benchmark NAME with --annotations "
+                "FILE and --images DIR (and --model, or --url of a running service).")
+        from kosmos_serve.training.records import read_examples
+
+        click.echo(data_scores(model, read_examples(data_file), quantize, no_repeat_ngram_size or 0))
+        return
+    from kosmos_serve.evaluation.datasets import BENCHMARKS
+    from kosmos_serve.evaluation.report import format_report
+    from kosmos_serve.evaluation.runner import DEFAULT_MAX_NEW_TOKENS, ORIGINAL_NO_REPEAT_NGRAM_SIZE, evaluate_benchmark
+
+    if benchmark not in BENCHMARKS:
+        raise InvalidRequestError(f"Unknown benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}.")
+    if data_file is not None or not annotations or images is None:
+        raise InvalidRequestError("--benchmark takes --annotations FILE (MDETR's) and --images DIR, not --data.")
+    if bool(model) == bool(url):
+        raise InvalidRequestError("--benchmark needs --model (run here) or --url (a running service), one of them.")
+    if url and quantize != "none":
+        raise InvalidRequestError("--quantize is the service's to choose with --url (kosmos-serve serve --quantize).")
+    if url and ray_address is not None:
+        raise InvalidRequestError("--ray runs the model on a Ray cluster, --url through a service: one of them.")
+    outcome = evaluate_benchmark(
+        benchmark, annotations, images, model=model, url=url, out=out, limit=limit, flickr_entities=flickr_entities,
+        quantize=quantize, batch_size=batch_size, show_progress=sys.stderr.isatty(),
+        on_cluster=_on_ray_cluster(ray_address, workers, cpus_per_worker, gpus_per_worker, batch_size),
+        no_repeat_ngram_size=ORIGINAL_NO_REPEAT_NGRAM_SIZE if no_repeat_ngram_size is None else no_repeat_ngram_size,
+        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+    )
+    click.echo(format_report(outcome))
+    if outcome.interrupted:
+        sys.exit(130)
+
+
+def _on_ray_cluster(ray_address, workers, cpus_per_worker, gpus_per_worker, batch_size):
+    """evaluate_on_ray for --ray (None without it)."""
+    options = ray_job_options(ray_address, workers, cpus_per_worker, gpus_per_worker)
+    if options is None:
+        return None
+    from kosmos_serve.distributed.ray_data import evaluate_on_ray
+
+    return functools.partial(evaluate_on_ray, batch_size=batch_size, options=options, show_progress=sys.stderr.isatty())
+
+
+def data_scores(model, examples, quantize: str = "none", no_repeat_ngram_size: int = 0) -> str:
+    """`model`'s scores on the project's grounded records (`evaluate --data`, and `train`'s held-out report)."""
+    from kosmos_serve.engine import start_engine
+    from kosmos_serve.training.evaluate import evaluate as score
+    from kosmos_serve.training.evaluate import format_scores
+
+    engine = start_engine(EngineSettings(model=str(model), max_batch_rows=32, quantize=quantize))
+    return format_scores(score(engine, examples, no_repeat_ngram_size=no_repeat_ngram_size))

@@ -1,0 +1,84 @@
+"""`predict`: describe and ground a few images here, printed as text or JSON, optionally drawn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from kosmos_serve.cli.options import (
+    decoding_options,
+    generation_params_from_options,
+    model_options,
+    settings_from_flags,
+    task_input_from_options,
+    task_options,
+)
+from kosmos_serve.config import EngineSettings
+from kosmos_serve.errors import KosmosServeError
+
+# Commands import their work lazily: --help and argument errors answer without loading torch.
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@task_options
+@decoding_options
+@click.option("--json", "as_json", is_flag=True, help="Print results as a JSON list.")
+@click.option("--draw", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the annotated image here (with several images: NAME_1.png, NAME_2.png, ...).")
+@model_options
+def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, sample, top_p, temperature, seed,
+            no_repeat_ngram_size, as_json, draw, **flags):
+    """Describe and ground IMAGES; prints the text, then each entity with its pixel boxes.
+
+    \b
+    Examples:
+      kosmos-serve predict snowman.png
+      kosmos-serve predict snowman.png --task phrase_grounding --phrase "a snowman"
+      kosmos-serve predict snowman.png --task referring_generation --box 250,22,630,397
+      kosmos-serve predict snowman.png --prompt "<grounding> Describe this image in detail:"
+    """
+    from kosmos_serve.engine import Request, check_task, start_engine
+
+    settings = settings_from_flags(EngineSettings, flags)
+    task_input = task_input_from_options(task, prompt, phrases, boxes, no_grounding)
+    params = generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size)
+    loaded = [load_image_file(path, settings.max_image_pixels) for path in images]
+    requests = [Request(image, task_input, params) for image in loaded]
+    for request in requests:  # refuse bad input before spending seconds on loading the model
+        check_task(request.task, request.params, settings, request.image.size)
+    results = start_engine(settings).run(requests)
+    if as_json:
+        payload = [{"image": str(path), **result.to_dict()} for path, result in zip(images, results)]
+        click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+    else:
+        for path, result in zip(images, results):
+            click.echo(summary(path, result))
+    if draw:
+        from kosmos_serve.drawing import draw_entities
+
+        for number, (image, result) in enumerate(zip(loaded, results), start=1):
+            target = draw if len(loaded) == 1 else draw.with_name(f"{draw.stem}_{number}{draw.suffix}")
+            draw_entities(image, result.entities).save(target)
+
+
+def load_image_file(path: Path, max_pixels: int):
+    """Load one image for the CLI; an error names the file it is about."""
+    from kosmos_serve.images import load_image
+
+    try:
+        return load_image(path, max_pixels=max_pixels)
+    except KosmosServeError as error:
+        raise type(error)(f"{path}: {error.message}") from error
+
+
+def summary(path: Path, result) -> str:
+    """A readable block: image and size, the text, then each entity with its pixel boxes."""
+    width, height = result.image_size
+    lines = [f"{path} ({width}x{height})", f"  {result.text}"]
+    for entity in result.entities:
+        boxes = "  ".join(str(list(box)) for box in entity.pixel_boxes)
+        lines.append(f"  - {entity.phrase}: {boxes}")
+    return "\n".join(lines)

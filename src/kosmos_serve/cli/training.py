@@ -1,0 +1,102 @@
+"""`train`, `train-demo`, `tiny-model` and `data shapes`: models and training data of one's own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kosmos_serve.cli.evaluate import data_scores
+from kosmos_serve.training.config import TrainConfig
+
+# Commands import their work lazily: --help and argument errors answer without loading torch.
+
+
+@click.command()
+@click.option("--model", required=True, help="Hub id, folder, or 'scratch' for a fresh small model (see README).")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True,
+              help="Grounded JSONL records (see README).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--eval-data", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Held-out JSONL records scored at the end (default: the first 200 training examples).")
+@click.option("--steps", type=int, default=TrainConfig.steps, show_default=True)
+@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True)
+@click.option("--gradient-accumulation", type=int, default=TrainConfig.gradient_accumulation, show_default=True)
+@click.option("--learning-rate", type=float, default=TrainConfig.learning_rate, show_default=True)
+@click.option("--warmup-steps", type=int, default=TrainConfig.warmup_steps, show_default=True)
+@click.option("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every, show_default=True)
+@click.option("--freeze-vision-steps", type=int, default=TrainConfig.freeze_vision_steps, show_default=True,
+              help="Keep the vision encoder and resampler fixed for this many first steps.")
+@click.option("--patch-supervision-weight", type=float, default=TrainConfig.patch_supervision_weight,
+              show_default=True, help="Weight of the loss that teaches each vision patch the words and box of the "
+              "grounded phrase it lies in (0: off; used to train a model from scratch).")
+@click.option("--location-attention-weight", type=float, default=TrainConfig.location_attention_weight,
+              show_default=True, help="Weight of the loss that teaches one decoder head to look at a box's patches "
+              "while writing the box (0: off; needs --patch-supervision-weight and the --model scratch start).")
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
+@click.option("--threads", type=int, help="Torch intra-op threads (default: all cores).")
+def train(model, data_file, out, eval_data, steps, batch_size, gradient_accumulation, learning_rate, warmup_steps,
+          checkpoint_every, freeze_vision_steps, patch_supervision_weight, location_attention_weight, seed, resume,
+          threads):
+    """Fine-tune MODEL on DATA (or train a fresh model), writing checkpoints and OUT/final."""
+    from kosmos_serve.engine.loading import quiet_transformers, set_threads
+    from kosmos_serve.training import train as training
+    from kosmos_serve.training.records import read_examples
+
+    set_threads(threads)
+    examples = read_examples(data_file)
+    held_out = read_examples(eval_data) if eval_data else examples[:200]
+    quiet_transformers()
+    loaded, processor = training.load_for_training(model, seed)
+    config = TrainConfig(steps=steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+                         learning_rate=learning_rate, warmup_steps=warmup_steps, checkpoint_every=checkpoint_every,
+                         freeze_vision_steps=freeze_vision_steps, patch_supervision_weight=patch_supervision_weight,
+                         location_attention_weight=location_attention_weight, seed=seed)
+    final = training.train(loaded, processor, training.TrainingSet(processor, examples), out, config, resume=resume)
+    click.echo(f"saved {final}")
+    click.echo(data_scores(final, held_out))
+
+
+@click.command("train-demo")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--threads", type=int, help="Torch intra-op threads (default: all cores).")
+def train_demo(out, threads):
+    """Rebuild the shipped demo model in OUT: data, training from scratch, held-out scores (~52 min, 2 cores).
+
+    Run again with the same OUT to continue an interrupted run.
+    """
+    from kosmos_serve.engine.loading import quiet_transformers, set_threads
+    from kosmos_serve.training.demo_model import build_demo_model
+
+    set_threads(threads)
+    quiet_transformers()
+    click.echo(f"saved {build_demo_model(out, log=click.echo)}")
+
+
+@click.command("tiny-model")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+def tiny_model(out, seed):
+    """Write a tiny random Kosmos-2 (for tests and trying the tools offline) to folder OUT."""
+    from kosmos_serve.engine.loading import quiet_transformers
+    from kosmos_serve.training.tiny_model import build_tiny_model
+
+    quiet_transformers()
+    click.echo(str(build_tiny_model(out, seed=seed)))
+
+
+@click.group()
+def data():
+    """Make training data."""
+
+
+@data.command("shapes")
+@click.option("--n", "count", type=int, required=True, help="Number of scenes.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def data_shapes(count, seed, out):
+    """Write synthetic scenes (1-4 coloured shapes) and their grounded JSONL records to OUT."""
+    from kosmos_serve.training.shapes import write_shapes_dataset
+
+    click.echo(str(write_shapes_dataset(out, count, seed)))

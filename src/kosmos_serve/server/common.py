@@ -1,0 +1,48 @@
+"""What every protocol's routes share: the service state, decoding an image, and watching for the client leaving."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+from fastapi import Request
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from kosmos_serve.images import load_image
+from kosmos_serve.server.state import ServiceState
+
+
+def service_state(request: Request) -> ServiceState:
+    """The state of the app answering `request`."""
+    return request.app.state.service
+
+
+async def decode_image(state: ServiceState, data: bytes) -> Image.Image:
+    """`data` as an RGB image, decoded off the event loop; the pixel cap is checked from the header first."""
+    max_pixels = state.engine_settings.max_image_pixels
+    return await run_in_threadpool(functools.partial(load_image, data, max_pixels=max_pixels))
+
+
+async def client_gone(request: Request) -> None:
+    """Returns once the HTTP client has disconnected (call it after the body has been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class DisconnectWatch:
+    """One watcher of the client's disconnection, shared by a request's several generations; `close` it at the end."""
+
+    def __init__(self, request: Request):
+        self._request = request
+        self._task: asyncio.Task | None = None
+
+    async def __call__(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(client_gone(self._request))
+        await asyncio.shield(self._task)
+
+    def close(self) -> None:
+        """Stop watching."""
+        if self._task is not None:
+            self._task.cancel()

@@ -1,0 +1,25 @@
+"""Label Studio ML backend under `/label-studio`: the routes of HumanSignal's `label-studio-ml-backend`.
+
+Label Studio is given `http://host:8000/label-studio` as a model's URL and calls `GET /health`,
+`POST /setup`, `POST /predict` and `POST /webhook` below it. `/predict` reads the project's labeling
+config: its `<RectangleLabels>` control on an `<Image>`. Each `<Label>` is a phrase for Kosmos-2's
+detection task (one grounded prompt per phrase, one batch per image); a label's `predicted_values`
+(comma-separated) or `hint` replaces its value as the phrase, and a `<TextArea>` on the same image,
+when an annotator has typed in it (interactive pre-annotation), replaces the labels' phrases with its
+own lines. Each box comes back as a `rectanglelabels` region in percent of the image.
+
+Images in task data: `data:` URIs, Label Studio uploads (`/data/upload/...`) and local-files URLs
+(`/data/local-files/?d=...`), read from `LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT` when there and
+otherwise fetched from `LABEL_STUDIO_URL` with `LABEL_STUDIO_API_KEY`. No other host is ever fetched.
+
+Errors come in the ML backend's own shape, `{"status": ..., "detail": ...}` (plus the service's
+`code`), with the service's status codes.
+
+`config.py` reads the labeling config, `images.py` the task images, `protocol.py` is the wire format
+(the bodies, the predictions, the error body) and `routes.py` the routes.
+"""
+
+from kosmos_serve.server.label_studio.protocol import ERROR_FORMAT
+from kosmos_serve.server.label_studio.routes import router
+
+__all__ = ["ERROR_FORMAT", "router"]

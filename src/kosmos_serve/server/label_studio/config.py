@@ -1,0 +1,152 @@
+"""A Label Studio labeling config read for detection: its `<RectangleLabels>` on an `<Image>`, the phrases each
+`<Label>` stands for, and the plan of phrases to ground for a task (the annotator's typed prompt, when there is one).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+from xml.etree import ElementTree
+
+from kosmos_serve.errors import InvalidRequestError
+
+PROMPT_SEPARATORS = re.compile(r"[\n;,.]")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """A `<Label>`: the value a region carries and the phrases Kosmos-2 is asked to ground for it."""
+
+    value: str
+    phrases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """What `/predict` needs from a labeling config."""
+
+    from_name: str  # the <RectangleLabels> control
+    to_name: str  # the <Image> it labels
+    image_field: str  # the task data key the image reads: value="$image" -> "image"
+    labels: tuple[LabelSpec, ...]
+    prompt_from: str | None = None  # a <TextArea> on the same image, whose text replaces the labels' phrases
+
+
+def parse_labeling_config(xml: str) -> DetectionConfig:
+    """The first `<RectangleLabels>` on an `<Image>`, its labels and phrases, and a `<TextArea>` prompt if any.
+
+    >>> config = parse_labeling_config('<View><Image name="img" value="$photo"/><RectangleLabels name="box" '
+    ...     'toName="img"><Label value="Car" predicted_values="car, truck"/><Label value="Dog" hint="a dog"/>'
+    ...     '<Label value="cat"/></RectangleLabels></View>')
+    >>> config.from_name, config.to_name, config.image_field
+    ('box', 'img', 'photo')
+    >>> [(label.value, label.phrases) for label in config.labels]
+    [('Car', ('car', 'truck')), ('Dog', ('a dog',)), ('cat', ('cat',))]
+    """
+    if "<!DOCTYPE" in xml.upper() or "<!ENTITY" in xml.upper():
+        raise InvalidRequestError("The labeling config declares a DOCTYPE or entities, which Label Studio configs "
+                                  "never need; remove them.")
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError as error:
+        raise InvalidRequestError(f"The labeling config is not well-formed XML ({error}).") from None
+    tags = list(root.iter())
+    images = {tag.get("name"): tag for tag in tags if tag.tag.lower() == "image" and tag.get("name")}
+    controls = [tag for tag in tags if tag.tag.lower() == "rectanglelabels"]
+    example = ('<RectangleLabels name="label" toName="image"><Label value="cat"/></RectangleLabels> '
+               'for <Image name="image" value="$image"/>')
+    if not controls:
+        raise InvalidRequestError(f"The labeling config has no <RectangleLabels> control, which is what this backend "
+                                  f"predicts (boxes); add one, e.g. {example}.")
+    for control in controls:
+        targets = [name.strip() for name in (control.get("toName") or "").split(",") if name.strip()]
+        if len(targets) > 1 and any(name in images for name in targets):
+            raise InvalidRequestError(f"<RectangleLabels name=\"{control.get('name')}\"> names {len(targets)} objects "
+                                      f"({', '.join(targets)}); point it at one <Image>.")
+        if targets and targets[0] in images:
+            return _detection_config(control, images[targets[0]], tags)
+    raise InvalidRequestError(f"No <RectangleLabels> in the labeling config points at an <Image> (toName must be an "
+                              f"<Image>'s name), e.g. {example}.")
+
+
+def _detection_config(control: ElementTree.Element, image: ElementTree.Element, tags) -> DetectionConfig:
+    from_name, to_name = control.get("name"), image.get("name")
+    if not from_name:
+        raise InvalidRequestError("The <RectangleLabels> control has no name; give it one (name=\"label\").")
+    value = image.get("value") or ""
+    if not value.startswith("$") or len(value) < 2:
+        raise InvalidRequestError(f"<Image name=\"{to_name}\"> must read its image from the task data "
+                                  f"(value=\"$image\"); got value=\"{value}\".")
+    labels = tuple(_label_spec(label) for label in control.iter() if label.tag.lower() == "label")
+    if not labels:
+        raise InvalidRequestError(f"<RectangleLabels name=\"{from_name}\"> has no <Label> to detect; add one "
+                                  f"(<Label value=\"cat\"/>); labels loaded from task data are not supported.")
+    prompt = next((tag.get("name") for tag in tags if tag.tag.lower() == "textarea" and tag.get("name")
+                   and to_name in [name.strip() for name in (tag.get("toName") or "").split(",")]), None)
+    return DetectionConfig(from_name, to_name, value[1:], labels, prompt)
+
+
+def _label_spec(label: ElementTree.Element) -> LabelSpec:
+    value = (label.get("value") or "").strip()
+    if not value:
+        raise InvalidRequestError("A <Label> in the <RectangleLabels> control has no value; give each label one.")
+    predicted = [name.strip() for name in (label.get("predicted_values") or "").split(",") if name.strip()]
+    hint = (label.get("hint") or "").strip()
+    return LabelSpec(value, tuple(predicted) or ((hint,) if hint else (value,)))
+
+
+def detection_plan(config: DetectionConfig, context: dict[str, Any] | None) -> dict[str, LabelSpec | None]:
+    """The phrases to ground, each with the label its boxes carry (None: none fits, the annotator picks).
+
+    The annotator's text in the config's `<TextArea>`, when the interactive context carries it, is
+    one phrase per line (or per comma); otherwise every label's phrases.
+
+    >>> config = DetectionConfig("label", "image", "image", (LabelSpec("circle", ("circle",)),
+    ...                          LabelSpec("square", ("a square",))), prompt_from="prompt")
+    >>> list(detection_plan(config, None))
+    ['circle', 'a square']
+    >>> context = {"result": [{"from_name": "prompt", "type": "textarea",
+    ...                        "value": {"text": ["the blue circle, a star"]}}]}
+    >>> [(phrase, label and label.value) for phrase, label in detection_plan(config, context).items()]
+    [('the blue circle', 'circle'), ('a star', None)]
+    """
+    typed = [part.strip() for part in PROMPT_SEPARATORS.split(_prompt_text(config, context)) if part.strip()]
+    if typed:
+        return {phrase: label_for_phrase(phrase, config.labels) for phrase in typed}
+    plan: dict[str, LabelSpec | None] = {}
+    for label in config.labels:
+        for phrase in label.phrases:
+            plan.setdefault(phrase, label)
+    return plan
+
+
+def _prompt_text(config: DetectionConfig, context: dict[str, Any] | None) -> str:
+    if not config.prompt_from or not isinstance(context, dict) or not isinstance(context.get("result"), list):
+        return ""
+    for region in context["result"]:
+        if isinstance(region, dict) and region.get("from_name") == config.prompt_from:
+            text = (region.get("value") or {}).get("text") if isinstance(region.get("value"), dict) else None
+            if isinstance(text, list):
+                return "\n".join(str(line) for line in text)
+            if isinstance(text, str):
+                return text
+    return ""
+
+
+def label_for_phrase(phrase: str, labels: tuple[LabelSpec, ...]) -> LabelSpec | None:
+    """The label a typed phrase names (its value or a phrase of it, as whole words; longest wins), else the only one.
+
+    >>> labels = (LabelSpec("circle", ("circle",)), LabelSpec("blue circle", ("blue circle",)))
+    >>> label_for_phrase("the Blue Circle", labels).value
+    'blue circle'
+    >>> label_for_phrase("a star", labels) is None
+    True
+    """
+    best, best_length = None, 0
+    for label in labels:
+        for name in (label.value, *label.phrases):
+            if len(name) > best_length and re.search(rf"(?<!\w){re.escape(name.lower())}(?!\w)", phrase.lower()):
+                best, best_length = label, len(name)
+    return best if best is not None else (labels[0] if len(labels) == 1 else None)
+

@@ -1,0 +1,154 @@
+"""The ML backend's wire format: the bodies Label Studio sends, the predictions it reads, and the error body."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from kosmos_serve.engine import Result
+from kosmos_serve.server.errors import ErrorAnswer, ErrorFormat
+from kosmos_serve.server.label_studio.config import DetectionConfig, LabelSpec
+
+PREFIX = "/label-studio"
+MODEL_CLASS = "Kosmos2"  # what /health names, as the ML backend names its model class
+TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING")
+# Kosmos-2 writes a box as location tokens and gives no probability for it; every box it writes is its
+# answer. Regions carry this constant (a `model_score_threshold` never hides them); a task's score is
+# the mean of its regions', 0 when the model boxed nothing, so Label Studio's lowest-score-first sampling
+# brings the images the model found nothing in to an annotator first.
+REGION_SCORE = 1.0
+INTERNAL_ERROR_MESSAGE = "Internal error; the service log has the details."
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def is_label_studio_path(path: str) -> bool:
+    """Whether `path` belongs to the Label Studio backend (its errors take the ML backend's shape)."""
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
+
+def render_error(answer: ErrorAnswer, request: Request) -> JSONResponse:
+    """The ML backend's error shape, `{"status", "detail"}`, plus the service's error code."""
+    code = answer.code
+    if code == "http_error" and answer.status == 400:  # FastAPI's 400 for a body it cannot parse (not UTF-8, say)
+        code = "invalid_request"
+    detail = INTERNAL_ERROR_MESSAGE if code == "internal_error" else answer.message
+    return JSONResponse({"status": answer.status, "detail": detail, "code": code}, answer.status,
+                        headers=answer.headers)
+
+
+ERROR_FORMAT = ErrorFormat(owns=is_label_studio_path, render=render_error)
+
+
+# ------------------------------------------------------------------------------------------------ wire format
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")  # Label Studio sends more than this backend reads
+
+
+EXAMPLE_CONFIG = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+                  '<Label value="Circle" hint="the blue circle"/><Label value="Cross" hint="the yellow cross"/>'
+                  '</RectangleLabels></View>')
+
+
+class SetupBody(_Open):
+    """`POST /setup` as Label Studio's ML API connector sends it."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"project": "1.1796147424", "schema": EXAMPLE_CONFIG, "hostname": "http://localhost:8080",
+         "access_token": "<the project owner's token>", "extra_params": None}]})
+
+    project: str | None = Field(None, description="`<project id>.<created-at timestamp>`")
+    schema_: str = Field(alias="schema", description="The project's labeling config (XML).")
+    extra_params: Any = None
+
+
+class LabelStudioTask(_Open):
+    """One task: its id and its data (`data.image` holds the image reference the labeling config names)."""
+
+    id: int | None = None
+    data: dict[str, Any]
+
+
+class PredictParams(_Open):
+    login: str | None = None
+    password: str | None = None
+    context: dict[str, Any] | None = Field(None, description="Interactive pre-annotation: `{result: [...]}`.")
+
+
+class PredictBody(_Open):
+    """`POST /predict` as Label Studio's ML API connector sends it."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"tasks": [{"id": 1, "data": {"image": "/data/upload/1/6d5a7a3b-scene-four-shapes.png"}, "annotations": [],
+                    "predictions": [], "project": 1}],
+         "project": "1.1796147424", "label_config": EXAMPLE_CONFIG,
+         "params": {"login": None, "password": None, "context": None}}]})
+
+    tasks: list[LabelStudioTask]
+    label_config: str = Field(description="The project's labeling config (XML).")
+    project: str | None = None
+    model_version: str | None = None
+    params: PredictParams | None = None
+
+
+class WebhookBody(_Open):
+    """`POST /webhook`: Label Studio's event, e.g. `ANNOTATION_CREATED` with the project and annotation."""
+
+    action: str
+
+
+
+# ------------------------------------------------------------------------------------------------ predictions
+
+
+def model_version(model: str, quantize: str = "none") -> str:
+    """`kosmos-2:<model>`: the hub id, or a local folder's name, and `+int8` or `+auto` when quantized.
+
+    >>> model_version("microsoft/kosmos-2-patch14-224"), model_version("/models/my-kosmos/", "int8")
+    ('kosmos-2:microsoft/kosmos-2-patch14-224', 'kosmos-2:my-kosmos+int8')
+    """
+    name = Path(model).name if model.startswith((".", "/", "~")) or os.path.isdir(model) else model
+    return f"kosmos-2:{name}" + ("" if quantize == "none" else f"+{quantize}")
+
+
+def regions(result: Result, config: DetectionConfig, plan: dict[str, LabelSpec | None]) -> list[dict]:
+    """Each box of each grounded phrase as a `rectanglelabels` region, in percent of the original image."""
+    width, height = result.image_size
+    found = []
+    for entity in result.entities:
+        if entity.phrase not in plan:
+            continue
+        label = plan[entity.phrase]
+        for x1, y1, x2, y2 in entity.boxes:
+            x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2))
+            region = {
+                "id": uuid.uuid4().hex[:10],
+                "from_name": config.from_name,
+                "to_name": config.to_name,
+                "type": "rectanglelabels",
+                "original_width": width,
+                "original_height": height,
+                "image_rotation": 0,
+                "value": {"x": 100 * x1, "y": 100 * y1, "width": 100 * (x2 - x1), "height": 100 * (y2 - y1),
+                          "rotation": 0, "rectanglelabels": [label.value] if label else []},
+                "score": REGION_SCORE,
+            }
+            if label is None:  # a typed phrase no label fits: the box comes unlabelled, the phrase as its note
+                region["meta"] = {"text": [entity.phrase]}
+            found.append(region)
+    return found
+
+
+def prediction(found: list[dict], version: str) -> dict:
+    """One task's prediction: its regions, their mean score (0 when none) and the model version."""
+    score = sum(region["score"] for region in found) / len(found) if found else 0.0
+    return {"result": found, "score": score, "model_version": version}

@@ -1,0 +1,95 @@
+"""The ML backend's routes under `/label-studio`: health, setup, predict and webhook."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from kosmos_serve.engine import Request as EngineRequest
+from kosmos_serve.errors import InvalidRequestError, KosmosServeError
+from kosmos_serve.server.common import DisconnectWatch, decode_image, service_state
+from kosmos_serve.server.errors import AnsweringRoute
+from kosmos_serve.server.label_studio.config import detection_plan, parse_labeling_config
+from kosmos_serve.server.label_studio.images import task_image_bytes
+from kosmos_serve.server.label_studio.protocol import (
+    MODEL_CLASS,
+    PREFIX,
+    TRAIN_EVENTS,
+    LabelStudioTask,
+    PredictBody,
+    SetupBody,
+    WebhookBody,
+    model_version,
+    prediction,
+    regions,
+)
+from kosmos_serve.server.state import ServiceState
+from kosmos_serve.tasks import TaskInput
+
+router = APIRouter(prefix=PREFIX, tags=["label-studio"], route_class=AnsweringRoute)
+
+
+def _model_version(state: ServiceState) -> str:
+    return model_version(state.engine_settings.model, state.engine_settings.quantize)
+
+
+@router.get("/health", summary="Liveness as the ML backend reports it: `UP` once the model is ready (else 503).")
+@router.get("/", include_in_schema=False)
+async def health(request: Request):
+    service_state(request).ready_batcher()
+    return {"status": "UP", "model_class": MODEL_CLASS}
+
+
+@router.post("/setup",
+             summary="Label Studio connects a project: checks its labeling config, answers the model version.")
+async def setup(request: Request, body: SetupBody):
+    parse_labeling_config(body.schema_)
+    return {"model_version": _model_version(service_state(request))}
+
+
+@router.post("/predict", summary="Boxes for each task's image, one phrase per label (or the annotator's prompt).")
+async def predict(request: Request, body: PredictBody):
+    state = service_state(request)
+    config = parse_labeling_config(body.label_config)
+    context = body.params.context if body.params else None
+    plan = detection_plan(config, context)
+    version = _model_version(state)
+    state.ready_batcher()  # a 503 before any image is fetched
+    room = asyncio.Semaphore(state.settings.max_batch_requests)  # enough at once to fill a batch, not the whole queue
+
+    async def predict_task(index: int, task: LabelStudioTask) -> dict:
+        async with room:
+            try:
+                data = await task_image_bytes(task.data.get(config.image_field), state.settings, config.image_field)
+                image = await decode_image(state, data)
+                engine_request = EngineRequest(image, TaskInput("detection", phrases=tuple(plan)))
+                result = await state.generate(engine_request, gone)
+            except KosmosServeError as error:
+                name = f"Task {task.id}" if task.id is not None else f"Task {index + 1} of the request"
+                error.message = f"{name}: {error.message}"
+                raise
+        return prediction(regions(result, config, plan), version)
+
+    missing = [task.id if task.id is not None else i + 1 for i, task in enumerate(body.tasks)
+               if config.image_field not in task.data]
+    if missing:
+        raise InvalidRequestError(f"Task {missing[0]} has no data.{config.image_field}, which the labeling config's "
+                                  f"<Image name=\"{config.to_name}\" value=\"${config.image_field}\"> reads.")
+    gone = DisconnectWatch(request)  # one watcher for all the tasks' queued requests
+    jobs = [asyncio.ensure_future(predict_task(i, task)) for i, task in enumerate(body.tasks)]
+    try:
+        return {"results": await asyncio.gather(*jobs)}
+    finally:
+        for job in jobs:
+            job.cancel()  # one failed: the others' queued work is dropped
+        gone.close()
+
+
+@router.post("/webhook", status_code=201,
+             summary="Label Studio's events; Kosmos-2 is not trained from annotations here.")
+async def webhook(body: WebhookBody):
+    if body.action not in TRAIN_EVENTS:
+        return JSONResponse({"status": "Unknown event"}, 200)
+    return {"result": None, "status": "ok"}

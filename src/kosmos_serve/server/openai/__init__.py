@@ -1,0 +1,24 @@
+"""OpenAI-compatible `POST /v1/chat/completions` and `GET /v1/models`, in vLLM's wire format.
+
+A chat request becomes one Kosmos-2 task on the conversation's one image, through the same batcher,
+limits, key, image cache and metrics as every other route:
+
+| the last user message's text              | task                 | prompt sent                                     |
+| ----------------------------------------- | -------------------- | ----------------------------------------------- |
+| none                                      | brief caption        | `<grounding> An image of`                       |
+| has Kosmos-2 tags (`<grounding>`, ...)    | raw, as it is        | the text, unchanged                             |
+| plain words (`What is red?`)              | grounded VQA         | `<grounding> Question: What is red? Answer:`    |
+
+The answer (`message.content`) is the paper's markdown: each grounded phrase a link to its pixel boxes.
+It is the model's clean text as `POST /predict` gives it (a caption keeps its `An image of`), except
+that a question's answer is given without the `Question: ... Answer:` frame. Errors on these routes
+are OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+
+`protocol.py` is the wire format, `translate.py` the translation to a Kosmos-2 task and back, `routes.py`
+the routes and the streaming.
+"""
+
+from kosmos_serve.server.openai.protocol import ERROR_FORMAT
+from kosmos_serve.server.openai.routes import router
+
+__all__ = ["ERROR_FORMAT", "router"]

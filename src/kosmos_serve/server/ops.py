@@ -1,0 +1,63 @@
+"""Operations: liveness, readiness, what is served and with which limits, Prometheus metrics, the task list."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from kosmos_serve.server.common import service_state
+from kosmos_serve.tasks import TASK_DESCRIPTIONS
+
+router = APIRouter()
+
+
+@router.get("/v1/tasks", tags=["v1"], summary="The tasks and the inputs each needs.")
+async def tasks():
+    return {"tasks": [{"name": task.value, "description": text} for task, text in TASK_DESCRIPTIONS.items()]}
+
+
+@router.get("/health", tags=["operations"], summary="Liveness: the process answers.")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/ready", tags=["operations"], summary="Readiness: 200 once the model is loaded and warmed up, else 503.")
+async def ready(request: Request):
+    service_state(request).ready_batcher()
+    return {"status": "ready"}
+
+
+@router.get("/info", tags=["operations"], summary="Model, device, dtype, version and limits.")
+async def info(request: Request):
+    state = service_state(request)
+    engine, limits = state.engine, state.engine_settings
+    return {
+        "model": limits.model,
+        "device": str(engine.device) if engine else None,
+        "dtype": str(engine.dtype).removeprefix("torch.") if engine else None,
+        "quantize": limits.quantize,
+        "weight_formats": engine.weight_formats if engine else None,  # per part: what --quantize chose here
+        "version": request.app.version,
+        "ready": state.batcher is not None,
+        "limits": {
+            "max_upload_bytes": state.settings.max_upload_bytes,
+            "max_image_pixels": limits.max_image_pixels,
+            "max_prompt_chars": limits.max_prompt_chars,
+            "default_max_new_tokens": engine.defaults.max_new_tokens if engine else limits.max_new_tokens,
+            "max_new_tokens_cap": limits.max_new_tokens_cap,
+            "max_batch_size": state.settings.max_batch_requests,
+            "max_queue": state.settings.max_queue,
+            "request_timeout_s": state.settings.request_timeout_s,
+        },
+        "defaults": {  # request fields override them; see kosmos_serve.generation for where each comes from
+            "default_prompt": state.default_prompt,
+            "max_new_tokens": engine.defaults.max_new_tokens if engine else limits.max_new_tokens,
+            "no_repeat_ngram_size": engine.defaults.no_repeat_ngram_size if engine else limits.no_repeat_ngram_size,
+        },
+        "tasks": [task.value for task in TASK_DESCRIPTIONS],
+    }
+
+
+@router.get("/metrics", tags=["operations"], summary="Prometheus metrics.")
+async def metrics(request: Request):
+    return Response(service_state(request).metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")

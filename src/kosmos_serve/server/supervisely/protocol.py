@@ -1,0 +1,143 @@
+"""Supervisely's served-model wire format: the settings a request carries, the prediction JSON, the error body."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kosmos_serve.engine import Request as EngineRequest
+from kosmos_serve.engine import Result
+from kosmos_serve.errors import InvalidRequestError, describe_validation_errors
+from kosmos_serve.generation import GenerationParams, MaxNewTokens
+from kosmos_serve.server.errors import ErrorAnswer, ErrorFormat
+from kosmos_serve.tasks import Task, TaskInput
+
+PREFIX = "/supervisely"
+TASK_TYPE = "prompt-based object detection"  # PromptBasedObjectDetection.get_info()["task type"]
+DEFAULT_TEXT_PROMPT = "<grounding> An image of"  # serve-kosmos-2's src/inference_settings.yaml
+SERVED = ("get_session_info", "get_custom_inference_settings", "get_output_classes_and_tags", "get_model_meta",
+          "get_deploy_info", "is_deployed", "inference_image", "inference_batch", "inference_image_url")
+# Inference.serve's routes that read Supervisely ids, which only the platform can turn into images.
+NEEDS_PLATFORM = ("inference_image_id", "inference_image_id_async", "inference_batch_ids", "inference_batch_ids_async",
+                  "inference_video_id", "inference_video_id_async", "inference_project_id_async", "run_speedtest",
+                  "tracking_by_detection")
+
+
+def is_supervisely_path(path: str) -> bool:
+    """Whether `path` is one of this protocol's routes (its errors answer in Supervisely's shape)."""
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
+
+def render_error(answer: ErrorAnswer, request: Request) -> JSONResponse:
+    """An error as `Inference.serve`'s handler answers it, `{"detail", "success": false, "message"}`; bad input: 400."""
+    message = answer.message
+    if answer.problems is not None:  # list indices dropped: `files`, not `files.0`
+        message = describe_validation_errors([{**problem, "loc": [p for p in problem["loc"] if not isinstance(p, int)]}
+                                              for problem in answer.problems])
+    status = 400 if answer.status == 422 else answer.status
+    return JSONResponse({"detail": message, "success": False, "message": message}, status, headers=answer.headers)
+
+
+ERROR_FORMAT = ErrorFormat(owns=is_supervisely_path, render=render_error)
+
+
+class InferenceSettings(BaseModel):
+    """`state.settings` of a request: serve-kosmos-2's keys, plus SessionJSON's `classes`; other keys are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text_prompt: str | None = None
+    max_new_tokens: MaxNewTokens | None = None
+    classes: Any = None  # checked in inference_settings, with a message pydantic's union errors would not give
+
+
+def read_state(text: str) -> dict:
+    """The `state` a multipart form carries as JSON text (`{"settings": {...}}`), or a 400 naming the problem.
+
+    >>> read_state('{"settings": {"max_new_tokens": 16}}')
+    {'settings': {'max_new_tokens': 16}}
+    """
+    try:
+        state = json.loads(text)
+    except ValueError:
+        raise InvalidRequestError('The settings field is not JSON; send {"settings": {"text_prompt": ...}}.') from None
+    if not isinstance(state, dict):
+        raise InvalidRequestError('The settings field must be a JSON object: {"settings": {"text_prompt": ...}}.')
+    return state
+
+
+def inference_settings(state: dict) -> InferenceSettings:
+    """`state["settings"]` checked; keys serve-kosmos-2 reads but found outside `settings` are a 400, not ignored."""
+    settings = state.get("settings")
+    if settings is None:
+        misplaced = sorted(set(state) & set(InferenceSettings.model_fields))
+        if misplaced:
+            raise InvalidRequestError(
+                f"{', '.join(misplaced)} must sit inside settings: send {{\"settings\": {{\"{misplaced[0]}\": ...}}}}."
+            )
+        settings = {}
+    if not isinstance(settings, dict):
+        raise InvalidRequestError('settings must be a JSON object such as {"text_prompt": "<grounding> An image of"}.')
+    try:
+        checked = InferenceSettings.model_validate(settings)
+    except ValidationError as error:
+        raise InvalidRequestError(f"settings.{describe_validation_errors(error.errors())}.") from None
+    classes = checked.classes
+    if classes not in (None, "all") and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise InvalidRequestError('settings.classes must be a list of phrases to keep, or "all".')
+    if checked.text_prompt is not None and not checked.text_prompt.strip():
+        raise InvalidRequestError("settings.text_prompt is empty; give a Kosmos-2 prompt such as "
+                                  "'<grounding> An image of'.")
+    return checked
+
+
+def engine_request(image: Image.Image, settings: InferenceSettings) -> EngineRequest:
+    """The grounded generation serve-kosmos-2 runs for these settings (`<grounding>` added when missing)."""
+    task = TaskInput(Task.RAW, prompt=settings.text_prompt or DEFAULT_TEXT_PROMPT, grounding=True)
+    return EngineRequest(image, task, GenerationParams(max_new_tokens=settings.max_new_tokens))
+
+
+def rectangle_object(class_title: str, box: tuple[int, int, int, int]) -> dict:
+    """One box as a Supervisely rectangle label (`Label.to_json`); exterior is [[left, top], [right, bottom]].
+
+    >>> rectangle_object("the blue circle", (132, 9, 225, 88))["points"]
+    {'exterior': [[132, 9], [225, 88]], 'interior': []}
+    """
+    x1, y1, x2, y2 = box
+    return {
+        "classTitle": class_title,
+        "description": "",
+        "tags": [],
+        "points": {"exterior": [[min(x1, x2), min(y1, y2)], [max(x1, x2), max(y1, y2)]], "interior": []},
+        "geometryType": "rectangle",
+        "shape": "rectangle",
+        "nnCreated": True,
+        "nnUpdated": True,
+    }
+
+
+def prediction(result: Result, classes: list[str] | str | None = None, name: str | None = None) -> dict:
+    """A result as the SDK's prediction JSON: the annotation (caption as its description) and `data`, the /v1 answer.
+
+    Each box of each grounded phrase is one object; `classes` (a list) keeps only those phrases.
+    """
+    width, height = result.image_size
+    objects = [
+        rectangle_object(entity.phrase, box)
+        for entity in result.entities
+        if entity.phrase.strip() and (not isinstance(classes, list) or entity.phrase in classes)
+        for box in entity.pixel_boxes
+    ]
+    annotation = {"description": result.text, "size": {"height": height, "width": width}, "tags": [],
+                  "objects": objects, "customBigData": {}}
+    return {
+        "source": None, "annotation": annotation, "name": name, "path": None, "url": None, "project_id": None,
+        "dataset_id": None, "image_id": None, "video_id": None, "frame_index": None, "slides_data": {},
+        "data": result.to_dict(),
+    }
+

@@ -100,8 +100,8 @@ def measure_speed(args) -> dict:
     from kosmos_serve.collections.runner import AnnotateRun, engine_settings
     from kosmos_serve.config import EngineSettings
     from kosmos_serve.engine import Engine, GenerationParams
-    from kosmos_serve.images import load_image
     from kosmos_serve.engine.loading import quiet_transformers, set_threads
+    from kosmos_serve.images import load_image
     from kosmos_serve.tasks import TaskInput
 
     quiet_transformers()

@@ -48,10 +48,18 @@ class InvalidBoxError(KosmosServeError):
 
 
 class InvalidRequestError(KosmosServeError):
-    """A task, its inputs or a generation parameter is unknown, missing or out of range."""
+    """A task, its inputs or a generation parameter is unknown, missing or out of range.
+
+    `field` names the request input at fault where one limit decides it ("prompt", "phrases",
+    "max_new_tokens"), so that a protocol can point at its own field for it.
+    """
 
     status = 422
     code = "invalid_request"
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class ModelLoadError(KosmosServeError):

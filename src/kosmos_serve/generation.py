@@ -58,7 +58,8 @@ class GenerationParams:
         """Raise InvalidRequestError naming every parameter out of its range."""
         if isinstance(self.max_new_tokens, int) and not 1 <= self.max_new_tokens <= max_new_tokens_cap:
             raise InvalidRequestError(
-                f"max_new_tokens must be between 1 and {max_new_tokens_cap} (KOSMOS_MAX_NEW_TOKENS_CAP)."
+                f"max_new_tokens must be between 1 and {max_new_tokens_cap} (KOSMOS_MAX_NEW_TOKENS_CAP).",
+                field="max_new_tokens",
             )
         try:
             _PARAMS.validate_python(dataclasses.asdict(self))

@@ -62,9 +62,10 @@ def check_task(task: TaskInput, params: GenerationParams, settings: EngineSettin
     """Validate a task and its parameters against the limits in `settings`; its prompts for an image of that size."""
     params.validate(settings.max_new_tokens_cap)
     limit = settings.max_prompt_chars
-    for text in (task.prompt or "", *task.phrases):
+    for name, text in [("prompt", task.prompt or ""), *(("phrases", phrase) for phrase in task.phrases)]:
         if len(text) > limit:
-            raise InvalidRequestError(f"A prompt or phrase is {len(text)} characters long; the limit is {limit}.")
+            raise InvalidRequestError(f"A prompt or phrase is {len(text)} characters long; the limit is {limit}.",
+                                      name)
     return build_prompts(task, *image_size)
 
 

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kosmos_serve.engine import PreparedRequest, Result
 from kosmos_serve.engine import Request as EngineRequest
-from kosmos_serve.errors import KosmosServeError
+from kosmos_serve.errors import InvalidRequestError, KosmosServeError
 from kosmos_serve.generation import MAX_NEW_TOKENS_LIMIT
 from kosmos_serve.server.common import DisconnectWatch, decode_image, service_state
 from kosmos_serve.server.errors import AnsweringRoute
@@ -34,6 +34,7 @@ from kosmos_serve.server.openai.translate import (
     Completion,
     generation_params,
     read_conversation,
+    refusal,
     task_for_text,
 )
 from kosmos_serve.server.state import ServiceState
@@ -99,13 +100,16 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     if ignored:
         logger.info("Ignored fields of a chat completion request: %s", ", ".join(ignored))
     _check_model(state, body.model)
-    url, image_param, text = read_conversation(body.messages, state.engine_settings.max_prompt_chars)
+    url, image_param, text = read_conversation(body.messages)
     task = task_for_text(text)
-    all_params = generation_params(body, state.engine_settings.max_new_tokens_cap)
+    all_params = generation_params(body)
     state.ready_batcher()  # a 503 before any image is fetched
     image = await _read_image(state, url, image_param)
-    choices = [Choice(state.prepare(EngineRequest(image, task, params)), task.task is Task.GROUNDED_VQA,
-                      body.stop_strings) for params in all_params]  # a prompt too long is a 400 here
+    try:  # the engine checks each choice (a prompt too long, too many tokens: a 400 here)
+        choices = [Choice(state.prepare(EngineRequest(image, task, params)), task.task is Task.GROUNDED_VQA,
+                          body.stop_strings) for params in all_params]
+    except InvalidRequestError as error:
+        raise refusal(error, body, text, state.engine_settings) from None
     prompt_tokens, decoded_prompt = await run_in_threadpool(state.engine.prompt_reader.read, choices[0].prompt)
     completion = Completion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.engine_settings.model,
                             prompt_tokens)

@@ -9,7 +9,9 @@ import json
 import re
 from dataclasses import dataclass
 
+from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine import PreparedRequest, Result
+from kosmos_serve.errors import InvalidRequestError, KosmosServeError
 from kosmos_serve.generation import GenerationParams
 from kosmos_serve.grounding import Entity, parse_generation, render_markdown
 from kosmos_serve.server.openai.protocol import ChatCompletionRequest, ChatMessage, ChatRequestError
@@ -39,7 +41,7 @@ def task_for_text(text: str) -> TaskInput:
     return TaskInput(Task.GROUNDED_VQA, text)
 
 
-def read_conversation(messages: list[ChatMessage], max_chars: int) -> tuple[str, str, str]:
+def read_conversation(messages: list[ChatMessage]) -> tuple[str, str, str]:
     """The conversation's one image URL, its location (`param`), and the last user message's text.
 
     Only the last message, which must be the user's, is asked: Kosmos-2 has no system prompt and no
@@ -68,21 +70,20 @@ def read_conversation(messages: list[ChatMessage], max_chars: int) -> tuple[str,
         text = " ".join(part.text.strip() for part in last.content if part.type == "text" and part.text.strip())
     else:
         text = last.content or ""
-    if len(text) > max_chars:
-        raise ChatRequestError(f"The user's message is {len(text)} characters long; the limit is {max_chars} "
-                               "(KOSMOS_MAX_PROMPT_CHARS).", f"messages[{len(messages) - 1}].content")
     url, param = images[0]
     return url, f"{param}.image_url.url", text
 
 
-def generation_params(body: ChatCompletionRequest, max_new_tokens_cap: int) -> list[GenerationParams]:
+def max_tokens_field(body: ChatCompletionRequest) -> tuple[str, int | None]:
+    """The field that bounds the answer's tokens and its value: `max_completion_tokens`, else `max_tokens`."""
+    if body.max_completion_tokens is not None:
+        return "max_completion_tokens", body.max_completion_tokens
+    return "max_tokens", body.max_tokens
+
+
+def generation_params(body: ChatCompletionRequest) -> list[GenerationParams]:
     """One GenerationParams per choice: greedy unless temperature > 0; sampled choice i uses seed + i."""
-    max_tokens, field = body.max_completion_tokens, "max_completion_tokens"
-    if max_tokens is None:
-        max_tokens, field = body.max_tokens, "max_tokens"
-    if max_tokens is not None and max_tokens > max_new_tokens_cap:
-        raise ChatRequestError(f"{field} is {max_tokens}; this service allows at most {max_new_tokens_cap} new "
-                               "tokens (KOSMOS_MAX_NEW_TOKENS_CAP).", field)
+    _, max_tokens = max_tokens_field(body)
     if not body.sampling:
         if body.n > 1:
             raise ChatRequestError(
@@ -98,6 +99,20 @@ def generation_params(body: ChatCompletionRequest, max_new_tokens_cap: int) -> l
         for index in range(body.n)
     ]
 
+
+
+def refusal(error: InvalidRequestError, body: ChatCompletionRequest, text: str,
+            settings: EngineSettings) -> KosmosServeError:
+    """The engine's refusal of a choice, said in the chat request's own terms: the field the client sent."""
+    if error.field == "max_new_tokens":
+        field, value = max_tokens_field(body)
+        return ChatRequestError(f"{field} is {value}; this service allows at most {settings.max_new_tokens_cap} new "
+                                "tokens (KOSMOS_MAX_NEW_TOKENS_CAP).", field)
+    if error.field == "prompt":
+        return ChatRequestError(f"The user's message is {len(text)} characters long; the limit is "
+                                f"{settings.max_prompt_chars} (KOSMOS_MAX_PROMPT_CHARS).",
+                                f"messages[{len(body.messages) - 1}].content")
+    return error
 
 # --- result -> chat answer ---------------------------------------------------------------------------------
 

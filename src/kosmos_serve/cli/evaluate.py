@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from kosmos_serve.cli.options import ray_job_options, ray_options
-from kosmos_serve.config import EngineSettings
+from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.errors import InvalidRequestError
 
 # Commands import their work lazily: --help and argument errors answer without loading torch or Ray.
@@ -96,11 +96,17 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
         quantize=quantize, batch_size=batch_size, show_progress=sys.stderr.isatty(),
         on_cluster=_on_ray_cluster(ray_address, workers, cpus_per_worker, gpus_per_worker, batch_size),
         no_repeat_ngram_size=ORIGINAL_NO_REPEAT_NGRAM_SIZE if no_repeat_ngram_size is None else no_repeat_ngram_size,
-        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS, api_key=_service_key() if url else None,
     )
     click.echo(format_report(outcome))
     if outcome.interrupted:
         sys.exit(130)
+
+
+def _service_key() -> str | None:
+    """The API key for --url: KOSMOS_API_KEY, the setting the service itself reads its key from."""
+    key = ServerSettings().api_key
+    return key.get_secret_value() if key is not None else None
 
 
 def _on_ray_cluster(ray_address, workers, cpus_per_worker, gpus_per_worker, batch_size):

@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 TINY_SPAN = 1e-12
 INPUT_SCALE = 1 / 126  # the mapped rows' grid: 0 -> 1, 1 -> 127, inside the 7 bits fbgemm's AVX2 kernels need
@@ -61,8 +62,6 @@ class RowwiseInt8Linear(torch.nn.Module):
 
 def use_rowwise_activations(model: torch.nn.Module) -> int:
     """Swap every torch.ao dynamic int8 Linear in `model` for a `RowwiseInt8Linear`, in place; how many."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
     swapped = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

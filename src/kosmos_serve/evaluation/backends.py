@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from PIL import ExifTags, Image
 
 from kosmos_serve.engine import Engine, Request
@@ -127,14 +127,10 @@ class ServiceBackend:
     """A running kosmos-serve service: a `POST /v1/generate` per prompt, several in flight for the service to batch."""
 
     def __init__(self, url: str, params: GenerationParams, concurrency: int = SERVICE_CONCURRENCY,
-                 timeout: float = 600):
-        import httpx
-
+                 timeout: float = 600, api_key: str | None = None):
         self.url, self.params, self.concurrency = url.rstrip("/"), params, concurrency
-        key = os.environ.get("KOSMOS_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
-        self._transport_error = httpx.TransportError
         info = self._call("GET", "/info")
         self.model = info.json().get("model", self.url)
         self.images = ImageStore(self._payload)
@@ -144,7 +140,7 @@ class ServiceBackend:
         for _ in range(BUSY_RETRIES):
             try:
                 response = self.client.request(method, route, **kwargs)
-            except self._transport_error as error:
+            except httpx.TransportError as error:
                 raise EvaluationError(f"The service at {self.url} cannot be reached ({type(error).__name__}); is "
                                       "`kosmos-serve serve` running there?") from None
             if response.status_code != 503:

@@ -218,13 +218,14 @@ def evaluate_benchmark(benchmark: str, annotations: Sequence[Path], images: Path
                        flickr_entities: Path | None = None, quantize: str = "none",
                        no_repeat_ngram_size: int = ORIGINAL_NO_REPEAT_NGRAM_SIZE,
                        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 16,
-                       show_progress: bool = False, on_cluster: Callable[..., Outcome] | None = None) -> Outcome:
-    """Score a model (loaded here, served at `url`, or run by `on_cluster(splits, log, settings=, params=)`, which
-    the CLI's --ray hands in) on a benchmark's annotation files; files are checked first."""
+                       show_progress: bool = False, on_cluster: Callable[..., Outcome] | None = None,
+                       api_key: str | None = None) -> Outcome:
+    """Score a model (loaded here, served at `url` with `api_key`, or run by `on_cluster(splits, log, settings=,
+    params=)`, which the CLI's --ray hands in) on a benchmark's annotation files; files are checked first."""
     entities = FlickrEntities(flickr_entities) if flickr_entities is not None else None
     splits = read_splits(benchmark, list(annotations), images, limit, entities)
     params = GenerationParams(max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
-    backend = ServiceBackend(url, params) if url is not None else None
+    backend = ServiceBackend(url, params, api_key=api_key) if url is not None else None
     ground_truth = "flickr30k_entities" if entities is not None else "mdetr"
     log = PredictionLog(out, Settings(backend.model if backend else str(model), max_new_tokens, no_repeat_ngram_size,
                                       ground_truth),  # a file of other settings is refused before the model loads

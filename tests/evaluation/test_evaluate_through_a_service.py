@@ -62,6 +62,21 @@ def test_the_cli_scores_through_the_service(shapes, service):
     assert result.output.startswith(f"demo ({service}): greedy, no_repeat_ngram_size 3, max_new_tokens {TOKENS}")
 
 
+def test_the_cli_sends_kosmos_api_key_to_a_service_that_needs_one(shapes, demo_engine, monkeypatch):
+    app = create_app(ServerSettings(demo=False, api_key="s3cret"), demo_engine.settings, engine=demo_engine)
+    arguments = ["evaluate", "--benchmark", "refcoco", "--url", None, "--annotations", str(shapes.refcoco),
+                 "--images", str(shapes.folder), "--limit", "2", "--max-new-tokens", "4"]
+    with serve_in_thread(app) as url:
+        arguments[4] = url
+        while httpx.get(f"{url}/ready").status_code != 200:
+            time.sleep(0.05)
+        refused = CliRunner().invoke(main, arguments)
+        monkeypatch.setenv("KOSMOS_API_KEY", "s3cret")
+        answered = CliRunner().invoke(main, arguments)
+    assert refused.exit_code == 1 and "KOSMOS_API_KEY" in refused.output
+    assert answered.exit_code == 0, answered.output
+
+
 def test_an_unreachable_service_is_one_line(shapes):
     result = CliRunner().invoke(main, ["evaluate", "--benchmark", "refcoco", "--url", "http://127.0.0.1:9",
                                        "--annotations", str(shapes.refcoco), "--images", str(shapes.folder)])

@@ -26,12 +26,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from kosmos_serve.config import EngineSettings, ServerSettings, Settings
 from kosmos_serve.distributed.cluster import ClusterError, connected
-from kosmos_serve.errors import ModelLoadError
-from kosmos_serve.server.app import create_api
+from kosmos_serve.errors import ModelLoadError, ServiceBusyError
+from kosmos_serve.server.app import create_api, service_error_map
 
 try:  # the `ray` extra; without it this module still imports (its doctests run) and `serve --ray` names the install
     from ray import serve
@@ -179,9 +179,9 @@ class Gateway:
             response = StreamingResponse(body_chunks(answer), status_code=start["status"])
             response.raw_headers = list(start["headers"])
             return response
-        message = "No replica could answer (they failed or restarted); try again shortly."
-        return JSONResponse({"error": {"code": "service_busy", "message": message}}, 503,
-                            headers={"Retry-After": str(RETRY_AFTER_S)})
+        busy = ServiceBusyError("No replica could answer (they failed or restarted); try again shortly.",
+                                retry_after=RETRY_AFTER_S)
+        return service_error_map().response(busy, request)  # in the wire shape of the protocol asked
 
 
 def is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -20,7 +20,7 @@ from kosmos_serve.engine import Engine, start_batcher, start_engine
 from kosmos_serve.errors import KosmosServeError
 from kosmos_serve.generation import GenerationParams
 from kosmos_serve.server import label_studio, openai, ops, routes, supervisely
-from kosmos_serve.server.errors import add_error_map
+from kosmos_serve.server.errors import ErrorMap, add_error_map
 from kosmos_serve.server.metrics import Metrics
 from kosmos_serve.server.middleware import BodySizeLimit, observe_and_authorise
 from kosmos_serve.server.state import ServiceState
@@ -55,10 +55,15 @@ def create_api(
     app.include_router(label_studio.router)  # Label Studio ML backend under /label-studio
     app.include_router(openai.router)  # OpenAI-compatible /v1/chat/completions and /v1/models
     app.include_router(supervisely.router)  # Supervisely's served-model protocol under /supervisely
-    error_map = add_error_map(app, [openai.ERROR_FORMAT, label_studio.ERROR_FORMAT, supervisely.ERROR_FORMAT])
+    error_map = add_error_map(app, service_error_map())
     app.middleware("http")(observe_and_authorise)
     app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_upload_bytes, error_map=error_map)
     return app
+
+
+def service_error_map() -> ErrorMap:
+    """The service's one error map: each protocol's wire shape on its own paths, the service's own elsewhere."""
+    return ErrorMap([openai.ERROR_FORMAT, label_studio.ERROR_FORMAT, supervisely.ERROR_FORMAT])
 
 
 def _declare_configured_cap(app: FastAPI, max_new_tokens_cap: int) -> None:

@@ -102,9 +102,8 @@ class ErrorMap:
         return self.response(error, request)
 
 
-def add_error_map(app: FastAPI, protocols: Sequence[ErrorFormat]) -> ErrorMap:
-    """Answer every error `app` raises through one map of `protocols`' formats (kept as `app.state.error_map`)."""
-    error_map = ErrorMap(protocols)
+def add_error_map(app: FastAPI, error_map: ErrorMap) -> ErrorMap:
+    """Answer every error `app` raises through `error_map` (kept as `app.state.error_map`)."""
     app.state.error_map = error_map
     for kind in (KosmosServeError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(kind, error_map.handle)

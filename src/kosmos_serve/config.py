@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kosmos_serve.generation import MAX_NEW_TOKENS_LIMIT, MaxNewTokens, NoRepeatNgramSize
+from kosmos_serve.generation import MAX_NEW_TOKENS_LIMIT, MaxNewTokens, MinScore, NoRepeatNgramSize
 
 DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
 
@@ -45,6 +45,10 @@ class EngineSettings(BaseSettings):
     )
     no_repeat_ngram_size: NoRepeatNgramSize | None = Field(
         None, description="Default of no_repeat_ngram_size (unset: the model's default, else the original demo's 3)."
+    )
+    min_score: MinScore | None = Field(
+        None, description="Boxes scored under this are dropped: by default for detection, Label Studio, Supervisely "
+                          "and annotate, for other tasks when a request asks (unset: the model's default, else 0.3).",
     )
     max_new_tokens_cap: int = Field(
         1024, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Most new tokens a request may ask for."

@@ -6,7 +6,7 @@ of the Python API and the CLI. A value that would make sampling fail (an infinit
 temperature, a seed torch cannot take) is outside its range.
 
 Defaults come in layers, the first set one wins: the request's field, the operator's setting
-(`KOSMOS_MAX_NEW_TOKENS`, `KOSMOS_NO_REPEAT_NGRAM_SIZE`, `DEFAULT_PROMPT`), the model folder's
+(`KOSMOS_MAX_NEW_TOKENS`, `KOSMOS_NO_REPEAT_NGRAM_SIZE`, `KOSMOS_MIN_SCORE`, `DEFAULT_PROMPT`), the model folder's
 `kosmos_serve.json`, and the built-in defaults (the original demo's).
 """
 
@@ -37,8 +37,13 @@ NoRepeatNgramSize = Annotated[int, Field(
     ge=0, le=64, description="Forbid repeating n-grams of this size (the original demo's 3; 0: off).",
 )]
 Seed = Annotated[int, Field(ge=0, le=SEED_LIMIT, description="Seed of a sampled request, for repeatable samples.")]
+MinScore = Annotated[float, Field(
+    ge=0.0, le=1.0, allow_inf_nan=False,
+    description="Drop boxes whose score is under this (0..1); an entity left with no box is dropped.",
+)]
 
 MODEL_DEFAULTS_FILE = "kosmos_serve.json"
+DEFAULT_MIN_SCORE = 0.3  # chosen on the demo model's held-out scenes: BENCHMARKS.md, "Scores and the threshold"
 REFERENCE_DEFAULT_PROMPT = "<grounding> Describe this image:"  # the reference service's DEFAULT_PROMPT
 
 
@@ -53,6 +58,7 @@ class GenerationParams:
     num_beams: NumBeams = 1
     no_repeat_ngram_size: NoRepeatNgramSize | None = None
     seed: Seed | None = None
+    min_score: MinScore | None = None  # a filter on the result's boxes, not a decoding knob; None: the task's default
 
     def validate(self, max_new_tokens_cap: int) -> None:
         """Raise InvalidRequestError naming every parameter out of its range."""
@@ -74,7 +80,7 @@ class ModelDefaults(BaseModel):
     """kosmos-serve defaults a model folder may carry in `kosmos_serve.json`; settings and requests override them.
 
     >>> ModelDefaults.model_validate_json('{"default_prompt": "<grounding> An image of", "no_repeat_ngram_size": 0}')
-    ModelDefaults(default_prompt='<grounding> An image of', max_new_tokens=None, no_repeat_ngram_size=0)
+    ModelDefaults(default_prompt='<grounding> An image of', max_new_tokens=None, no_repeat_ngram_size=0, min_score=None)
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -82,9 +88,11 @@ class ModelDefaults(BaseModel):
     default_prompt: str | None = Field(None, min_length=1, description="Prompt of POST /predict when none is sent.")
     max_new_tokens: MaxNewTokens | None = None
     no_repeat_ngram_size: NoRepeatNgramSize | None = None
+    min_score: MinScore | None = None
 
 
-BUILT_IN_DEFAULTS = ModelDefaults(default_prompt=REFERENCE_DEFAULT_PROMPT, max_new_tokens=128, no_repeat_ngram_size=3)
+BUILT_IN_DEFAULTS = ModelDefaults(default_prompt=REFERENCE_DEFAULT_PROMPT, max_new_tokens=128, no_repeat_ngram_size=3,
+                                  min_score=DEFAULT_MIN_SCORE)
 
 
 def read_model_defaults(folder: str | Path) -> ModelDefaults:
@@ -103,7 +111,7 @@ def resolve_defaults(*layers: ModelDefaults) -> ModelDefaults:
     """Each field from the first layer that sets it, then the built-in default.
 
     >>> resolve_defaults(ModelDefaults(max_new_tokens=16), ModelDefaults(max_new_tokens=64, no_repeat_ngram_size=0))
-    ModelDefaults(default_prompt='<grounding> Describe this image:', max_new_tokens=16, no_repeat_ngram_size=0)
+    ModelDefaults(default_prompt='<grounding> Describe this image:', max_new_tokens=16, no_repeat_ngram_size=0, min_score=0.3)
     """
     resolved = {}
     for name in ModelDefaults.model_fields:

@@ -8,6 +8,7 @@ split off, and a markdown rendering where every grounded span links to its boxes
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from transformers.models.kosmos2.processing_kosmos2 import clean_text_and_extract_entities_with_bboxes
@@ -20,16 +21,32 @@ IMAGE_END_TAG = "</image>"
 
 @dataclass(frozen=True)
 class Entity:
-    """A phrase of the text grounded to one or more boxes.
+    """A phrase of the text grounded to one or more boxes, each with the model's score for it.
 
     `span` indexes the result's `text`; an `<object>` with no phrase has an empty span and a name
-    made of its patch tokens, exactly as transformers names it.
+    made of its patch tokens, exactly as transformers names it. `scores` (one per box, in [0, 1];
+    `engine/scoring.py` says how they are computed) is empty only before the engine has scored it.
     """
 
     phrase: str
     span: tuple[int, int]
     boxes: tuple[NormalisedBox, ...]
     pixel_boxes: tuple[PixelBox, ...]
+    scores: tuple[float, ...] = ()
+
+    def keeping(self, min_score: float) -> Entity | None:
+        """This entity with only its boxes scored `min_score` or more; None when none is left.
+
+        >>> e = Entity("a fire", (12, 18), ((0, 0, 0.5, 0.5), (0.5, 0.5, 1, 1)), ((0, 0, 2, 2), (2, 2, 4, 4)), (0.9, 0.2))
+        >>> e.keeping(0.5).scores, e.keeping(0.5).pixel_boxes, e.keeping(0.95)
+        ((0.9,), ((0, 0, 2, 2),), None)
+        """
+        kept = [index for index, score in enumerate(self.scores) if score >= min_score]
+        if not kept:
+            return None
+        return dataclasses.replace(self, boxes=tuple(self.boxes[i] for i in kept),
+                                   pixel_boxes=tuple(self.pixel_boxes[i] for i in kept),
+                                   scores=tuple(self.scores[i] for i in kept))
 
     def as_reference(self) -> tuple[str, tuple[int, int], list[NormalisedBox]]:
         """The tuple `post_process_generation` gives for this entity."""

@@ -26,7 +26,7 @@ from kosmos_serve.generation import (
 )
 from kosmos_serve.grounding import parse_generation
 from kosmos_serve.images import image_digest
-from kosmos_serve.tasks import TaskInput
+from kosmos_serve.tasks import Task, TaskInput, parse_task
 
 
 class Engine:
@@ -36,7 +36,8 @@ class Engine:
         self.settings = settings or EngineSettings()
         self.model, self.processor = load_model(self.settings)
         operator = ModelDefaults(max_new_tokens=self.settings.max_new_tokens,
-                                 no_repeat_ngram_size=self.settings.no_repeat_ngram_size)
+                                 no_repeat_ngram_size=self.settings.no_repeat_ngram_size,
+                                 min_score=self.settings.min_score)
         self.defaults = resolve_defaults(operator, read_model_defaults(resolve_source(self.settings.model)))
         self.device = self.model.device
         self.dtype = self.model.dtype
@@ -78,7 +79,14 @@ class Engine:
     def prepare(self, request: Request) -> PreparedRequest:
         """Validate `request` against this engine's limits (the one check it meets); defaults filled in."""
         prompts = check_task(request.task, request.params, self.settings, request.image.size)
-        return PreparedRequest(request, tuple(prompts), self.with_defaults(request.params))
+        return PreparedRequest(request, tuple(prompts), self.with_defaults(request.params),
+                               self.min_score_for(request))
+
+    def min_score_for(self, request: Request) -> float | None:
+        """The request's `min_score`; for detection when none is given, the default (operator, model, built-in)."""
+        if request.params.min_score is not None:
+            return request.params.min_score
+        return self.defaults.min_score if parse_task(request.task.task) is Task.DETECTION else None
 
     def tokenise(self, prepared: PreparedRequest) -> list[Row]:
         """The request's prompts as token rows, each reading the request's image."""

@@ -42,6 +42,7 @@ class PreparedRequest:
     request: Request
     prompts: tuple[PromptSpec, ...]
     params: GenerationParams
+    min_score: float | None = None  # boxes scored under it are dropped (None: all kept)
 
 
 @dataclass

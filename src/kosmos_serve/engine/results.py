@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from kosmos_serve.engine.requests import PreparedRequest, Row
@@ -43,7 +44,7 @@ class Result:
             "raw_text": self.raw_text,
             "entities": [
                 {"phrase": e.phrase, "span": list(e.span), "boxes": [list(b) for b in e.boxes],
-                 "pixel_boxes": [list(b) for b in e.pixel_boxes]}
+                 "pixel_boxes": [list(b) for b in e.pixel_boxes], "scores": list(e.scores)}
                 for e in self.entities
             ],
             "markdown": self.markdown,
@@ -63,7 +64,7 @@ def combine_detections(rows: list[Row]) -> GroundedText:
     for row, phrase in zip(rows, phrases):
         found = next((e for e in row.output.entities if e.phrase == phrase), None)
         if found is not None:
-            entities.append(Entity(phrase, (start, start + len(phrase)), found.boxes, found.pixel_boxes))
+            entities.append(Entity(phrase, (start, start + len(phrase)), found.boxes, found.pixel_boxes, found.scores))
         start += len(phrase) + 2
     entities = tuple(entities)
     return GroundedText(
@@ -75,14 +76,26 @@ def combine_detections(rows: list[Row]) -> GroundedText:
     )
 
 
+def above_threshold(output: GroundedText, min_score: float | None) -> GroundedText:
+    """`output` with only the boxes scored `min_score` or more (entities left without a box dropped); the text stays."""
+    if min_score is None:
+        return output
+    entities = tuple(kept for entity in output.entities if (kept := entity.keeping(min_score)) is not None)
+    return dataclasses.replace(output, entities=entities, markdown=render_markdown(output.text, entities))
+
+
 def build_result(prepared: PreparedRequest, rows: list[Row], vision_seconds: dict[str, float],
                  cached_keys: set[str]) -> Result:
-    """One request's result from its generated rows, with its image's vision time and cache state."""
+    """One request's result from its generated rows, with its image's vision time and cache state.
+
+    Boxes scored under the request's `min_score` are dropped (detection: under the default when none is given).
+    """
     request = prepared.request
     key = rows[0].image_key
     timings = Timings(vision_seconds.get(key, 0.0), sum(row.generation_seconds for row in rows))
     task = parse_task(request.task.task)
     output = combine_detections(rows) if task is Task.DETECTION else rows[0].output
+    output = above_threshold(output, prepared.min_score)
     return Result(
         task=task,
         prompt="\n".join(row.spec.text for row in rows),

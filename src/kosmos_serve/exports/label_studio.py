@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
@@ -11,6 +13,16 @@ from kosmos_serve.exports.records import AnnotatedImage
 LABEL_STUDIO_LOCAL_FILES = "/data/local-files/?d="  # Label Studio's own prefix for files under its document root
 DEFAULT_FROM_NAME = "label"
 DEFAULT_TO_NAME = "image"
+
+
+def model_version(model: str, quantize: str = "none") -> str:
+    """`kosmos-2:<model>`: the hub id, or a local folder's name, and `+int8` or `+auto` when quantized.
+
+    >>> model_version("microsoft/kosmos-2-patch14-224"), model_version("/models/my-kosmos/", "int8")
+    ('kosmos-2:microsoft/kosmos-2-patch14-224', 'kosmos-2:my-kosmos+int8')
+    """
+    name = Path(model).name if model.startswith((".", "/", "~")) or os.path.isdir(model) else model
+    return f"kosmos-2:{name}" + ("" if quantize == "none" else f"+{quantize}")
 
 
 def to_label_studio(images: Sequence[AnnotatedImage], from_name: str = DEFAULT_FROM_NAME,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import uuid
-from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -108,16 +106,6 @@ class WebhookBody(_Open):
 
 
 # ------------------------------------------------------------------------------------------------ predictions
-
-
-def model_version(model: str, quantize: str = "none") -> str:
-    """`kosmos-2:<model>`: the hub id, or a local folder's name, and `+int8` or `+auto` when quantized.
-
-    >>> model_version("microsoft/kosmos-2-patch14-224"), model_version("/models/my-kosmos/", "int8")
-    ('kosmos-2:microsoft/kosmos-2-patch14-224', 'kosmos-2:my-kosmos+int8')
-    """
-    name = Path(model).name if model.startswith((".", "/", "~")) or os.path.isdir(model) else model
-    return f"kosmos-2:{name}" + ("" if quantize == "none" else f"+{quantize}")
 
 
 def regions(result: Result, config: DetectionConfig, plan: dict[str, LabelSpec | None]) -> list[dict]:

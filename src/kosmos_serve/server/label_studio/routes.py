@@ -9,10 +9,10 @@ from fastapi.responses import JSONResponse
 
 from kosmos_serve.engine import Request as EngineRequest
 from kosmos_serve.errors import InvalidRequestError, KosmosServeError
+from kosmos_serve.exports.label_studio import model_version
 from kosmos_serve.server.common import DisconnectWatch, decode_image, service_state
 from kosmos_serve.server.errors import AnsweringRoute
 from kosmos_serve.server.label_studio.config import detection_plan, parse_labeling_config
-from kosmos_serve.exports.label_studio import model_version
 from kosmos_serve.server.label_studio.images import task_image_bytes
 from kosmos_serve.server.label_studio.protocol import (
     MODEL_CLASS,

@@ -41,8 +41,8 @@ from kosmos_serve.tasks import TASK_INPUTS, Task, parse_task
 @ray_options
 @model_options
 def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, max_new_tokens, sample, top_p,
-             temperature, seed, no_repeat_ngram_size, batch_size, decode_threads, quiet, ray_address, workers,
-             cpus_per_worker, gpus_per_worker, **flags):
+             temperature, seed, no_repeat_ngram_size, min_score, batch_size, decode_threads, quiet, ray_address,
+             workers, cpus_per_worker, gpus_per_worker, **flags):
     """Annotate every image of INPUTS into one JSONL file: one record per image, resumable.
 
     INPUTS are folders (searched recursively), globs, image files, and manifests: a .txt of paths, or a
@@ -65,7 +65,8 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
 
     ray_job = ray_job_options(ray_address, workers, cpus_per_worker, gpus_per_worker)
     settings = settings_from_flags(EngineSettings, flags)
-    params = generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size)
+    params = generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size,
+                                            min_score)
     params.validate(settings.max_new_tokens_cap)
     classes = read_ontology(ontology) if ontology else None
     if classes and phrases:

@@ -129,7 +129,7 @@ def task_options(command):
 
 
 def decoding_options(command):
-    """--max-new-tokens, --sample, --top-p, --temperature, --seed, --no-repeat-ngram-size."""
+    """--max-new-tokens, --sample, --top-p, --temperature, --seed, --no-repeat-ngram-size, --min-score."""
     return apply_options(command, [
         click.option("--max-new-tokens", type=int, help="New tokens to generate (default: the model's, else 128)."),
         click.option("--sample", is_flag=True, help="Sample (top-p, temperature) instead of greedy decoding."),
@@ -139,6 +139,9 @@ def decoding_options(command):
         click.option("--no-repeat-ngram-size", type=int,
                      help="Forbid repeating n-grams of this size (0: off; default: the model's, else the original "
                           "demo's 3)."),
+        click.option("--min-score", type=float,
+                     help="Drop boxes scored under this, 0 to 1 (default: the model's for detection and annotate, "
+                          "else keep every box).  [env: KOSMOS_MIN_SCORE]"),
     ])
 
 
@@ -156,7 +159,8 @@ def task_input_from_options(task, prompt, phrases, boxes, no_grounding) -> TaskI
     return task_input
 
 
-def generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size):
+def generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size,
+                                   min_score) -> GenerationParams:
     """The GenerationParams the decoding options ask for."""
     return GenerationParams(max_new_tokens=max_new_tokens, do_sample=sample, top_p=top_p, temperature=temperature,
-                            seed=seed, no_repeat_ngram_size=no_repeat_ngram_size)
+                            seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, min_score=min_score)

@@ -30,7 +30,7 @@ from kosmos_serve.errors import KosmosServeError
               help="Write the annotated image here (with several images: NAME_1.png, NAME_2.png, ...).")
 @model_options
 def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, sample, top_p, temperature, seed,
-            no_repeat_ngram_size, as_json, draw, **flags):
+            no_repeat_ngram_size, min_score, as_json, draw, **flags):
     """Describe and ground IMAGES; prints the text, then each entity with its pixel boxes.
 
     \b
@@ -44,7 +44,8 @@ def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, 
 
     settings = settings_from_flags(EngineSettings, flags)
     task_input = task_input_from_options(task, prompt, phrases, boxes, no_grounding)
-    params = generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size)
+    params = generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size,
+                                            min_score)
     loaded = [load_image_file(path, settings.max_image_pixels) for path in images]
     requests = [Request(image, task_input, params) for image in loaded]
     for request in requests:  # refuse bad input before spending seconds on loading the model

@@ -17,8 +17,8 @@ from starlette.concurrency import run_in_threadpool
 from kosmos_serve.engine import Request as EngineRequest
 from kosmos_serve.engine import Result
 from kosmos_serve.errors import KosmosServeError
-from kosmos_serve.generation import GenerationParams, MinScore
-from kosmos_serve.server.common import MIN_SCORE_DESCRIPTION, client_gone, decode_image, service_state
+from kosmos_serve.generation import GenerationParams
+from kosmos_serve.server.common import MIN_SCORE_DESCRIPTION, MinScoreField, client_gone, decode_image, service_state
 from kosmos_serve.server.schemas import (
     GenerateForm,
     GenerateJSON,
@@ -63,7 +63,7 @@ async def predict(
     request: Request,
     content: Annotated[UploadFile, File(description="The image file.")],
     prompt: Annotated[str | None, Form(description="Prompt; `<grounding>` where boxes are wanted.")] = None,
-    min_score: Annotated[MinScore | None, Form(description=f"Not in the reference. {MIN_SCORE_DESCRIPTION}")] = None,
+    min_score: Annotated[MinScoreField | None, Form(description=f"(Added) {MIN_SCORE_DESCRIPTION}")] = None,
 ):
     state = service_state(request)
     image = await decode_image(state, await content.read())

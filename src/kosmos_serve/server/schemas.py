@@ -15,14 +15,13 @@ from kosmos_serve.engine import Result
 from kosmos_serve.generation import (
     GenerationParams,
     MaxNewTokens,
-    MinScore,
     NoRepeatNgramSize,
     NumBeams,
     Seed,
     Temperature,
     TopP,
 )
-from kosmos_serve.server.common import MIN_SCORE_DESCRIPTION, SCORE_MEANING, SCORES_DESCRIPTION
+from kosmos_serve.server.common import MIN_SCORE_DESCRIPTION, SCORE_MEANING, SCORES_DESCRIPTION, MinScoreField
 from kosmos_serve.tasks import Task, TaskInput
 
 PixelCoordinate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -54,7 +53,7 @@ class GenerationFields(BaseModel):
         None, description="Forbid repeating n-grams of this size (0: off; unset: the model's default, else the "
                           "original demo's 3)."
     )
-    min_score: MinScore | None = Field(None, description=MIN_SCORE_DESCRIPTION)
+    min_score: MinScoreField | None = Field(None, description=MIN_SCORE_DESCRIPTION)
     return_image: bool = Field(False, description="Also return the image with the boxes drawn (base64 PNG).")
     stream: bool = Field(False, description="Answer as server-sent events: `text` pieces, then the `result`.")
 

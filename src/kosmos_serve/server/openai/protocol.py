@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kosmos_serve.errors import KosmosServeError, UnauthorizedError
-from kosmos_serve.generation import MaxNewTokens, MinScore, Seed, TopP
-from kosmos_serve.server.common import SCORES_DESCRIPTION
+from kosmos_serve.generation import MaxNewTokens, Seed, TopP
+from kosmos_serve.server.common import SCORES_DESCRIPTION, MinScoreField
 from kosmos_serve.server.errors import ErrorAnswer, ErrorFormat
 
 MAX_CHOICES = 8  # the most choices (`n`) one request may ask for: each is a generation of its own
@@ -88,7 +88,7 @@ class ChatCompletionRequest(OpenAIModel):
     )
     stream: bool = Field(False, description="Answer as server-sent `chat.completion.chunk` events, then [DONE].")
     stream_options: StreamOptions | None = None
-    min_score: MinScore | None = Field(
+    min_score: MinScoreField | None = Field(
         None, description="Not OpenAI's (the SDK sends it in `extra_body`): drop boxes scored under this (0..1) from "
                           "`entities` and the links of `content`; an entity left with no box is plain text. "
                           "Omitted: every box is kept.",

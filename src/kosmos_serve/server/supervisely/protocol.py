@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from kosmos_serve.engine import Request as EngineRequest
 from kosmos_serve.engine import Result
 from kosmos_serve.errors import InvalidRequestError, describe_validation_errors
-from kosmos_serve.generation import GenerationParams, MaxNewTokens, MinScore
+from kosmos_serve.generation import GenerationParams, MaxNewTokens
+from kosmos_serve.server.common import MinScoreField
 from kosmos_serve.server.errors import ErrorAnswer, ErrorFormat
 from kosmos_serve.tasks import Task, TaskInput
 
@@ -58,7 +59,7 @@ class InferenceSettings(BaseModel):
 
     text_prompt: str | None = None
     max_new_tokens: MaxNewTokens | None = None
-    min_score: MinScore | None = None  # unset: the service's default (KOSMOS_MIN_SCORE)
+    min_score: MinScoreField | None = None  # unset: the service's default (KOSMOS_MIN_SCORE)
     classes: Any = None  # checked in inference_settings, with a message pydantic's union errors would not give
 
 

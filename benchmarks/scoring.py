@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import cpu_description, prepare_model  # noqa: E402 - the benchmark scripts' shared helpers
+from bench import cpu_description, prepare_model  # the benchmark scripts' shared helpers
 
 PHRASES = ("a red circle", "a blue square", "a green triangle", "a yellow star")
 

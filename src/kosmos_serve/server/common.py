@@ -17,8 +17,9 @@ from kosmos_serve.images import load_image
 from kosmos_serve.server.state import ServiceState
 
 # What every protocol says a box's score is (the engine computes it: kosmos_serve/engine/scoring.py).
-SCORE_MEANING = ("the model's confidence that this box shows the phrase, 0..1: the phrase's probability given the "
-                 "image against its prior, times how sure the model is of the box's corners")
+SCORE_MEANING = ("the model's confidence that this box shows the phrase, 0..1: how much likelier the model finds "
+                 "the phrase with this image than with a blank one, times how sure it is of the box's corners "
+                 "(a box given in the prompt keeps 1.0)")
 SCORES_DESCRIPTION = f"One score per box, in the order of `boxes`: {SCORE_MEANING}."
 MIN_SCORE_DESCRIPTION = ("Drop boxes scored under this (0..1; an entity left with no box is dropped, its words stay "
                          "in the text). Unset: every box is kept, except for the detection task, which drops boxes "

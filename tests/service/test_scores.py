@@ -240,6 +240,9 @@ def test_label_studio_takes_the_threshold_from_a_number_control(demo):
 ])
 def test_a_bad_label_studio_threshold_is_a_422_naming_it(demo, config, context, fragment):
     assert_label_studio_error(label_studio_predict(demo, config, context), 422, "min_score", fragment)
+    if context is None:  # a bad defaultValue is refused when Label Studio connects the project, too
+        setup = httpx.post(f"{demo}/label-studio/setup", json={"project": "5.1", "schema": config})
+        assert_label_studio_error(setup, 422, "min_score", fragment)
 
 
 # ------------------------------------------------------------------------------------------------ Supervisely

@@ -115,24 +115,24 @@ def test_every_task_of_predict(photos, tmp_path, tiny_model_dir, engine, options
     assert read(out) == [expected_record(path, expected, tiny_model_dir, default)]
 
 
-def test_boxes_under_the_engines_default_are_left_out_whatever_the_task(photos, tmp_path, tiny_model_dir,
-                                                                         monkeypatch):
-    every_box = tmp_path / "every-box.jsonl"
-    assert annotate(every_box, photos, "--min-score", 0, model=tiny_model_dir).exit_code == 0
-    captions = read(every_box)
-    assert [r["min_score"] for r in captions] == [0.0] * 3 and {r["task"] for r in captions} == {"caption"}
-    scores = sorted({score for r in captions for e in r["entities"] for score in e["scores"]})
-    assert len(scores) >= 2, "the tiny model's captions should give boxes of several scores"
+def test_boxes_under_the_engines_default_are_left_out_whatever_the_task(tmp_path, monkeypatch):
+    def captions(out, *options):  # the demo model's grounded captions of the example scenes
+        result = invoke("annotate", EXAMPLES, "--out", out, "--model", "demo", *options)
+        assert result.exit_code == 0, result.output
+        return read(out)
+
+    every_box = captions(tmp_path / "every-box.jsonl", "--min-score", 0)
+    assert {r["task"] for r in every_box} == {"caption"} and {r["min_score"] for r in every_box} == {0}
+    scores = sorted({score for r in every_box for e in r["entities"] for score in e["scores"]})
+    assert len(scores) >= 2, "the demo model's captions should give boxes of several scores"
     threshold = scores[len(scores) // 2]  # some boxes under it, some kept
     monkeypatch.setenv("KOSMOS_MIN_SCORE", str(threshold))  # the engine's default, as an operator sets it
-    out = tmp_path / "out.jsonl"
-    assert annotate(out, photos, model=tiny_model_dir).exit_code == 0
-    filtered = read(out)
-    assert [r["min_score"] for r in filtered] == [threshold] * 3
-    assert [r["text"] for r in filtered] == [r["text"] for r in captions]  # the words stay, low boxes go
-    assert [r["entities"] for r in filtered] == [kept_at(r["entities"], threshold) for r in captions]
-    kept = sum(len(e["scores"]) for r in filtered for e in r["entities"])
-    assert 0 < kept < sum(len(e["scores"]) for r in captions for e in r["entities"])
+    kept = captions(tmp_path / "out.jsonl")
+    assert [r["min_score"] for r in kept] == [threshold] * len(every_box)
+    assert [r["text"] for r in kept] == [r["text"] for r in every_box]  # the words stay, low boxes go
+    assert [r["entities"] for r in kept] == [kept_at(r["entities"], threshold) for r in every_box]
+    boxes = sum(len(e["scores"]) for r in kept for e in r["entities"])
+    assert 0 < boxes < sum(len(e["scores"]) for r in every_box for e in r["entities"])
 
 
 def test_a_file_is_continued_only_at_its_own_threshold(photos, tmp_path, tiny_model_dir):

@@ -20,8 +20,10 @@ from test_supervisely import assert_supervisely_error, upload
 
 from kosmos_serve.asgi import create_app
 from kosmos_serve.config import EngineSettings, ServerSettings
-from kosmos_serve.engine import Engine
+from kosmos_serve.engine import Engine, Result, Timings
 from kosmos_serve.grounding import Entity, render_markdown
+from kosmos_serve.server.supervisely.protocol import prediction, rectangle_object
+from kosmos_serve.tasks import Task
 
 CAPTION_PROMPT = "<grounding> An image of"
 PHRASES = list(LABELS.values())
@@ -276,6 +278,28 @@ def test_a_bad_supervisely_min_score_is_refused_in_its_shape(demo, value):
     response = httpx.post(f"{demo}/supervisely/inference_image", timeout=60, **upload(
         ("scene.png", SCENE.read_bytes()), settings={"settings": {"min_score": value}}))
     assert_supervisely_error(response, 400, "settings.min_score")
+
+
+def test_rectangle_object_is_the_sdks_label_json():
+    """Label.to_json of a sly.Rectangle(top=9, left=132, bottom=88, right=225) labelled by a model (SDK 6.74.51),
+    with a Tag(TagMeta("confidence", TagValueType.ANY_NUMBER), 0.75), as the SDK's ObjectDetection labels a box."""
+    assert rectangle_object("the blue circle", (132, 9, 225, 88), 0.75) == {
+        "classTitle": "the blue circle", "description": "", "tags": [{"name": "confidence", "value": 0.75}],
+        "points": {"exterior": [[132, 9], [225, 88]], "interior": []},
+        "geometryType": "rectangle", "shape": "rectangle", "nnCreated": True, "nnUpdated": True,
+    }
+
+
+def test_prediction_skips_only_blank_phrases_and_orders_each_boxs_corners():
+    entities = (Entity("a red star", (0, 10), ((0.1, 0.1, 0.2, 0.2),), ((10, 20, 30, 40), (50, 60, 40, 50)),
+                       (0.9, 0.4)),
+                Entity(" ", (11, 12), ((0.1, 0.1, 0.2, 0.2),), ((1, 2, 3, 4),), (0.8,)))
+    result = Result(Task.RAW, CAPTION_PROMPT, "a red star", "a red star", "", entities, "", (100, 200), 3, False,
+                    Timings())
+    objects = prediction(result)["annotation"]["objects"]
+    assert [o["points"]["exterior"] for o in objects] == [[[10, 20], [30, 40]], [[40, 50], [50, 60]]]
+    assert [o["tags"] for o in objects] == [[{"name": "confidence", "value": score}] for score in (0.9, 0.4)]
+    assert prediction(result)["annotation"]["size"] == {"height": 200, "width": 100}
 
 
 # ------------------------------------------------------------------------------------------------ operator's default

@@ -26,7 +26,7 @@ from local_server import serve_in_thread
 from kosmos_serve.asgi import create_app
 from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.engine import Engine
-from kosmos_serve.server.supervisely.protocol import NEEDS_PLATFORM, prediction, rectangle_object
+from kosmos_serve.server.supervisely.protocol import NEEDS_PLATFORM, rectangle_object
 
 REPO = Path(__file__).resolve().parents[2]
 SCENE = REPO / "examples" / "scene-four-shapes.png"
@@ -235,16 +235,6 @@ def test_an_image_becomes_one_rectangle_per_grounded_box(service):
     assert body["data"]["raw_text"] == expected["raw_text"]
 
 
-def test_rectangle_object_is_the_sdks_label_json():
-    """Label.to_json of a sly.Rectangle(top=9, left=132, bottom=88, right=225) labelled by a model (SDK 6.74.51),
-    with a Tag(TagMeta("confidence", TagValueType.ANY_NUMBER), 0.75), as the SDK's ObjectDetection labels a box."""
-    assert rectangle_object("the blue circle", (132, 9, 225, 88), 0.75) == {
-        "classTitle": "the blue circle", "description": "", "tags": [{"name": "confidence", "value": 0.75}],
-        "points": {"exterior": [[132, 9], [225, 88]], "interior": []},
-        "geometryType": "rectangle", "shape": "rectangle", "nnCreated": True, "nnUpdated": True,
-    }
-
-
 def test_classes_keep_only_the_listed_phrases(service):
     phrases = [phrase for phrase, _, _ in objects_of(grounded_boxes(service, SCENE), default_min_score(service))]
     settings = {"settings": {"max_new_tokens": 32, "classes": [phrases[1], "a phrase it never writes"]}}
@@ -399,19 +389,3 @@ def test_the_routes_are_behind_the_services_api_key(serve_app, demo_engine):
     assert refused.status_code == 401
     assert allowed.status_code == 200 and allowed.json()["task type"] == "prompt-based object detection"
     assert in_the_url.status_code == 200
-
-
-def test_prediction_skips_only_blank_phrases_and_orders_each_boxs_corners():
-    from kosmos_serve.engine import Result, Timings
-    from kosmos_serve.grounding import Entity
-    from kosmos_serve.tasks import Task
-
-    entities = (Entity("a red star", (0, 10), ((0.1, 0.1, 0.2, 0.2),), ((10, 20, 30, 40), (50, 60, 40, 50)),
-                       (0.9, 0.4)),
-                Entity(" ", (11, 12), ((0.1, 0.1, 0.2, 0.2),), ((1, 2, 3, 4),), (0.8,)))
-    result = Result(Task.RAW, DEFAULT_PROMPT, "a red star", "a red star", "", entities, "", (100, 200), 3, False,
-                    Timings())
-    objects = prediction(result)["annotation"]["objects"]
-    assert [o["points"]["exterior"] for o in objects] == [[[10, 20], [30, 40]], [[40, 50], [50, 60]]]
-    assert [o["tags"] for o in objects] == [[{"name": "confidence", "value": score}] for score in (0.9, 0.4)]
-    assert prediction(result)["annotation"]["size"] == {"height": 200, "width": 100}

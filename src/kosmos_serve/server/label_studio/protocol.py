@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from kosmos_serve.engine import Result
+from kosmos_serve.exports import label_studio as export
 from kosmos_serve.server.errors import ErrorAnswer, ErrorFormat
 from kosmos_serve.server.label_studio.config import DetectionConfig, LabelSpec
 
@@ -21,6 +22,7 @@ TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED"
 # its regions', 0 when no box is left, so lowest-score-first sampling brings the images the model is least
 # sure of (or found nothing in) to an annotator first.
 INTERNAL_ERROR_MESSAGE = "Internal error; the service log has the details."
+prediction = export.prediction  # one task's prediction: one formula for the backend and the export
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -133,9 +135,3 @@ def regions(result: Result, config: DetectionConfig, plan: dict[str, LabelSpec |
                 region["meta"] = {"text": [entity.phrase]}
             found.append(region)
     return found
-
-
-def prediction(found: list[dict], version: str) -> dict:
-    """One task's prediction: its regions, their mean score (0 when none) and the model version."""
-    score = sum(region["score"] for region in found) / len(found) if found else 0.0
-    return {"result": found, "score": score, "model_version": version}

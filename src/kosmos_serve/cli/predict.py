@@ -80,7 +80,8 @@ def summary(path: Path, result) -> str:
 
     >>> from types import SimpleNamespace
     >>> from kosmos_serve.grounding import Entity
-    >>> circle = Entity("a circle", (0, 8), ((0, 0, .5, .5), (.5, .5, 1, 1)), ((0, 0, 5, 5), (5, 5, 9, 9)), (0.912, 0.4))
+    >>> circle = Entity("a circle", (0, 8), ((0, 0, .5, .5), (.5, .5, 1, 1)), ((0, 0, 5, 5), (5, 5, 9, 9)),
+    ...                 (0.912, 0.4))
     >>> print(summary(Path("a.png"), SimpleNamespace(image_size=(10, 10), text="a circle", entities=(circle,))))
     a.png (10x10)
       a circle

@@ -33,12 +33,12 @@ def model_version(model: str, quantize: str = "none") -> str:
 
 
 def prediction(regions: list[dict], version: str) -> dict:
-    """One task's prediction: its regions, their mean score (0 when none, so such tasks sort first) and the version.
+    """One task's prediction: its regions, their mean score (4 decimals; 0 when none, so such tasks sort first), version.
 
     >>> prediction([{"score": 0.9}, {"score": 0.5}], "kosmos-2:demo")["score"], prediction([], "v")["score"]
     (0.7, 0.0)
     """
-    score = sum(region["score"] for region in regions) / len(regions) if regions else 0.0
+    score = round(sum(region["score"] for region in regions) / len(regions), 4) if regions else 0.0
     return {"result": regions, "score": score, "model_version": version}
 
 

@@ -130,6 +130,26 @@ def test_a_request_scores_the_same_alone_as_batched_with_others(scene, sample_im
             assert a.scores == pytest.approx(b.scores, abs=0.01)
 
 
+@pytest.mark.parametrize("max_rows", [16, 5])
+def test_scores_do_not_depend_on_when_requests_join_the_running_batch(demo_engine, scene, sample_images, max_rows):
+    """Requests added at different steps, their phrases split over several admissions (5 rows at most):
+    a phrase prefilled alone beside another image's shared beginning is read like one prefilled with its own."""
+    everything = GenerationParams(min_score=0.0)
+    images = [scene, *sample_images]
+    requests = [Request(image, TaskInput("detection", phrases=SCENE_PHRASES[i:] + SCENE_PHRASES[:i]), everything)
+                for i, image in enumerate(images)]
+    alone = [_scores(demo_engine.run([request])[0]) for request in requests]
+    for delays in [(0, 0, 0, 0), (0, 1, 2, 3), (3, 2, 1, 0)]:
+        scheduler, tickets, step = demo_engine.scheduler(max_rows), [None] * len(requests), 0
+        while None in tickets or scheduler.busy:
+            for index, delay in enumerate(delays):
+                if tickets[index] is None and step >= delay:
+                    tickets[index] = scheduler.add(requests[index])
+            scheduler.step()
+            step += 1
+        assert [_scores(ticket.result) for ticket in tickets] == alone, delays
+
+
 def test_beam_search_boxes_are_scored_like_greedy_ones(demo_engine, scene):
     greedy = demo_engine.predict(scene, TaskInput("phrase_grounding", phrases=("a blue circle",)))
     beam = demo_engine.predict(scene, TaskInput("phrase_grounding", phrases=("a blue circle",)),

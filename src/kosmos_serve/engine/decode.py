@@ -103,7 +103,9 @@ def prefill(model, input_ids: list[list[int]], image_masks: list[list[int]], ima
     firsts = [rows[0] for rows, _ in groups]
     beginnings = [input_ids[rows[0]][:shared] for rows, shared in groups]
     beginning_masks = [image_masks[rows[0]][:shared] for rows, shared in groups]
-    shared_batch, shared_logits = _prefill(model, beginnings, beginning_masks, image_embeds[firsts], pad_token_id, 1)
+    lone_tails = [tails[rows[0]] if len(rows) == 1 else 0 for rows, _ in groups]  # a lone row's beginning is all of it
+    shared_batch, shared_logits = _prefill(model, beginnings, beginning_masks, image_embeds[firsts], pad_token_id,
+                                           max(lone_tails) + 1)
     order = [row for rows, _ in groups for row in rows]  # rows grouped; put back in the callers' order at the end
     group_of = [index for index, (rows, _) in enumerate(groups) for _ in rows]
     remainders = [input_ids[row][shared:] for rows, shared in groups for row in rows]
@@ -122,6 +124,9 @@ def prefill(model, input_ids: list[list[int]], image_masks: list[list[int]], ima
     whole = [index for index, remainder in enumerate(remainders) if not remainder]  # a prompt that is all beginning
     if whole:
         logits[whole] = shared_logits[[group_of[index] for index in whole], -1]
+        wholes = shared_logits[[group_of[index] for index in whole]]
+        for index, log_probs in zip(whole, _tail_log_probs(wholes, [ordered_tails[index] for index in whole])):
+            tail_log_probs[index] = log_probs
     back = torch.argsort(torch.tensor(order, device=logits.device))
     return keep_rows(batch, back.tolist()), logits.index_select(0, back), [tail_log_probs[i] for i in back.tolist()]
 

@@ -35,11 +35,6 @@ def kind(phrase: str) -> tuple[str, str]:
     return next(w for w in words if w in COLOURS), next(w for w in words if w in SHAPES)
 
 
-@pytest.fixture(scope="module")
-def detection_file(shapes):
-    return write_detection_file(shapes.folder, absent=4, seed=2)
-
-
 def test_each_scene_is_asked_for_its_objects_and_four_kinds_it_lacks(shapes, detection_file):
     truth = json.loads(detection_file.read_text())
     names = {c["id"]: c["name"] for c in truth["categories"]}

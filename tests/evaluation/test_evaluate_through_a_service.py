@@ -17,7 +17,9 @@ from kosmos_serve.config import ServerSettings
 from kosmos_serve.engine import GenerationParams
 from kosmos_serve.evaluation.backends import LocalBackend, ServiceBackend, has_rotation, load_stored_pixels
 from kosmos_serve.evaluation.datasets import read_splits
+from kosmos_serve.evaluation.detection import read_detection_splits
 from kosmos_serve.evaluation.runner import PredictionLog, Settings, evaluate_benchmark, run
+from kosmos_serve.server.schemas import GenerateJSON
 
 ORIENTATION = 0x0112
 TOKENS = 24
@@ -52,6 +54,22 @@ def test_the_service_gives_the_same_predictions_as_the_engine_here(shapes, demo_
     params = GenerationParams(max_new_tokens=TOKENS, no_repeat_ngram_size=3)
     run(splits, LocalBackend(demo_engine, params), PredictionLog(local, Settings("demo", TOKENS, 3)))
     assert read_lines(remote) == read_lines(local)
+
+
+@pytest.mark.skipif("min_score" not in GenerateJSON.model_fields, reason="this service takes no min_score yet")
+def test_detection_through_the_service_gives_the_same_boxes_and_scores_as_here(shapes, detection_file, demo_engine,
+                                                                               service, tmp_path):
+    remote = tmp_path / "remote.jsonl"
+    outcome = evaluate_benchmark("detection", [detection_file], shapes.folder, url=service, out=remote, limit=4,
+                                 max_new_tokens=TOKENS)
+    assert outcome.source == service and len(outcome.results[0].records) == 4
+    local = tmp_path / "local.jsonl"
+    splits = read_detection_splits([detection_file], shapes.folder, limit=4)
+    params = GenerationParams(max_new_tokens=TOKENS, no_repeat_ngram_size=3, min_score=0.0)
+    run(splits, LocalBackend(demo_engine, params), PredictionLog(local, Settings("demo", TOKENS, 3, "coco")))
+    lines = read_lines(remote)
+    assert lines == read_lines(local)
+    assert sum(len(item["scores"]) for line in lines for item in line["asked"]) >= 4 * 4  # boxes, each scored
 
 
 def test_the_cli_scores_through_the_service(shapes, service):

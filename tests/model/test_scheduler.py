@@ -158,9 +158,12 @@ def test_phrases_on_one_image_prefill_their_shared_beginning_once_and_equal_thei
     finally:
         engine.model.text_model.forward = forward
     phrase_prompts = [row.input_ids for row in tickets[0].rows]
-    shared = next(i for i, tokens in enumerate(zip(*phrase_prompts)) if len(set(tokens)) > 1)
+    # Shared: the image span and the tags up to `<phrase>`, which each row reads in its remainder (its phrase's
+    # log-probabilities, for the boxes' scores, come from the steps after it).
+    shared = phrase_prompts[0].index(engine.vocabulary.phrase_start)
+    assert all(prompt[:shared] == phrase_prompts[0][:shared] for prompt in phrase_prompts)
     caption_prompt = tickets[1].rows[0].input_ids
-    assert shared > 64  # the image span and the tags before the phrase
+    assert shared > 64
     beginnings = 2 * max(shared, len(caption_prompt))  # the phrases' shared beginning beside the caption, padded
     remainders = 4 * max(len(prompt) - shared for prompt in phrase_prompts)  # then each phrase's own tokens
     assert prefill_tokens == beginnings + remainders < sum(map(len, [*phrase_prompts, caption_prompt]))

@@ -86,37 +86,54 @@ def _growing_cache(layers: int) -> DynamicCache:
 
 @torch.inference_mode()
 def prefill(model, input_ids: list[list[int]], image_masks: list[list[int]], image_embeds: torch.Tensor,
-            pad_token_id: int, image_keys: list[str] | None = None) -> tuple[RunningBatch, torch.Tensor]:
-    """Run the prompts of new rows; their batch and the float32 logits of their next token.
+            pad_token_id: int, image_keys: list[str] | None = None,
+            tails: list[int] | None = None) -> tuple[RunningBatch, torch.Tensor, list[torch.Tensor]]:
+    """Run the prompts of new rows; their batch, the float32 logits of their next token, and per row the
+    log-softmax (tokens, vocab) of the steps that read its last `tails[row]` prompt tokens (for scoring them).
 
     Rows of one image (same key in `image_keys`) whose prompts share their image span and more run
-    that shared beginning once; each then runs its remainder alone against a copy of its cache.
+    that shared beginning once; each then runs its remainder alone against a copy of its cache. A
+    shared beginning stops before any row's tail, so each row's tail is read in its own remainder.
     """
-    groups = _shared_beginnings(input_ids, image_masks, image_keys)
+    tails = tails or [0] * len(input_ids)
+    groups = _shared_beginnings(input_ids, image_masks, image_keys, tails)
     if all(len(rows) == 1 for rows, _ in groups):
-        return _prefill(model, input_ids, image_masks, image_embeds, pad_token_id)
+        batch, logits = _prefill(model, input_ids, image_masks, image_embeds, pad_token_id, max(tails) + 1)
+        return batch, logits[:, -1], _tail_log_probs(logits, tails)
     firsts = [rows[0] for rows, _ in groups]
     beginnings = [input_ids[rows[0]][:shared] for rows, shared in groups]
     beginning_masks = [image_masks[rows[0]][:shared] for rows, shared in groups]
-    shared_batch, shared_logits = _prefill(model, beginnings, beginning_masks, image_embeds[firsts], pad_token_id)
+    shared_batch, shared_logits = _prefill(model, beginnings, beginning_masks, image_embeds[firsts], pad_token_id, 1)
     order = [row for rows, _ in groups for row in rows]  # rows grouped; put back in the callers' order at the end
     group_of = [index for index, (rows, _) in enumerate(groups) for _ in rows]
     remainders = [input_ids[row][shared:] for rows, shared in groups for row in rows]
-    logits = torch.empty((len(order), shared_logits.shape[-1]), dtype=shared_logits.dtype, device=shared_logits.device)
+    ordered_tails = [tails[row] for row in order]
+    vocab = shared_logits.shape[-1]
+    logits = torch.empty((len(order), vocab), dtype=shared_logits.dtype, device=shared_logits.device)
+    tail_log_probs = [logits.new_empty((0, vocab)) for _ in order]
     has_remainder = [index for index, remainder in enumerate(remainders) if remainder]
     batch = _copy_rows(shared_batch, group_of)
     if has_remainder:
-        logits[has_remainder] = _extend(model, batch, has_remainder, [remainders[i] for i in has_remainder],
-                                        pad_token_id)
+        extended = _extend(model, batch, has_remainder, [remainders[i] for i in has_remainder], pad_token_id,
+                           max(ordered_tails) + 1)
+        logits[has_remainder] = extended[:, -1]
+        for index, log_probs in zip(has_remainder, _tail_log_probs(extended, [ordered_tails[i] for i in has_remainder])):
+            tail_log_probs[index] = log_probs
     whole = [index for index, remainder in enumerate(remainders) if not remainder]  # a prompt that is all beginning
     if whole:
-        logits[whole] = shared_logits[[group_of[index] for index in whole]]
+        logits[whole] = shared_logits[[group_of[index] for index in whole], -1]
     back = torch.argsort(torch.tensor(order, device=logits.device))
-    return keep_rows(batch, back.tolist()), logits.index_select(0, back)
+    return keep_rows(batch, back.tolist()), logits.index_select(0, back), [tail_log_probs[i] for i in back.tolist()]
 
 
-def _prefill(model, input_ids, image_masks, image_embeds, pad_token_id) -> tuple[RunningBatch, torch.Tensor]:
-    """One forward pass over whole prompts, left-padded together."""
+def _tail_log_probs(logits: torch.Tensor, tails: list[int]) -> list[torch.Tensor]:
+    """Per row of `logits` (rows, kept positions, vocab), the log-softmax of the `tails[row]` steps before its last."""
+    kept = logits.shape[1]
+    return [torch.log_softmax(row[kept - 1 - tail : kept - 1], dim=-1) for row, tail in zip(logits, tails)]
+
+
+def _prefill(model, input_ids, image_masks, image_embeds, pad_token_id, keep: int) -> tuple[RunningBatch, torch.Tensor]:
+    """One forward pass over whole prompts, left-padded together; the float32 logits of their last `keep` positions."""
     width = max(len(ids) for ids in input_ids)
     pads = [width - len(ids) for ids in input_ids]
     device = model.device
@@ -128,16 +145,17 @@ def _prefill(model, input_ids, image_masks, image_embeds, pad_token_id) -> tuple
         input_ids=ids, attention_mask=mask, image_embeds=image_embeds, image_embeds_position_mask=image_mask,
         position_ids=positions_from_mask(mask, text_model.config.pad_token_id),
         past_key_values=_growing_cache(text_model.config.num_hidden_layers),
-        use_cache=True, logits_to_keep=1,
+        use_cache=True, logits_to_keep=keep,
     )
-    return RunningBatch(output.past_key_values, mask), _last_logits(output)
+    return RunningBatch(output.past_key_values, mask), _float_logits(output)
 
 
-def _extend(model, batch: RunningBatch, rows: list[int], remainders: list[list[int]], pad_token_id: int) -> torch.Tensor:
+def _extend(model, batch: RunningBatch, rows: list[int], remainders: list[list[int]], pad_token_id: int,
+            keep: int) -> torch.Tensor:
     """Feed the remainders of `rows` after their cached beginnings (left-padded among themselves, masked pads).
 
     Every row of `batch` gets the new columns; rows not in `rows` get only masked pads (their logits
-    are not asked for). The logits of each row in `rows`' last token.
+    are not asked for). The logits of each row in `rows`' last `keep` positions.
     """
     width = max(len(ids) for ids in remainders)
     ids = torch.full((batch.size, width), pad_token_id, dtype=torch.long, device=batch.mask.device)
@@ -149,17 +167,17 @@ def _extend(model, batch: RunningBatch, rows: list[int], remainders: list[list[i
     text_model = model.text_model
     positions = positions_from_mask(batch.mask, text_model.config.pad_token_id)[:, -width:].contiguous()
     output = text_model(input_ids=ids, attention_mask=batch.mask, position_ids=positions,
-                        past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+                        past_key_values=batch.cache, use_cache=True, logits_to_keep=min(keep, width))
     batch.cache = output.past_key_values
-    return _last_logits(output)[rows]
+    return _float_logits(output)[rows]
 
 
-def _shared_beginnings(input_ids, image_masks, image_keys) -> list[tuple[list[int], int]]:
+def _shared_beginnings(input_ids, image_masks, image_keys, tails) -> list[tuple[list[int], int]]:
     """Rows grouped by image and common beginning: (row indices, tokens they share); (rows, full length) alone.
 
     A beginning is shared only when it covers the whole image span (rows of one image then see the
     same image embeddings) and all grouped rows; rows of an image whose prompts differ before the
-    image span ends stay alone.
+    image span ends stay alone. It ends before the step that reads any grouped row's tail.
     """
     by_image: dict[str, list[int]] = {}
     for row, key in enumerate(image_keys or []):
@@ -168,7 +186,8 @@ def _shared_beginnings(input_ids, image_masks, image_keys) -> list[tuple[list[in
     for rows in by_image.values():
         if len(rows) < 2:
             continue
-        shared = _common_length([input_ids[row] for row in rows])
+        shared = min([_common_length([input_ids[row] for row in rows])]
+                     + [len(input_ids[row]) - tails[row] - 1 for row in rows if tails[row]])
         image_end = max(index for index, flag in enumerate(image_masks[rows[0]]) if flag) + 1 if any(image_masks[rows[0]]) else 0
         if shared > image_end:
             groups.append((rows, shared))
@@ -208,12 +227,12 @@ def decode_step(model, batch: RunningBatch, tokens: torch.Tensor) -> torch.Tenso
         past_key_values=batch.cache, use_cache=True, logits_to_keep=1,
     )
     batch.cache = output.past_key_values
-    return _last_logits(output)
+    return _float_logits(output)[:, -1]
 
 
-def _last_logits(output) -> torch.Tensor:
-    """What `generate` scores: the last position's logits, copied as float32."""
-    return output.logits[:, -1].to(copy=True, dtype=torch.float32)
+def _float_logits(output) -> torch.Tensor:
+    """What `generate` scores: the kept positions' logits, copied as float32."""
+    return output.logits.to(copy=True, dtype=torch.float32)
 
 
 def merge(running: RunningBatch | None, joining: RunningBatch) -> RunningBatch:

@@ -12,11 +12,13 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from kosmos_serve.config import EngineSettings
+from kosmos_serve.engine.decode import prefill
 from kosmos_serve.engine.features import ImageFeatureCache, image_features
 from kosmos_serve.engine.loading import load_model, quiet_transformers, resolve_source, set_threads
 from kosmos_serve.engine.requests import PreparedRequest, PromptReader, Request, Row, check_task, tokenise
 from kosmos_serve.engine.results import Result
 from kosmos_serve.engine.scheduler import Scheduler
+from kosmos_serve.engine.scoring import GroundingVocabulary, PhrasePriors, TokenEvidence, evidence_from, score_output
 from kosmos_serve.generation import (
     GenerationParams,
     ModelDefaults,
@@ -24,7 +26,7 @@ from kosmos_serve.generation import (
     read_model_defaults,
     resolve_defaults,
 )
-from kosmos_serve.grounding import parse_generation
+from kosmos_serve.grounding import GroundedText, parse_generation
 from kosmos_serve.images import image_digest
 from kosmos_serve.tasks import Task, TaskInput, parse_task
 
@@ -43,6 +45,8 @@ class Engine:
         self.dtype = self.model.dtype
         self.cache = ImageFeatureCache(self.settings.image_cache_size)
         self.pad_token_id = self.processor.tokenizer.pad_token_id
+        self.vocabulary = GroundingVocabulary(self.processor.tokenizer, self.processor.num_patch_index_tokens)
+        self.phrase_priors = PhrasePriors(self._blank_image_log_prob)
 
     @property
     def weight_formats(self) -> dict[str, str]:
@@ -173,9 +177,57 @@ class Engine:
         new_tokens = output[:, width:]
         decoded = self.processor.batch_decode(output, skip_special_tokens=True)
         for row, text, tokens in zip(rows, decoded, new_tokens):
-            row.output = parse_generation(text, row.spec.text, *image_size)
-            row.generated_tokens = int((tokens != self.pad_token_id).sum())
+            generated = [int(token) for token in tokens if token != self.pad_token_id]
+            evidence = self._rescore(row, row.input_ids + generated, features[row.image_key])
+            row.output = self.score(parse_generation(text, row.spec.text, *image_size), row,
+                                    row.input_ids + generated, evidence)
+            row.generated_tokens = len(generated)
             row.generation_seconds = elapsed
+
+    # scoring (engine/scoring.py)
+
+    def scored_tail(self, prompt: list[int]) -> int:
+        """How many of the prompt's last tokens are scored: an open phrase's words and `</phrase>` (0 if none)."""
+        start = self.vocabulary.open_phrase_start(prompt)
+        return 0 if start is None else len(prompt) - start
+
+    def note_evidence(self, log_probs: torch.Tensor, tokens: list[int], first_position: int,
+                      evidence: TokenEvidence) -> None:
+        """Record what the model said of `tokens` (at `first_position`..) from their log-softmax rows."""
+        evidence_from(log_probs, tokens, first_position, self.vocabulary, evidence)
+
+    def score(self, output: GroundedText, row: Row, ids: list[int], evidence: TokenEvidence) -> GroundedText:
+        """`output`, generated as `ids` from `row`'s prompt, with each of its boxes scored."""
+        return score_output(output, ids, len(row.input_ids), evidence, self.vocabulary, self.phrase_priors)
+
+    @functools.cached_property
+    def _blank_image(self) -> tuple[list[int], list[int], torch.Tensor]:
+        """The prompt `<grounding><phrase>` on a blank image (the processor's mean colour): ids, image mask, features."""
+        mean = self.processor.image_processor.image_mean
+        blank = Image.new("RGB", (224, 224), tuple(round(255 * channel) for channel in mean))
+        ids, image_mask = tokenise(self.processor, "<grounding><phrase>")
+        return ids, image_mask, self.encode_images([blank])
+
+    @torch.inference_mode()
+    def _blank_image_log_prob(self, phrase: tuple[int, ...]) -> float:
+        """log p(`phrase`, `</phrase>` | blank image, `<grounding><phrase>`), the phrase's prior (one row alone)."""
+        ids, image_mask, features = self._blank_image
+        tail = [*phrase, self.vocabulary.phrase_end]
+        _, _, (log_probs,) = prefill(self.model, [ids + tail], [image_mask + [0] * len(tail)], features,
+                                     self.pad_token_id, tails=[len(tail)])
+        return float(sum(row[token] for row, token in zip(log_probs, tail)))
+
+    @torch.inference_mode()
+    def _rescore(self, row: Row, ids: list[int], features: torch.Tensor) -> TokenEvidence:
+        """The evidence of a row generated outside the scheduler (beam search): its tokens read again, alone."""
+        first = len(row.input_ids) - self.scored_tail(row.input_ids)
+        evidence = TokenEvidence()
+        if first < len(ids):
+            image_mask = row.image_mask + [0] * (len(ids) - len(row.input_ids))
+            _, _, (log_probs,) = prefill(self.model, [ids], [image_mask], features, self.pad_token_id,
+                                         tails=[len(ids) - first])
+            self.note_evidence(log_probs, ids[first:], first, evidence)
+        return evidence
 
     def decode(self, ids: list[int]) -> str:
         """Token ids as text, special tokens left out (grounding tags kept: they are ordinary tokens)."""

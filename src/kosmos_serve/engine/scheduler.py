@@ -27,6 +27,7 @@ from transformers import LogitsProcessorList, TextStreamer
 from kosmos_serve.engine.decode import RunningBatch, decode_step, keep_rows, merge, prefill
 from kosmos_serve.engine.requests import PreparedRequest, Request, Row
 from kosmos_serve.engine.results import Result, build_result
+from kosmos_serve.engine.scoring import TokenEvidence
 from kosmos_serve.generation import GenerationParams, generation_kwargs
 from kosmos_serve.grounding import parse_generation
 
@@ -87,6 +88,7 @@ class _Sequence:
     processors: LogitsProcessorList
     generator: torch.Generator | None
     started_at: float
+    evidence: TokenEvidence = field(default_factory=TokenEvidence)  # the model's probabilities, for scoring boxes
     new_tokens: int = 0
     pending: int | None = None
     finished: bool = False
@@ -172,10 +174,14 @@ class Scheduler:
             return
         try:
             embeds = torch.cat([s.ticket.features[s.row.image_key] for s in joining])
-            batch, logits = prefill(self.engine.model, [s.row.input_ids for s in joining],
-                                    [s.row.image_mask for s in joining], embeds, self.engine.pad_token_id,
-                                    [s.row.image_key for s in joining])
-            for sequence, scores in zip(joining, logits):
+            tails = [self.engine.scored_tail(s.row.input_ids) for s in joining]
+            batch, logits, tail_log_probs = prefill(
+                self.engine.model, [s.row.input_ids for s in joining], [s.row.image_mask for s in joining], embeds,
+                self.engine.pad_token_id, [s.row.image_key for s in joining], tails,
+            )
+            for sequence, scores, tail, log_probs in zip(joining, logits, tails, tail_log_probs):
+                first = len(sequence.ids) - tail
+                self.engine.note_evidence(log_probs, sequence.ids[first:], first, sequence.evidence)
                 self._choose(sequence, scores)
         except Exception as error:  # noqa: BLE001 - handed to the request(s), whose caller reports it
             for sequence in joining:
@@ -246,6 +252,8 @@ class Scheduler:
             token = int(torch.multinomial(probs, num_samples=1, generator=sequence.generator)[0, 0])
         else:
             token = int(torch.argmax(scores, dim=-1)[0])
+        self.engine.note_evidence(torch.log_softmax(logits, dim=-1)[None], [token], len(sequence.ids),
+                                  sequence.evidence)
         sequence.ids.append(token)
         sequence.new_tokens += 1
         sequence.pending = token
@@ -263,20 +271,20 @@ class Scheduler:
         kept = [index for index, sequence in enumerate(self.sequences) if not sequence.finished]
         for sequence in self.sequences:
             if sequence.finished:
-                self._finish_row(sequence.ticket, sequence.row, sequence.ids, sequence.new_tokens,
-                                 time.perf_counter() - sequence.started_at, finished)
+                self._finish_row(sequence, time.perf_counter() - sequence.started_at, finished)
         if len(kept) != len(self.sequences):
             self.batch = keep_rows(self.batch, kept) if self.batch is not None else None
             self.sequences = [self.sequences[index] for index in kept]
 
-    def _finish_row(self, ticket: Ticket, row: Row, ids: list[int], new_tokens: int, seconds: float,
-                    finished: list[Ticket]) -> None:
+    def _finish_row(self, sequence: _Sequence, seconds: float, finished: list[Ticket]) -> None:
+        ticket, row = sequence.ticket, sequence.row
         if ticket.streamer is not None:
             ticket.streamer.end()
         image = ticket.request.image
-        text = self.engine.decode(ids)
-        row.output = parse_generation(text, row.spec.text, *image.size)
-        row.generated_tokens = new_tokens
+        text = self.engine.decode(sequence.ids)
+        row.output = self.engine.score(parse_generation(text, row.spec.text, *image.size), row, sequence.ids,
+                                       sequence.evidence)
+        row.generated_tokens = sequence.new_tokens
         row.generation_seconds = seconds
         ticket.finished_rows += 1
         if ticket.should_stop() and ticket.started_rows < len(ticket.rows):
@@ -292,7 +300,8 @@ class Scheduler:
         """A request whose caller left: its prompts not yet started end with no new tokens, never run."""
         for row in ticket.rows[ticket.started_rows :]:
             text = self.engine.decode(row.input_ids)
-            row.output = parse_generation(text, row.spec.text, *ticket.request.image.size)
+            output = parse_generation(text, row.spec.text, *ticket.request.image.size)
+            row.output = self.engine.score(output, row, row.input_ids, TokenEvidence())
             ticket.started_rows += 1
             ticket.finished_rows += 1
         if ticket.finished_rows == len(ticket.rows) and not ticket.done:

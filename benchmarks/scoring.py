@@ -1,0 +1,76 @@
+"""What scoring costs a detection request: one engine with and without it, interleaved, in one run.
+
+    python benchmarks/scoring.py                 # full-size Kosmos-2 architecture, random weights, int8
+    python benchmarks/scoring.py --quantize none # float32 weights
+    python benchmarks/scoring.py --tiny          # a quick check of the script on the tiny model
+
+A detection request asks for 4 phrases on a fresh image (no feature cache, so vision counts) and
+generates 6 tokens per phrase, what `<object><patch><patch></object></s>` takes. "Without scoring"
+is the same engine with its three scoring hooks turned off: the prefill keeps only the last position's
+logits, no step takes a log-softmax, no phrase prior is computed. "First sight" clears the phrase
+priors before each request (each phrase's blank-image pass runs); "seen" keeps them (an ontology
+over a collection). The CPU heads the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import cpu_description, prepare_model  # the benchmark scripts' shared helpers
+
+PHRASES = ("a red circle", "a blue square", "a green triangle", "a yellow star")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="run on the project's tiny random model")
+    parser.add_argument("--quantize", default="int8", choices=["none", "int8", "auto"])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    from kosmos_serve.config import EngineSettings
+    from kosmos_serve.engine import GenerationParams, Request, start_engine
+    from kosmos_serve.tasks import TaskInput
+
+    engine = start_engine(EngineSettings(model=str(prepare_model(args.tiny)), device="cpu", quantize=args.quantize,
+                                         image_cache_size=0, max_batch_rows=8))
+    params = GenerationParams(max_new_tokens=6, min_score=0.0)
+    scoring = {name: getattr(engine, name) for name in ("scored_tail", "note_evidence", "score")}
+    unscored = {"scored_tail": lambda prompt: 0, "note_evidence": lambda *args: None,
+                "score": lambda output, *args: output}
+
+    def timed(hooks: dict, first_sight: bool, seed: int) -> float:
+        for name, hook in hooks.items():
+            setattr(engine, name, hook)
+        if first_sight:
+            engine.phrase_priors._cache.clear()
+        image = Image.effect_noise((320, 240), 40 + seed % 50).convert("RGB")  # a fresh image each time
+        began = time.perf_counter()
+        engine.run([Request(image, TaskInput("detection", phrases=PHRASES), params)])
+        return time.perf_counter() - began
+
+    timed(scoring, True, 0)  # warm-up: kernels, allocator, the blank image's features
+    times: dict[str, list[float]] = {"without scoring": [], "scored, phrases seen": [], "scored, first sight": []}
+    for repeat in range(args.repeats):
+        times["without scoring"].append(timed(unscored, False, 3 * repeat))
+        times["scored, phrases seen"].append(timed(scoring, False, 3 * repeat + 1))
+        times["scored, first sight"].append(timed(scoring, True, 3 * repeat + 2))
+    base = statistics.median(times["without scoring"])
+    print(cpu_description())
+    print(f"\nDetection request, {len(PHRASES)} phrases, quantize={args.quantize}, "
+          f"{'tiny model' if args.tiny else 'full-size architecture'}, median of {args.repeats}:\n")
+    print("| engine | seconds | vs without scoring |\n| --- | ---: | ---: |")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.3f} | {median / base:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()

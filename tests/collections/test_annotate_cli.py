@@ -54,17 +54,29 @@ def read(out):
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
-def expected_record(path: Path, result, model, classes=None):
+def expected_record(path: Path, result, model, min_score, classes=None):
     answer = result.to_dict()
     return {
         "path": str(path), "resolved": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "width": answer["image_size"][0], "height": answer["image_size"][1],
         **{key: answer[key] for key in ("task", "prompt", "text", "answer", "raw_text")},
         "entities": [{"phrase": e["phrase"], "class": (classes or {}).get(e["phrase"]), "span": e["span"],
-                      "boxes": e["boxes"], "pixel_boxes": e["pixel_boxes"]} for e in answer["entities"]],
+                      "boxes": e["boxes"], "pixel_boxes": e["pixel_boxes"], "scores": e["scores"]}
+                     for e in answer["entities"]],
         "markdown": answer["markdown"], "generated_tokens": answer["generated_tokens"], "model": str(model),
-        "kosmos_serve_version": "0.1.0",
+        "quantize": "none", "min_score": min_score, "kosmos_serve_version": "0.1.0",
     }
+
+
+def kept_at(entities, min_score):
+    """Record entities with only their boxes scored `min_score` or more (entities left with none dropped)."""
+    kept = []
+    for entity in entities:
+        keep = [index for index, score in enumerate(entity["scores"]) if score >= min_score]
+        if keep:
+            kept.append({**entity, **{key: [entity[key][i] for i in keep]
+                                      for key in ("boxes", "pixel_boxes", "scores")}})
+    return kept
 
 
 def test_records_equal_the_engines_results(photos, tmp_path, tiny_model_dir, engine):
@@ -77,7 +89,8 @@ def test_records_equal_the_engines_results(photos, tmp_path, tiny_model_dir, eng
     paths = sorted(photos.iterdir())
     task = TaskInput("detection", phrases=("a red car", "a dog"))
     results = engine.run([Request(load_image(p), task, GenerationParams(max_new_tokens=TOKENS)) for p in paths])
-    assert read(out) == [expected_record(p, r, tiny_model_dir) for p, r in zip(paths, results)]
+    default = engine.defaults.min_score
+    assert read(out) == [expected_record(p, r, tiny_model_dir, default) for p, r in zip(paths, results)]
     assert "annotate:" not in result.output  # no progress bar when stderr is not a terminal
 
 
@@ -97,8 +110,50 @@ def test_every_task_of_predict(photos, tmp_path, tiny_model_dir, engine, options
     path = photos / "1.png"
     result = annotate(out, path, *options, model=tiny_model_dir)
     assert result.exit_code == 0, result.output
-    expected = engine.predict(load_image(path), task, GenerationParams(max_new_tokens=TOKENS))
-    assert read(out) == [expected_record(path, expected, tiny_model_dir)]
+    default = engine.defaults.min_score  # annotate applies it to every task, not only detection
+    expected = engine.predict(load_image(path), task, GenerationParams(max_new_tokens=TOKENS, min_score=default))
+    assert read(out) == [expected_record(path, expected, tiny_model_dir, default)]
+
+
+def test_boxes_under_the_engines_default_are_left_out_whatever_the_task(tmp_path, monkeypatch):
+    def captions(out, *options):  # the demo model's grounded captions of the example scenes
+        result = invoke("annotate", EXAMPLES, "--out", out, "--model", "demo", *options)
+        assert result.exit_code == 0, result.output
+        return read(out)
+
+    every_box = captions(tmp_path / "every-box.jsonl", "--min-score", 0)
+    assert {r["task"] for r in every_box} == {"caption"} and {r["min_score"] for r in every_box} == {0}
+    scores = sorted({score for r in every_box for e in r["entities"] for score in e["scores"]})
+    assert len(scores) >= 2, "the demo model's captions should give boxes of several scores"
+    threshold = scores[len(scores) // 2]  # some boxes under it, some kept
+    monkeypatch.setenv("KOSMOS_MIN_SCORE", str(threshold))  # the engine's default, as an operator sets it
+    kept = captions(tmp_path / "out.jsonl")
+    assert [r["min_score"] for r in kept] == [threshold] * len(every_box)
+    assert [r["text"] for r in kept] == [r["text"] for r in every_box]  # the words stay, low boxes go
+    assert [r["entities"] for r in kept] == [kept_at(r["entities"], threshold) for r in every_box]
+    boxes = sum(len(e["scores"]) for r in kept for e in r["entities"])
+    assert 0 < boxes < sum(len(e["scores"]) for r in every_box for e in r["entities"])
+
+
+def test_a_file_is_continued_only_at_its_own_threshold(photos, tmp_path, tiny_model_dir):
+    out = tmp_path / "out.jsonl"
+    (photos / "2.png").rename(tmp_path / "later.png")
+    assert annotate(out, photos, "--min-score", 0.2, model=tiny_model_dir).exit_code == 0
+    before = out.read_bytes()
+    (tmp_path / "later.png").rename(photos / "2.png")
+
+    other = annotate(out, photos, "--min-score", 0.5, model=tiny_model_dir)  # refused before the model loads
+    assert other.exit_code == 1
+    assert other.stderr == (f"Error: --out {out} line 1 holds {photos / '0.png'} with boxes scored 0.2 or more, not "
+                            "this run's min_score 0.5; give the same --min-score, or write to another --out (or move "
+                            "that file away) to annotate afresh.\n")
+    default = annotate(out, photos, model=tiny_model_dir)  # the default (0.3) is known once the engine is up
+    assert default.exit_code == 1 and "not this run's min_score 0.3;" in default.stderr
+    assert out.read_bytes() == before
+
+    same = annotate(out, photos, "--min-score", 0.2, model=tiny_model_dir)
+    assert same.stdout.startswith("1 annotated, 2 skipped as already done, 0 failed; ")
+    assert [r["min_score"] for r in read(out)] == [0.2] * 3
 
 
 def test_bad_images_get_error_lines_and_the_run_goes_on(photos, tmp_path, tiny_model_dir, monkeypatch):
@@ -221,6 +276,8 @@ def test_a_jsonl_manifest_gives_an_image_its_own_phrases(tmp_path):
         (None, ["{d}/photos", "--task", "detection"], "needs at least one phrase"),
         (None, ["{d}/photos", "--box", "1,2"], "is not a box"),
         (None, ["{d}/nowhere.png"], "no such file or folder"),
+        (None, ["{d}/photos", "--min-score", "2"], "min_score: Input should be less than or equal to 1"),
+        (None, ["{d}/photos", "--min-score", "nan"], "min_score: Input should be a finite number"),
     ],
 )
 def test_bad_input_is_one_message_exit_1_and_nothing_written(photos, tmp_path, tiny_model_dir, setup, args, message):
@@ -233,6 +290,14 @@ def test_bad_input_is_one_message_exit_1_and_nothing_written(photos, tmp_path, t
     assert result.stderr.startswith("Error: ") and message in result.stderr and result.stdout == ""
     assert "Traceback" not in result.output
     assert (out.read_bytes() if out.exists() else None) == before
+
+
+def test_a_min_score_that_is_no_number_is_a_usage_error(photos, tmp_path, tiny_model_dir):
+    out = tmp_path / "out.jsonl"
+    result = annotate(out, photos, "--min-score", "abc", model=tiny_model_dir)
+    assert result.exit_code == 2  # click's code for a bad option, as for --batch-size 0
+    assert "Invalid value for '--min-score': 'abc' is not a valid float." in result.stderr
+    assert not out.exists()
 
 
 def test_an_output_of_another_command_is_not_continued(photos, tmp_path, tiny_model_dir):

@@ -5,8 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from kosmos_serve.collections.records import RecordAppender, read_previous
+from kosmos_serve.collections.inputs import ImageEntry
+from kosmos_serve.collections.records import RecordAppender, annotated_record, read_previous
+from kosmos_serve.engine import Result, Timings
 from kosmos_serve.errors import InvalidRequestError
+from kosmos_serve.grounding import Entity
+from kosmos_serve.tasks import Task
 
 
 def iter_records(path: Path):
@@ -147,3 +151,49 @@ def test_records_are_utf8_json_lines(tmp_path):
     append(out, record("été.png", text="Ein Bild von einem Hund ünd"))
     assert "été.png" in out.read_text(encoding="utf-8")
     assert [r["text"] for _, r in iter_records(out)] == ["Ein Bild von einem Hund ünd"]
+
+
+def test_a_record_keeps_each_box_of_a_phrase_with_its_own_score(tmp_path):
+    cars = Entity("a car", (0, 5), ((0.1, 0.2, 0.3, 0.4), (0.5, 0.5, 0.9, 0.8)), ((20, 20, 60, 40), (100, 50, 180, 80)),
+                  (0.91, 0.37))
+    result = Result(Task.DETECTION, "<grounding><phrase> a car</phrase>", "a car", "a car", "", (cars,), "",
+                    (200, 100), 4, False, Timings())
+    entry = ImageEntry("street.png", tmp_path / "street.png", "street.png")
+    made = annotated_record(entry, "ab" * 32, result, model="demo", quantize="int8", min_score=0.35,
+                            ontology={"a car": "car"})
+    assert made["entities"] == [{"phrase": "a car", "class": "car", "span": [0, 5],
+                                 "boxes": [[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.9, 0.8]],
+                                 "pixel_boxes": [[20, 20, 60, 40], [100, 50, 180, 80]], "scores": [0.91, 0.37]}]
+    assert (made["model"], made["quantize"], made["min_score"]) == ("demo", "int8", 0.35)
+    out = tmp_path / "out.jsonl"
+    append(out, made)
+    assert [r for _, r in iter_records(out)] == [made]
+
+
+def test_the_file_remembers_the_threshold_of_its_first_record_at_each(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(lines(record("a.png", min_score=0.3), failed("b.png"), record("c.png", min_score=0.3),
+                          record("d.png", min_score=0.5), record("old.png")))
+    previous = read_previous(out)
+    assert previous.min_scores == {0.3: (1, "a.png"), 0.5: (4, "d.png"), None: (5, "old.png")}
+    with pytest.raises(InvalidRequestError, match=r"line 4 holds d\.png with boxes scored 0\.5 or more, not this "
+                                                  r"run's min_score 0\.3"):
+        previous.check_min_score(0.3, out)
+    only_old = tmp_path / "old.jsonl"
+    only_old.write_bytes(lines(record("old.png"), failed("b.png")))
+    with pytest.raises(InvalidRequestError, match=r"line 1 holds old\.png with every box \(no min_score\), not "):
+        read_previous(only_old).check_min_score(0.3, only_old)
+
+
+def test_a_batch_at_another_threshold_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "out.jsonl"
+    append(out, record("a.png", min_score=0.3))
+    before = out.read_bytes()
+    with RecordAppender(out, read_previous(out)) as appender:
+        with pytest.raises(InvalidRequestError, match="holds a.png with boxes scored 0.3 or more, not this run's "
+                                                      "min_score 0.5"):
+            appender.append([failed("b.png"), record("c.png", min_score=0.5)])
+        assert out.read_bytes() == before
+        appender.append([failed("b.png"), record("c.png", min_score=0.3)])  # the file's own threshold goes on
+    assert [(r["path"], r.get("min_score")) for _, r in iter_records(out)] == [
+        ("a.png", 0.3), ("b.png", None), ("c.png", 0.3)]

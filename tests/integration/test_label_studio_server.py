@@ -63,6 +63,7 @@ CONFIG = """<View>
     <Label value="Cross" hint="the yellow cross"/>
     <Label value="Square" hint="the pink square"/>
   </RectangleLabels>
+  <Number name="min_score" toName="image" min="0" max="1" step="0.05"/>
 </View>"""
 ls = LabelStudio(base_url=url, api_key=token)
 auth = {"Authorization": f"Token {token}"}
@@ -101,8 +102,10 @@ batch = [task_id for kind, task_id in tasks.items() if kind != "interactive"]
 ls.actions.create(id="retrieve_tasks_predictions", project=project.id, selected_items={"all": False, "included": batch})
 out["predictions"] = {kind: [p.dict() for p in ls.predictions.list(task=tasks[kind])]
                       for kind in ("upload", "local_files", "data_uri")}
+# the annotator types phrases and sets the threshold to 0 (the demo model boxes the star right but scores it low)
 prompt = {"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea",
-                      "value": {"text": ["the green star, the orange square, the yellow circle"]}}]}
+                      "value": {"text": ["the green star, the orange square, the yellow circle"]}},
+                     {"from_name": "min_score", "to_name": "image", "type": "number", "value": {"number": 0}}]}
 out["interactive"] = requests.post(f"{url}/api/ml/{ml.id}/interactive-annotating", headers=auth,
                                    json={"task": tasks["interactive"], "context": prompt}, timeout=120).json()
 print("RESULT " + json.dumps(out, default=str))
@@ -259,10 +262,15 @@ def test_label_studio_gets_predictions_from_kosmos_serve(label_studio_python, la
     assert sent["params"] == {"login": None, "password": None, "context": None}
     assert {"id", "data", "annotations", "predictions", "project"} <= set(sent["tasks"][0])
 
+    threshold = httpx.get(backend.removesuffix("/label-studio") + "/info",
+                          headers={"Authorization": f"Bearer {API_KEY}"}).json()["defaults"]["min_score"]
     for kind in ("upload", "local_files", "data_uri"):
         [prediction] = out["predictions"][kind]
-        assert prediction["model_version"] == "kosmos-2:demo" and prediction["score"] == 1.0
         regions = prediction["result"]
+        assert prediction["model_version"] == "kosmos-2:demo"
+        # each region keeps its box's score (the default threshold or more); the task's is their mean
+        assert all(threshold <= region["score"] <= 1 for region in regions), kind
+        assert prediction["score"] == pytest.approx(sum(region["score"] for region in regions) / len(regions))
         assert sorted(region["value"]["rectanglelabels"][0] for region in regions) == sorted(SCENE_OBJECTS), kind
         for region in regions:
             assert (region["type"], region["from_name"], region["to_name"]) == ("rectanglelabels", "label", "image")
@@ -276,4 +284,5 @@ def test_label_studio_gets_predictions_from_kosmos_serve(label_studio_python, la
     assert set(found) == set(OTHER_SCENE_OBJECTS)
     for name, truth in OTHER_SCENE_OBJECTS.items():
         assert (found[name]["original_width"], found[name]["original_height"]) == (288, 229)
+        assert 0 <= found[name]["score"] <= 1
         assert iou(pixel_box(found[name]), truth) >= 0.5, (name, pixel_box(found[name]))

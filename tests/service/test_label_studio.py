@@ -224,14 +224,17 @@ def test_the_exact_payload_label_studio_sends_gets_a_region_per_label_on_the_sce
 
     assert answer.status_code == 200, answer.text
     [prediction] = answer.json()["results"]
-    assert prediction["model_version"] == "kosmos-2:demo" and prediction["score"] == 1.0
     regions = prediction["result"]
+    threshold = httpx.get(backend.removesuffix("/label-studio") + "/info").json()["defaults"]["min_score"]
+    assert prediction["model_version"] == "kosmos-2:demo"
+    assert prediction["score"] == pytest.approx(sum(r["score"] for r in regions) / len(regions))  # their mean
     assert sorted(r["value"]["rectanglelabels"][0] for r in regions) == sorted(LABELS)
     for region in regions:
         assert {key: region[key] for key in ("from_name", "to_name", "type", "original_width", "original_height",
-                                             "image_rotation", "score")} == {
+                                             "image_rotation")} == {
             "from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": 229,
-            "original_height": 195, "image_rotation": 0, "score": 1.0}
+            "original_height": 195, "image_rotation": 0}
+        assert threshold <= region["score"] <= 1  # the box's own score, kept by the service's default threshold
         assert region["value"]["rotation"] == 0 and len(region["id"]) == 10
         phrase = LABELS[region["value"]["rectanglelabels"][0]]
         assert iou(pixel_box(region), SCENE_OBJECTS[phrase]) >= 0.5, (phrase, pixel_box(region))
@@ -248,13 +251,14 @@ def test_regions_are_the_detection_tasks_boxes_in_percent(backend):
 
     regions = predict(backend, body).json()["results"][0]["result"]
 
-    expected = [(label, [100 * v for v in box]) for entity in reference["entities"]
-                for label in [next(k for k, v in LABELS.items() if v == entity["phrase"])] for box in entity["boxes"]]
+    expected = [(label, [100 * v for v in box], score) for entity in reference["entities"]
+                for label in [next(k for k, v in LABELS.items() if v == entity["phrase"])]
+                for box, score in zip(entity["boxes"], entity["scores"], strict=True)]
     got = [(r["value"]["rectanglelabels"][0], [r["value"]["x"], r["value"]["y"], r["value"]["x"] + r["value"]["width"],
-                                               r["value"]["y"] + r["value"]["height"]]) for r in regions]
-    assert [label for label, _ in got] == [label for label, _ in expected]
-    for (_, box), (_, want) in zip(got, expected):
-        assert box == pytest.approx(want)
+                                               r["value"]["y"] + r["value"]["height"]], r["score"]) for r in regions]
+    assert [label for label, _, _ in got] == [label for label, _, _ in expected]
+    for (_, box, score), (_, want, want_score) in zip(got, expected):
+        assert box == pytest.approx(want) and score == want_score  # each region: its box, with the box's score
 
 
 def test_several_tasks_of_every_image_kind_answer_in_order(backend, label_studio):
@@ -279,6 +283,9 @@ def test_several_tasks_of_every_image_kind_answer_in_order(backend, label_studio
 def test_a_textarea_prompt_replaces_the_labels_and_each_phrase_finds_its_label(backend):
     body = copy.deepcopy(LABEL_STUDIO_PREDICT)
     body["tasks"][0]["data"]["image"] = data_uri(OTHER_SCENE)
+    # a threshold of 0 keeps every box: the demo model boxes the star right, but gives it a low score
+    body["label_config"] = LABEL_CONFIG.replace("</View>", '<Number name="min_score" toName="image" defaultValue="0"/>'
+                                                           "</View>")
     body["params"]["context"] = {"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea",
                                              "value": {"text": ["the green star, the orange square, the yellow circle"]}}]}
 

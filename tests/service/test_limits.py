@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import threading
 import time
+from importlib.resources import files
 
 import httpx
 import pytest
@@ -69,6 +70,7 @@ def test_every_numeric_field_declares_its_range_in_openapi(engine):
             "num_beams": (1, 8),
             "seed": (0, SEED_LIMIT),
             "no_repeat_ngram_size": (0, 64),
+            "min_score": (0.0, 1.0),
         }, name
 
 
@@ -176,6 +178,7 @@ def test_the_demo_models_own_defaults_give_its_grounded_caption_on_predict(serve
         answer = httpx.post(f"{url}/predict", files={"content": ("s.png", (EXAMPLES_DIR / "scene-four-shapes.png")
                                                                   .read_bytes())}, timeout=60).json()
         info = httpx.get(f"{url}/info").json()
+    demo_defaults = json.loads((files("kosmos_serve") / "models" / "demo" / "kosmos_serve.json").read_text())
     assert info["defaults"] == {"default_prompt": "<grounding> An image of", "max_new_tokens": 64,
-                                "no_repeat_ngram_size": 0}
+                                "no_repeat_ngram_size": 0, "min_score": demo_defaults.get("min_score", 0.3)}
     assert answer["output"].startswith("An image of a ") and len(answer["entities"]) >= 3

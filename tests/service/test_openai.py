@@ -99,8 +99,8 @@ def test_a_completion_is_the_engines_grounded_caption(serve, engine, sample_imag
     assert choice.message.role == "assistant"
     assert choice.message.content == result.markdown  # the caption keeps its "An image of", as /predict does
     assert choice.message.model_extra["entities"] == [
-        {"phrase": e.phrase, "boxes": [list(b) for b in e.boxes], "pixel_boxes": [list(b) for b in e.pixel_boxes]}
-        for e in result.entities
+        {"phrase": e.phrase, "boxes": [list(b) for b in e.boxes], "pixel_boxes": [list(b) for b in e.pixel_boxes],
+         "scores": list(e.scores)} for e in result.entities
     ]
     assert choice.finish_reason == ("length" if result.generated_tokens == NEW_TOKENS else "stop")
     assert completion.usage.prompt_tokens == prompt_tokens(engine, image, TaskInput(Task.CAPTION))
@@ -250,6 +250,8 @@ BAD_REQUESTS = [
     ("a negative seed", {"temperature": 1, "seed": -1}, "seed", ["greater than or equal to 0"]),
     ("an empty stop", {"stop": [""]}, "stop[0]", ["at least 1"]),
     ("a prompt too long", {"messages": "LONG"}, "messages[0].content", ["2000", "KOSMOS_MAX_PROMPT_CHARS"]),
+    ("min_score over 1", {"extra_body": {"min_score": 1.5}}, "min_score", ["min_score", "less than or equal to 1"]),
+    ("min_score a word", {"extra_body": {"min_score": "high"}}, "min_score", ["min_score", "valid number"]),
 ]
 
 

@@ -67,7 +67,9 @@ def test_predict_is_the_reference_contract(serve, reference, sample_images, png_
         default = httpx.post(f"{url}/predict", files={"content": ("a.png", png_bytes[0])})
     assert given.status_code == 200
     assert given.json() == {"output": text, "generated_text": raw.split("</image>")[-1],
-                            "entities": json.loads(json.dumps(entities))}
+                            "entities": json.loads(json.dumps(entities)),
+                            "scores": given.json()["scores"]}  # the reference's answer, plus `scores` beside it
+    assert [len(scores) for scores in given.json()["scores"]] == [len(boxes) for _, _, boxes in entities]
     assert default.json()["output"] == default_text and default.json()["generated_text"].startswith("<grounding> Describe:")
 
 
@@ -165,6 +167,8 @@ BAD_REQUESTS = [
     ("image", {"temperature": "0"}, 422, "invalid_request"),
     ("image", {"task": "grounded_vqa", "prompt": "why? " * 1000}, 422, "invalid_request"),
     ("image", {"unknown_field": "1"}, 422, "invalid_request"),
+    ("image", {"min_score": "1.5"}, 422, "invalid_request"),
+    ("image", {"min_score": "high"}, 422, "invalid_request"),
 ]
 
 

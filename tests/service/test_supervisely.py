@@ -26,7 +26,7 @@ from local_server import serve_in_thread
 from kosmos_serve.asgi import create_app
 from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.engine import Engine
-from kosmos_serve.server.supervisely.protocol import NEEDS_PLATFORM, prediction, rectangle_object
+from kosmos_serve.server.supervisely.protocol import NEEDS_PLATFORM, rectangle_object
 
 REPO = Path(__file__).resolve().parents[2]
 SCENE = REPO / "examples" / "scene-four-shapes.png"
@@ -54,7 +54,10 @@ out = {
 typed = sly.nn.inference.Session(api, session_url=url, inference_settings={"max_new_tokens": 32})
 annotation = typed.inference_image_path(image)
 out["labels"] = [[label.obj_class.name, label.geometry.geometry_name(), label.geometry.left, label.geometry.top,
-                  label.geometry.right, label.geometry.bottom] for label in annotation.labels]
+                  label.geometry.right, label.geometry.bottom, label.tags.get("confidence").value,
+                  label.tags.get("confidence").meta.value_type] for label in annotation.labels]
+from supervisely.nn.model.prediction import Prediction
+out["scores"] = [float(s) for s in Prediction(out["one"]["annotation"], model_meta=typed.get_model_meta()).scores]
 errors = {}
 try:
     session.inference_image_id(1)
@@ -145,9 +148,21 @@ def grounded_boxes(base_url: str, image: Path, prompt: str = DEFAULT_PROMPT, max
     return response.json()
 
 
-def objects_of(answer: dict) -> list:
-    return [[entity["phrase"], [[x1, y1], [x2, y2]]]
-            for entity in answer["entities"] for x1, y1, x2, y2 in entity["pixel_boxes"]]
+def objects_of(answer: dict, min_score: float = 0.0) -> list:
+    """The objects a /v1 answer's boxes make, [phrase, exterior, score], those scored under `min_score` left out."""
+    return [[entity["phrase"], [[x1, y1], [x2, y2]], score] for entity in answer["entities"]
+            for (x1, y1, x2, y2), score in zip(entity["pixel_boxes"], entity["scores"], strict=True)
+            if score >= min_score]
+
+
+def default_min_score(base_url: str) -> float:
+    return httpx.get(f"{base_url}/info").json()["defaults"]["min_score"]
+
+
+def exterior_and_score(objects: list[dict]) -> list:
+    """Supervisely objects as [class, exterior, confidence]."""
+    return [[o["classTitle"], o["points"]["exterior"], *[t["value"] for t in o["tags"] if t["name"] == "confidence"]]
+            for o in objects]
 
 
 def assert_supervisely_error(response: httpx.Response, status: int, *fragments: str) -> None:
@@ -173,24 +188,28 @@ def upload(*files: tuple[str, bytes], settings: dict | str | None = None) -> dic
 
 
 def test_the_supervisely_sdk_runs_inference_through_session_json(service, supervisely_python):
-    expected = objects_of(grounded_boxes(service, SCENE))
+    threshold = default_min_score(service)
+    expected = objects_of(grounded_boxes(service, SCENE), threshold)
     assert len(expected) >= 3, expected  # the demo model grounds the scene's shapes
 
     got = run_sdk(supervisely_python, f"{service}/supervisely", SCENE)
 
     assert got["info"]["task type"] == "prompt-based object detection"
     assert got["info"]["batch_inference_support"] is True
-    assert got["defaults"] == {"text_prompt": DEFAULT_PROMPT, "max_new_tokens": 64}  # the demo model's default
-    assert got["meta"]["classes"] == [] and got["meta"]["tags"] == []
+    # the demo model's defaults
+    assert got["defaults"] == {"text_prompt": DEFAULT_PROMPT, "max_new_tokens": 64, "min_score": threshold}
+    assert got["meta"]["classes"] == [] and [t["name"] for t in got["meta"]["tags"]] == ["confidence"]
     one = got["one"]["annotation"]
     assert one["size"] == {"height": 195, "width": 229}
-    assert [[o["classTitle"], o["points"]["exterior"]] for o in one["objects"]] == expected
+    assert exterior_and_score(one["objects"]) == expected  # each box with its score as its confidence tag
     assert {o["geometryType"] for o in one["objects"]} == {"rectangle"}
     assert one["description"].startswith("An image of")
     assert got["one"]["data"]["prompt"] == DEFAULT_PROMPT
     assert [p["annotation"] for p in got["many"]] == [one, one]
     # sly.nn.inference.Session parsed the same answer into sly.Annotation labels
-    assert got["labels"] == [[phrase, "rectangle", x1, y1, x2, y2] for phrase, [[x1, y1], [x2, y2]] in expected]
+    assert got["labels"] == [[phrase, "rectangle", x1, y1, x2, y2, score, "any_number"]
+                             for phrase, [[x1, y1], [x2, y2]], score in expected]
+    assert got["scores"] == [score for _, _, score in expected]  # sly.nn.model.Prediction reads them as its scores
     status, body = got["errors"]["platform"]
     assert status == 400 and "Supervisely platform" in body["message"]
     status, body = got["errors"]["settings"]
@@ -202,6 +221,7 @@ def test_the_supervisely_sdk_runs_inference_through_session_json(service, superv
 
 def test_an_image_becomes_one_rectangle_per_grounded_box(service):
     expected = grounded_boxes(service, SCENE)
+    threshold = default_min_score(service)
     response = httpx.post(f"{service}/supervisely/inference_image", timeout=60,
                           **upload(("scene.png", SCENE.read_bytes()), settings={"settings": {"max_new_tokens": 32}}))
     assert response.status_code == 200, response.text
@@ -209,27 +229,19 @@ def test_an_image_becomes_one_rectangle_per_grounded_box(service):
     assert set(body) == {"source", "annotation", "name", "path", "url", "project_id", "dataset_id", "image_id",
                          "video_id", "frame_index", "slides_data", "data"}
     assert body["name"] == "scene.png"
-    assert body["annotation"]["objects"] == [rectangle_object(phrase, (x1, y1, x2, y2))
-                                             for phrase, [[x1, y1], [x2, y2]] in objects_of(expected)]
+    assert body["annotation"]["objects"] == [rectangle_object(phrase, (x1, y1, x2, y2), score)
+                                             for phrase, [[x1, y1], [x2, y2]], score in objects_of(expected, threshold)]
     assert body["annotation"]["description"] == expected["text"]
     assert body["data"]["raw_text"] == expected["raw_text"]
 
 
-def test_rectangle_object_is_the_sdks_label_json():
-    """Label.to_json of a sly.Rectangle(top=9, left=132, bottom=88, right=225) labelled by a model (SDK 6.74.51)."""
-    assert rectangle_object("the blue circle", (132, 9, 225, 88)) == {
-        "classTitle": "the blue circle", "description": "", "tags": [],
-        "points": {"exterior": [[132, 9], [225, 88]], "interior": []},
-        "geometryType": "rectangle", "shape": "rectangle", "nnCreated": True, "nnUpdated": True,
-    }
-
-
 def test_classes_keep_only_the_listed_phrases(service):
-    phrases = [entity["phrase"] for entity in grounded_boxes(service, SCENE)["entities"]]
+    phrases = [phrase for phrase, _, _ in objects_of(grounded_boxes(service, SCENE), default_min_score(service))]
     settings = {"settings": {"max_new_tokens": 32, "classes": [phrases[1], "a phrase it never writes"]}}
     response = httpx.post(f"{service}/supervisely/inference_image", timeout=60,
                           **upload(("scene.png", SCENE.read_bytes()), settings=settings))
-    assert [o["classTitle"] for o in response.json()["annotation"]["objects"]] == [phrases[1]]
+    kept = [o["classTitle"] for o in response.json()["annotation"]["objects"]]
+    assert kept == [phrase for phrase in phrases if phrase == phrases[1]]
     every = {"settings": {"max_new_tokens": 32, "classes": "all"}}
     response = httpx.post(f"{service}/supervisely/inference_image", timeout=60,
                           **upload(("scene.png", SCENE.read_bytes()), settings=every))
@@ -251,16 +263,21 @@ def test_a_batch_answers_one_prediction_per_file_in_order(service):
     assert response.status_code == 200, response.text
     got = response.json()
     assert [p["name"] for p in got] == ["a.png", "b.png", "c.png"]
-    assert [objects_of(p["data"]) for p in got] == [objects_of(grounded_boxes(service, path))
+    threshold = default_min_score(service)
+    assert [objects_of(p["data"]) for p in got] == [objects_of(grounded_boxes(service, path), threshold)
                                                     for path in (SCENE, OTHER_SCENE, SCENE)]
+    assert [exterior_and_score(p["annotation"]["objects"]) for p in got] == [objects_of(p["data"]) for p in got]
 
 
 def test_settings_and_meta_routes_answer_what_session_json_reads(service):
     settings = httpx.post(f"{service}/supervisely/get_custom_inference_settings", json={"state": {}}).json()
-    assert settings["settings"].splitlines()[1:] == [f'text_prompt: "{DEFAULT_PROMPT}"', "max_new_tokens: 64"]
+    lines = [line for line in settings["settings"].splitlines() if not line.startswith("#")]
+    threshold = default_min_score(service)
+    assert lines == [f'text_prompt: "{DEFAULT_PROMPT}"', "max_new_tokens: 64", f"min_score: {threshold}"]
     meta = httpx.post(f"{service}/supervisely/get_output_classes_and_tags").json()
     assert meta == httpx.post(f"{service}/supervisely/get_model_meta").json()
-    assert meta["classes"] == [] and meta["tags"] == []
+    assert meta["classes"] == [] and [(t["name"], t["value_type"]) for t in meta["tags"]] == [("confidence",
+                                                                                             "any_number")]
     deploy = httpx.post(f"{service}/supervisely/get_deploy_info").json()
     assert deploy["task_type"] == "prompt-based object detection" and deploy["model_name"] == "demo"
     assert httpx.post(f"{service}/supervisely/is_deployed").json()["deployed"] is True
@@ -372,17 +389,3 @@ def test_the_routes_are_behind_the_services_api_key(serve_app, demo_engine):
     assert refused.status_code == 401
     assert allowed.status_code == 200 and allowed.json()["task type"] == "prompt-based object detection"
     assert in_the_url.status_code == 200
-
-
-def test_prediction_skips_only_blank_phrases_and_orders_each_boxs_corners():
-    from kosmos_serve.engine import Result, Timings
-    from kosmos_serve.grounding import Entity
-    from kosmos_serve.tasks import Task
-
-    entities = (Entity("a red star", (0, 10), ((0.1, 0.1, 0.2, 0.2),), ((10, 20, 30, 40), (50, 60, 40, 50))),
-                Entity(" ", (11, 12), ((0.1, 0.1, 0.2, 0.2),), ((1, 2, 3, 4),)))
-    result = Result(Task.RAW, DEFAULT_PROMPT, "a red star", "a red star", "", entities, "", (100, 200), 3, False,
-                    Timings())
-    objects = prediction(result)["annotation"]["objects"]
-    assert [o["points"]["exterior"] for o in objects] == [[[10, 20], [30, 40]], [[40, 50], [50, 60]]]
-    assert prediction(result)["annotation"]["size"] == {"height": 200, "width": 100}

@@ -48,6 +48,8 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
     INPUTS are folders (searched recursively), globs, image files, and manifests: a .txt of paths, or a
     .jsonl of {"image": path, "phrases": [...], "prompt": "..."} lines, whose phrases and prompt replace
     the options' for that image. Phrases alone (--phrase, --ontology or a manifest's) mean --task detection.
+    Boxes scored under --min-score (default: the model's, KOSMOS_MIN_SCORE) are left out, whatever the
+    task; each record says the threshold, and a file is continued only at its own threshold.
     Run the same command again to continue an interrupted run: images already in --out are skipped.
     Ctrl-C finishes the current batch, writes it and stops.
 
@@ -73,6 +75,8 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
         raise InvalidRequestError("Give the phrases either with --phrase or in --ontology, not both.")
     jobs = annotate_jobs(collect_images(inputs), settings, params, task, prompt, phrases, boxes, no_grounding, classes)
     previous = read_previous(out, check=same_run_check(jobs, settings.model, out))  # refuses a file of anything else
+    if params.min_score is not None:  # the default is the engine's, checked as each batch is appended
+        previous.check_min_score(params.min_score, out)
     settings = engine_settings(settings, jobs, batch_size)
     show_progress = not quiet and sys.stderr.isatty()
     if ray_job is not None:

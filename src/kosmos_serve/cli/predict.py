@@ -31,7 +31,7 @@ from kosmos_serve.errors import KosmosServeError
 @model_options
 def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, sample, top_p, temperature, seed,
             no_repeat_ngram_size, min_score, as_json, draw, **flags):
-    """Describe and ground IMAGES; prints the text, then each entity with its pixel boxes.
+    """Describe and ground IMAGES; prints the text, then each entity with its pixel boxes and their scores.
 
     \b
     Examples:
@@ -76,10 +76,21 @@ def load_image_file(path: Path, max_pixels: int):
 
 
 def summary(path: Path, result) -> str:
-    """A readable block: image and size, the text, then each entity with its pixel boxes."""
+    """A readable block: image and size, the text, then each entity with its pixel boxes, each with its score.
+
+    >>> from types import SimpleNamespace
+    >>> from kosmos_serve.grounding import Entity
+    >>> circle = Entity("a circle", (0, 8), ((0, 0, .5, .5), (.5, .5, 1, 1)), ((0, 0, 5, 5), (5, 5, 9, 9)),
+    ...                 (0.912, 0.4))
+    >>> print(summary(Path("a.png"), SimpleNamespace(image_size=(10, 10), text="a circle", entities=(circle,))))
+    a.png (10x10)
+      a circle
+      - a circle: [0, 0, 5, 5] score 0.91  [5, 5, 9, 9] score 0.40
+    """
     width, height = result.image_size
     lines = [f"{path} ({width}x{height})", f"  {result.text}"]
     for entity in result.entities:
-        boxes = "  ".join(str(list(box)) for box in entity.pixel_boxes)
+        scores = [f" score {score:.2f}" for score in entity.scores] or [""] * len(entity.pixel_boxes)
+        boxes = "  ".join(f"{list(box)}{score}" for box, score in zip(entity.pixel_boxes, scores))
         lines.append(f"  - {entity.phrase}: {boxes}")
     return "\n".join(lines)

@@ -2,8 +2,10 @@
 
 An annotated image:
     {"path", "resolved", "sha256", "width", "height", "task", "prompt", "text", "answer", "raw_text",
-     "entities": [{"phrase", "class", "span", "boxes", "pixel_boxes"}], "markdown", "generated_tokens",
-     "model", "kosmos_serve_version"}
+     "entities": [{"phrase", "class", "span", "boxes", "pixel_boxes", "scores"}], "markdown", "generated_tokens",
+     "model", "quantize", "min_score", "kosmos_serve_version"}
+  `scores` holds each box's score (same order as its boxes); `min_score` is the threshold the run kept boxes at
+  (annotate drops boxes scored under it, for every task), `quantize` the engine's weight setting.
 An image that could not be annotated:
     {"path", "resolved", "sha256" (null when the file cannot be read), "width": null, "height": null, "task",
      "error": {"code", "message"}, "model", "kosmos_serve_version"}
@@ -12,6 +14,9 @@ Crash safety: a batch's lines go out in one write, then flush and fsync. A proce
 leaves at most its last line torn (no newline at the end of the file); the next run drops that line
 before appending (or only adds its newline, when the line is whole), so every image is in the file
 once, on a complete line. An image is done when a record with its resolved path and sha256 is there.
+
+One file, one threshold: a run whose `min_score` differs from that of a record already in the file is
+refused before it writes a line (its boxes would mix with boxes kept at another threshold).
 """
 
 from __future__ import annotations
@@ -37,18 +42,23 @@ KOSMOS_SERVE_VERSION = version("kosmos-serve")
 DoneKey = tuple[str, str | None]  # (resolved path, sha256 of the file's bytes or None when unreadable)
 
 
-def annotated_record(entry: ImageEntry, sha256: str, result: Result, *, model: str,
-                     ontology: dict[str, str] | None = None) -> dict:
-    """The record of an annotated image: `Result.to_dict()` without timings and cache state, each entity with its class."""
+def annotated_record(entry: ImageEntry, sha256: str, result: Result, *, model: str, quantize: str,
+                     min_score: float | None, ontology: dict[str, str] | None = None) -> dict:
+    """The record of an annotated image: `Result.to_dict()` without timings and cache state, each entity with its class.
+
+    `min_score` is the threshold `result` was built with (its boxes scored under it already dropped).
+    """
     answer = result.to_dict()
     width, height = result.image_size
     entities = [{"phrase": e["phrase"], "class": (ontology or {}).get(e["phrase"]), "span": e["span"],
-                 "boxes": e["boxes"], "pixel_boxes": e["pixel_boxes"]} for e in answer["entities"]]
+                 "boxes": e["boxes"], "pixel_boxes": e["pixel_boxes"], "scores": e["scores"]}
+                for e in answer["entities"]]
     return {
         "path": entry.path, "resolved": str(entry.resolved), "sha256": sha256, "width": width, "height": height,
         "task": answer["task"], "prompt": answer["prompt"], "text": answer["text"], "answer": answer["answer"],
         "raw_text": answer["raw_text"], "entities": entities, "markdown": answer["markdown"],
-        "generated_tokens": answer["generated_tokens"], "model": model, "kosmos_serve_version": KOSMOS_SERVE_VERSION,
+        "generated_tokens": answer["generated_tokens"], "model": model, "quantize": quantize, "min_score": min_score,
+        "kosmos_serve_version": KOSMOS_SERVE_VERSION,
     }
 
 
@@ -78,11 +88,11 @@ def record_problem(record) -> str | None:
         return '"sha256" is neither a string nor null'
     if "error" in record:
         error = record["error"]
-        return None if isinstance(error, dict) and {"code", "message"} <= error.keys() else '"error" has no code and message'
+        has_both = isinstance(error, dict) and {"code", "message"} <= error.keys()
+        return None if has_both else '"error" has no code and message'
     if not isinstance(record.get("entities"), list) or not isinstance(record.get("prompt"), str):
         return 'it has neither "error" nor "prompt" and "entities"'
     return None
-
 
 
 @dataclass
@@ -91,6 +101,8 @@ class PreviousRun:
 
     done: set[DoneKey] = field(default_factory=set)
     records: int = 0
+    # the threshold of each annotated record -> (line number, path) of the first record kept at it
+    min_scores: dict[float | None, tuple[int, str]] = field(default_factory=dict)
     size: int = 0  # bytes when read: if it has changed when we append, someone else is writing the file
     keep: int = 0  # bytes to keep; beyond them lies a torn last line
     add_newline: bool = False  # the last line is a whole record that lost only its newline
@@ -99,6 +111,17 @@ class PreviousRun:
     def torn(self) -> bool:
         """Whether the file ends in a torn line (dropped, or given its newline, before the next append)."""
         return self.keep < self.size or self.add_newline
+
+    def check_min_score(self, min_score: float | None, out: os.PathLike) -> None:
+        """Refuse (InvalidRequestError) a run at `min_score` when the file holds boxes kept at another threshold."""
+        for threshold, (number, path) in self.min_scores.items():
+            if threshold != min_score:
+                kept = "every box (no min_score)" if threshold is None else f"boxes scored {threshold} or more"
+                raise InvalidRequestError(
+                    f"--out {out} line {number} holds {path} with {kept}, not this run's min_score {min_score}; "
+                    "give the same --min-score, or write to another --out (or move that file away) to annotate "
+                    "afresh."
+                )
 
 
 def read_previous(path: Path, check: Callable[[int, dict], None] | None = None) -> PreviousRun:
@@ -120,6 +143,8 @@ def read_previous(path: Path, check: Callable[[int, dict], None] | None = None) 
             if problem is None:
                 previous.done.add((record["resolved"], record["sha256"]))
                 previous.records += 1
+                if "error" not in record:
+                    previous.min_scores.setdefault(record.get("min_score"), (number, record["path"]))
                 if check is not None:
                     check(number, record)
             elif not complete:  # killed mid-write: drop the torn line
@@ -146,7 +171,8 @@ class RecordAppender:
     """Appends record lines to the output, each batch in one write followed by flush and fsync.
 
     The file is opened (and locked against a second run) at the first append, so a run that fails
-    before annotating anything leaves it untouched; a torn last line is mended then.
+    before annotating anything leaves it untouched; a torn last line is mended then. Records kept at
+    another threshold than the file's are refused before anything is written.
     """
 
     def __init__(self, path: Path, previous: PreviousRun):
@@ -158,6 +184,8 @@ class RecordAppender:
         """Write `records`, one JSON line each, and make them durable."""
         if not records:
             return
+        for min_score in {record.get("min_score") for record in records if "error" not in record}:
+            self.previous.check_min_score(min_score, self.path)
         if self._file is None:
             self._open()
         self._file.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records))

@@ -11,6 +11,8 @@ valid either way).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -116,7 +118,12 @@ def same_run_check(jobs: list[Job], model: str, out: os.PathLike) -> Callable[[i
 
 
 class AnnotateRun:
-    """Annotates jobs through one engine into one output file."""
+    """Annotates jobs through one engine into one output file.
+
+    Boxes scored under `params.min_score` are dropped, for every task; without one, under the engine's
+    default (`KOSMOS_MIN_SCORE`, else the model's, else built-in), so a collection holds only boxes a
+    user can trust. Each record says the threshold it was kept at.
+    """
 
     def __init__(self, engine: Engine, appender: RecordAppender, done: set[DoneKey], *, params: GenerationParams,
                  model: str, ontology: dict[str, str] | None = None, batch_size: int = 8, decode_threads: int = 4,
@@ -124,6 +131,13 @@ class AnnotateRun:
         self.engine, self.appender, self.done = engine, appender, done
         self.params, self.model, self.ontology = params, model, ontology
         self.batch_size, self.decode_threads, self.show_progress = batch_size, decode_threads, show_progress
+
+    @functools.cached_property
+    def request_params(self) -> GenerationParams:
+        """The run's parameters with its threshold set: the one given, else the engine's default."""
+        if self.params.min_score is not None:
+            return self.params
+        return dataclasses.replace(self.params, min_score=self.engine.defaults.min_score)
 
     def run(self, jobs: list[Job]) -> Summary:
         """Annotate every job not done yet; on SIGINT or SIGTERM, stop once the batch in the model is written."""
@@ -190,7 +204,7 @@ class AnnotateRun:
         for position, item in enumerate(batch):
             if item.error is None:
                 try:  # boxes against this image's size
-                    requests.append(self.engine.prepare(Request(item.image, item.job.task, self.params)))
+                    requests.append(self.engine.prepare(Request(item.image, item.job.task, self.request_params)))
                     positions.append(position)
                 except KosmosServeError as error:
                     item.error = error
@@ -200,7 +214,8 @@ class AnnotateRun:
         for position, result in zip(positions, self.engine.run(requests) if requests else []):
             item = batch[position]
             records[position] = annotated_record(item.job.entry, item.sha256, result, model=self.model,
-                                                 ontology=self.ontology)
+                                                 quantize=self.engine.settings.quantize,
+                                                 min_score=self.request_params.min_score, ontology=self.ontology)
         return records
 
 

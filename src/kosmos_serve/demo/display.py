@@ -29,7 +29,8 @@ def colour_hex(colour: RGB) -> str:
 
 
 def highlighted_html(result: Result) -> str:
-    """The result's text with each grounded span marked in its entity's colour, then the entities and their boxes."""
+    """The result's text with each grounded span marked in its entity's colour, then the entities, their boxes and
+    the boxes' scores."""
     colours = entity_colours(entity.phrase for entity in result.entities)
     pieces, position = [], 0
     for entity in sorted(result.entities, key=lambda e: e.span):
@@ -41,7 +42,8 @@ def highlighted_html(result: Result) -> str:
     pieces.append(html.escape(result.text[position:]))
     text = "".join(pieces) or "<em>(no text)</em>"
     entities = "".join(
-        f"<li>{_mark(entity, colours, entity.phrase)} {html.escape(_boxes(entity))}</li>" for entity in result.entities
+        f"<li>{_mark(entity, colours, entity.phrase)} {html.escape(scored_boxes(entity))}</li>"
+        for entity in result.entities
     )
     listing = f'<ul class="kosmos-entities">{entities}</ul>' if entities else "<p>No grounded entities.</p>"
     return f'<div class="kosmos-answer"><p class="kosmos-text">{text}</p>{listing}<p>{_summary(result)}</p></div>'
@@ -56,6 +58,16 @@ def _mark(entity: Entity, colours: dict[str, RGB], words: str) -> str:
 
 def _boxes(entity: Entity) -> str:
     return "  ".join(",".join(str(v) for v in box) for box in entity.pixel_boxes)
+
+
+def scored_boxes(entity: Entity) -> str:
+    """The entity's pixel boxes as the listing shows them, each with its score when it has one.
+
+    >>> scored_boxes(Entity("a ball", (0, 6), ((0, 0, 1, 1), (0, 0, 1, 1)), ((1, 2, 3, 4), (5, 6, 7, 8)), (0.913, 0.4)))
+    '1,2,3,4 (score 0.91)  5,6,7,8 (score 0.40)'
+    """
+    scores = [f" (score {score:.2f})" for score in entity.scores] or [""] * len(entity.pixel_boxes)
+    return "  ".join(",".join(str(v) for v in box) + score for box, score in zip(entity.pixel_boxes, scores))
 
 
 def _summary(result: Result) -> str:

@@ -2,7 +2,8 @@
 
 `export_records` is `kosmos-serve export`; `to_detections` turns one result into
 `supervision.Detections`. Every format reads the boxes the same way (`records`): failed records
-left out, reversed corners put in order, boxes of zero size left out, each counted in the report.
+left out, reversed corners put in order, boxes of zero size left out, each counted in the report;
+every box keeps its own score (COCO `score`, Label Studio region `score`, supervision `confidence`).
 Nothing here imports torch or transformers; supervision is imported only by `to_detections`.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections import defaultdict
 from pathlib import Path
 
 from kosmos_serve.errors import InvalidRequestError
@@ -41,13 +43,14 @@ __all__ = [
 FORMATS = ("coco", "label-studio")
 
 
-def export_records(records_path: str | Path, format_name: str, out: str | Path, *, relative_to: str | Path | None = None,
-                   image_root: str | None = None, from_name: str | None = None, to_name: str | None = None,
+def export_records(records_path: str | Path, format_name: str, out: str | Path, *,
+                   relative_to: str | Path | None = None, image_root: str | None = None,
+                   from_name: str | None = None, to_name: str | None = None,
                    label_config: str | Path | None = None) -> ExportReport:
     """Read `records_path`, write `out` in `format_name`; bad input raises before anything is written.
 
-    `image_root`, `from_name`, `to_name` and `label_config` (a labeling config file to write too)
-    are for label-studio only.
+    `image_root`, `from_name`, `to_name` and `label_config` (a labeling config file to write too, each
+    label with the phrases its boxes were found for as `predicted_values`) are for label-studio only.
     """
     if format_name not in FORMATS:
         raise InvalidRequestError(f"unknown format {format_name!r}; choose {' or '.join(FORMATS)} (supervision "
@@ -71,8 +74,10 @@ def export_records(records_path: str | Path, format_name: str, out: str | Path, 
         image_root = LABEL_STUDIO_LOCAL_FILES if image_root is None else image_root
         files[out] = as_json(to_label_studio(images, from_name, to_name, image_root))
         if label_config is not None:
-            labels = {box.label for image in images for box in image.boxes}
-            files[Path(label_config)] = label_studio_config(labels, from_name, to_name) + "\n"
+            phrases_by_label = defaultdict(set)
+            for box in (box for image in images for box in image.boxes):
+                phrases_by_label[box.label].add(box.phrase)
+            files[Path(label_config)] = label_studio_config(phrases_by_label, from_name, to_name) + "\n"
     for path, text in files.items():
         write_text(path, text)
     return report

@@ -9,9 +9,12 @@ from kosmos_serve.exports.records import AnnotatedImage
 
 
 def to_coco(images: Sequence[AnnotatedImage]) -> dict:
-    """A COCO detection dataset: images (ids from 1, by name), annotations with [x, y, w, h] and area, categories.
+    """A COCO detection dataset: images (ids from 1, by name), annotations with [x, y, w, h], area and score,
+    categories.
 
-    Category ids count from 1 over the labels in alphabetical order.
+    Category ids count from 1 over the labels in alphabetical order. Each annotation also has an empty
+    `segmentation` (boxes only) and its box's `score`, so the same annotations serve as detection results
+    (`COCO.loadRes` on a ground truth of these images and categories, then `COCOeval`).
     """
     names = sorted({box.label for image in images for box in image.boxes})
     category_ids = {name: number for number, name in enumerate(names, start=1)}
@@ -20,8 +23,9 @@ def to_coco(images: Sequence[AnnotatedImage]) -> dict:
     for image_id, image in enumerate(images, start=1):
         for box in image.boxes:
             x1, y1, x2, y2 = box.xyxy
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_ids[box.label],
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": category_ids[box.label], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                "area": (x2 - x1) * (y2 - y1), "iscrowd": 0, "segmentation": [], "score": box.score})
     return {
         "info": {"description": f"Kosmos-2 boxes ({', '.join(models) or 'no model'}) exported by kosmos-serve",
                  "version": package_version(), "contributor": "kosmos-serve"},
@@ -29,7 +33,8 @@ def to_coco(images: Sequence[AnnotatedImage]) -> dict:
         "images": [{"id": number, "file_name": image.name, "width": image.width, "height": image.height}
                    for number, image in enumerate(images, start=1)],
         "annotations": annotations,
-        "categories": [{"id": number, "name": name, "supercategory": "object"} for name, number in category_ids.items()],
+        "categories": [{"id": number, "name": name, "supercategory": "object"}
+                       for name, number in category_ids.items()],
     }
 
 

@@ -18,7 +18,8 @@ class MissingExtraError(KosmosServeError, ImportError):
 
 
 def to_detections(result, class_map: Mapping[str, str] | None = None, classes: Sequence[str] | None = None):
-    """One result as `supervision.Detections`: xyxy pixels, `data["class_name"]` and `data["phrase"]`.
+    """One result as `supervision.Detections`: xyxy pixels, `confidence` (each box's score), `data["class_name"]`
+    and `data["phrase"]`.
 
     `result` is an annotation record (dict), an `engine.Result` or `Result.to_dict()`. A box's class
     name is its entity's `class` (records from an ontology), else `class_map[phrase]`, else the
@@ -37,7 +38,8 @@ def to_detections(result, class_map: Mapping[str, str] | None = None, classes: S
             raise InvalidRequestError(f"the record of {result.get('path')} is a failure ({code}); it has no boxes.")
         entities = result.get("entities")
         problems = (["it has no list of 'entities'"] if not isinstance(entities, list) else
-                    [f"entity {n}: {problem}" for n, entity in enumerate(entities) if (problem := entity_problem(entity))])
+                    [f"entity {n}: {problem}" for n, entity in enumerate(entities)
+                     if (problem := entity_problem(entity))])
         if problems:
             raise InvalidRequestError(f"not a result or annotation record: {problems[0]}.")
     else:
@@ -48,6 +50,7 @@ def to_detections(result, class_map: Mapping[str, str] | None = None, classes: S
         boxes = [box for box in boxes if box.label in index]
     xyxy = np.array([box.xyxy for box in boxes], dtype=float).reshape(-1, 4)
     class_id = np.array([index[box.label] for box in boxes], dtype=int) if classes is not None else None
-    return sv.Detections(xyxy=xyxy, class_id=class_id,
+    confidence = np.array([box.score for box in boxes], dtype=float)
+    return sv.Detections(xyxy=xyxy, confidence=confidence, class_id=class_id,
                          data={"class_name": np.array([box.label for box in boxes], dtype=str),
                                "phrase": np.array([box.phrase for box in boxes], dtype=str)})

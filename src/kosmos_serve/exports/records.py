@@ -2,7 +2,8 @@
 
 - a failed record (one with `error`) is left out and counted;
 - each pixel box of each entity is one object, labelled with the entity's `class` when the record
-  has one (an ontology), else with its `phrase`;
+  has one (an ontology), else with its `phrase`, and scored with its own entry of the entity's `scores`
+  (records written before boxes had scores count each box 1.0, as the model's answer, and are counted);
 - a box whose corners came back reversed (the model may write the lower-right location first) is
   put in order, per axis, and counted; a box of zero width or height is left out and counted;
 - when several records name the same image (`resolved`), the last one counts (a later run's answer);
@@ -22,15 +23,18 @@ from pathlib import Path
 from kosmos_serve.errors import InvalidRequestError
 
 PixelBox = tuple[float, float, float, float]
+UNSCORED = 1.0  # the score of a box from a record written before scores (what the ML backend gave every box then)
 
 
 @dataclass(frozen=True)
 class LabelledBox:
-    """One object of an image: its label (class, else phrase), the phrase the model wrote, and x1, y1, x2, y2 pixels."""
+    """One object of an image: its label (class, else phrase), the phrase the model wrote, x1, y1, x2, y2 pixels
+    and the model's score for the box (0 to 1)."""
 
     label: str
     phrase: str
     xyxy: PixelBox
+    score: float
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class AnnotatedImage:
     width: int
     height: int
     model: str
+    quantize: str  # the engine's weight setting ("none" in records that do not say)
     boxes: tuple[LabelledBox, ...]
 
 
@@ -57,6 +62,7 @@ class ExportReport:
     failed: Counter = field(default_factory=Counter)  # error code -> records left out
     reordered_boxes: int = 0
     empty_boxes: int = 0
+    unscored_boxes: int = 0
     replaced_records: int = 0
     torn_last_line: bool = False
 
@@ -74,6 +80,9 @@ class ExportReport:
                          "in order")
         if self.empty_boxes:
             notes.append(f"left out {self.empty_boxes} box{'es' * (self.empty_boxes != 1)} of zero width or height")
+        if self.unscored_boxes:
+            notes.append(f"scored {self.unscored_boxes} box{'es' * (self.unscored_boxes != 1)} {UNSCORED} "
+                         "(records written before scores)")
         if self.replaced_records:
             notes.append(f"{self.replaced_records} image{'s' * (self.replaced_records != 1)} had several records "
                          "(the last one counts)")
@@ -170,7 +179,12 @@ def record_problem(record) -> str | None:
 
 
 def entity_problem(entity, width: int | None = None, height: int | None = None) -> str | None:
-    """What is wrong with one entity (phrase, class, pixel boxes inside a `width` x `height` image if given), or None."""
+    """What is wrong with one entity (phrase, class, pixel boxes inside a `width` x `height` image if given, a score
+    from 0 to 1 per box), or None.
+
+    >>> entity_problem({"phrase": "a dog", "pixel_boxes": [[0, 0, 2, 2]], "scores": [0.7, 0.2]})
+    "'scores' must hold one number from 0 to 1 per pixel box"
+    """
     if not isinstance(entity, dict) or not isinstance(entity.get("phrase"), str):
         return "must be an object with a 'phrase'"
     if entity.get("class") is not None and not isinstance(entity["class"], str):
@@ -185,29 +199,40 @@ def entity_problem(entity, width: int | None = None, height: int | None = None) 
         if width is not None and not (0 <= min(box[0], box[2]) and max(box[0], box[2]) <= width
                 and 0 <= min(box[1], box[3]) and max(box[1], box[3]) <= height):
             return f"pixel box {box} lies outside the {width}x{height} image"
+    scores = entity.get("scores") or []  # none (or empty): a record from before scores
+    if scores and not (isinstance(scores, list) and len(scores) == len(boxes) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in scores)):
+        return "'scores' must hold one number from 0 to 1 per pixel box"
     return None
 
 
 def entity_boxes(entities: Iterable, class_map: Mapping[str, str] | None = None,
                  report: ExportReport | None = None) -> list[LabelledBox]:
-    """Each entity's pixel boxes in order, labelled; `entities` are record dicts or objects with phrase, pixel_boxes.
+    """Each entity's pixel boxes in order, labelled and scored; `entities` are record dicts or engine entities.
 
-    The label is the entity's `class` (records from an ontology), else `class_map[phrase]`, else the phrase.
+    The label is the entity's `class` (records from an ontology), else `class_map[phrase]`, else the phrase;
+    each box keeps its own score (UNSCORED when the entity has no scores).
+
+    >>> [(box.label, box.score) for box in entity_boxes([{"phrase": "a car", "class": "car",
+    ...     "pixel_boxes": [[0, 0, 5, 5], [5, 5, 9, 9]], "scores": [0.9, 0.4]}])]
+    [('car', 0.9), ('car', 0.4)]
     """
     labelled = []
     for entity in entities:
         if isinstance(entity, Mapping):
             phrase, given_class, boxes = entity["phrase"], entity.get("class"), entity["pixel_boxes"]
+            scores = entity.get("scores") or ()
         else:
-            phrase, given_class, boxes = entity.phrase, None, entity.pixel_boxes  # engine.Result's entities
+            phrase, given_class, boxes, scores = entity.phrase, None, entity.pixel_boxes, entity.scores  # engine's
         label = given_class or (class_map or {}).get(phrase, phrase)
-        for box in boxes:
+        for box, score in zip(boxes, scores or [UNSCORED] * len(boxes), strict=True):
             ordered, reversed_corners = order_box(box)
             if report is not None:
                 report.empty_boxes += ordered is None
                 report.reordered_boxes += ordered is not None and reversed_corners
+                report.unscored_boxes += ordered is not None and not scores
             if ordered is not None:
-                labelled.append(LabelledBox(label, phrase, ordered))
+                labelled.append(LabelledBox(label, phrase, ordered, score))
     return labelled
 
 
@@ -230,6 +255,7 @@ def annotated_images(records: Iterable[dict], relative_to: str | Path | None = N
     images = [
         AnnotatedImage(name=relative_name(record["resolved"], root), resolved=record["resolved"],
                        width=record["width"], height=record["height"], model=str(record.get("model", "")),
+                       quantize=str(record.get("quantize") or "none"),
                        boxes=tuple(entity_boxes(record["entities"], report=report)))
         for record in kept
     ]

@@ -4,13 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from typing import Annotated, Any
 
 from fastapi import Request
 from PIL import Image
+from pydantic import BeforeValidator
+from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
+from kosmos_serve.generation import MinScore
 from kosmos_serve.images import load_image
 from kosmos_serve.server.state import ServiceState
+
+# What every protocol says a box's score is (the engine computes it: kosmos_serve/engine/scoring.py).
+SCORE_MEANING = ("the model's confidence that this box shows the phrase, 0..1: how much likelier the model finds "
+                 "the phrase with this image than with a blank one, times how sure it is of the box's corners "
+                 "(a box given in the prompt keeps 1.0)")
+SCORES_DESCRIPTION = f"One score per box, in the order of `boxes`: {SCORE_MEANING}."
+MIN_SCORE_DESCRIPTION = ("Drop boxes scored under this (0..1; an entity left with no box is dropped, its words stay "
+                         "in the text). Unset: every box is kept, except for the detection task, which drops boxes "
+                         "under the service's default (GET /info `defaults.min_score`; KOSMOS_MIN_SCORE).")
+
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would read true as 1.0: a threshold that keeps nothing but certainties
+        raise PydanticCustomError("float_type", "Input should be a valid number from 0 to 1, not a boolean")
+    return value
+
+
+# The engine's MinScore (0..1, finite), as the protocols' bodies take it: a JSON true or false is refused too.
+MinScoreField = Annotated[MinScore, BeforeValidator(_not_a_boolean)]
 
 
 def service_state(request: Request) -> ServiceState:

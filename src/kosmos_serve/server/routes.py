@@ -17,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 from kosmos_serve.engine import Request as EngineRequest
 from kosmos_serve.engine import Result
 from kosmos_serve.errors import KosmosServeError
-from kosmos_serve.server.common import client_gone, decode_image, service_state
+from kosmos_serve.generation import GenerationParams
+from kosmos_serve.server.common import MIN_SCORE_DESCRIPTION, MinScoreField, client_gone, decode_image, service_state
 from kosmos_serve.server.schemas import (
     GenerateForm,
     GenerateJSON,
@@ -53,7 +54,8 @@ SSE_DOC = {"description": "With `stream: true`: events `text` ({\"text\": ...}) 
     summary="The reference service's route: multipart `content` (image) and optional `prompt`.",
     description=(
         "Drop-in for mindthemath/kosmos-2-api. The prompt is used as given (default `DEFAULT_PROMPT`, "
-        "`<grounding> Describe this image:`).\n\n"
+        "`<grounding> Describe this image:`). Added to the reference's answer: `scores`, each entity's box scores "
+        "(the entities keep the reference's shape); and an optional form field `min_score`.\n\n"
         "`curl -F content=@snowman.png --form-string 'prompt=<grounding> An image of' http://127.0.0.1:8000/predict`"
     ),
 )
@@ -61,11 +63,13 @@ async def predict(
     request: Request,
     content: Annotated[UploadFile, File(description="The image file.")],
     prompt: Annotated[str | None, Form(description="Prompt; `<grounding>` where boxes are wanted.")] = None,
+    min_score: Annotated[MinScoreField | None, Form(description=f"(Added) {MIN_SCORE_DESCRIPTION}")] = None,
 ):
     state = service_state(request)
     image = await decode_image(state, await content.read())
     task = TaskInput("raw", prompt or state.default_prompt, grounding=False)
-    result = await state.generate(EngineRequest(image, task), functools.partial(client_gone, request))
+    params = GenerationParams(min_score=min_score)
+    result = await state.generate(EngineRequest(image, task, params), functools.partial(client_gone, request))
     return predict_body(result)
 
 

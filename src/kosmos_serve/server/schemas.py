@@ -12,7 +12,16 @@ from pydantic import BaseModel, ConfigDict, Field, Json
 
 from kosmos_serve.drawing import draw_entities
 from kosmos_serve.engine import Result
-from kosmos_serve.generation import GenerationParams, MaxNewTokens, NoRepeatNgramSize, NumBeams, Seed, Temperature, TopP
+from kosmos_serve.generation import (
+    GenerationParams,
+    MaxNewTokens,
+    NoRepeatNgramSize,
+    NumBeams,
+    Seed,
+    Temperature,
+    TopP,
+)
+from kosmos_serve.server.common import MIN_SCORE_DESCRIPTION, SCORE_MEANING, SCORES_DESCRIPTION, MinScoreField
 from kosmos_serve.tasks import Task, TaskInput
 
 PixelCoordinate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -44,6 +53,7 @@ class GenerationFields(BaseModel):
         None, description="Forbid repeating n-grams of this size (0: off; unset: the model's default, else the "
                           "original demo's 3)."
     )
+    min_score: MinScoreField | None = Field(None, description=MIN_SCORE_DESCRIPTION)
     return_image: bool = Field(False, description="Also return the image with the boxes drawn (base64 PNG).")
     stream: bool = Field(False, description="Answer as server-sent events: `text` pieces, then the `result`.")
 
@@ -51,6 +61,7 @@ class GenerationFields(BaseModel):
         return GenerationParams(
             max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, temperature=self.temperature,
             top_p=self.top_p, num_beams=self.num_beams, seed=self.seed, no_repeat_ngram_size=self.no_repeat_ngram_size,
+            min_score=self.min_score,
         )
 
     def task_input(self, boxes: list[PixelBoxInput]) -> TaskInput:
@@ -89,6 +100,7 @@ class EntityOut(BaseModel):
     span: tuple[int, int] = Field(description="Character range of the phrase in `text`.")
     boxes: list[tuple[float, float, float, float]] = Field(description="Normalised to 0..1.")
     pixel_boxes: list[tuple[int, int, int, int]] = Field(description="In the image's own pixels.")
+    scores: list[float] = Field(description=SCORES_DESCRIPTION)
 
 
 class GenerateResponse(BaseModel):
@@ -114,9 +126,9 @@ class GenerateResponse(BaseModel):
                     "</object>.",
         "entities": [
             {"phrase": "a snowman", "span": [12, 21], "boxes": [[0.390625, 0.046875, 0.984375, 0.828125]],
-             "pixel_boxes": [[250, 22, 630, 397]]},
+             "pixel_boxes": [[250, 22, 630, 397]], "scores": [0.87]},
             {"phrase": "a fire", "span": [41, 47], "boxes": [[0.171875, 0.015625, 0.484375, 0.890625]],
-             "pixel_boxes": [[110, 7, 310, 427]]},
+             "pixel_boxes": [[110, 7, 310, 427]], "scores": [0.64]},
         ],
         "markdown": "An image of [a snowman](#box=250,22,630,397) warming himself by [a fire](#box=110,7,310,427).",
         "image_size": [640, 480], "generated_tokens": 25, "image_cached": False,
@@ -125,7 +137,7 @@ class GenerateResponse(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    """The reference service's answer, unchanged."""
+    """The reference service's answer, unchanged, plus `scores` beside `entities` (which keep the reference's shape)."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "output": "An image of a snowman warming himself by a fire.",
@@ -134,12 +146,17 @@ class PredictResponse(BaseModel):
                           "<patch_index_0005><patch_index_0911></object>.",
         "entities": [["a snowman", [12, 21], [[0.390625, 0.046875, 0.984375, 0.828125]]],
                      ["a fire", [41, 47], [[0.171875, 0.015625, 0.484375, 0.890625]]]],
+        "scores": [[0.87], [0.64]],
     }]})
 
     output: str = Field(description="Clean text.")
     generated_text: str = Field(description="Raw generated text after `</image>`, tags included.")
     entities: list[tuple[str, tuple[int, int], list[tuple[float, float, float, float]]]] = Field(
         description="(phrase, (start, end), [normalised boxes]) as post_process_generation gives them."
+    )
+    scores: list[list[float]] = Field(
+        description=f"Not in the reference: one list per entity, in the order of `entities`, one score per box, in "
+                    f"the order of its boxes: {SCORE_MEANING}."
     )
 
 
@@ -154,9 +171,14 @@ def response_body(result: Result, image: Image.Image | None) -> dict:
 
 
 def predict_body(result: Result) -> dict:
-    """The reference service's `{output, generated_text, entities}`."""
+    """The reference service's `{output, generated_text, entities}`, and each entity's box `scores` beside them.
+
+    The entities keep the reference's shape, `[phrase, [start, end], [boxes]]`, so that clients unpacking three
+    items go on working; the scores sit in a list of their own, one per entity.
+    """
     return {
         "output": result.text,
         "generated_text": result.raw_text,
         "entities": [entity.as_reference() for entity in result.entities],
+        "scores": [list(entity.scores) for entity in result.entities],
     }

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.engine import Batcher, Engine, PreparedRequest, Request, Result
 from kosmos_serve.errors import ModelLoadError, RequestTimeoutError, ServiceBusyError
-from kosmos_serve.generation import REFERENCE_DEFAULT_PROMPT
+from kosmos_serve.generation import BUILT_IN_DEFAULTS, REFERENCE_DEFAULT_PROMPT
 from kosmos_serve.server.image_sources import image_bytes
 from kosmos_serve.server.metrics import Metrics
 
@@ -46,6 +46,18 @@ class ServiceState:
         if self.settings.default_prompt is not None:
             return self.settings.default_prompt
         return self.engine.defaults.default_prompt if self.engine is not None else REFERENCE_DEFAULT_PROMPT
+
+    @property
+    def default_min_score(self) -> float:
+        """The score under which Label Studio's and Supervisely's boxes are dropped when a request sets none.
+
+        The engine's default (KOSMOS_MIN_SCORE, else the model's `kosmos_serve.json`, else the built-in), the one
+        detection uses; before the model is loaded, KOSMOS_MIN_SCORE or the built-in.
+        """
+        if self.engine is not None:
+            return self.engine.defaults.min_score
+        configured = self.engine_settings.min_score
+        return configured if configured is not None else BUILT_IN_DEFAULTS.min_score
 
     def prepare(self, request: Request) -> PreparedRequest:
         """`request` validated by the engine (when a caller needs its prompts or defaults before it runs)."""

@@ -6,7 +6,9 @@ config: its `<RectangleLabels>` control on an `<Image>`. Each `<Label>` is a phr
 detection task (one grounded prompt per phrase, one batch per image); a label's `predicted_values`
 (comma-separated) or `hint` replaces its value as the phrase, and a `<TextArea>` on the same image,
 when an annotator has typed in it (interactive pre-annotation), replaces the labels' phrases with its
-own lines. Each box comes back as a `rectanglelabels` region in percent of the image.
+own lines. Each box comes back as a `rectanglelabels` region in percent of the image, with the box's score;
+boxes scored under the threshold are left out: the value of a `<Number name="min_score">` control when the
+config has one (the annotator's, else its `defaultValue`), else the service's default (KOSMOS_MIN_SCORE).
 
 Images in task data: `data:` URIs, Label Studio uploads (`/data/upload/...`) and local-files URLs
 (`/data/local-files/?d=...`), read from `LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT` when there and

@@ -1,9 +1,11 @@
 """A Label Studio labeling config read for detection: its `<RectangleLabels>` on an `<Image>`, the phrases each
-`<Label>` stands for, and the plan of phrases to ground for a task (the annotator's typed prompt, when there is one).
+`<Label>` stands for, the plan of phrases to ground for a task (the annotator's typed prompt, when there is one),
+and the score under which boxes are dropped (a `<Number name="min_score">`, when there is one).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +14,7 @@ from xml.etree import ElementTree
 from kosmos_serve.errors import InvalidRequestError
 
 PROMPT_SEPARATORS = re.compile(r"[\n;,.]")
+MIN_SCORE_CONTROL = "min_score"  # a <Number> of this name sets the threshold, as Grounding DINO backends' do theirs
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class DetectionConfig:
     image_field: str  # the task data key the image reads: value="$image" -> "image"
     labels: tuple[LabelSpec, ...]
     prompt_from: str | None = None  # a <TextArea> on the same image, whose text replaces the labels' phrases
+    min_score_from: str | None = None  # a <Number name="min_score">, whose value is the threshold
+    min_score: float | None = None  # that control's defaultValue
 
 
 def parse_labeling_config(xml: str) -> DetectionConfig:
@@ -84,7 +89,50 @@ def _detection_config(control: ElementTree.Element, image: ElementTree.Element, 
                                   f"(<Label value=\"cat\"/>); labels loaded from task data are not supported.")
     prompt = next((tag.get("name") for tag in tags if tag.tag.lower() == "textarea" and tag.get("name")
                    and to_name in [name.strip() for name in (tag.get("toName") or "").split(",")]), None)
-    return DetectionConfig(from_name, to_name, value[1:], labels, prompt)
+    number = next((tag for tag in tags if tag.tag.lower() == "number" and tag.get("name") == MIN_SCORE_CONTROL), None)
+    if number is None:
+        return DetectionConfig(from_name, to_name, value[1:], labels, prompt)
+    default = number.get("defaultValue")
+    where = f'<Number name="{MIN_SCORE_CONTROL}">\'s defaultValue'
+    return DetectionConfig(from_name, to_name, value[1:], labels, prompt, MIN_SCORE_CONTROL,
+                           None if default is None else checked_min_score(default, where))
+
+
+def checked_min_score(value: Any, where: str) -> float:
+    """`value` as a threshold from 0 to 1, or a 422 naming `where` it comes from.
+
+    >>> checked_min_score("0.5", "defaultValue")
+    0.5
+    >>> checked_min_score(2, "the control's value")
+    Traceback (most recent call last):
+    ...
+    kosmos_serve.errors.InvalidRequestError: min_score: the control's value is 2; give a number from 0 to 1.
+    """
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else math.nan
+    except ValueError:
+        number = math.nan
+    if not 0 <= number <= 1:  # NaN (not a number) fails too
+        raise InvalidRequestError(f"min_score: {where} is {value!r}; give a number from 0 to 1.", field="min_score")
+    return number
+
+
+def min_score(config: DetectionConfig, context: dict[str, Any] | None, default: float) -> float:
+    """The score under which boxes are dropped: the annotator's value in the `<Number name="min_score">` control
+    (interactive pre-annotation), else that control's defaultValue, else `default` (the service's).
+
+    >>> config = DetectionConfig("label", "image", "image", (), min_score_from="min_score", min_score=0.4)
+    >>> min_score(config, None, 0.3), min_score(config, {"result": [{"from_name": "min_score", "type": "number",
+    ...                                                              "value": {"number": 0.6}}]}, 0.3)
+    (0.4, 0.6)
+    """
+    if config.min_score_from and isinstance(context, dict) and isinstance(context.get("result"), list):
+        for region in context["result"]:
+            if isinstance(region, dict) and region.get("from_name") == config.min_score_from:
+                value = region.get("value")
+                number = value.get("number") if isinstance(value, dict) else None
+                return checked_min_score(number, f'the <Number name="{config.min_score_from}"> control\'s value')
+    return config.min_score if config.min_score is not None else default
 
 
 def _label_spec(label: ElementTree.Element) -> LabelSpec:

@@ -10,18 +10,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from kosmos_serve.engine import Result
+from kosmos_serve.exports import label_studio as export
 from kosmos_serve.server.errors import ErrorAnswer, ErrorFormat
 from kosmos_serve.server.label_studio.config import DetectionConfig, LabelSpec
 
 PREFIX = "/label-studio"
 MODEL_CLASS = "Kosmos2"  # what /health names, as the ML backend names its model class
 TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING")
-# Kosmos-2 writes a box as location tokens and gives no probability for it; every box it writes is its
-# answer. Regions carry this constant (a `model_score_threshold` never hides them); a task's score is
-# the mean of its regions', 0 when the model boxed nothing, so Label Studio's lowest-score-first sampling
-# brings the images the model found nothing in to an annotator first.
-REGION_SCORE = 1.0
+# A region's score is its box's (the engine's: the model's confidence that the box shows the phrase, 0..1),
+# so Label Studio's `model_score_threshold` and its score filters work on it; a task's score is the mean of
+# its regions', 0 when no box is left, so lowest-score-first sampling brings the images the model is least
+# sure of (or found nothing in) to an annotator first.
 INTERNAL_ERROR_MESSAGE = "Internal error; the service log has the details."
+prediction = export.prediction  # one task's prediction: one formula for the backend and the export
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -109,14 +110,14 @@ class WebhookBody(_Open):
 
 
 def regions(result: Result, config: DetectionConfig, plan: dict[str, LabelSpec | None]) -> list[dict]:
-    """Each box of each grounded phrase as a `rectanglelabels` region, in percent of the original image."""
+    """Each box of each grounded phrase as a `rectanglelabels` region, in percent of the image, with its score."""
     width, height = result.image_size
     found = []
     for entity in result.entities:
         if entity.phrase not in plan:
             continue
         label = plan[entity.phrase]
-        for x1, y1, x2, y2 in entity.boxes:
+        for (x1, y1, x2, y2), score in zip(entity.boxes, entity.scores, strict=True):
             x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2))
             region = {
                 "id": uuid.uuid4().hex[:10],
@@ -128,15 +129,9 @@ def regions(result: Result, config: DetectionConfig, plan: dict[str, LabelSpec |
                 "image_rotation": 0,
                 "value": {"x": 100 * x1, "y": 100 * y1, "width": 100 * (x2 - x1), "height": 100 * (y2 - y1),
                           "rotation": 0, "rectanglelabels": [label.value] if label else []},
-                "score": REGION_SCORE,
+                "score": score,
             }
             if label is None:  # a typed phrase no label fits: the box comes unlabelled, the phrase as its note
                 region["meta"] = {"text": [entity.phrase]}
             found.append(region)
     return found
-
-
-def prediction(found: list[dict], version: str) -> dict:
-    """One task's prediction: its regions, their mean score (0 when none) and the model version."""
-    score = sum(region["score"] for region in found) / len(found) if found else 0.0
-    return {"result": found, "score": score, "model_version": version}

@@ -10,9 +10,10 @@ from fastapi.responses import JSONResponse
 from kosmos_serve.engine import Request as EngineRequest
 from kosmos_serve.errors import InvalidRequestError, KosmosServeError
 from kosmos_serve.exports.label_studio import model_version
+from kosmos_serve.generation import GenerationParams
 from kosmos_serve.server.common import DisconnectWatch, decode_image, service_state
 from kosmos_serve.server.errors import AnsweringRoute
-from kosmos_serve.server.label_studio.config import detection_plan, parse_labeling_config
+from kosmos_serve.server.label_studio.config import detection_plan, min_score, parse_labeling_config
 from kosmos_serve.server.label_studio.images import task_image_bytes
 from kosmos_serve.server.label_studio.protocol import (
     MODEL_CLASS,
@@ -49,12 +50,14 @@ async def setup(request: Request, body: SetupBody):
     return {"model_version": _model_version(service_state(request))}
 
 
-@router.post("/predict", summary="Boxes for each task's image, one phrase per label (or the annotator's prompt).")
+@router.post("/predict", summary="Boxes for each task's image, one phrase per label (or the annotator's prompt), "
+                                  "each with its score; boxes under the threshold are left out.")
 async def predict(request: Request, body: PredictBody):
     state = service_state(request)
     config = parse_labeling_config(body.label_config)
     context = body.params.context if body.params else None
     plan = detection_plan(config, context)
+    params = GenerationParams(min_score=min_score(config, context, state.default_min_score))
     version = _model_version(state)
     state.ready_batcher()  # a 503 before any image is fetched
     room = asyncio.Semaphore(state.settings.max_batch_requests)  # enough at once to fill a batch, not the whole queue
@@ -64,7 +67,7 @@ async def predict(request: Request, body: PredictBody):
             try:
                 data = await task_image_bytes(task.data.get(config.image_field), state.settings, config.image_field)
                 image = await decode_image(state, data)
-                engine_request = EngineRequest(image, TaskInput("detection", phrases=tuple(plan)))
+                engine_request = EngineRequest(image, TaskInput("detection", phrases=tuple(plan)), params)
                 result = await state.generate(engine_request, gone)
             except KosmosServeError as error:
                 name = f"Task {task.id}" if task.id is not None else f"Task {index + 1} of the request"

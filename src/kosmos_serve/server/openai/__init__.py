@@ -9,7 +9,9 @@ limits, key, image cache and metrics as every other route:
 | has Kosmos-2 tags (`<grounding>`, ...)    | raw, as it is        | the text, unchanged                             |
 | plain words (`What is red?`)              | grounded VQA         | `<grounding> Question: What is red? Answer:`    |
 
-The answer (`message.content`) is the paper's markdown: each grounded phrase a link to its pixel boxes.
+The answer (`message.content`) is the paper's markdown: each grounded phrase a link to its pixel boxes;
+`message.entities` lists the phrases with their boxes and each box's score. `min_score`, an extra body field
+(the SDK's `extra_body`), drops the boxes scored under it from both.
 It is the model's clean text as `POST /predict` gives it (a caption keeps its `An image of`), except
 that a question's answer is given without the `Question: ... Answer:` frame. Errors on these routes
 are OpenAI's `{"error": {"message", "type", "param", "code"}}`.

@@ -1,6 +1,7 @@
 """The OpenAI Chat Completions wire format as vLLM serves it: request and response bodies, and the error body.
 
-Unknown fields are ignored (and logged), as vLLM and OpenAI do, so any OpenAI client's extra options pass.
+Unknown fields are ignored (and logged), as vLLM and OpenAI do, so any OpenAI client's extra options pass; one
+extra of kosmos-serve's own, `min_score`, is read (the SDK sends it through `extra_body`).
 The decoding fields reuse the engine's ranges (`kosmos_serve.generation`), so OpenAPI declares what is
 valid; `temperature` adds 0, which means greedy decoding.
 """
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kosmos_serve.errors import KosmosServeError, UnauthorizedError
 from kosmos_serve.generation import MaxNewTokens, Seed, TopP
+from kosmos_serve.server.common import SCORES_DESCRIPTION, MinScoreField
 from kosmos_serve.server.errors import ErrorAnswer, ErrorFormat
 
 MAX_CHOICES = 8  # the most choices (`n`) one request may ask for: each is a generation of its own
@@ -86,6 +88,11 @@ class ChatCompletionRequest(OpenAIModel):
     )
     stream: bool = Field(False, description="Answer as server-sent `chat.completion.chunk` events, then [DONE].")
     stream_options: StreamOptions | None = None
+    min_score: MinScoreField | None = Field(
+        None, description="Not OpenAI's (the SDK sends it in `extra_body`): drop boxes scored under this (0..1) from "
+                          "`entities` and the links of `content`; an entity left with no box is plain text. "
+                          "Omitted: every box is kept.",
+    )
 
     model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{
         "model": "demo",
@@ -119,6 +126,7 @@ class EntityOut(BaseModel):
     phrase: str
     boxes: list[tuple[float, float, float, float]] = Field(description="Normalised to 0..1.")
     pixel_boxes: list[tuple[int, int, int, int]] = Field(description="In the image's own pixels, [x1, y1, x2, y2].")
+    scores: list[float] = Field(description=SCORES_DESCRIPTION)
 
 
 class AssistantMessage(BaseModel):
@@ -156,7 +164,7 @@ class ChatCompletion(BaseModel):
         "choices": [{"index": 0, "message": {
             "role": "assistant", "content": "[the blue circle](#box=132,9,225,88)",
             "entities": [{"phrase": "the blue circle", "boxes": [[0.578125, 0.046875, 0.984375, 0.453125]],
-                          "pixel_boxes": [[132, 9, 225, 88]]}],
+                          "pixel_boxes": [[132, 9, 225, 88]], "scores": [0.93]}],
         }, "logprobs": None, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 75, "completion_tokens": 5, "total_tokens": 80},
     }]})

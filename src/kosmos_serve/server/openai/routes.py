@@ -91,7 +91,8 @@ def _check_model(state: ServiceState, model: str | None) -> None:
         "The last user message's text picks the task: none: a brief grounded caption; Kosmos-2 tags "
         "(`<grounding>`, `<phrase>`, ...): sent as it is; plain words: a grounded question "
         "(`<grounding> Question: ... Answer:`). `message.content` links each grounded phrase to its pixel boxes, "
-        "`[a blue circle](#box=132,9,225,94)`; `message.entities` lists them. Omitted temperature or 0: greedy."
+        "`[a blue circle](#box=132,9,225,94)`; `message.entities` lists them, each box with its score. Omitted "
+        "temperature or 0: greedy. `min_score` (not OpenAI's; the SDK's `extra_body`) drops boxes scored under it."
     ),
 )
 async def chat_completions(request: Request, body: ChatCompletionRequest):

@@ -89,12 +89,12 @@ def generation_params(body: ChatCompletionRequest) -> list[GenerationParams]:
             raise ChatRequestError(
                 f"n is {body.n}, but without a temperature above 0 decoding is greedy and every choice would be "
                 "the same; send a temperature (e.g. 0.7) to sample several, or n: 1.", "n")
-        return [GenerationParams(max_new_tokens=max_tokens)]
+        return [GenerationParams(max_new_tokens=max_tokens, min_score=body.min_score)]
     return [
         GenerationParams(
             max_new_tokens=max_tokens, do_sample=True, temperature=body.temperature,
             top_p=body.top_p if body.top_p is not None else SAMPLING_TOP_P,
-            seed=None if body.seed is None else body.seed + index,
+            seed=None if body.seed is None else body.seed + index, min_score=body.min_score,
         )
         for index in range(body.n)
     ]
@@ -127,25 +127,30 @@ class ChatAnswer:
 
     def entities_json(self) -> list[dict]:
         return [{"phrase": e.phrase, "boxes": [list(box) for box in e.boxes],
-                 "pixel_boxes": [list(box) for box in e.pixel_boxes]} for e in self.entities]
+                 "pixel_boxes": [list(box) for box in e.pixel_boxes], "scores": list(e.scores)} for e in self.entities]
 
 
 def chat_answer(
     text: str, answer: str, entities: tuple[Entity, ...], *, question: bool, stop: tuple[str, ...] = (),
-    partial: bool = False,
+    partial: bool = False, unscored: bool = False,
 ) -> ChatAnswer:
     """The chat answer for a generation's clean `text` (prompt words included) and its `answer` (without them).
 
     A question's answer leaves out the `Question: ... Answer:` frame; other prompts keep their words, as
     `/predict` does. Stop strings are looked for in the generated words only, and the answer ends before
     the first one found. `partial`: the generation is still growing, so hold back whatever later words
-    could change (a stop string that may be starting, a phrase the limit would split).
+    could change (a stop string that may be starting, a phrase the limit would split); `unscored` with it: the
+    entities' scores are not known yet and a `min_score` may still drop their boxes, so nothing from the first
+    grounded phrase on is settled.
 
     >>> snowman = Entity("a snowman", (12, 21), ((0.39, 0.04, 0.98, 0.82),), ((250, 22, 630, 397),))
     >>> chat_answer("An image of a snowman.", "a snowman.", (snowman,), question=False).content
     'An image of [a snowman](#box=250,22,630,397).'
     >>> chat_answer("An image of a snowman.", "a snowman.", (snowman,), question=False, stop=(".",)).content
     'An image of [a snowman](#box=250,22,630,397)'
+    >>> chat_answer("An image of a snowman.", "a snowman.", (snowman,), question=False, partial=True,
+    ...             unscored=True).content
+    'An image of '
     >>> vqa = Entity("A snowman", (29, 38), ((0.39, 0.04, 0.98, 0.82),), ((250, 22, 630, 397),))
     >>> chat_answer("Question: Who is it? Answer: A snowman.", "A snowman.", (vqa,), question=True).content
     '[A snowman](#box=250,22,630,397).'
@@ -162,7 +167,7 @@ def chat_answer(
         limit = min(limit, max(search_from, len(shown) - max(map(len, stop)) + 1))
     if partial:  # never show part of a phrase as plain text that a later token turns into a link
         for entity in entities:
-            if entity.span[0] < limit < entity.span[1]:
+            if entity.span[0] < limit < entity.span[1] or (unscored and entity.span[0] < min(entity.span[1], limit)):
                 limit = entity.span[0]
     kept = tuple(e for e in entities if e.span[1] <= limit)
     return ChatAnswer(render_markdown(shown[:limit], kept), kept, stopped=bool(found))
@@ -230,7 +235,7 @@ class Choice:
         grounded = parse_generation(settled_prefix(decoded_prompt + generated), self.prompt,
                                     *self.request.request.image.size)
         return chat_answer(grounded.text, grounded.answer, grounded.entities, question=self.question,
-                           stop=self.stop, partial=True).content
+                           stop=self.stop, partial=True, unscored=self.request.min_score is not None).content
 
 
 @dataclass(frozen=True)

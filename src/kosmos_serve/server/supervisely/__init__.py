@@ -7,7 +7,9 @@
 The model serves as a *prompt-based object detector*, as supervisely-ecosystem/serve-kosmos-2 does:
 `text_prompt` is a Kosmos-2 prompt (`<grounding>` is put in front when missing, as serve-kosmos-2
 does, since without it Kosmos-2 draws no boxes), and every box of every grounded phrase of the
-answer becomes one `rectangle` object whose class is the phrase. `classes` in the settings (the one
+answer becomes one `rectangle` object whose class is the phrase and whose "confidence" tag is the box's
+score (declared in the model meta, as the SDK's detectors do); boxes scored under `min_score` (a setting;
+unset: the service's default, KOSMOS_MIN_SCORE) are left out. `classes` in the settings (the one
 key SessionJSON allows besides the defaults) keeps only the objects whose phrase it lists, as the
 SDK's `Inference._predictions_to_annotation` does with it; `"all"` or none keeps every object.
 

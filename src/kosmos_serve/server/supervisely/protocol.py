@@ -14,6 +14,7 @@ from kosmos_serve.engine import Request as EngineRequest
 from kosmos_serve.engine import Result
 from kosmos_serve.errors import InvalidRequestError, describe_validation_errors
 from kosmos_serve.generation import GenerationParams, MaxNewTokens
+from kosmos_serve.server.common import MinScoreField
 from kosmos_serve.server.errors import ErrorAnswer, ErrorFormat
 from kosmos_serve.tasks import Task, TaskInput
 
@@ -22,6 +23,11 @@ TASK_TYPE = "prompt-based object detection"  # PromptBasedObjectDetection.get_in
 DEFAULT_TEXT_PROMPT = "<grounding> An image of"  # serve-kosmos-2's src/inference_settings.yaml
 SERVED = ("get_session_info", "get_custom_inference_settings", "get_output_classes_and_tags", "get_model_meta",
           "get_deploy_info", "is_deployed", "inference_image", "inference_batch", "inference_image_url")
+# A box's score rides on its object as the SDK's detectors put it (ObjectDetection._create_label): a tag named
+# "confidence" holding a number, declared in the model meta as Inference._get_confidence_tag_meta declares it.
+CONFIDENCE_TAG = "confidence"
+CONFIDENCE_TAG_META = {"name": CONFIDENCE_TAG, "value_type": "any_number", "color": "#0F8A4D", "hotkey": "",
+                       "applicable_type": "all", "classes": [], "target_type": "all"}  # TagMeta.to_json's shape
 # Inference.serve's routes that read Supervisely ids, which only the platform can turn into images.
 NEEDS_PLATFORM = ("inference_image_id", "inference_image_id_async", "inference_batch_ids", "inference_batch_ids_async",
                   "inference_video_id", "inference_video_id_async", "inference_project_id_async", "run_speedtest",
@@ -53,6 +59,7 @@ class InferenceSettings(BaseModel):
 
     text_prompt: str | None = None
     max_new_tokens: MaxNewTokens | None = None
+    min_score: MinScoreField | None = None  # unset: the service's default (KOSMOS_MIN_SCORE)
     classes: Any = None  # checked in inference_settings, with a message pydantic's union errors would not give
 
 
@@ -96,23 +103,29 @@ def inference_settings(state: dict) -> InferenceSettings:
     return checked
 
 
-def engine_request(image: Image.Image, settings: InferenceSettings) -> EngineRequest:
-    """The grounded generation serve-kosmos-2 runs for these settings (`<grounding>` added when missing)."""
+def engine_request(image: Image.Image, settings: InferenceSettings, default_min_score: float) -> EngineRequest:
+    """The grounded generation serve-kosmos-2 runs for these settings (`<grounding>` added when missing); boxes
+    scored under `settings.min_score` (unset: `default_min_score`) are dropped."""
     task = TaskInput(Task.RAW, prompt=settings.text_prompt or DEFAULT_TEXT_PROMPT, grounding=True)
-    return EngineRequest(image, task, GenerationParams(max_new_tokens=settings.max_new_tokens))
+    threshold = settings.min_score if settings.min_score is not None else default_min_score
+    return EngineRequest(image, task, GenerationParams(max_new_tokens=settings.max_new_tokens, min_score=threshold))
 
 
-def rectangle_object(class_title: str, box: tuple[int, int, int, int]) -> dict:
+def rectangle_object(class_title: str, box: tuple[int, int, int, int], score: float | None = None) -> dict:
     """One box as a Supervisely rectangle label (`Label.to_json`); exterior is [[left, top], [right, bottom]].
 
-    >>> rectangle_object("the blue circle", (132, 9, 225, 88))["points"]
+    Its score, when given, is its "confidence" tag, as the SDK's detectors label a box.
+
+    >>> rectangle_object("the blue circle", (132, 9, 225, 88), 0.75)["points"]
     {'exterior': [[132, 9], [225, 88]], 'interior': []}
+    >>> rectangle_object("the blue circle", (132, 9, 225, 88), 0.75)["tags"]
+    [{'name': 'confidence', 'value': 0.75}]
     """
     x1, y1, x2, y2 = box
     return {
         "classTitle": class_title,
         "description": "",
-        "tags": [],
+        "tags": [] if score is None else [{"name": CONFIDENCE_TAG, "value": score}],
         "points": {"exterior": [[min(x1, x2), min(y1, y2)], [max(x1, x2), max(y1, y2)]], "interior": []},
         "geometryType": "rectangle",
         "shape": "rectangle",
@@ -124,14 +137,15 @@ def rectangle_object(class_title: str, box: tuple[int, int, int, int]) -> dict:
 def prediction(result: Result, classes: list[str] | str | None = None, name: str | None = None) -> dict:
     """A result as the SDK's prediction JSON: the annotation (caption as its description) and `data`, the /v1 answer.
 
-    Each box of each grounded phrase is one object; `classes` (a list) keeps only those phrases.
+    Each box of each grounded phrase is one object, its score its "confidence" tag; `classes` (a list) keeps only
+    those phrases.
     """
     width, height = result.image_size
     objects = [
-        rectangle_object(entity.phrase, box)
+        rectangle_object(entity.phrase, box, score)
         for entity in result.entities
         if entity.phrase.strip() and (not isinstance(classes, list) or entity.phrase in classes)
-        for box in entity.pixel_boxes
+        for box, score in zip(entity.pixel_boxes, entity.scores, strict=True)
     ]
     annotation = {"description": result.text, "size": {"height": height, "width": width}, "tags": [],
                   "objects": objects, "customBigData": {}}

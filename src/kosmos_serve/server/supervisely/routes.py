@@ -17,6 +17,7 @@ from kosmos_serve.server.common import DisconnectWatch, client_gone, decode_imag
 from kosmos_serve.server.errors import AnsweringRoute
 from kosmos_serve.server.state import ServiceState
 from kosmos_serve.server.supervisely.protocol import (
+    CONFIDENCE_TAG_META,
     DEFAULT_TEXT_PROMPT,
     NEEDS_PLATFORM,
     PREFIX,
@@ -78,10 +79,13 @@ async def get_session_info(request: Request):
 @router.post("/get_custom_inference_settings")
 async def get_custom_inference_settings(request: Request):
     """The defaults as YAML text, as serve-kosmos-2 sends its inference_settings.yaml (SessionJSON parses it)."""
+    state = service_state(request)
     yaml = (
         "# text_prompt: a Kosmos-2 prompt; <grounding> is put in front when missing.\n"
         f"text_prompt: {json.dumps(DEFAULT_TEXT_PROMPT)}\n"
-        f"max_new_tokens: {_default_max_new_tokens(service_state(request))}\n"
+        f"max_new_tokens: {_default_max_new_tokens(state)}\n"
+        "# min_score: boxes scored under this (0..1) are left out; each object's score is its confidence tag.\n"
+        f"min_score: {state.default_min_score}\n"
     )
     return {"settings": yaml}
 
@@ -89,9 +93,10 @@ async def get_custom_inference_settings(request: Request):
 @router.post("/get_output_classes_and_tags")
 @router.post("/get_model_meta")
 async def get_output_classes_and_tags():
-    """No fixed classes: each answer's phrases are its classes (the SDK's Session adds them from the annotation)."""
-    return {"classes": [], "tags": [], "projectSettings": {"multiView": {"enabled": False, "tagName": None,
-                                                                         "tagId": None, "isSynced": False}}}
+    """No fixed classes: each answer's phrases are its classes (the SDK's Session adds them from the annotation); the
+    one tag is "confidence", each object's score."""
+    multi_view = {"enabled": False, "tagName": None, "tagId": None, "isSynced": False}
+    return {"classes": [], "tags": [CONFIDENCE_TAG_META], "projectSettings": {"multiView": multi_view}}
 
 
 @router.post("/is_deployed")
@@ -135,7 +140,8 @@ async def inference_image(
             f"Only one file expected but got {len(files)}; send several to {PREFIX}/inference_batch."
         )
     image = await _decode(service, files[0], 0, 1)
-    result = await service.generate(engine_request(image, checked), functools.partial(client_gone, request))
+    request_for = engine_request(image, checked, service.default_min_score)
+    result = await service.generate(request_for, functools.partial(client_gone, request))
     return prediction(result, checked.classes, files[0].filename)
 
 
@@ -157,7 +163,7 @@ async def inference_batch(
     try:
         step = service.settings.max_batch_requests
         for start in range(0, len(images), step):
-            chunk = [engine_request(image, checked) for image in images[start:start + step]]
+            chunk = [engine_request(image, checked, service.default_min_score) for image in images[start:start + step]]
             results += await asyncio.gather(*(service.generate(r, gone) for r in chunk))
     finally:
         gone.close()
@@ -177,7 +183,8 @@ async def inference_image_url(request: Request):
         raise InvalidRequestError('state.image_url is missing; send {"state": {"image_url": "https://..."}}.')
     checked = inference_settings(state)
     image = await decode_image(service, await service.image_bytes(state["image_url"]))
-    result = await service.generate(engine_request(image, checked), functools.partial(client_gone, request))
+    request_for = engine_request(image, checked, service.default_min_score)
+    result = await service.generate(request_for, functools.partial(client_gone, request))
     return prediction(result, checked.classes)
 
 

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kosmos_serve.evaluation.synthetic import write_mdetr_files
+from kosmos_serve.evaluation.synthetic import write_detection_file, write_mdetr_files
 from kosmos_serve.training.demo_model import HELD_OUT_SEED
 from kosmos_serve.training.shapes import write_shapes_dataset
 
@@ -18,6 +18,12 @@ def shapes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shapes-benchmarks")
     records = write_shapes_dataset(folder, SCENES, HELD_OUT_SEED)
     return SimpleNamespace(folder=folder, records=records, **write_mdetr_files(folder))
+
+
+@pytest.fixture(scope="session")
+def detection_file(shapes):
+    """The held-out scenes' COCO ground truth for `--benchmark detection`, 4 absent phrases per scene."""
+    return write_detection_file(shapes.folder, absent=4, seed=HELD_OUT_SEED)
 
 
 @pytest.fixture(scope="session")

@@ -117,7 +117,7 @@ def test_a_missing_image_is_counted_listed_and_skipped(shapes, tmp_path):
     (("--benchmark", "refcoco", "--annotations", "{flickr}", "--images", "{folder}", "--model", "demo"),
      "Error: {flickr} is MDETR's Flickr30k Entities file; score it with --benchmark flickr30k."),
     (("--benchmark", "refclef", "--annotations", "{flickr}", "--images", "{folder}", "--model", "demo"),
-     "Error: Unknown benchmark 'refclef'; choose one of: refcoco, refcoco+, refcocog, flickr30k."),
+     "Error: Unknown benchmark 'refclef'; choose one of: refcoco, refcoco+, refcocog, flickr30k, detection."),
     (("--benchmark", "flickr30k", "--annotations", "{records}", "--images", "{folder}", "--model", "demo"),
      "Error: {records} is not JSON: Extra data: line 2 column 1 (char 359); expected MDETR's Flickr30k Entities file"),
     (("--benchmark", "refcoco", "--annotations", "{flickr}", "--images", "{folder}"),

@@ -17,6 +17,7 @@ from kosmos_serve.config import ServerSettings
 from kosmos_serve.engine import GenerationParams
 from kosmos_serve.evaluation.backends import LocalBackend, ServiceBackend, has_rotation, load_stored_pixels
 from kosmos_serve.evaluation.datasets import read_splits
+from kosmos_serve.evaluation.detection import read_detection_splits
 from kosmos_serve.evaluation.runner import PredictionLog, Settings, evaluate_benchmark, run
 
 ORIENTATION = 0x0112
@@ -52,6 +53,29 @@ def test_the_service_gives_the_same_predictions_as_the_engine_here(shapes, demo_
     params = GenerationParams(max_new_tokens=TOKENS, no_repeat_ngram_size=3)
     run(splits, LocalBackend(demo_engine, params), PredictionLog(local, Settings("demo", TOKENS, 3)))
     assert read_lines(remote) == read_lines(local)
+
+
+def test_detection_through_the_service_gives_the_same_boxes_and_scores_as_here(shapes, detection_file, demo_engine,
+                                                                               service, tmp_path):
+    """One request in flight at a time: batched, a request's scores depend on what joins the batch around it."""
+    params = GenerationParams(max_new_tokens=TOKENS, no_repeat_ngram_size=3, min_score=0.0)
+    splits = read_detection_splits([detection_file], shapes.folder, limit=4)
+    remote, local = tmp_path / "remote.jsonl", tmp_path / "local.jsonl"
+    backend = ServiceBackend(service, params, concurrency=1)
+    run(splits, backend, PredictionLog(remote, Settings(backend.model, TOKENS, 3, "coco")))
+    run(splits, LocalBackend(demo_engine, params), PredictionLog(local, Settings("demo", TOKENS, 3, "coco")))
+    lines = read_lines(remote)
+    assert lines == read_lines(local) and len(lines) == 4
+    assert sum(len(item["scores"]) for line in lines for item in line["asked"]) >= 4 * 4  # boxes, each scored
+
+
+def test_detection_through_the_cli_and_a_service(shapes, detection_file, service, tmp_path):
+    out = tmp_path / "remote.jsonl"
+    outcome = evaluate_benchmark("detection", [detection_file], shapes.folder, url=service, out=out, limit=4,
+                                 max_new_tokens=TOKENS)
+    assert outcome.source == service and len(outcome.results[0].records) == 4
+    items = [item for line in read_lines(out) for item in line["asked"]]
+    assert all(len(item["scores"]) == len(item["boxes"]) for item in items) and any(item["boxes"] for item in items)
 
 
 def test_the_cli_scores_through_the_service(shapes, service):

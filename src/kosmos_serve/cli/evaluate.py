@@ -20,17 +20,24 @@ from kosmos_serve.errors import InvalidRequestError
 @click.option("--data", "data_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="The project's own grounded JSONL records (README: Training).")
 @click.option("--benchmark", help="refcoco, refcoco+, refcocog or flickr30k: the paper's benchmark, scored with the "
-                                  "original evaluation's prompts and protocol.")
+                                  "original evaluation's prompts and protocol; detection: COCO-format ground truth, "
+                                  "each category's phrase asked (task detection), scored by COCOeval, score AUROC and "
+                                  "a min_score table.")
 @click.option("--annotations", multiple=True, type=click.Path(path_type=Path),
               help="--benchmark: an MDETR annotation file (finetune_refcoco_val.json, "
-                   "final_flickr_separateGT_test.json, ...); repeat for several splits.")
+                   "final_flickr_separateGT_test.json, ...), or for detection a COCO ground-truth JSON; repeat for "
+                   "several splits.")
 @click.option("--images", type=click.Path(path_type=Path),
               help="--benchmark: the images (COCO 2014: the folder with train2014/ and val2014/; Flickr30k: the "
                    ".jpg folder).")
 @click.option("--flickr-entities", type=click.Path(path_type=Path),
               help="flickr30k: the official Flickr30k Entities folder (Sentences/, Annotations/): true boxes and "
                    "entity types from there, as the original evaluation reads them (per-type recall).")
-@click.option("--limit", type=click.IntRange(min=1), help="--benchmark: score a fixed sample of N examples per file.")
+@click.option("--ontology", type=click.Path(dir_okay=False, path_type=Path),
+              help="detection: the phrases to ask for each category, as annotate's (a JSON object: phrase -> class "
+                   "name, the class a category's name); only the categories it names are scored.")
+@click.option("--limit", type=click.IntRange(min=1), help="--benchmark: score a fixed sample of N examples (detection: "
+                                                           "images) per file.")
 @click.option("--url", help="--benchmark: score through a running kosmos-serve service (its /v1/generate) instead of "
                             "loading the model here; an API key goes in KOSMOS_API_KEY.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
@@ -46,12 +53,14 @@ from kosmos_serve.errors import InvalidRequestError
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="--benchmark: prompts run (or sent) together.")
 @ray_options
-def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, limit, url, out, quantize,
+def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, ontology, limit, url, out, quantize,
              no_repeat_ngram_size, max_new_tokens, batch_size, ray_address, workers, cpus_per_worker, gpus_per_worker):
     """Score a model's grounding: on the project's JSONL records (--data), or on the paper's benchmarks (--benchmark).
 
     --data: referring IoU>=0.5, caption recall, region descriptions exact. --benchmark: RefCOCO/+/g accuracy
-    (the first box at IoU>=0.5) and Flickr30k Entities recall@1/5/10, each split beside the paper's figure.
+    (the first box at IoU>=0.5) and Flickr30k Entities recall@1/5/10, each split beside the paper's figure;
+    detection: COCOeval AP, AP50 and AR@100 with the boxes' scores and with every score 1.0, the score's AUROC for
+    phrases present against absent, and per min_score the absent phrases that keep a box and the objects found.
 
     \b
     Examples:
@@ -60,8 +69,11 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
           --annotations mdetr_annotations/finetune_refcoco_val.json --images coco2014 --out refcoco-val.jsonl
       kosmos-serve evaluate --benchmark flickr30k --url http://gpu-box:8000 \\
           --annotations mdetr_annotations/final_flickr_separateGT_test.json --images flickr30k-images
+      kosmos-serve evaluate --model demo --benchmark detection \\
+          --annotations data/shapes-eval/coco/instances_synthetic.json --images data/shapes-eval
     """
     benchmark_options = {"--annotations": annotations, "--images": images, "--flickr-entities": flickr_entities,
+                         "--ontology": ontology,
                          "--limit": limit, "--url": url, "--out": out, "--max-new-tokens": max_new_tokens,
                          "--ray": ray_address is not None, "--workers": workers != 1,
                          "--cpus-per-worker": cpus_per_worker != 1.0, "--gpus-per-worker": gpus_per_worker}
@@ -84,7 +96,12 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
     if benchmark not in BENCHMARKS:
         raise InvalidRequestError(f"Unknown benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}.")
     if data_file is not None or not annotations or images is None:
-        raise InvalidRequestError("--benchmark takes --annotations FILE (MDETR's) and --images DIR, not --data.")
+        raise InvalidRequestError("--benchmark takes --annotations FILE (MDETR's; detection: COCO ground truth) and "
+                                  "--images DIR, not --data.")
+    if ontology is not None and benchmark != "detection":
+        raise InvalidRequestError("--ontology: only with --benchmark detection.")
+    if flickr_entities is not None and benchmark == "detection":
+        raise InvalidRequestError("--flickr-entities: only with --benchmark flickr30k.")
     if bool(model) == bool(url):
         raise InvalidRequestError("--benchmark needs --model (run here) or --url (a running service), one of them.")
     if url and quantize != "none":
@@ -97,6 +114,7 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
         on_cluster=_on_ray_cluster(ray_address, workers, cpus_per_worker, gpus_per_worker, batch_size),
         no_repeat_ngram_size=ORIGINAL_NO_REPEAT_NGRAM_SIZE if no_repeat_ngram_size is None else no_repeat_ngram_size,
         max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS, api_key=_service_key() if url else None,
+        ontology=ontology,
     )
     click.echo(format_report(outcome))
     if outcome.interrupted:

@@ -1,7 +1,9 @@
 """Where the benchmark prompts run: the engine in this process, or a kosmos-serve service over HTTP.
 
-Both send each prompt exactly as given (task `raw`, `grounding: false`) and hand back the raw generation and the
-entities transformers' `post_process_generation` finds in it, with their normalised boxes. Images are read as their
+Both send each example's task as it gives it (`Example.task_input()`: the grounding benchmarks' prompts exactly as
+written, task `raw` with `grounding: false`; the detection benchmark's phrases, task `detection`) and hand back the
+raw generation and the entities transformers' `post_process_generation` finds in it, with their normalised boxes
+and, where the parameters set `min_score`, each box's score. Images are read as their
 pixels are stored, without applying an EXIF rotation: COCO's and Flickr30k's boxes are drawn on the stored pixels
 (the service is sent a PNG of those pixels when a file carries a rotation, its bytes as they are otherwise).
 """
@@ -46,6 +48,7 @@ class Generation:
     raw_text: str
     entities: tuple[tuple[str, tuple[NormalisedBox, ...]], ...]
     image_size: tuple[int, int]
+    scores: tuple[tuple[float, ...], ...] = ()  # one tuple per entity, one score per box (asked with min_score)
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,6 @@ class LocalBackend:
     def __init__(self, engine: Engine, params: GenerationParams):
         self.engine, self.params = engine, params
         self.model = engine.settings.model
-        self._request = lambda image, prompt: Request(
-            image, TaskInput(Task.RAW, prompt=prompt, grounding=False), params)
         self.images = ImageStore(lambda path: load_stored_pixels(path, engine.settings.max_image_pixels))
 
     def generate(self, examples: Sequence) -> list[Generation | Skipped]:
@@ -112,11 +113,12 @@ class LocalBackend:
             image = self.images.get(example.image_path)
             outcomes.append(image if isinstance(image, Skipped) else None)
             if not isinstance(image, Skipped):
-                requests.append(self._request(image, example.prompt))
+                requests.append(Request(image, example.task_input(), self.params))
                 positions.append(position)
         for position, result in zip(positions, self.engine.run(requests) if requests else []):
             entities = tuple((e.phrase, tuple(e.boxes)) for e in result.entities)
-            outcomes[position] = Generation(result.raw_text, entities, tuple(result.image_size))
+            scores = tuple(tuple(e.scores) for e in result.entities) if self.params.min_score is not None else ()
+            outcomes[position] = Generation(result.raw_text, entities, tuple(result.image_size), scores)
         return outcomes
 
     def close(self) -> None:
@@ -169,8 +171,10 @@ class ServiceBackend:
     def _one(self, example, payload) -> Generation | Skipped:
         if isinstance(payload, Skipped):
             return payload
-        body = {"image": payload, "task": "raw", "prompt": example.prompt, "grounding": False,
-                "max_new_tokens": self.params.max_new_tokens, "no_repeat_ngram_size": self.params.no_repeat_ngram_size}
+        body = {"image": payload, **task_body(example.task_input()), "max_new_tokens": self.params.max_new_tokens,
+                "no_repeat_ngram_size": self.params.no_repeat_ngram_size}
+        if self.params.min_score is not None:
+            body["min_score"] = self.params.min_score
         response = self._call("POST", "/v1/generate", json=body)
         if response.status_code in (400, 413):  # this image: not decodable or too large for the service
             return Skipped(f"{example.image_path}: the service refused it: {_message(response)}")
@@ -178,11 +182,23 @@ class ServiceBackend:
             raise EvaluationError(f"The service answered {response.status_code} to /v1/generate: {_message(response)}")
         answer = response.json()
         entities = tuple((e["phrase"], tuple(tuple(b) for b in e["boxes"])) for e in answer["entities"])
-        return Generation(answer["raw_text"], entities, tuple(answer["image_size"]))
+        scores = () if self.params.min_score is None else tuple(tuple(e.get("scores", ())) for e in answer["entities"])
+        return Generation(answer["raw_text"], entities, tuple(answer["image_size"]), scores)
 
     def close(self) -> None:
         """Close the HTTP connections."""
         self.client.close()
+
+
+def task_body(task: TaskInput) -> dict:
+    """The fields of a `/v1/generate` body that say what to do: a raw prompt as written, or a detection's phrases.
+
+    >>> task_body(TaskInput(Task.DETECTION, phrases=("the red circle",)))
+    {'task': 'detection', 'phrases': ['the red circle']}
+    """
+    if task.task == Task.DETECTION:
+        return {"task": "detection", "phrases": list(task.phrases)}
+    return {"task": "raw", "prompt": task.prompt, "grounding": task.grounding}
 
 
 def _message(response) -> str:

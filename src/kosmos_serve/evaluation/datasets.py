@@ -19,17 +19,19 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kosmos_serve.errors import InvalidRequestError, KosmosServeError
 from kosmos_serve.evaluation.metrics import xywh_to_xyxy
+from kosmos_serve.tasks import Task, TaskInput
 
 Box = tuple[float, float, float, float]
 
 REFEXP_BENCHMARKS = ("refcoco", "refcoco+", "refcocog")
 FLICKR_BENCHMARK = "flickr30k"
-BENCHMARKS = (*REFEXP_BENCHMARKS, FLICKR_BENCHMARK)
+DETECTION_BENCHMARK = "detection"  # COCO-format ground truth, phrases = categories: evaluation/detection.py
+BENCHMARKS = (*REFEXP_BENCHMARKS, FLICKR_BENCHMARK, DETECTION_BENCHMARK)
 SAMPLE_SEED = 0  # --limit's sample: the same examples on every run, so an interrupted run can continue
 
 EXPECTED_REFEXP = (
@@ -63,6 +65,10 @@ class Example:
     truth: tuple[Box, ...]
     types: tuple[str, ...] = ()
 
+    def task_input(self) -> TaskInput:
+        """What the model is asked: the prompt exactly as written (task raw, no `<grounding>` added)."""
+        return TaskInput(Task.RAW, prompt=self.prompt, grounding=False)
+
 
 @dataclass(frozen=True)
 class Split:
@@ -70,8 +76,9 @@ class Split:
 
     benchmark: str
     annotations: Path
-    examples: list[Example]
+    examples: list  # Example, or detection.DetectionExample (one per image)
     available: int  # examples in the file (more than `examples` under --limit)
+    ground_truth: dict | None = field(default=None, compare=False, repr=False)  # detection: the COCO file's content
 
     @property
     def name(self) -> str:
@@ -83,6 +90,8 @@ def read_splits(benchmark: str, annotations: list[Path], images: Path, limit: in
     """Every annotation file of a benchmark read and checked (before any model is loaded), each sampled to `limit`."""
     if benchmark not in BENCHMARKS:
         raise InvalidRequestError(f"Unknown benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}.")
+    if benchmark == DETECTION_BENCHMARK:
+        raise InvalidRequestError("COCO ground truth is read by kosmos_serve.evaluation.detection.read_detection.")
     if not images.is_dir():
         raise InvalidRequestError(f"--images {images} is not a folder; give the folder that holds the images.")
     names = [path.name for path in annotations]
@@ -220,7 +229,8 @@ def _coco_parts(path: Path, expected: str) -> tuple[list[dict], list[dict]]:
     _require(all(isinstance(item, dict) for item in data["images"] + data["annotations"]),
              f'{path}: "images" and "annotations" must hold objects; {expected}.')
     _require(not data["images"] or "caption" in data["images"][0],
-             f'{path}: images[0] has no "caption" (a plain COCO file has none); {expected}.')
+             f'{path}: images[0] has no "caption" (a plain COCO file has none: score one with --benchmark '
+             f'detection); {expected}.')
     return data["images"], data["annotations"]
 
 

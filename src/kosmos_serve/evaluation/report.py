@@ -1,14 +1,17 @@
 """Each split's figures beside Kosmos-2's published ones, as a table for people.
 
+The detection benchmark has no paper figure: its COCOeval figures, score AUROC and threshold table instead.
 The paper's zero-shot figures (Kosmos-2, arXiv 2306.14824, Tables 2 and 3; the per-type Flickr30k Entities figures
 are those of microsoft/unilm `kosmos-2/evaluation/flickr_entities/README.md`), in percent.
 """
 
 from __future__ import annotations
 
-from kosmos_serve.evaluation.datasets import FLICKR_BENCHMARK
+from kosmos_serve.evaluation.datasets import DETECTION_BENCHMARK, FLICKR_BENCHMARK
+from kosmos_serve.evaluation.detection_metrics import summarise
 from kosmos_serve.evaluation.metrics import RECALL_KS, RecallTally
 from kosmos_serve.evaluation.runner import Outcome, SplitResult
+from kosmos_serve.generation import DEFAULT_MIN_SCORE
 
 PAPER_ACCURACY = {
     ("refcoco", "val"): 52.32, ("refcoco", "testA"): 57.42, ("refcoco", "testB"): 47.26,
@@ -28,6 +31,7 @@ MAX_LISTED = 10
 ACCURACY_HEADER = ("benchmark", "split", "acc@0.5", "paper", "scored", "skipped")
 RECALL_HEADER = ("benchmark", "split", "entity type", *(name for k in RECALL_KS for name in (f"R@{k}", "paper")),
                  "scored", "skipped")
+THRESHOLD_HEADER = ("min_score", "absent phrases keeping a box %", "present objects found %", "found vs no threshold %")
 
 
 def recall_tally(records: list[dict]) -> RecallTally:
@@ -81,11 +85,17 @@ def format_report(outcome: Outcome) -> str:
     heading = (f"{settings.model} ({outcome.source}): greedy, no_repeat_ngram_size {settings.no_repeat_ngram_size}, "
                f"max_new_tokens {settings.max_new_tokens}; IoU >= 0.5 in the image's pixels")
     lines = [heading, ""]
-    flickr = any(result.split.benchmark == FLICKR_BENCHMARK for result in outcome.results)
-    rows = [RECALL_HEADER if flickr else ACCURACY_HEADER]
-    for result in outcome.results:
-        rows += split_rows(result)
-    lines.append(format_table(rows, left=3 if flickr else 2))
+    if any(result.split.benchmark == DETECTION_BENCHMARK for result in outcome.results):
+        lines[0] = heading.replace("; IoU", "; task detection, every box with its score (min_score 0); IoU")
+        for result in outcome.results:
+            lines += detection_lines(result)
+        lines.pop()
+    else:
+        flickr = any(result.split.benchmark == FLICKR_BENCHMARK for result in outcome.results)
+        rows = [RECALL_HEADER if flickr else ACCURACY_HEADER]
+        for result in outcome.results:
+            rows += split_rows(result)
+        lines.append(format_table(rows, left=3 if flickr else 2))
     notes = []
     for result in outcome.results:
         notes += _split_notes(result)
@@ -99,10 +109,39 @@ def format_report(outcome: Outcome) -> str:
     return "\n".join(lines + [""] + notes)
 
 
+def detection_lines(result: SplitResult) -> list[str]:
+    """A detection split's figures: COCOeval with the scores and with every score 1.0, AUROC, the threshold table."""
+    split, records = result.split, result.records
+    figures = summarise(split.ground_truth, records)
+    asked = f"{figures.present + figures.absent} phrases asked ({figures.present} present, {figures.absent} absent)"
+    heading = (f"{split.benchmark} {split.name}: {figures.images} images scored, {len(result.skipped)} skipped; "
+               f"{asked}, {figures.objects} objects")
+    lines = [heading, ""]
+    coco = [("COCOeval (bbox)", "AP", "AP50", "AR@100")]
+    for label, scores in (("boxes' scores", figures.scored), ("every score 1.0", figures.constant)):
+        coco.append((label, *(_percent(value) for value in (scores.ap, scores.ap50, scores.recall))))
+    lines += [format_table(coco, left=1), ""]
+    auroc = "-" if figures.auroc is None else f"{figures.auroc:.3f}"
+    lines += [f"Score AUROC, present against absent phrases: {auroc}", ""]
+    table = [THRESHOLD_HEADER] + [
+        (f"{row.min_score:.2f}", _percent(row.absent_kept), _percent(row.found), _percent(row.found_vs_none))
+        for row in figures.table]
+    default = (f"(Detection's built-in default min_score is {DEFAULT_MIN_SCORE}; a model's kosmos_serve.json, "
+               "KOSMOS_MIN_SCORE or a request's min_score sets another.)")
+    lines += [format_table(table, left=1), default, ""]
+    return lines
+
+
+def _percent(share: float | None) -> float | None:
+    return None if share is None else 100 * share
+
+
 def _split_notes(result: SplitResult) -> list[str]:
     split, notes = result.split, []
     label = f"{split.benchmark} {split.name}"
-    if len(split.examples) < split.available:
+    if len(split.examples) < split.available and split.benchmark == DETECTION_BENCHMARK:
+        notes.append(f"{label}: a sample of {len(split.examples)} of {split.available} images (--limit).")
+    elif len(split.examples) < split.available:
         notes.append(f"{label}: a sample of {len(split.examples)} of {split.available} examples (--limit); the paper's "
                      "figure is over all of them.")
     if "mergedGT" in split.annotations.name:
@@ -119,7 +158,10 @@ def _split_notes(result: SplitResult) -> list[str]:
         if len(images) > MAX_LISTED:
             listed += f"; and {len(images) - MAX_LISTED} more"
         notes.append(f"{label}: {len(result.skipped)} examples skipped, not scored ({len(images)} images): {listed}.")
-        if not result.records:
+        if not result.records and split.benchmark == DETECTION_BENCHMARK:
+            notes.append(f"{label}: no image was found; --images should be the folder the file_name of each image "
+                         "is relative to.")
+        elif not result.records:
             notes.append(f"{label}: no image was found; --images should be the folder that holds them (COCO: "
                          "train2014/ and val2014/ in it; Flickr30k: the .jpg files).")
     return notes

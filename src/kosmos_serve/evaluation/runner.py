@@ -5,6 +5,7 @@ A predictions line (one per example) holds what error analysis needs and what a 
      "boxes" (predicted, pixels, in the order written), "truth" (pixels), "iou" (each predicted box's best),
      "hit", ["recall": {"1", "5", "10"}, "types"] (flickr30k), "model", "max_new_tokens", "no_repeat_ngram_size",
      "ground_truth"}
+The detection benchmark writes one line per image instead, every phrase asked in "asked" (`detection.py`).
 Lines are appended a batch at a time with flush and fsync (the annotate command's `RecordAppender`); a run killed
 mid-write leaves at most a torn last line, which the next run drops. A re-run with the same `--out` scores only
 the examples not in the file yet, and refuses a file whose lines were made with other settings.
@@ -27,7 +28,8 @@ from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine import start_engine
 from kosmos_serve.errors import InvalidRequestError
 from kosmos_serve.evaluation.backends import Generation, LocalBackend, ServiceBackend, Skipped
-from kosmos_serve.evaluation.datasets import FLICKR_BENCHMARK, Example, Split, read_splits
+from kosmos_serve.evaluation.datasets import DETECTION_BENCHMARK, FLICKR_BENCHMARK, Example, Split, read_splits
+from kosmos_serve.evaluation.detection import detection_record, ground_truth_name, read_detection_splits
 from kosmos_serve.evaluation.flickr_entities import FlickrEntities
 from kosmos_serve.evaluation.metrics import RECALL_KS, best_ious, first_box_hit, recall_at_k
 from kosmos_serve.generation import GenerationParams
@@ -88,7 +90,10 @@ def predicted_boxes(generation: Generation, phrase: str) -> list[tuple[float, fl
 
 
 def prediction_record(split: Split, example: Example, generation: Generation, settings: Settings) -> dict:
-    """The predictions line of one example: prompt, raw text, boxes, IoUs, hit (and recall@k for flickr30k)."""
+    """The predictions line of one example: prompt, raw text, boxes, IoUs, hit (and recall@k for flickr30k); for
+    detection, its image's line (`detection.detection_record`)."""
+    if split.benchmark == DETECTION_BENCHMARK:
+        return detection_record(split, example, generation, settings)
     boxes = predicted_boxes(generation, example.phrase)
     record = {
         "benchmark": split.benchmark, "annotations": split.annotations.name, "split": split.name, "key": example.key,
@@ -169,7 +174,8 @@ def _parse(line: bytes) -> tuple[dict | None, str | None]:
         return None, "not valid JSON"
     if not isinstance(record, dict):
         return None, "not a JSON object"
-    missing = [name for name in (*IDENTITY_FIELDS, "hit", *SETTINGS_FIELDS) if name not in record]
+    scored = "asked" if record.get("benchmark") == DETECTION_BENCHMARK else "hit"
+    missing = [name for name in (*IDENTITY_FIELDS, scored, *SETTINGS_FIELDS) if name not in record]
     return (record, None) if not missing else (None, f'it has no "{missing[0]}"')
 
 
@@ -219,14 +225,24 @@ def evaluate_benchmark(benchmark: str, annotations: Sequence[Path], images: Path
                        no_repeat_ngram_size: int = ORIGINAL_NO_REPEAT_NGRAM_SIZE,
                        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 16,
                        show_progress: bool = False, on_cluster: Callable[..., Outcome] | None = None,
-                       api_key: str | None = None) -> Outcome:
+                       api_key: str | None = None, ontology: Path | None = None) -> Outcome:
     """Score a model (loaded here, served at `url` with `api_key`, or run by `on_cluster(splits, log, settings=,
-    params=)`, which the CLI's --ray hands in) on a benchmark's annotation files; files are checked first."""
+    params=)`, which the CLI's --ray hands in) on a benchmark's annotation files; files are checked first.
+
+    detection: `annotations` are COCO ground truth (with `ontology`, an `annotate --ontology` file), every box asked
+    for with its score (`min_score` 0)."""
     entities = FlickrEntities(flickr_entities) if flickr_entities is not None else None
-    splits = read_splits(benchmark, list(annotations), images, limit, entities)
-    params = GenerationParams(max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
+    detection = benchmark == DETECTION_BENCHMARK
+    if detection:
+        splits = read_detection_splits(list(annotations), images, limit, ontology)
+    else:
+        splits = read_splits(benchmark, list(annotations), images, limit, entities)
+    params = GenerationParams(max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size,
+                              min_score=0.0 if detection else None)
     backend = ServiceBackend(url, params, api_key=api_key) if url is not None else None
     ground_truth = "flickr30k_entities" if entities is not None else "mdetr"
+    if detection:
+        ground_truth = ground_truth_name(ontology)
     log = PredictionLog(out, Settings(backend.model if backend else str(model), max_new_tokens, no_repeat_ngram_size,
                                       ground_truth),  # a file of other settings is refused before the model loads
                         {(split.benchmark, split.annotations.name) for split in splits})

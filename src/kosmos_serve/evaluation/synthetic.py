@@ -5,7 +5,12 @@ From a folder of `kosmos_serve.training.shapes` (`images/`, `records.jsonl`) thi
 - `final_flickr_separateGT_synthetic.json`: one MDETR Flickr30k entry per scene, its caption written Flickr-style
   (punctuation as words: "An image of a red circle , a blue square and a yellow star ."), each object a phrase;
 - `flickr30k_entities/`: the same captions and boxes as the official Flickr30k Entities files (`Sentences/<id>.txt`,
-  `Annotations/<id>.xml`), each phrase typed by its shape, so per-type recall can be shown.
+  `Annotations/<id>.xml`), each phrase typed by its shape, so per-type recall can be shown;
+and under `coco/`, for `--benchmark detection`:
+- `instances_synthetic.json`: COCO ground truth whose categories are phrases: each scene's referring expressions
+  ("the red circle", "the small red circle"), one object each, and per scene `--absent` phrases of kinds (colour and
+  shape) not in it ("the green star"), drawn with the seed and the scene's number, listed in the image's
+  `neg_category_ids` (LVIS's field), so each scene is asked for its own phrases and those absent ones.
 
     python -m kosmos_serve.evaluation.synthetic data/shapes-eval --n 200 --seed 2
 """
@@ -14,17 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from PIL import Image
 
-from kosmos_serve.training.shapes import SHAPES, write_shapes_dataset
+from kosmos_serve.training.shapes import COLOURS, SHAPES, write_shapes_dataset
 
 REFCOCO_FILE = "finetune_refcoco_synthetic.json"
 FLICKR_FILE = "final_flickr_separateGT_synthetic.json"
 ENTITIES_FOLDER = "flickr30k_entities"
+DETECTION_FILE = "instances_synthetic.json"
+ABSENT_PER_SCENE = 4
 
 
 def flickr_style(caption: str, spans: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -92,6 +100,56 @@ def write_mdetr_files(shapes_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def absent_phrases(objects: list[tuple[str, str]], count: int, seed: int, scene: int) -> list[str]:
+    """`count` phrases of kinds (colour, shape) none of a scene's objects is, the same for the same seed and scene.
+
+    >>> absent_phrases([("red", "circle")], 2, seed=2, scene=0) == absent_phrases([("red", "circle")], 2, 2, 0)
+    True
+    >>> any("red circle" in phrase for phrase in absent_phrases([("red", "circle")], 47, seed=2, scene=0))
+    False
+    """
+    kinds = [(colour, shape) for colour in COLOURS for shape in SHAPES if (colour, shape) not in objects]
+    chosen = random.Random(f"absent:{seed}:{scene}").sample(kinds, min(count, len(kinds)))
+    return [f"the {colour} {shape}" for colour, shape in chosen]
+
+
+def write_detection_file(shapes_dir: Path, absent: int = ABSENT_PER_SCENE, seed: int = 2) -> Path:
+    """Write `shapes_dir/coco/instances_synthetic.json` (categories: phrases; each scene's present and `absent`
+    absent ones); returns its path."""
+    shapes_dir = Path(shapes_dir)
+    records = [json.loads(line) for line in (shapes_dir / "records.jsonl").read_text(encoding="utf-8").splitlines()]
+    scenes: dict[str, list[tuple[str, list[int]]]] = {}  # image -> its objects' expressions and boxes
+    for record in records:
+        objects = scenes.setdefault(record["image"], [])
+        if record.get("task") == "referring":
+            objects.append((record["expression"], record["boxes"][0]))
+    negatives = {}
+    for name, objects in scenes.items():  # "the small red circle", "the red circle on the left": (red, circle)
+        kinds = [(next(w for w in words if w in COLOURS), next(w for w in words if w in SHAPES))
+                 for words in (expression.split() for expression, _ in objects)]
+        negatives[name] = absent_phrases(kinds, absent, seed, int(Path(name).stem))
+    phrases = sorted({phrase for objects in scenes.values() for phrase, _ in objects}
+                     | {phrase for chosen in negatives.values() for phrase in chosen})
+    ids = {phrase: number for number, phrase in enumerate(phrases, start=1)}
+    truth = {"info": {"description": f"synthetic shapes scenes, {absent} absent phrases per scene (seed {seed})"},
+             "images": [], "annotations": [],
+             "categories": [{"id": ids[phrase], "name": phrase, "supercategory": "shape"} for phrase in phrases]}
+    for name, objects in scenes.items():
+        with Image.open(shapes_dir / name) as image:
+            width, height = image.size
+        scene = int(Path(name).stem)
+        truth["images"].append({"id": scene, "file_name": name, "width": width, "height": height,
+                                "neg_category_ids": [ids[phrase] for phrase in negatives[name]]})
+        for phrase, (x1, y1, x2, y2) in objects:
+            truth["annotations"].append({"id": len(truth["annotations"]) + 1, "image_id": scene,
+                                         "category_id": ids[phrase], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                         "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    path = shapes_dir / "coco" / DETECTION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(truth), encoding="utf-8")
+    return path
+
+
 def _coco() -> dict:
     return {"info": {}, "licenses": [], "images": [], "annotations": [],
             "categories": [{"supercategory": "object", "id": 1, "name": "object"}]}
@@ -133,12 +191,16 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--n", type=int, default=200, help="scenes to write when the folder has none (default 200)")
-    parser.add_argument("--seed", type=int, default=2, help="their seed (default 2: the demo model's held-out scenes)")
+    parser.add_argument("--seed", type=int, default=2, help="their seed (default 2: the demo model's held-out scenes); "
+                                                             "also draws the absent phrases")
+    parser.add_argument("--absent", type=int, default=ABSENT_PER_SCENE,
+                        help=f"absent phrases per scene in the detection file (default {ABSENT_PER_SCENE})")
     args = parser.parse_args(argv)
     if not (args.folder / "records.jsonl").is_file():
         write_shapes_dataset(args.folder, args.n, args.seed)
     for name, path in write_mdetr_files(args.folder).items():
         print(f"{name}: {path}")
+    print(f"detection: {write_detection_file(args.folder, args.absent, args.seed)}")
 
 
 if __name__ == "__main__":

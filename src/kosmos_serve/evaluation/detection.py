@@ -1,0 +1,265 @@
+"""Detection over COCO-format ground truth: each image asked for its categories' phrases at once (task detection),
+every box kept with its score (`min_score` 0), then scored by pycocotools' COCOeval and by how well the scores part
+the phrases that are in an image from those that are not (`detection_metrics.py`).
+
+The ground truth is a COCO JSON file: `images` (`id`, `file_name`), `categories` (`id`, `name`) and `annotations`
+(`image_id`, `category_id`, `bbox` [x, y, w, h] in the image's stored pixels; `area` and `iscrowd` optional).
+- The phrases asked: each category's name (the categories are the ontology), or with an ontology file (the one
+  `annotate --ontology` reads: phrase -> class name) the phrases it maps to the category; only the categories it
+  names are then asked and scored.
+- The categories each image is asked for: every one; or, when the file's images carry LVIS's `neg_category_ids`
+  (categories checked absent from that image, as `python -m kosmos_serve.evaluation.synthetic` writes them), the
+  categories annotated in the image and its `neg_category_ids` (LVIS's federated protocol).
+- A phrase is *present* in an image when its category has an annotation there that is not a crowd, *absent* when
+  it has none at all (one with only crowd annotations is neither: COCOeval ignores boxes on crowds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from kosmos_serve.collections.inputs import read_ontology
+from kosmos_serve.errors import InvalidRequestError
+from kosmos_serve.evaluation.backends import EvaluationError, Generation
+from kosmos_serve.evaluation.datasets import DETECTION_BENCHMARK, AnnotationFormatError, Split, sample
+from kosmos_serve.evaluation.metrics import best_ious, xywh_to_xyxy
+from kosmos_serve.tasks import Task, TaskInput
+
+Box = tuple[float, float, float, float]
+
+EXPECTED_COCO = (
+    'expected COCO-format ground truth: a JSON object with "images" (each an "id" and a "file_name"), "categories" '
+    '(each an "id" and a "name": the phrase asked) and "annotations" (each an "image_id", a "category_id" and a '
+    '[x, y, w, h] "bbox" in pixels)'
+)
+MAX_NAMED = 8  # categories named in an error message
+
+
+@dataclass(frozen=True)
+class Asked:
+    """One phrase an image is asked for: its category, whether the category is there, and its true boxes (pixels)."""
+
+    phrase: str
+    category_id: int
+    present: bool | None  # None: the category has only crowd annotations in the image
+    truth: tuple[Box, ...]  # the category's annotations in the image that are not crowds, (x1, y1, x2, y2)
+
+
+@dataclass(frozen=True)
+class DetectionExample:
+    """One image and every phrase it is asked for, in one detection request."""
+
+    key: str  # the image's id, as text
+    image_id: int
+    file_name: str
+    image_path: Path
+    asked: tuple[Asked, ...]
+
+    @property
+    def phrases(self) -> tuple[str, ...]:
+        return tuple(item.phrase for item in self.asked)
+
+    def task_input(self) -> TaskInput:
+        """What the model is asked: task detection, one prompt per phrase (`<grounding><phrase> {p}</phrase>`)."""
+        return TaskInput(Task.DETECTION, phrases=self.phrases)
+
+
+def read_detection_splits(annotations: list[Path], images: Path, limit: int | None = None,
+                          ontology: Path | None = None) -> list[Split]:
+    """Every ground-truth file read and checked (before any model is loaded), each sampled to `limit` images."""
+    require_pycocotools()
+    if not images.is_dir():
+        raise InvalidRequestError(f"--images {images} is not a folder; give the folder that holds the images.")
+    names = [path.name for path in annotations]
+    if len(set(names)) != len(names):
+        raise AnnotationFormatError("Two --annotations files have the same name; give each split once.")
+    phrases = read_ontology(ontology) if ontology is not None else None
+    splits = []
+    for path in annotations:
+        examples, truth = read_detection(path, images, phrases, ontology)
+        splits.append(Split(DETECTION_BENCHMARK, path, sample(examples, limit), len(examples), truth))
+    return splits
+
+
+def require_pycocotools() -> None:
+    """pycocotools, which scores detection, or an error saying how to install it."""
+    try:
+        import pycocotools.cocoeval  # noqa: F401
+    except ImportError:
+        raise InvalidRequestError("--benchmark detection scores with pycocotools' COCOeval, which is not installed: "
+                                  'pip install "pycocotools>=2.0.8".') from None
+
+
+def ground_truth_name(ontology: Path | None) -> str:
+    """The `ground_truth` setting of a run: the categories' names, or the ontology file by its content."""
+    if ontology is None:
+        return "coco"
+    return f"coco, ontology {hashlib.sha256(ontology.read_bytes()).hexdigest()[:12]}"
+
+
+def read_detection(path: Path, images: Path, ontology: dict[str, str] | None = None,
+                   ontology_path: Path | None = None) -> tuple[list[DetectionExample], dict]:
+    """A COCO ground-truth file's images as detection examples, in file order; and the ground truth COCOeval reads
+    (the categories asked, their annotations, each with an area and a unique id)."""
+    data = _load(path)
+    categories = _categories(path, data["categories"])
+    asked_by_category = _phrases(path, categories, ontology, ontology_path)
+    image_ids, entries = set(), data["images"]
+    for index, entry in enumerate(entries):
+        where = f'{path}: images[{index}]'
+        _require(_is_id(entry.get("id")) and isinstance(entry.get("file_name"), str) and entry["file_name"].strip(),
+                 f'{where} has no integer "id" and "file_name"; {EXPECTED_COCO}.')
+        _require(entry["id"] not in image_ids, f'{where}: image id {entry["id"]} is given twice.')
+        image_ids.add(entry["id"])
+        negatives = entry.get("neg_category_ids", [])
+        _require(isinstance(negatives, list) and all(n in categories for n in negatives),
+                 f'{where}: "neg_category_ids" must list category ids of the file.')
+    annotations = _annotations(path, data["annotations"], image_ids, categories)
+    federated = any("neg_category_ids" in entry for entry in entries)
+
+    by_image: dict[int, list[dict]] = {}
+    for annotation in annotations:
+        by_image.setdefault(annotation["image_id"], []).append(annotation)
+    examples = []
+    for entry in entries:
+        found = [a for a in by_image.get(entry["id"], []) if a["category_id"] in asked_by_category]
+        wanted = set(asked_by_category)
+        if federated:
+            wanted = {a["category_id"] for a in found} | (set(entry.get("neg_category_ids", [])) & wanted)
+        asked = []
+        for category in (c for c in asked_by_category if c in wanted):
+            own = [a for a in found if a["category_id"] == category]
+            truth = tuple(xywh_to_xyxy(a["bbox"]) for a in own if not a["iscrowd"])
+            present = bool(truth) if truth or not own else None
+            asked += [Asked(phrase, category, present, truth) for phrase in asked_by_category[category]]
+        examples.append(DetectionExample(str(entry["id"]), entry["id"], entry["file_name"],
+                                         images / entry["file_name"], tuple(asked)))
+    truth = {
+        "images": [{"id": entry["id"], "file_name": entry["file_name"]} for entry in entries],
+        "categories": [{"id": c, "name": categories[c]} for c in asked_by_category],
+        "annotations": [{**a, "id": number} for number, a in enumerate(
+            (a for a in annotations if a["category_id"] in asked_by_category), start=1)],
+    }
+    return examples, truth
+
+
+def detection_record(split: Split, example: DetectionExample, generation: Generation, settings) -> dict:
+    """The predictions line of one image: per phrase asked, its boxes (pixels), their scores, the true boxes."""
+    found = boxes_by_phrase(generation)
+    asked = []
+    for item in example.asked:
+        boxes, scores = found.get(" ".join(item.phrase.split()), ([], []))
+        asked.append({"phrase": item.phrase, "category_id": item.category_id, "present": item.present,
+                      "boxes": [list(box) for box in boxes], "scores": scores,
+                      "truth": [list(box) for box in item.truth], "iou": best_ious(boxes, item.truth)})
+    return {"benchmark": split.benchmark, "annotations": split.annotations.name, "split": split.name,
+            "key": example.key, "image_id": example.image_id, "image": example.file_name,
+            "raw_text": generation.raw_text, "asked": asked, **settings.as_dict()}
+
+
+def boxes_by_phrase(generation: Generation) -> dict[str, tuple[list[Box], list[float]]]:
+    """Each entity's boxes in the image's pixels and their scores, by phrase (spaces aside).
+
+    >>> g = Generation("", (("a  cat", ((0.5, 0.5, 1.0, 1.0),)),), (200, 100), ((0.75,),))
+    >>> boxes_by_phrase(g)
+    {'a cat': ([(100.0, 50.0, 200.0, 100.0)], [0.75])}
+    """
+    width, height = generation.image_size
+    found: dict[str, tuple[list[Box], list[float]]] = {}
+    for index, (name, boxes) in enumerate(generation.entities):
+        scores = generation.scores[index] if index < len(generation.scores) else ()
+        if len(scores) != len(boxes):
+            raise EvaluationError(f"The answer gives {name!r} {len(boxes)} boxes but {len(scores)} scores: the "
+                                  "detection benchmark needs a kosmos-serve that scores every box.")
+        pixels, kept = found.setdefault(" ".join(name.split()), ([], []))
+        pixels += [(x1 * width, y1 * height, x2 * width, y2 * height) for x1, y1, x2, y2 in boxes]
+        kept += [float(score) for score in scores]
+    return found
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise AnnotationFormatError(message)
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _load(path: Path) -> dict:
+    if not path.is_file():
+        raise AnnotationFormatError(f"--annotations {path}: no such file.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else f"not JSON: {error.args[0]}"
+        raise AnnotationFormatError(f"{path} is {reason}; {EXPECTED_COCO}.") from None
+    parts = ("images", "annotations", "categories")
+    _require(isinstance(data, dict) and all(isinstance(data.get(name), list) for name in parts),
+             f'{path} has no "images", "annotations" and "categories" lists; {EXPECTED_COCO}.')
+    _require(all(isinstance(item, dict) for name in parts for item in data[name]),
+             f'{path}: "images", "annotations" and "categories" must hold objects; {EXPECTED_COCO}.')
+    return data
+
+
+def _categories(path: Path, listed: list[dict]) -> dict[int, str]:
+    """Category id -> name (stripped), in file order."""
+    _require(bool(listed), f"{path} has no categories: their names are the phrases each image is asked for; "
+                           f"{EXPECTED_COCO}.")
+    categories: dict[int, str] = {}
+    for index, category in enumerate(listed):
+        name = category.get("name")
+        _require(_is_id(category.get("id")) and isinstance(name, str) and bool(name.strip()),
+                 f'{path}: categories[{index}] has no integer "id" and non-empty "name"; {EXPECTED_COCO}.')
+        _require(category["id"] not in categories, f"{path}: category id {category['id']} is given twice.")
+        _require(name.strip() not in categories.values(), f"{path}: two categories are named {name.strip()!r}.")
+        categories[category["id"]] = name.strip()
+    return categories
+
+
+def _phrases(path: Path, categories: dict[int, str], ontology: dict[str, str] | None,
+             ontology_path: Path | None) -> dict[int, list[str]]:
+    """Category id -> the phrases asked for it (its name, or the ontology's phrases), each phrase valid to ask."""
+    if ontology is None:
+        asked = {category: [name] for category, name in categories.items()}
+    else:
+        ids = {name: category for category, name in categories.items()}
+        unknown = sorted({name for name in ontology.values() if name not in ids})
+        if unknown:
+            known = ", ".join(repr(name) for name in list(ids)[:MAX_NAMED]) + ", ..." * (len(ids) > MAX_NAMED)
+            raise InvalidRequestError(f"--ontology {ontology_path}: {', '.join(map(repr, unknown))} is no category "
+                                      f"of {path} (its categories: {known}).")
+        asked = {}
+        for phrase, name in ontology.items():
+            asked.setdefault(ids[name], []).append(phrase)
+        asked = {category: asked[category] for category in categories if category in asked}  # the file's order
+    for phrases in asked.values():
+        for phrase in phrases:
+            if "<" in phrase or ">" in phrase:
+                raise InvalidRequestError(f"Phrase {phrase!r} (of {path}'s categories or the ontology) contains '<' "
+                                          "or '>', which Kosmos-2 reserves for its tags.")
+    return asked
+
+
+def _annotations(path: Path, listed: list[dict], image_ids: set, categories: dict[int, str]) -> list[dict]:
+    """The annotations checked: known image and category, a finite [x, y, w, h]; an area and iscrowd filled in."""
+    checked = []
+    for index, annotation in enumerate(listed):
+        where = f"{path}: annotations[{index}]"
+        box = annotation.get("bbox")
+        _require(isinstance(box, list) and len(box) == 4 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+            and box[2] >= 0 and box[3] >= 0, f'{where} has no [x, y, w, h] "bbox" (w, h >= 0); {EXPECTED_COCO}.')
+        _require(annotation.get("image_id") in image_ids, f"{where}: image_id {annotation.get('image_id')!r} is no "
+                                                          "image of the file.")
+        _require(annotation.get("category_id") in categories,
+                 f"{where}: category_id {annotation.get('category_id')!r} is no category of the file.")
+        area = annotation.get("area")
+        checked.append({"image_id": annotation["image_id"], "category_id": annotation["category_id"], "bbox": box,
+                        "area": area if isinstance(area, (int, float)) else box[2] * box[3],
+                        "iscrowd": int(bool(annotation.get("iscrowd", 0)))})
+    return checked

@@ -48,7 +48,7 @@ class EngineSettings(BaseSettings):
     )
     min_score: MinScore | None = Field(
         None, description="Boxes scored under this are dropped: by default for detection, Label Studio, Supervisely "
-                          "and annotate, for other tasks when a request asks (unset: the model's default, else 0.3).",
+                          "and annotate, for other tasks when a request asks (unset: the model's default, else 0.1).",
     )
     max_new_tokens_cap: int = Field(
         1024, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Most new tokens a request may ask for."

@@ -43,7 +43,7 @@ MinScore = Annotated[float, Field(
 )]
 
 MODEL_DEFAULTS_FILE = "kosmos_serve.json"
-DEFAULT_MIN_SCORE = 0.3  # chosen on the demo model's held-out scenes: BENCHMARKS.md, "Scores and the threshold"
+DEFAULT_MIN_SCORE = 0.1  # measured on the demo model's held-out scenes: BENCHMARKS.md, "Scores and the threshold"
 REFERENCE_DEFAULT_PROMPT = "<grounding> Describe this image:"  # the reference service's DEFAULT_PROMPT
 
 
@@ -111,7 +111,7 @@ def resolve_defaults(*layers: ModelDefaults) -> ModelDefaults:
     """Each field from the first layer that sets it, then the built-in default.
 
     >>> resolve_defaults(ModelDefaults(max_new_tokens=16), ModelDefaults(max_new_tokens=64, no_repeat_ngram_size=0))
-    ModelDefaults(default_prompt='<grounding> Describe this image:', max_new_tokens=16, no_repeat_ngram_size=0, min_score=0.3)
+    ModelDefaults(default_prompt='<grounding> Describe this image:', max_new_tokens=16, no_repeat_ngram_size=0, min_score=0.1)
     """
     resolved = {}
     for name in ModelDefaults.model_fields:

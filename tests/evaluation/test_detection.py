@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from kosmos_serve.cli import main
 from kosmos_serve.engine import GenerationParams, Request
-from kosmos_serve.evaluation.synthetic import absent_phrases, write_detection_file
+from kosmos_serve.evaluation.synthetic import absent_phrases, class_phrase, write_detection_file
 from kosmos_serve.tasks import Task, TaskInput
 from kosmos_serve.training.shapes import COLOURS, SHAPES
 
@@ -43,7 +43,7 @@ def test_each_scene_is_asked_for_its_objects_and_four_kinds_it_lacks(shapes, det
     other_seed = 0
     for image in truth["images"]:
         own = [names[a["category_id"]] for a in truth["annotations"] if a["image_id"] == image["id"]]
-        assert sorted(own) == sorted(r["expression"] for r in records
+        assert sorted(own) == sorted(class_phrase(*kind(r["expression"])) for r in records
                                      if r["image"] == image["file_name"] and r.get("task") == "referring")
         absent = [names[number] for number in image["neg_category_ids"]]
         assert len(set(absent)) == 4 and not {kind(p) for p in absent} & {kind(p) for p in own}

@@ -7,10 +7,10 @@ From a folder of `kosmos_serve.training.shapes` (`images/`, `records.jsonl`) thi
 - `flickr30k_entities/`: the same captions and boxes as the official Flickr30k Entities files (`Sentences/<id>.txt`,
   `Annotations/<id>.xml`), each phrase typed by its shape, so per-type recall can be shown;
 and under `coco/`, for `--benchmark detection`:
-- `instances_synthetic.json`: COCO ground truth whose categories are phrases: each scene's referring expressions
-  ("the red circle", "the small red circle"), one object each, and per scene `--absent` phrases of kinds (colour and
-  shape) not in it ("the green star"), drawn with the seed and the scene's number, listed in the image's
-  `neg_category_ids` (LVIS's field), so each scene is asked for its own phrases and those absent ones.
+- `instances_synthetic.json`: COCO ground truth whose categories are class phrases, as an ontology names them:
+  one per kind of object (colour and shape, "a red circle"; two red circles are two boxes of it), and per scene
+  `--absent` phrases of kinds not in it ("a green star"), drawn with the seed and the scene's number, listed in the
+  image's `neg_category_ids` (LVIS's field), so each scene is asked for its own kinds and those absent ones.
 
     python -m kosmos_serve.evaluation.synthetic data/shapes-eval --n 200 --seed 2
 """
@@ -110,7 +110,16 @@ def absent_phrases(objects: list[tuple[str, str]], count: int, seed: int, scene:
     """
     kinds = [(colour, shape) for colour in COLOURS for shape in SHAPES if (colour, shape) not in objects]
     chosen = random.Random(f"absent:{seed}:{scene}").sample(kinds, min(count, len(kinds)))
-    return [f"the {colour} {shape}" for colour, shape in chosen]
+    return [class_phrase(colour, shape) for colour, shape in chosen]
+
+
+def class_phrase(colour: str, shape: str) -> str:
+    """The phrase an ontology gives a kind of object, as the scenes' region descriptions word it.
+
+    >>> class_phrase("orange", "star")
+    'a orange star'
+    """
+    return f"a {colour} {shape}"
 
 
 def write_detection_file(shapes_dir: Path, absent: int = ABSENT_PER_SCENE, seed: int = 2) -> Path:
@@ -118,15 +127,16 @@ def write_detection_file(shapes_dir: Path, absent: int = ABSENT_PER_SCENE, seed:
     absent ones); returns its path."""
     shapes_dir = Path(shapes_dir)
     records = [json.loads(line) for line in (shapes_dir / "records.jsonl").read_text(encoding="utf-8").splitlines()]
-    scenes: dict[str, list[tuple[str, list[int]]]] = {}  # image -> its objects' expressions and boxes
+    scenes: dict[str, list[tuple[str, list[int]]]] = {}  # image -> its objects' class phrases and boxes
+    negatives = {}
     for record in records:
         objects = scenes.setdefault(record["image"], [])
-        if record.get("task") == "referring":
-            objects.append((record["expression"], record["boxes"][0]))
-    negatives = {}
-    for name, objects in scenes.items():  # "the small red circle", "the red circle on the left": (red, circle)
-        kinds = [(next(w for w in words if w in COLOURS), next(w for w in words if w in SHAPES))
-                 for words in (expression.split() for expression, _ in objects)]
+        if record.get("task") == "referring":  # one per object: "the small red circle" -> (red, circle)
+            words = record["expression"].split()
+            kind = next(w for w in words if w in COLOURS), next(w for w in words if w in SHAPES)
+            objects.append((class_phrase(*kind), record["boxes"][0]))
+    for name, objects in scenes.items():
+        kinds = [tuple(phrase.split()[1:]) for phrase, _ in objects]
         negatives[name] = absent_phrases(kinds, absent, seed, int(Path(name).stem))
     phrases = sorted({phrase for objects in scenes.values() for phrase, _ in objects}
                      | {phrase for chosen in negatives.values() for phrase in chosen})

@@ -48,7 +48,7 @@ SHARED_ENV = {
 }
 # Text that must never reach a client: tracebacks, Python reprs, framework internals.
 INTERNAL_TEXT = ("Traceback", "<class", "Expected UploadFile", "site-packages", 'File "/', "object at 0x")
-PREDICT_KEYS = {"output", "generated_text", "entities"}
+PREDICT_KEYS = {"output", "generated_text", "entities", "scores"}
 GENERATE_KEYS = {"task", "prompt", "text", "answer", "raw_text", "entities", "markdown", "image_size",
                  "generated_tokens", "image_cached", "timings"}
 
@@ -159,7 +159,8 @@ def assert_result_body(path: str, body: dict) -> None:
     if path == "/predict":
         assert set(body) == PREDICT_KEYS, body
         assert isinstance(body["output"], str) and isinstance(body["generated_text"], str)
-        assert isinstance(body["entities"], list)
+        assert isinstance(body["entities"], list) and isinstance(body["scores"], list)
+        assert [len(boxes) for _, _, boxes in body["entities"]] == [len(scores) for scores in body["scores"]], body
         return
     assert GENERATE_KEYS <= set(body) <= GENERATE_KEYS | {"annotated_image"}, body
     width, height = body["image_size"]
@@ -167,7 +168,8 @@ def assert_result_body(path: str, body: dict) -> None:
     assert isinstance(body["generated_tokens"], int) and body["generated_tokens"] >= 0
     assert isinstance(body["text"], str) and isinstance(body["raw_text"], str)
     for entity in body["entities"]:
-        assert {"phrase", "span", "boxes", "pixel_boxes"} <= set(entity), entity
+        assert {"phrase", "span", "boxes", "pixel_boxes", "scores"} <= set(entity), entity
+        assert len(entity["scores"]) == len(entity["boxes"]) and all(0.0 <= s <= 1.0 for s in entity["scores"]), entity
         for box in entity["boxes"]:
             assert all(0.0 <= value <= 1.0 for value in box), entity
 

@@ -7,9 +7,10 @@
 A detection request asks for 4 phrases on a fresh image (no feature cache, so vision counts) and
 generates 6 tokens per phrase, what `<object><patch><patch></object></s>` takes. "Without scoring"
 is the same engine with its three scoring hooks turned off: the prefill keeps only the last position's
-logits, no step takes a log-softmax, no phrase prior is computed. "First sight" clears the phrase
-priors before each request (each phrase's blank-image pass runs); "seen" keeps them (an ontology
-over a collection). The CPU heads the report.
+logits, no step takes a log-softmax, no phrase prior is computed. "First sight" forgets the phrase
+priors before each request, so its admission reads its 4 phrases on the blank image (one pass after
+the cached blank beginning); "seen" has them already (an ontology over a collection). The CPU heads
+the report.
 """
 
 from __future__ import annotations

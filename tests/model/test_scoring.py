@@ -161,6 +161,17 @@ def test_scores_do_not_depend_on_when_requests_join_the_running_batch(demo_engin
             assert_same_up_to_the_last_digit(_scores(ticket.result), solo)
 
 
+def test_phrase_priors_read_together_equal_each_read_alone(demo_engine):
+    """A detection's new phrases get their blank-image priors in one pass after the cached blank beginning."""
+    tokenizer = demo_engine.processor.tokenizer
+    phrases = [tuple(tokenizer(f" {text}", add_special_tokens=False)["input_ids"])
+               for text in ("a red circle", "a small blue star on the left", "it")]
+    together = demo_engine._blank_image_log_probs(phrases)
+    alone = [demo_engine._blank_image_log_probs([phrase])[0] for phrase in phrases]
+    assert together == pytest.approx(alone, abs=1e-4)
+    assert len(set(together)) == 3 and all(value < 0 for value in together)
+
+
 def test_beam_search_boxes_are_scored_like_greedy_ones(demo_engine, scene):
     greedy = demo_engine.predict(scene, TaskInput("phrase_grounding", phrases=("a blue circle",)))
     beam = demo_engine.predict(scene, TaskInput("phrase_grounding", phrases=("a blue circle",)),
@@ -207,7 +218,7 @@ def test_several_boxes_of_one_phrase_are_each_scored_by_their_own_corners(tiny_m
     masses = [0.9, 0.4, 0.5, 0.5, 0.64, 0.25]
     phrase = [pos for pos in range(ids.index(vocabulary.phrase_start) + 1, ids.index(vocabulary.phrase_end) + 1)]
     evidence = TokenEvidence({pos: -0.5 if pos == phrase[0] else 0.0 for pos in phrase}, dict(zip(corners, masses)))
-    priors = PhrasePriors(lambda phrase_ids: -0.5 - math.log(3))  # odds 3 : 1 for this image: presence 0.75
+    priors = PhrasePriors(lambda phrases: [-0.5 - math.log(3)] * len(phrases))  # odds 3 : 1: presence 0.75
     output = parse_generation(tokenizer.decode(ids), "<grounding> Two", 64, 64)
     scored = score_output(output, ids, 1, evidence, vocabulary, priors)
     circles, bare = scored.entities

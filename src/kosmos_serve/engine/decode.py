@@ -177,6 +177,25 @@ def _extend(model, batch: RunningBatch, rows: list[int], remainders: list[list[i
     return _float_logits(output)[rows]
 
 
+@torch.inference_mode()
+def read_continuations(model, beginning: RunningBatch, next_log_probs: torch.Tensor, continuations: list[list[int]],
+                       pad_token_id: int) -> list[list[float]]:
+    """The log-probability of each token of each continuation of a one-row `beginning`, read in one forward pass.
+
+    `next_log_probs` is the log-softmax of the beginning's next token (it scores each continuation's first
+    token); the continuations run together, left-padded among themselves, on copies of the beginning's cache.
+    """
+    rows = list(range(len(continuations)))
+    logits = _extend(model, _copy_rows(beginning, [0] * len(rows)), rows, continuations, pad_token_id,
+                     max(map(len, continuations)))
+    read = []
+    for row, continuation in zip(logits, continuations):
+        steps = torch.log_softmax(row[row.shape[0] - len(continuation) : -1], dim=-1)
+        read.append([float(next_log_probs[continuation[0]])]
+                    + [float(step[token]) for step, token in zip(steps, continuation[1:])])
+    return read
+
+
 def _shared_beginnings(input_ids, image_masks, image_keys, tails) -> list[tuple[list[int], int]]:
     """Rows grouped by image and common beginning: (row indices, tokens they share); (rows, full length) alone.
 

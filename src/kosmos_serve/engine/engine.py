@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from kosmos_serve.config import EngineSettings
-from kosmos_serve.engine.decode import prefill
+from kosmos_serve.engine.decode import RunningBatch, prefill, read_continuations
 from kosmos_serve.engine.features import ImageFeatureCache, image_features
 from kosmos_serve.engine.loading import load_model, quiet_transformers, resolve_source, set_threads
 from kosmos_serve.engine.requests import PreparedRequest, PromptReader, Request, Row, check_task, tokenise
@@ -46,7 +46,7 @@ class Engine:
         self.cache = ImageFeatureCache(self.settings.image_cache_size)
         self.pad_token_id = self.processor.tokenizer.pad_token_id
         self.vocabulary = GroundingVocabulary(self.processor.tokenizer, self.processor.num_patch_index_tokens)
-        self.phrase_priors = PhrasePriors(self._blank_image_log_prob)
+        self.phrase_priors = PhrasePriors(self._blank_image_log_probs)
 
     @property
     def weight_formats(self) -> dict[str, str]:
@@ -191,6 +191,15 @@ class Engine:
         start = self.vocabulary.open_phrase_start(prompt)
         return 0 if start is None else len(prompt) - start
 
+    def prepare_priors(self, prompts: list[list[int]]) -> None:
+        """The blank-image priors of the prompts' closed open phrases (a detection's), computed together if new."""
+        phrases = []
+        for prompt in prompts:
+            start = self.vocabulary.open_phrase_start(prompt)
+            if start is not None and prompt[-1] == self.vocabulary.phrase_end:
+                phrases.append(tuple(prompt[start:-1]))
+        self.phrase_priors.prepare(phrases)
+
     def note_evidence(self, log_probs: torch.Tensor, tokens: list[int], first_position: int,
                       evidence: TokenEvidence) -> None:
         """Record what the model said of `tokens` (at `first_position`..) from their log-softmax rows."""
@@ -201,21 +210,22 @@ class Engine:
         return score_output(output, ids, len(row.input_ids), evidence, self.vocabulary, self.phrase_priors)
 
     @functools.cached_property
-    def _blank_image(self) -> tuple[list[int], list[int], torch.Tensor]:
-        """The prompt `<grounding><phrase>` on a blank image (the processor's mean colour): ids, image mask, features."""
+    def _blank_beginning(self) -> tuple[RunningBatch, torch.Tensor]:
+        """`<grounding><phrase>` on a blank image (the processor's mean colour), prefilled once: its cache and the
+        log-softmax of the token after it."""
         mean = self.processor.image_processor.image_mean
         blank = Image.new("RGB", (224, 224), tuple(round(255 * channel) for channel in mean))
         ids, image_mask = tokenise(self.processor, "<grounding><phrase>")
-        return ids, image_mask, self.encode_images([blank])
+        batch, logits, _ = prefill(self.model, [ids], [image_mask], self.encode_images([blank]), self.pad_token_id)
+        return batch, torch.log_softmax(logits[0], dim=-1)
 
-    @torch.inference_mode()
-    def _blank_image_log_prob(self, phrase: tuple[int, ...]) -> float:
-        """log p(`phrase`, `</phrase>` | blank image, `<grounding><phrase>`), the phrase's prior (one row alone)."""
-        ids, image_mask, features = self._blank_image
-        tail = [*phrase, self.vocabulary.phrase_end]
-        _, _, (log_probs,) = prefill(self.model, [ids + tail], [image_mask + [0] * len(tail)], features,
-                                     self.pad_token_id, tails=[len(tail)])
-        return float(sum(row[token] for row, token in zip(log_probs, tail)))
+    def _blank_image_log_probs(self, phrases: list[tuple[int, ...]]) -> list[float]:
+        """log p(phrase, `</phrase>` | blank image, `<grounding><phrase>`) of each phrase: their priors, in one pass
+        after the blank beginning."""
+        beginning, next_log_probs = self._blank_beginning
+        continuations = [[*phrase, self.vocabulary.phrase_end] for phrase in phrases]
+        read = read_continuations(self.model, beginning, next_log_probs, continuations, self.pad_token_id)
+        return [sum(log_probs) for log_probs in read]
 
     @torch.inference_mode()
     def _rescore(self, row: Row, ids: list[int], features: torch.Tensor) -> TokenEvidence:

@@ -179,6 +179,7 @@ class Scheduler:
                 self.engine.model, [s.row.input_ids for s in joining], [s.row.image_mask for s in joining], embeds,
                 self.engine.pad_token_id, [s.row.image_key for s in joining], tails,
             )
+            self.engine.prepare_priors([s.row.input_ids for s in joining])
             for sequence, scores, tail, log_probs in zip(joining, logits, tails, tail_log_probs):
                 first = len(sequence.ids) - tail
                 self.engine.note_evidence(log_probs, sequence.ids[first:], first, sequence.evidence)

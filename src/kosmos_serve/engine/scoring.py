@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -111,17 +112,21 @@ class GroundingVocabulary:
 class PhrasePriors:
     """log p(phrase tokens, `</phrase>` | blank image, `<grounding><phrase>`), computed once per phrase."""
 
-    def __init__(self, compute):
-        self._compute = compute  # phrase token ids -> that log-probability
+    def __init__(self, compute: Callable[[list[tuple[int, ...]]], list[float]]):
+        self._compute = compute  # phrases' token ids -> their log-probabilities, in one pass
         self._cache: OrderedDict[tuple[int, ...], float] = OrderedDict()
 
-    def __call__(self, phrase: tuple[int, ...]) -> float:
-        if phrase in self._cache:
-            self._cache.move_to_end(phrase)
-        else:
-            self._cache[phrase] = self._compute(phrase)
-            if len(self._cache) > PRIOR_CACHE_SIZE:
+    def prepare(self, phrases: list[tuple[int, ...]]) -> None:
+        """Compute the phrases not known yet, together (a detection's phrases, when its prompts are admitted)."""
+        missing = list(dict.fromkeys(phrase for phrase in phrases if phrase not in self._cache))
+        if missing:
+            self._cache.update(zip(missing, self._compute(missing)))
+            while len(self._cache) > PRIOR_CACHE_SIZE:
                 self._cache.popitem(last=False)
+
+    def __call__(self, phrase: tuple[int, ...]) -> float:
+        self.prepare([phrase])
+        self._cache.move_to_end(phrase)
         return self._cache[phrase]
 
 

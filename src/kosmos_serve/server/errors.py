@@ -119,7 +119,7 @@ class AnsweringRoute(APIRoute):
         async def handle_answering_errors(request: Request) -> Response:
             try:
                 return await handle(request)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - whatever a route raises is answered, in its protocol's shape
                 return request.app.state.error_map.response(error, request)
 
         return handle_answering_errors

@@ -52,20 +52,20 @@ async def fetch_image(url: str, allowed_hosts: Collection[str], max_bytes: int, 
     """GET `url` from an allowed host, at most `max_bytes` of it, within `timeout` seconds."""
     check_fetchable(url, allowed_hosts)
     try:
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
-            async with client.stream("GET", url, headers=headers) as response:
-                if response.status_code != 200:
-                    raise ImageFetchStatusError(f"Fetching the image at {url} answered HTTP {response.status_code}.",
-                                                response.status_code)
-                declared = response.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > max_bytes:
+        async with (httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client,
+                    client.stream("GET", url, headers=headers) as response):
+            if response.status_code != 200:
+                raise ImageFetchStatusError(f"Fetching the image at {url} answered HTTP {response.status_code}.",
+                                            response.status_code)
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise _too_large(url, max_bytes)
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > max_bytes:
                     raise _too_large(url, max_bytes)
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > max_bytes:
-                        raise _too_large(url, max_bytes)
-                return bytes(body)
+            return bytes(body)
     except httpx.TimeoutException:
         raise InvalidImageError(f"Fetching the image at {url} took longer than {timeout:g} s.") from None
     except httpx.HTTPError as error:

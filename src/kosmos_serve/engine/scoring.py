@@ -8,7 +8,8 @@ A box's score is `presence x localisation`, both in [0, 1]:
   chance that the phrase is read off this image rather than expected of any image, with even odds.
   A phrase in the prompt (detection, phrase grounding) is scored from the prompt's own forward pass;
   one the model writes (a caption's), from the decode steps that wrote it. The blank image's value
-  depends on the phrase alone, so it is computed once per phrase and kept (`PhrasePriors`).
+  depends on the phrase alone, so it is computed once per phrase and kept (`PhrasePriors`), read after
+  the blank image's `<grounding><phrase>`, which is prefilled once.
 - **localisation**: Kosmos-2 writes a box as two location tokens, the patches (of a 32 x 32 grid)
   holding its top-left and bottom-right corners. For each corner, the probability the model gave to
   that patch or one of its 8 neighbours (a box one patch off is still the same box); localisation is

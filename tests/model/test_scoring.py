@@ -161,6 +161,33 @@ def test_scores_do_not_depend_on_when_requests_join_the_running_batch(demo_engin
             assert_same_up_to_the_last_digit(_scores(ticket.result), solo)
 
 
+def test_a_detections_new_phrases_are_read_on_the_blank_image_in_its_own_prefill(demo_engine, sample_images):
+    """No forward pass of their own: their tokens join the extension that reads the detection's phrases."""
+    phrases = ("a pink star", "a brown diamond", "a orange cross")
+    request = Request(sample_images[2], TaskInput("detection", phrases=phrases), GenerationParams(min_score=0.0))
+    demo_engine._blank_beginning  # prefilled once per engine
+    calls = []
+    forward = demo_engine.model.text_model.forward
+
+    def counting(*args, input_ids=None, **kwargs):
+        calls.append(tuple(input_ids.shape))
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    demo_engine.model.text_model.forward = counting
+    try:
+        scheduler = demo_engine.scheduler()
+        scheduler.add(request)
+        scheduler.step()  # admission
+    finally:
+        demo_engine.model.text_model.forward = forward
+    assert len(calls) == 2 and calls[1][0] == 2 * len(phrases)  # the shared beginning; then 3 phrases + 3 priors
+    tokenizer = demo_engine.processor.tokenizer
+    for phrase in phrases:
+        ids = tuple(tokenizer(f" {phrase}", add_special_tokens=False)["input_ids"])
+        assert not demo_engine.phrase_priors.missing([ids])  # learnt at admission
+        assert demo_engine.phrase_priors(ids) == pytest.approx(demo_engine._blank_image_log_probs([ids])[0], abs=1e-4)
+
+
 def test_phrase_priors_read_together_equal_each_read_alone(demo_engine):
     """A detection's new phrases get their blank-image priors in one pass after the cached blank beginning."""
     tokenizer = demo_engine.processor.tokenizer

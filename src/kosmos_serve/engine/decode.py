@@ -27,6 +27,16 @@ SPARE_COLUMNS = 16  # cache columns reserved ahead: one copy of the cache per 16
 
 
 @dataclass
+class Continuations:
+    """Token runs to read after a cached one-row beginning (phrases after the blank image's `<grounding><phrase>`),
+    and the log-softmax of the beginning's next token (which scores each run's first token)."""
+
+    beginning: RunningBatch
+    next_log_probs: torch.Tensor
+    runs: list[list[int]]
+
+
+@dataclass
 class RunningBatch:
     """The KV cache and attention mask of rows decoding together (row order = the scheduler's)."""
 
@@ -84,12 +94,24 @@ def _growing_cache(layers: int) -> DynamicCache:
     return cache
 
 
+@dataclass
+class Prefilled:
+    """New rows after their prompts: their batch, the float32 logits of their next token, per row the log-softmax
+    (tokens, vocab) of the steps that read its scored tail, and each continuation's tokens' log-probabilities."""
+
+    batch: RunningBatch
+    logits: torch.Tensor
+    tail_log_probs: list[torch.Tensor]
+    continuation_log_probs: list[list[float]]
+
+
 @torch.inference_mode()
 def prefill(model, input_ids: list[list[int]], image_masks: list[list[int]], image_embeds: torch.Tensor,
-            pad_token_id: int, image_keys: list[str] | None = None,
-            tails: list[int] | None = None) -> tuple[RunningBatch, torch.Tensor, list[torch.Tensor]]:
-    """Run the prompts of new rows; their batch, the float32 logits of their next token, and per row the
-    log-softmax (tokens, vocab) of the steps that read its last `tails[row]` prompt tokens (for scoring them).
+            pad_token_id: int, image_keys: list[str] | None = None, tails: list[int] | None = None,
+            continuations: Continuations | None = None) -> Prefilled:
+    """Run the prompts of new rows, reading the last `tails[row]` prompt tokens of each (for scoring them), and
+    read `continuations` in the same forward pass where the rows have one of their own after a shared beginning
+    (else in one pass of their own).
 
     Rows of one image (same key in `image_keys`) whose prompts share their image span and more run
     that shared beginning once; each then runs its remainder alone against a copy of its cache. A
@@ -99,7 +121,8 @@ def prefill(model, input_ids: list[list[int]], image_masks: list[list[int]], ima
     groups = _shared_beginnings(input_ids, image_masks, image_keys, tails)
     if all(len(rows) == 1 for rows, _ in groups):
         batch, logits = _prefill(model, input_ids, image_masks, image_embeds, pad_token_id, max(tails) + 1)
-        return batch, logits[:, -1], _tail_log_probs(logits, tails)
+        read = read_continuations(model, continuations, pad_token_id) if continuations else []
+        return Prefilled(batch, logits[:, -1], _tail_log_probs(logits, tails), read)
     firsts = [rows[0] for rows, _ in groups]
     beginnings = [input_ids[rows[0]][:shared] for rows, shared in groups]
     beginning_masks = [image_masks[rows[0]][:shared] for rows, shared in groups]
@@ -115,12 +138,21 @@ def prefill(model, input_ids: list[list[int]], image_masks: list[list[int]], ima
     tail_log_probs = [logits.new_empty((0, vocab)) for _ in order]
     has_remainder = [index for index, remainder in enumerate(remainders) if remainder]
     batch = _copy_rows(shared_batch, group_of)
+    read = []
     if has_remainder:
-        extended = _extend(model, batch, has_remainder, [remainders[i] for i in has_remainder], pad_token_id,
-                           max(ordered_tails) + 1)
-        logits[has_remainder] = extended[:, -1]
-        for index, log_probs in zip(has_remainder, _tail_log_probs(extended, [ordered_tails[i] for i in has_remainder])):
+        runs = continuations.runs if continuations else []
+        if runs:  # their copies of the beginning join the batch for the one extension, then leave it
+            batch = merge(batch, _copy_rows(continuations.beginning, [0] * len(runs)))
+        extended = _extend(model, batch, has_remainder + list(range(len(order), len(order) + len(runs))),
+                           [remainders[i] for i in has_remainder] + runs, pad_token_id,
+                           max([tail + 1 for tail in ordered_tails] + [len(run) for run in runs]))
+        own = extended[: len(has_remainder)]
+        logits[has_remainder] = own[:, -1]
+        for index, log_probs in zip(has_remainder, _tail_log_probs(own, [ordered_tails[i] for i in has_remainder])):
             tail_log_probs[index] = log_probs
+        read = _read_runs(extended[len(has_remainder) :], continuations) if runs else []
+    elif continuations:
+        read = read_continuations(model, continuations, pad_token_id)
     whole = [index for index, remainder in enumerate(remainders) if not remainder]  # a prompt that is all beginning
     if whole:
         logits[whole] = shared_logits[[group_of[index] for index in whole], -1]
@@ -128,7 +160,8 @@ def prefill(model, input_ids: list[list[int]], image_masks: list[list[int]], ima
         for index, log_probs in zip(whole, _tail_log_probs(wholes, [ordered_tails[index] for index in whole])):
             tail_log_probs[index] = log_probs
     back = torch.argsort(torch.tensor(order, device=logits.device))
-    return keep_rows(batch, back.tolist()), logits.index_select(0, back), [tail_log_probs[i] for i in back.tolist()]
+    return Prefilled(keep_rows(batch, back.tolist()), logits.index_select(0, back),
+                     [tail_log_probs[i] for i in back.tolist()], read)
 
 
 def _tail_log_probs(logits: torch.Tensor, tails: list[int]) -> list[torch.Tensor]:
@@ -178,21 +211,23 @@ def _extend(model, batch: RunningBatch, rows: list[int], remainders: list[list[i
 
 
 @torch.inference_mode()
-def read_continuations(model, beginning: RunningBatch, next_log_probs: torch.Tensor, continuations: list[list[int]],
-                       pad_token_id: int) -> list[list[float]]:
-    """The log-probability of each token of each continuation of a one-row `beginning`, read in one forward pass.
+def read_continuations(model, continuations: Continuations, pad_token_id: int) -> list[list[float]]:
+    """The log-probability of each token of each run after the one-row beginning, read in one forward pass of
+    their own (the runs together, left-padded among themselves, on copies of the beginning's cache)."""
+    runs = continuations.runs
+    rows = list(range(len(runs)))
+    logits = _extend(model, _copy_rows(continuations.beginning, [0] * len(rows)), rows, runs, pad_token_id,
+                     max(map(len, runs)))
+    return _read_runs(logits, continuations)
 
-    `next_log_probs` is the log-softmax of the beginning's next token (it scores each continuation's first
-    token); the continuations run together, left-padded among themselves, on copies of the beginning's cache.
-    """
-    rows = list(range(len(continuations)))
-    logits = _extend(model, _copy_rows(beginning, [0] * len(rows)), rows, continuations, pad_token_id,
-                     max(map(len, continuations)))
+
+def _read_runs(logits: torch.Tensor, continuations: Continuations) -> list[list[float]]:
+    """Each run's tokens' log-probabilities from its rows' last kept logits (rows, kept positions, vocab)."""
     read = []
-    for row, continuation in zip(logits, continuations):
-        steps = torch.log_softmax(row[row.shape[0] - len(continuation) : -1], dim=-1)
-        read.append([float(next_log_probs[continuation[0]])]
-                    + [float(step[token]) for step, token in zip(steps, continuation[1:])])
+    for row, run in zip(logits, continuations.runs):
+        steps = torch.log_softmax(row[row.shape[0] - len(run) : -1], dim=-1)
+        read.append([float(continuations.next_log_probs[run[0]])]
+                    + [float(step[token]) for step, token in zip(steps, run[1:])])
     return read
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from kosmos_serve.config import EngineSettings
-from kosmos_serve.engine.decode import RunningBatch, prefill, read_continuations
+from kosmos_serve.engine.decode import Continuations, RunningBatch, prefill, read_continuations
 from kosmos_serve.engine.features import ImageFeatureCache, image_features
 from kosmos_serve.engine.loading import load_model, quiet_transformers, resolve_source, set_threads
 from kosmos_serve.engine.requests import PreparedRequest, PromptReader, Request, Row, check_task, tokenise
@@ -191,14 +191,25 @@ class Engine:
         start = self.vocabulary.open_phrase_start(prompt)
         return 0 if start is None else len(prompt) - start
 
-    def prepare_priors(self, prompts: list[list[int]]) -> None:
-        """The blank-image priors of the prompts' closed open phrases (a detection's), computed together if new."""
+    def new_phrases(self, prompts: list[list[int]]) -> list[tuple[int, ...]]:
+        """The prompts' closed open phrases (a detection's) whose blank-image prior is not known yet."""
         phrases = []
         for prompt in prompts:
             start = self.vocabulary.open_phrase_start(prompt)
             if start is not None and prompt[-1] == self.vocabulary.phrase_end:
                 phrases.append(tuple(prompt[start:-1]))
-        self.phrase_priors.prepare(phrases)
+        return self.phrase_priors.missing(phrases)
+
+    def prior_continuations(self, phrases: list[tuple[int, ...]]) -> Continuations | None:
+        """`phrases` (and `</phrase>`) to read after the blank image's `<grounding><phrase>`; None for none."""
+        if not phrases:
+            return None
+        beginning, next_log_probs = self._blank_beginning
+        return Continuations(beginning, next_log_probs, [[*phrase, self.vocabulary.phrase_end] for phrase in phrases])
+
+    def learn_priors(self, phrases: list[tuple[int, ...]], read: list[list[float]]) -> None:
+        """Keep the priors of `phrases` from their continuations' tokens' log-probabilities."""
+        self.phrase_priors.store(phrases, [sum(log_probs) for log_probs in read])
 
     def note_evidence(self, log_probs: torch.Tensor, tokens: list[int], first_position: int,
                       evidence: TokenEvidence) -> None:
@@ -216,15 +227,13 @@ class Engine:
         mean = self.processor.image_processor.image_mean
         blank = Image.new("RGB", (224, 224), tuple(round(255 * channel) for channel in mean))
         ids, image_mask = tokenise(self.processor, "<grounding><phrase>")
-        batch, logits, _ = prefill(self.model, [ids], [image_mask], self.encode_images([blank]), self.pad_token_id)
-        return batch, torch.log_softmax(logits[0], dim=-1)
+        prefilled = prefill(self.model, [ids], [image_mask], self.encode_images([blank]), self.pad_token_id)
+        return prefilled.batch, torch.log_softmax(prefilled.logits[0], dim=-1)
 
     def _blank_image_log_probs(self, phrases: list[tuple[int, ...]]) -> list[float]:
         """log p(phrase, `</phrase>` | blank image, `<grounding><phrase>`) of each phrase: their priors, in one pass
-        after the blank beginning."""
-        beginning, next_log_probs = self._blank_beginning
-        continuations = [[*phrase, self.vocabulary.phrase_end] for phrase in phrases]
-        read = read_continuations(self.model, beginning, next_log_probs, continuations, self.pad_token_id)
+        of their own after the blank beginning (a caption's phrases, met one by one)."""
+        read = read_continuations(self.model, self.prior_continuations(phrases), self.pad_token_id)
         return [sum(log_probs) for log_probs in read]
 
     @torch.inference_mode()
@@ -234,8 +243,8 @@ class Engine:
         evidence = TokenEvidence()
         if first < len(ids):
             image_mask = row.image_mask + [0] * (len(ids) - len(row.input_ids))
-            _, _, (log_probs,) = prefill(self.model, [ids], [image_mask], features, self.pad_token_id,
-                                         tails=[len(ids) - first])
+            (log_probs,) = prefill(self.model, [ids], [image_mask], features, self.pad_token_id,
+                                   tails=[len(ids) - first]).tail_log_probs
             self.note_evidence(log_probs, ids[first:], first, evidence)
         return evidence
 

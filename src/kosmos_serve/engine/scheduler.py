@@ -175,12 +175,15 @@ class Scheduler:
         try:
             embeds = torch.cat([s.ticket.features[s.row.image_key] for s in joining])
             tails = [self.engine.scored_tail(s.row.input_ids) for s in joining]
-            batch, logits, tail_log_probs = prefill(
+            new_phrases = self.engine.new_phrases([s.row.input_ids for s in joining])  # their priors, read alongside
+            prefilled = prefill(
                 self.engine.model, [s.row.input_ids for s in joining], [s.row.image_mask for s in joining], embeds,
                 self.engine.pad_token_id, [s.row.image_key for s in joining], tails,
+                self.engine.prior_continuations(new_phrases),
             )
-            self.engine.prepare_priors([s.row.input_ids for s in joining])
-            for sequence, scores, tail, log_probs in zip(joining, logits, tails, tail_log_probs):
+            self.engine.learn_priors(new_phrases, prefilled.continuation_log_probs)
+            batch = prefilled.batch
+            for sequence, scores, tail, log_probs in zip(joining, prefilled.logits, tails, prefilled.tail_log_probs):
                 first = len(sequence.ids) - tail
                 self.engine.note_evidence(log_probs, sequence.ids[first:], first, sequence.evidence)
                 self._choose(sequence, scores)

@@ -117,16 +117,19 @@ class PhrasePriors:
         self._compute = compute  # phrases' token ids -> their log-probabilities, in one pass
         self._cache: OrderedDict[tuple[int, ...], float] = OrderedDict()
 
-    def prepare(self, phrases: list[tuple[int, ...]]) -> None:
-        """Compute the phrases not known yet, together (a detection's phrases, when its prompts are admitted)."""
-        missing = list(dict.fromkeys(phrase for phrase in phrases if phrase not in self._cache))
-        if missing:
-            self._cache.update(zip(missing, self._compute(missing)))
-            while len(self._cache) > PRIOR_CACHE_SIZE:
-                self._cache.popitem(last=False)
+    def missing(self, phrases: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """The phrases not known yet, each once."""
+        return list(dict.fromkeys(phrase for phrase in phrases if phrase not in self._cache))
+
+    def store(self, phrases: list[tuple[int, ...]], log_probs: list[float]) -> None:
+        """Keep priors read elsewhere (a detection's new phrases, read in its prompts' own forward pass)."""
+        self._cache.update(zip(phrases, log_probs))
+        while len(self._cache) > PRIOR_CACHE_SIZE:
+            self._cache.popitem(last=False)
 
     def __call__(self, phrase: tuple[int, ...]) -> float:
-        self.prepare([phrase])
+        if phrase not in self._cache:
+            self.store([phrase], self._compute([phrase]))
         self._cache.move_to_end(phrase)
         return self._cache[phrase]
 

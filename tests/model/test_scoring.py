@@ -165,7 +165,7 @@ def test_a_detections_new_phrases_are_read_on_the_blank_image_in_its_own_prefill
     """No forward pass of their own: their tokens join the extension that reads the detection's phrases."""
     phrases = ("a pink star", "a brown diamond", "a orange cross")
     request = Request(sample_images[2], TaskInput("detection", phrases=phrases), GenerationParams(min_score=0.0))
-    demo_engine._blank_beginning  # prefilled once per engine
+    assert demo_engine._blank_beginning is not None  # prefilled once per engine, before the counting
     calls = []
     forward = demo_engine.model.text_model.forward
 

@@ -95,7 +95,7 @@ def read_splits(benchmark: str, annotations: list[Path], images: Path, limit: in
     if not images.is_dir():
         raise InvalidRequestError(f"--images {images} is not a folder; give the folder that holds the images.")
     names = [path.name for path in annotations]
-    _require(len(set(names)) == len(names), "Two --annotations files have the same name; give each split once.")
+    require(len(set(names)) == len(names), "Two --annotations files have the same name; give each split once.")
     splits = []
     for path in annotations:
         if benchmark == FLICKR_BENCHMARK:
@@ -158,13 +158,13 @@ def read_refexp(path: Path, images: Path, benchmark: str) -> list[Example]:
     examples = []
     for index, entry in enumerate(entries):
         where = f"{path}: images[{index}]"
-        _require(isinstance(entry.get("caption"), str) and entry["caption"].strip(),
+        require(isinstance(entry.get("caption"), str) and entry["caption"].strip(),
                  f'{where} has no expression in "caption"; {EXPECTED_REFEXP}.')
-        _require(isinstance(entry.get("file_name"), str), f'{where} has no "file_name"; {EXPECTED_REFEXP}.')
+        require(isinstance(entry.get("file_name"), str), f'{where} has no "file_name"; {EXPECTED_REFEXP}.')
         found = boxes.get(entry.get("id"), [])
-        _require(len(found) == 1, f"{where} has {len(found)} annotations, not one; {EXPECTED_REFEXP}.")
+        require(len(found) == 1, f"{where} has {len(found)} annotations, not one; {EXPECTED_REFEXP}.")
         dataset = entry.get("dataset_name", benchmark)
-        _require(dataset == benchmark, f"{path} holds {dataset} expressions (its dataset_name), not {benchmark}'s; "
+        require(dataset == benchmark, f"{path} holds {dataset} expressions (its dataset_name), not {benchmark}'s; "
                                        f"score it with --benchmark {dataset}.")
         examples.append(Example(
             key=str(entry["id"]), file_name=entry["file_name"], image_path=coco_image_path(images, entry["file_name"]),
@@ -189,7 +189,7 @@ def read_flickr(path: Path, images: Path, entities=None) -> list[Example]:
     for index, entry in enumerate(entries):
         where = f"{path}: images[{index}]"
         caption, spans = entry.get("caption"), entry.get("tokens_positive_eval")
-        _require(isinstance(caption, str) and isinstance(entry.get("file_name"), str) and isinstance(spans, list),
+        require(isinstance(caption, str) and isinstance(entry.get("file_name"), str) and isinstance(spans, list),
                  f'{where} lacks "caption", "file_name" or "tokens_positive_eval"; {EXPECTED_FLICKR}.')
         for number, phrase_spans in enumerate(spans):
             start, end = _first_span(phrase_spans, f"{where} tokens_positive_eval[{number}]")
@@ -200,7 +200,7 @@ def read_flickr(path: Path, images: Path, entities=None) -> list[Example]:
                 truth = [xywh_to_xyxy(a["bbox"]) for a in boxes.get(entry.get("id"), [])
                          if [start, end] in [list(span) for span in a.get("tokens_positive", [])]]
                 types = ()
-            _require(bool(truth), f"{where}: phrase {phrase!r} has no annotation whose tokens_positive holds "
+            require(bool(truth), f"{where}: phrase {phrase!r} has no annotation whose tokens_positive holds "
                                   f"[{start}, {end}]; {EXPECTED_FLICKR}.")
             examples.append(Example(
                 key=f"{entry['id']}:{number}", file_name=entry["file_name"], image_path=images / entry["file_name"],
@@ -210,13 +210,14 @@ def read_flickr(path: Path, images: Path, entities=None) -> list[Example]:
     return examples
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """An AnnotationFormatError saying `message` unless `condition` holds."""
     if not condition:
         raise AnnotationFormatError(message)
 
 
-def _coco_parts(path: Path, expected: str) -> tuple[list[dict], list[dict]]:
-    """The `images` and `annotations` lists of a COCO-style JSON file, or an error naming the expected format."""
+def read_coco_file(path: Path, expected: str, parts: tuple[str, ...] = ("images", "annotations")) -> dict:
+    """A COCO-style JSON file whose `parts` are lists of objects, or an error naming the expected format."""
     if not path.is_file():
         raise AnnotationFormatError(f"--annotations {path}: no such file.")
     try:
@@ -224,11 +225,18 @@ def _coco_parts(path: Path, expected: str) -> tuple[list[dict], list[dict]]:
     except (UnicodeDecodeError, ValueError) as error:
         reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else f"not JSON: {error.args[0]}"
         raise AnnotationFormatError(f"{path} is {reason}; {expected}.") from None
-    lists = isinstance(data, dict) and all(isinstance(data.get(name), list) for name in ("images", "annotations"))
-    _require(lists, f'{path} has no "images" and "annotations" lists; {expected}.')
-    _require(all(isinstance(item, dict) for item in data["images"] + data["annotations"]),
-             f'{path}: "images" and "annotations" must hold objects; {expected}.')
-    _require(not data["images"] or "caption" in data["images"][0],
+    named = " and ".join(filter(None, [", ".join(f'"{name}"' for name in parts[:-1]), f'"{parts[-1]}"']))
+    require(isinstance(data, dict) and all(isinstance(data.get(name), list) for name in parts),
+            f"{path} has no {named} lists; {expected}.")
+    require(all(isinstance(item, dict) for name in parts for item in data[name]),
+            f"{path}: {named} must hold objects; {expected}.")
+    return data
+
+
+def _coco_parts(path: Path, expected: str) -> tuple[list[dict], list[dict]]:
+    """The `images` and `annotations` lists of a COCO-style JSON file, or an error naming the expected format."""
+    data = read_coco_file(path, expected)
+    require(not data["images"] or "caption" in data["images"][0],
              f'{path}: images[0] has no "caption" (a plain COCO file has none: score one with --benchmark '
              f'detection); {expected}.')
     return data["images"], data["annotations"]
@@ -238,14 +246,14 @@ def _boxes_by_entry(path: Path, annotations: list[dict], expected: str) -> dict[
     by_entry: dict[object, list[dict]] = {}
     for index, annotation in enumerate(annotations):
         box = annotation.get("bbox")
-        _require(isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box),
+        require(isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box),
                  f'{path}: annotations[{index}] has no [x, y, w, h] "bbox"; {expected}.')
         by_entry.setdefault(annotation.get("image_id"), []).append(annotation)
     return by_entry
 
 
 def _first_span(spans, where: str) -> tuple[int, int]:
-    _require(isinstance(spans, list) and spans and isinstance(spans[0], list) and len(spans[0]) == 2
+    require(isinstance(spans, list) and spans and isinstance(spans[0], list) and len(spans[0]) == 2
              and all(isinstance(v, int) for v in spans[0]),
              f"{where} is not a list of [start, end] spans; {EXPECTED_FLICKR}.")
     return spans[0][0], spans[0][1]

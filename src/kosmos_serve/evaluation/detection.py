@@ -17,7 +17,6 @@ The ground truth is a COCO JSON file: `images` (`id`, `file_name`), `categories`
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,14 @@ from pathlib import Path
 from kosmos_serve.collections.inputs import read_ontology
 from kosmos_serve.errors import InvalidRequestError
 from kosmos_serve.evaluation.backends import EvaluationError, Generation
-from kosmos_serve.evaluation.datasets import DETECTION_BENCHMARK, AnnotationFormatError, Split, sample
+from kosmos_serve.evaluation.datasets import (
+    DETECTION_BENCHMARK,
+    AnnotationFormatError,
+    Split,
+    read_coco_file,
+    require,
+    sample,
+)
 from kosmos_serve.evaluation.metrics import best_ious, xywh_to_xyxy
 from kosmos_serve.tasks import Task, TaskInput
 
@@ -105,18 +111,18 @@ def read_detection(path: Path, images: Path, ontology: dict[str, str] | None = N
                    ontology_path: Path | None = None) -> tuple[list[DetectionExample], dict]:
     """A COCO ground-truth file's images as detection examples, in file order; and the ground truth COCOeval reads
     (the categories asked, their annotations, each with an area and a unique id)."""
-    data = _load(path)
+    data = read_coco_file(path, EXPECTED_COCO, ("images", "annotations", "categories"))
     categories = _categories(path, data["categories"])
     asked_by_category = _phrases(path, categories, ontology, ontology_path)
     image_ids, entries = set(), data["images"]
     for index, entry in enumerate(entries):
         where = f'{path}: images[{index}]'
-        _require(_is_id(entry.get("id")) and isinstance(entry.get("file_name"), str) and entry["file_name"].strip(),
+        require(_is_id(entry.get("id")) and isinstance(entry.get("file_name"), str) and entry["file_name"].strip(),
                  f'{where} has no integer "id" and "file_name"; {EXPECTED_COCO}.')
-        _require(entry["id"] not in image_ids, f'{where}: image id {entry["id"]} is given twice.')
+        require(entry["id"] not in image_ids, f'{where}: image id {entry["id"]} is given twice.')
         image_ids.add(entry["id"])
         negatives = entry.get("neg_category_ids", [])
-        _require(isinstance(negatives, list) and all(n in categories for n in negatives),
+        require(isinstance(negatives, list) and all(n in categories for n in negatives),
                  f'{where}: "neg_category_ids" must list category ids of the file.')
     annotations = _annotations(path, data["annotations"], image_ids, categories)
     federated = any("neg_category_ids" in entry for entry in entries)
@@ -181,42 +187,21 @@ def boxes_by_phrase(generation: Generation) -> dict[str, tuple[list[Box], list[f
     return found
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise AnnotationFormatError(message)
-
-
 def _is_id(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _load(path: Path) -> dict:
-    if not path.is_file():
-        raise AnnotationFormatError(f"--annotations {path}: no such file.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else f"not JSON: {error.args[0]}"
-        raise AnnotationFormatError(f"{path} is {reason}; {EXPECTED_COCO}.") from None
-    parts = ("images", "annotations", "categories")
-    _require(isinstance(data, dict) and all(isinstance(data.get(name), list) for name in parts),
-             f'{path} has no "images", "annotations" and "categories" lists; {EXPECTED_COCO}.')
-    _require(all(isinstance(item, dict) for name in parts for item in data[name]),
-             f'{path}: "images", "annotations" and "categories" must hold objects; {EXPECTED_COCO}.')
-    return data
-
-
 def _categories(path: Path, listed: list[dict]) -> dict[int, str]:
     """Category id -> name (stripped), in file order."""
-    _require(bool(listed), f"{path} has no categories: their names are the phrases each image is asked for; "
+    require(bool(listed), f"{path} has no categories: their names are the phrases each image is asked for; "
                            f"{EXPECTED_COCO}.")
     categories: dict[int, str] = {}
     for index, category in enumerate(listed):
         name = category.get("name")
-        _require(_is_id(category.get("id")) and isinstance(name, str) and bool(name.strip()),
+        require(_is_id(category.get("id")) and isinstance(name, str) and bool(name.strip()),
                  f'{path}: categories[{index}] has no integer "id" and non-empty "name"; {EXPECTED_COCO}.')
-        _require(category["id"] not in categories, f"{path}: category id {category['id']} is given twice.")
-        _require(name.strip() not in categories.values(), f"{path}: two categories are named {name.strip()!r}.")
+        require(category["id"] not in categories, f"{path}: category id {category['id']} is given twice.")
+        require(name.strip() not in categories.values(), f"{path}: two categories are named {name.strip()!r}.")
         categories[category["id"]] = name.strip()
     return categories
 
@@ -251,12 +236,12 @@ def _annotations(path: Path, listed: list[dict], image_ids: set, categories: dic
     for index, annotation in enumerate(listed):
         where = f"{path}: annotations[{index}]"
         box = annotation.get("bbox")
-        _require(isinstance(box, list) and len(box) == 4 and all(
+        require(isinstance(box, list) and len(box) == 4 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
             and box[2] >= 0 and box[3] >= 0, f'{where} has no [x, y, w, h] "bbox" (w, h >= 0); {EXPECTED_COCO}.')
-        _require(annotation.get("image_id") in image_ids, f"{where}: image_id {annotation.get('image_id')!r} is no "
+        require(annotation.get("image_id") in image_ids, f"{where}: image_id {annotation.get('image_id')!r} is no "
                                                           "image of the file.")
-        _require(annotation.get("category_id") in categories,
+        require(annotation.get("category_id") in categories,
                  f"{where}: category_id {annotation.get('category_id')!r} is no category of the file.")
         area = annotation.get("area")
         checked.append({"image_id": annotation["image_id"], "category_id": annotation["category_id"], "bbox": box,

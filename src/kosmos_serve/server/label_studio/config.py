@@ -5,13 +5,17 @@ and the score under which boxes are dropped (a `<Number name="min_score">`, when
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 from xml.etree import ElementTree
 
+from pydantic import TypeAdapter, ValidationError
+
 from kosmos_serve.errors import InvalidRequestError
+from kosmos_serve.server.common import MinScoreField
+
+_MIN_SCORE = TypeAdapter(MinScoreField)
 
 PROMPT_SEPARATORS = re.compile(r"[\n;,.]")
 MIN_SCORE_CONTROL = "min_score"  # a <Number> of this name sets the threshold, as Grounding DINO backends' do theirs
@@ -109,12 +113,10 @@ def checked_min_score(value: Any, where: str) -> float:
     kosmos_serve.errors.InvalidRequestError: min_score: the control's value is 2; give a number from 0 to 1.
     """
     try:
-        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else math.nan
-    except ValueError:
-        number = math.nan
-    if not 0 <= number <= 1:  # NaN (not a number) fails too
-        raise InvalidRequestError(f"min_score: {where} is {value!r}; give a number from 0 to 1.", field="min_score")
-    return number
+        return _MIN_SCORE.validate_python(value)  # the protocols' own range (0..1, finite, no booleans)
+    except ValidationError:
+        raise InvalidRequestError(f"min_score: {where} is {value!r}; give a number from 0 to 1.",
+                                  field="min_score") from None
 
 
 def min_score(config: DetectionConfig, context: dict[str, Any] | None, default: float) -> float:

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import subprocess
-import sys
-import time
-from types import SimpleNamespace
 
-import httpx
 import pytest
+from local_server import service_process
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
@@ -77,35 +71,30 @@ def reference(tiny_model_dir):
 
 @pytest.fixture
 def command_service():
-    """`kosmos-serve ARGS` as a real process on a free port, ready: `with command_service(args, env) as service`.
+    """`kosmos-serve ARGS` as a real process on a free port, ready: `with command_service(args, env) as service`
+    (local_server.service_process)."""
+    return service_process
 
-    "{port}" in `args` or `env` values becomes the port. `service.url` is its address; once the block
-    ends the process is stopped (SIGTERM) and `service.output` holds everything it printed.
-    """
 
-    @contextlib.contextmanager
-    def start(args: list[str], env: dict[str, str]):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = str(probe.getsockname()[1])
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kosmos_serve.cli", *(arg.replace("{port}", port) for arg in args)],
-            env={**os.environ, **{name: value.replace("{port}", port) for name, value in env.items()}},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        service = SimpleNamespace(url=f"http://127.0.0.1:{port}", output="")
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                assert process.poll() is None, process.stdout.read()
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"{service.url}/ready").status_code == 200:
-                        break
-                assert time.monotonic() < deadline, "the service never became ready"
-                time.sleep(0.2)
-            yield service
-        finally:
-            process.terminate()
-            service.output = process.communicate(timeout=30)[0]
+def _tool_python(tool: str) -> str:
+    """The tool's own environment (tests/tool_environments.py); skipped where it cannot be made, failed in CI."""
+    from tool_environments import ToolEnvironmentError, tool_python
 
-    return start
+    try:
+        return str(tool_python(tool))
+    except ToolEnvironmentError as error:
+        if os.environ.get("CI"):
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def supervisely_python() -> str:
+    """The Python of an environment holding the `supervisely` SDK, which pins older fastapi and pydantic than ours."""
+    return _tool_python("supervisely")
+
+
+@pytest.fixture(scope="session")
+def label_studio_python() -> str:
+    """The Python of an environment holding Label Studio, which pins its own Django stack."""
+    return _tool_python("label-studio")

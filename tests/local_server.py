@@ -1,13 +1,18 @@
-"""Run an app on loopback in a background thread (for tests, benchmarks and notebooks)."""
+"""Run an app on loopback in a background thread, or a `kosmos-serve` command as a process (for tests and benchmarks)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
+import httpx
 import uvicorn
 
 
@@ -30,3 +35,34 @@ def serve_in_thread(app, host: str = "127.0.0.1", startup_timeout: float = 30.0)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def service_process(args: list[str], env: dict[str, str] | None = None, cwd=None) -> Iterator[SimpleNamespace]:
+    """`kosmos-serve ARGS` as a real process on a free port, ready (its /ready answered 200) until the block ends.
+
+    "{port}" in `args` or `env` values becomes the port. Yields `service`: `service.url` is its address; once the
+    block ends the process is stopped (SIGTERM) and `service.output` holds everything it printed.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kosmos_serve.cli", *(arg.replace("{port}", port) for arg in args)],
+        env={**os.environ, **{name: value.replace("{port}", port) for name, value in (env or {}).items()}},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+    )
+    service = SimpleNamespace(url=f"http://127.0.0.1:{port}", output="")
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{service.url}/ready").status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the service never became ready"
+            time.sleep(0.2)
+        yield service
+    finally:
+        process.terminate()
+        service.output = process.communicate(timeout=30)[0]

@@ -1,7 +1,7 @@
 """A real Label Studio uses kosmos-serve as its ML backend, end to end, on loopback.
 
 Label Studio pins its own Django stack, so it lives in its own virtual environment
-(`.venv-label-studio`, which .ci/run creates; this module creates it when missing). It starts with
+(tests/tool_environments.py: outside the checkout, created by the first run). It starts with
 SQLite in a temporary data folder, a known user and legacy token, and local files served from a
 temporary document root. A driver in Label Studio's environment then works through
 label-studio-sdk as a user would: it creates a project with a `RectangleLabels` config, imports
@@ -15,14 +15,11 @@ kosmos-serve fetches the uploads and local files from Label Studio with the toke
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,8 +33,6 @@ from kosmos_serve.engine import Engine
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
-LABEL_STUDIO_VERSION = "1.23.2"
-LABEL_STUDIO_VENV = Path(os.environ.get("KOSMOS_LABEL_STUDIO_VENV", REPO / ".venv-label-studio"))
 TOKEN = "0123456789abcdef0123456789abcdef01234567"  # the Label Studio user's legacy API token
 API_KEY = "kosmos-test-key"  # kosmos-serve's KOSMOS_API_KEY, which Label Studio sends as the Basic auth password
 SCENE_OBJECTS = {"Circle": [134, 0, 221, 87], "Triangle": [40, 34, 89, 83], "Cross": [133, 98, 183, 148],
@@ -128,38 +123,6 @@ def pixel_box(region: dict) -> list[float]:
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="session")
-def label_studio_python() -> str:
-    """The Python of a virtual environment holding Label Studio, created (once, under a lock) when missing."""
-    python = LABEL_STUDIO_VENV / "bin" / "python"
-    lock = Path(tempfile.gettempdir()) / "kosmos-serve-label-studio-venv.lock"
-    with lock.open("w") as held, contextlib.ExitStack() as unlock:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        unlock.callback(fcntl.flock, held, fcntl.LOCK_UN)
-        if _installed_version(python) != LABEL_STUDIO_VERSION:
-            began = time.monotonic()
-            try:
-                subprocess.run([sys.executable, "-m", "venv", "--clear", str(LABEL_STUDIO_VENV)], check=True,
-                               timeout=300)
-                subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"label-studio=={LABEL_STUDIO_VERSION}"],
-                               check=True, timeout=1800)
-            except (subprocess.SubprocessError, OSError) as error:
-                message = f"could not install label-studio=={LABEL_STUDIO_VERSION} into {LABEL_STUDIO_VENV}: {error}"
-                if os.environ.get("CI"):
-                    pytest.fail(message)
-                pytest.skip(message)
-            print(f"created {LABEL_STUDIO_VENV} in {time.monotonic() - began:.0f} s")
-    return str(python)
-
-
-def _installed_version(python: Path) -> str | None:
-    if not python.exists():
-        return None
-    probe = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('label-studio'))"],
-                           check=False, capture_output=True, text=True, timeout=60)
-    return probe.stdout.strip() if probe.returncode == 0 else None
-
-
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -208,7 +171,7 @@ def label_studio(label_studio_python, tmp_path_factory):
                     break
             assert time.monotonic() - began < 300, "Label Studio did not answer /health within 300 s"
             time.sleep(1)
-        print(f"Label Studio {LABEL_STUDIO_VERSION} answered /health after {time.monotonic() - began:.0f} s")
+        print(f"Label Studio answered /health after {time.monotonic() - began:.0f} s")
         yield {"url": url, "scenes": scenes, "log": folder / "label-studio.log"}
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -1,7 +1,7 @@
 """Supervisely's served-model protocol under /supervisely: the real `supervisely` SDK as the client, and bad input.
 
 The SDK pins older fastapi, pydantic and pandas than this project, so it lives in its own virtual
-environment (`.venv-supervisely`, which .ci/run creates; this module creates it when missing) and
+environment (tests/tool_environments.py: outside the checkout, created by the first run) and
 drives the service from a subprocess. The service runs in this process, on the shipped demo model,
 so the boxes the SDK receives are real groundings of examples/scene-four-shapes.png.
 """
@@ -9,13 +9,9 @@ so the boxes the SDK receives are real groundings of examples/scene-four-shapes.
 from __future__ import annotations
 
 import base64
-import contextlib
-import fcntl
 import json
 import os
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,8 +27,6 @@ from kosmos_serve.server.supervisely.protocol import NEEDS_PLATFORM, rectangle_o
 REPO = Path(__file__).resolve().parents[2]
 SCENE = REPO / "examples" / "scene-four-shapes.png"
 OTHER_SCENE = REPO / "examples" / "scene-three-shapes.png"
-SDK_VERSION = "6.74.51"
-SDK_VENV = Path(os.environ.get("KOSMOS_SUPERVISELY_VENV", REPO / ".venv-supervisely"))
 DEFAULT_PROMPT = "<grounding> An image of"
 
 # Runs in the SDK's environment: argv = session URL, image path. Prints one line `RESULT {json}`.
@@ -97,37 +91,6 @@ def service(demo_engine):
     with serve_in_thread(app) as base_url:
         wait_ready(base_url)
         yield base_url
-
-
-@pytest.fixture(scope="session")
-def supervisely_python() -> str:
-    """The Python of a virtual environment holding the `supervisely` SDK, created (once, under a lock) when missing."""
-    python = SDK_VENV / "bin" / "python"
-    lock = Path(tempfile.gettempdir()) / "kosmos-serve-supervisely-venv.lock"
-    with lock.open("w") as held, contextlib.ExitStack() as unlock:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        unlock.callback(fcntl.flock, held, fcntl.LOCK_UN)
-        if _sdk_version(python) != SDK_VERSION:
-            began = time.monotonic()
-            try:
-                subprocess.run([sys.executable, "-m", "venv", "--clear", str(SDK_VENV)], check=True, timeout=300)
-                subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"supervisely=={SDK_VERSION}"],
-                               check=True, timeout=1800)
-            except (subprocess.SubprocessError, OSError) as error:
-                message = f"could not install supervisely=={SDK_VERSION} into {SDK_VENV}: {error}"
-                if os.environ.get("CI"):
-                    pytest.fail(message)
-                pytest.skip(message)
-            print(f"created {SDK_VENV} in {time.monotonic() - began:.0f} s")
-    return str(python)
-
-
-def _sdk_version(python: Path) -> str | None:
-    if not python.exists():
-        return None
-    probe = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('supervisely'))"],
-                           check=False, capture_output=True, text=True, timeout=60)
-    return probe.stdout.strip() if probe.returncode == 0 else None
 
 
 def run_sdk(python: str, session_url: str, image: Path) -> dict:

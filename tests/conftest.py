@@ -9,6 +9,10 @@ from local_server import service_process
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# pytest-xdist runs the suite in one worker per core (pyproject's addopts): each worker, and the services it
+# starts, takes its share of the cores for torch instead of all of them. Read by torch when it is first imported.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 REFERENCE_NEW_TOKENS = 24  # what the `reference` fixture generates unless told otherwise
 
 

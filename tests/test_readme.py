@@ -63,6 +63,7 @@ NOT_RUN = {
     "docker build": "builds and runs images: tests/container/ builds and runs the CPU one with podman",
     "M=mdetr_annotations": "MDETR's annotations, COCO and Flickr30k images and the real checkpoint: none reachable here",
     "kosmos-serve annotate /shared/photos": "a Ray cluster's head node",
+    "python -m venv ~/label-studio": "installs and starts Label Studio: tests/integration/ starts it with these settings",
     'pip install -e ".[demo]"': "a page that runs until stopped: tests/browser/ drives it",
     "Error: Model 'microsoft/kosmos-2-patch14-224'": "the hub's error text: tests/model/test_cli.py checks it",
     '{"image": "images/000001.png"': "a record format: tests/model/test_training.py reads such records",

@@ -14,6 +14,7 @@
 #     -p 127.0.0.1:8000:8000 localhost/kosmos-serve:cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export LC_ALL=C  # a dot in $EPOCHREALTIME, whatever the locale
 
 TAG=${TAG:-localhost/kosmos-serve:cpu}
 BASE=${BASE:-localhost/kosmos-serve-base:bookworm}
@@ -67,7 +68,7 @@ while IFS= read -r line; do
     key=${line%%=*}
     value=${line#*=}; value=${value#\'}; value=${value%\'}
     pip_settings[${key#*.}]=$value
-done < <("$PYTHON" -m pip config list | grep -v '^:env:'; "$PYTHON" -m pip config list | grep '^:env:' || true)
+done < <("$PYTHON" -m pip config list > "$W/pip-config"; grep -v '^:env:' "$W/pip-config"; grep '^:env:' "$W/pip-config" || true)
 mkdir "$W/mnt"
 volumes=(-v "$W/mnt:/mnt:ro")
 mount_under_mnt() {  # PATH: mount it at /mnt/PATH in the build's RUN steps

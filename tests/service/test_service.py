@@ -263,6 +263,29 @@ def test_metrics_move_and_a_second_question_skips_the_vision_encoder(serve, png_
     assert "kosmos_queue_depth 0.0" in metrics
 
 
+def test_metrics_count_every_route_under_its_template_and_any_other_path_as_unmatched(serve):
+    counted_as = {  # (method, path) asked -> the route it is counted under
+        ("GET", "/docs"): "/docs", ("GET", "/redoc"): "/redoc", ("GET", "/openapi.json"): "/openapi.json",
+        ("GET", "/docs/oauth2-redirect"): "/docs/oauth2-redirect",
+        ("GET", "/docs/static/swagger-ui.css"): "/docs/static/{path}",
+        ("GET", "/v1/models/some/model"): "/v1/models/{model:path}",
+        ("GET", "/v1/generate"): "/v1/generate",  # 405: a known route, another method
+        ("POST", "/v1/chat/completions"): "/v1/chat/completions",
+        ("GET", "/label-studio/health"): "/label-studio/health",
+        ("GET", "/supervisely/no-such-endpoint"): "/supervisely/{endpoint:path}",
+        ("GET", "/no/such/page-31337"): "unmatched",
+        ("GET", "/health/"): "unmatched",  # answered by a redirect to /health, which no route serves as such
+    }
+    with serve() as url:
+        for method, path in counted_as:
+            httpx.request(method, f"{url}{path}", json={} if method == "POST" else None)
+        metrics = httpx.get(f"{url}/metrics").text
+    counted = re.findall(r'^kosmos_requests_total\{route="([^"]+)",status="(\d+)"\} (\S+)$', metrics, re.MULTILINE)
+    assert {route for route, _, _ in counted} == {*counted_as.values(), "/ready"}  # /ready: waiting for the model
+    assert sorted((status, value) for route, status, value in counted if route == "unmatched") == [
+        ("307", "1.0"), ("404", "1.0")]
+
+
 def test_info_health_and_request_ids(serve, engine):
     with serve() as url:
         info = httpx.get(f"{url}/info").json()

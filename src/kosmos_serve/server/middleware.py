@@ -15,6 +15,7 @@ from fastapi import Request
 from kosmos_serve.errors import KosmosServeError, PayloadTooLargeError, UnauthorizedError
 from kosmos_serve.server.errors import ErrorMap
 from kosmos_serve.server.logs import request_id
+from kosmos_serve.server.metrics import route_label
 from kosmos_serve.server.state import ServiceState
 
 logger = logging.getLogger("kosmos_serve.server")
@@ -32,6 +33,7 @@ async def observe_and_authorise(request: Request, call_next):
     rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
     token = request_id.set(rid)
     began = time.perf_counter()
+    route = route_label(request.scope, request.app.routes)  # before routing, whose scope changes in mounted apps
     try:
         if state.settings.api_key is not None and not _is_open(request.url.path):
             _check_api_key(request, state.settings.api_key.get_secret_value())
@@ -39,7 +41,6 @@ async def observe_and_authorise(request: Request, call_next):
     except KosmosServeError as error:  # raised before routing (API key)
         response = request.app.state.error_map.response(error, request)
     seconds = time.perf_counter() - began
-    route = getattr(request.scope.get("route"), "path", "unmatched")
     state.metrics.record_request(route, response.status_code, seconds)
     response.headers["X-Request-ID"] = rid
     if request.url.path in DOCS_PAGES:

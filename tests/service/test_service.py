@@ -186,6 +186,35 @@ def test_bad_requests_get_a_clear_error_and_the_service_goes_on(serve, png_bytes
         assert error_of(httpx.get(f"{url}/nowhere"))["code"] == "not_found"
 
 
+# (route, fields, the field named first in the message, words the message holds): no CLI flag anywhere
+FIELD_ERRORS = [
+    ("/v1/generate", {"task": "phrase_grounding"}, "phrases", "needs exactly one phrase; got 0"),
+    ("/v1/generate", {"task": "detection"}, "phrases", "at least one phrase"),
+    ("/v1/generate", {"task": "referring_generation"}, "boxes", "at least one box"),
+    ("/v1/generate", {"task": "referring_generation", "boxes": [[0, 0, 9000, 10]]}, "boxes", "lies outside"),
+    ("/v1/generate", {"task": "grounded_vqa"}, "prompt", "needs a question"),
+    ("/v1/generate", {"task": "raw", "prompt": " "}, "prompt", "needs a prompt"),
+    ("/v1/generate", {"min_score": 2}, "min_score", "less than or equal to 1"),
+    ("/v1/generate", {"max_new_tokens": 2000}, "max_new_tokens", "KOSMOS_MAX_NEW_TOKENS_CAP"),
+    ("/v1/generate/upload", {"task": "detection"}, "phrases", "at least one phrase"),
+    ("/predict", {"prompt": "Why? " * 500}, "prompt", "KOSMOS_MAX_PROMPT_CHARS"),
+]
+
+
+def test_an_input_at_fault_is_named_by_its_json_or_form_field(serve, png_bytes):
+    image = base64.b64encode(png_bytes[0]).decode()
+    with serve() as url:
+        for route, fields, field, words in FIELD_ERRORS:
+            if route == "/v1/generate":
+                response = httpx.post(f"{url}{route}", json={"image": image, **fields})
+            else:
+                upload = {"content" if route == "/predict" else "image": ("a.png", png_bytes[0])}
+                response = httpx.post(f"{url}{route}", files=upload, data=fields)
+            message = error_of(response)["message"]
+            assert response.status_code == 422 and message.startswith(f"{field}: "), (fields, message)
+            assert words in message and "--" not in message, (fields, message)
+
+
 def test_upload_and_pixel_caps_answer_413(engine, serve_app, png_bytes):
     huge = io.BytesIO()
     Image.new("1", (20_000, 20_000)).save(huge, format="PNG")  # 400 megapixels in a small file

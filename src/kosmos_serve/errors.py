@@ -2,20 +2,53 @@
 
 The CLI turns any of them into its message and exit code 1; the HTTP layer turns them into a JSON
 error body with `status`. Internal exception text never reaches a user through these classes.
+
+An error about one input of a request names it in `field`, by the domain's name for it (`phrases`, `boxes`,
+`prompt`, `min_score`: the names of `TaskInput` and `GenerationParams`, which the JSON API shares), and its
+message names no flag or field. Each surface says which input it is in its own words, `naming` it: the CLI by
+its flag (`--phrase`), a protocol by its own field (`settings.text_prompt`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 
 class KosmosServeError(Exception):
-    """Base class of every error a user may see; `message` says what is wrong and how to fix it."""
+    """Base class of every error a user may see; `message` says what is wrong and how to fix it.
+
+    `field` names the request input at fault, where one input is ("prompt", "phrases", "max_new_tokens").
+    """
 
     status: int = 400
     code: str = "bad_request"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.message = message
+        self.field = field
+
+    def __str__(self) -> str:  # a Python caller's words are the domain's: TaskInput's and GenerationParams' fields
+        return self.naming()
+
+    def field_name(self, names: Mapping[str, str] | None = None) -> str | None:
+        """The caller's name for the input at fault: `names[field]`, or with no `names` the domain's own name;
+        None when the error is about no one input, or `names` has no name for it."""
+        if self.field is None or names is None:
+            return self.field
+        return names.get(self.field)
+
+    def naming(self, names: Mapping[str, str] | None = None) -> str:
+        """The message as a caller reads it: after the caller's name for the input at fault, when it has one.
+
+        >>> error = InvalidRequestError("Task 'detection' needs at least one phrase to look for.", field="phrases")
+        >>> error.naming({"phrases": "--phrase"})
+        "--phrase: Task 'detection' needs at least one phrase to look for."
+        >>> error.naming()
+        "phrases: Task 'detection' needs at least one phrase to look for."
+        """
+        name = self.field_name(names)
+        return f"{name}: {self.message}" if name else self.message
 
 
 class InvalidImageError(KosmosServeError):
@@ -48,18 +81,27 @@ class InvalidBoxError(KosmosServeError):
 
 
 class InvalidRequestError(KosmosServeError):
-    """A task, its inputs or a generation parameter is unknown, missing or out of range.
-
-    `field` names the request input at fault where one limit decides it ("prompt", "phrases",
-    "max_new_tokens"), so that a protocol can point at its own field for it.
-    """
+    """A task, its inputs or a generation parameter is unknown, missing or out of range."""
 
     status = 422
     code = "invalid_request"
 
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
+
+class InvalidInputsError(InvalidRequestError):
+    """Several inputs out of range at once: `errors` holds the error of each, its field with it.
+
+    >>> both = InvalidInputsError([InvalidRequestError("Input should be greater than 0.", field="top_p"),
+    ...                            InvalidRequestError("Input should be at most 1.", field="min_score")])
+    >>> both.naming({"top_p": "--top-p", "min_score": "--min-score"})
+    '--top-p: Input should be greater than 0; --min-score: Input should be at most 1.'
+    """
+
+    def __init__(self, errors: Sequence[KosmosServeError]):
+        self.errors = tuple(errors)
+        super().__init__(self.naming())
+
+    def naming(self, names: Mapping[str, str] | None = None) -> str:
+        return "; ".join(error.naming(names).removesuffix(".") for error in self.errors) + "."
 
 
 class ModelLoadError(KosmosServeError):

@@ -20,7 +20,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from kosmos_serve.errors import InvalidRequestError, ModelLoadError, describe_validation_errors
+from kosmos_serve.errors import InvalidInputsError, InvalidRequestError, ModelLoadError, describe_validation_errors
 
 MAX_NEW_TOKENS_LIMIT = 2048  # Kosmos-2's context; the configured cap (KOSMOS_MAX_NEW_TOKENS_CAP) is at most this
 MAX_BEAMS = 8
@@ -61,16 +61,18 @@ class GenerationParams:
     min_score: MinScore | None = None  # a filter on the result's boxes, not a decoding knob; None: the task's default
 
     def validate(self, max_new_tokens_cap: int) -> None:
-        """Raise InvalidRequestError naming every parameter out of its range."""
+        """Raise InvalidRequestError for a parameter out of its range (InvalidInputsError for several), its field."""
         if isinstance(self.max_new_tokens, int) and not 1 <= self.max_new_tokens <= max_new_tokens_cap:
             raise InvalidRequestError(
-                f"max_new_tokens must be between 1 and {max_new_tokens_cap} (KOSMOS_MAX_NEW_TOKENS_CAP).",
+                f"Must be between 1 and {max_new_tokens_cap} (the cap, KOSMOS_MAX_NEW_TOKENS_CAP).",
                 field="max_new_tokens",
             )
         try:
             _PARAMS.validate_python(dataclasses.asdict(self))
         except ValidationError as error:
-            raise InvalidRequestError(f"{describe_validation_errors(error.errors())}.") from None
+            problems = [InvalidRequestError(f"{problem['msg']}.", field=str(problem["loc"][0]))
+                        for problem in error.errors()]
+            raise problems[0] if len(problems) == 1 else InvalidInputsError(problems) from None
 
 
 _PARAMS = TypeAdapter(GenerationParams)

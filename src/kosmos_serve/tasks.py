@@ -117,7 +117,7 @@ def parse_task(name: str | Task) -> Task:
         return Task(name)
     except ValueError:
         valid = ", ".join(task.value for task in Task)
-        raise InvalidRequestError(f"Unknown task {name!r}; choose one of: {valid}.") from None
+        raise InvalidRequestError(f"Unknown task {name!r}; choose one of: {valid}.", field="task") from None
 
 
 def validate_box(box: tuple[float, ...], width: int, height: int) -> NormalisedBox:
@@ -127,12 +127,12 @@ def validate_box(box: tuple[float, ...], width: int, height: int) -> NormalisedB
     (0.25, 0.25, 0.75, 0.75)
     """
     if len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
-        raise InvalidBoxError(f"A box is four finite numbers x1,y1,x2,y2 in pixels; got {box!r}.")
+        raise InvalidBoxError(f"A box is four finite numbers x1,y1,x2,y2 in pixels; got {box!r}.", field="boxes")
     x1, y1, x2, y2 = box
     if not (x2 > x1 and y2 > y1):
-        raise InvalidBoxError(f"Box {list(box)} is inverted or empty: it needs x2 > x1 and y2 > y1.")
+        raise InvalidBoxError(f"Box {list(box)} is inverted or empty: it needs x2 > x1 and y2 > y1.", field="boxes")
     if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-        raise InvalidBoxError(f"Box {list(box)} lies outside the {width}x{height} image.")
+        raise InvalidBoxError(f"Box {list(box)} lies outside the {width}x{height} image.", field="boxes")
     return to_normalised_box(box, width, height)
 
 
@@ -153,15 +153,16 @@ def build_prompts(request: TaskInput, width: int, height: int) -> list[PromptSpe
 def _check_phrase(phrase: str) -> str:
     phrase = phrase.strip()
     if not phrase:
-        raise InvalidRequestError("A phrase is empty; give the words to ground.")
+        raise InvalidRequestError("A phrase is empty; give the words to ground.", field="phrases")
     if "<" in phrase or ">" in phrase:
-        raise InvalidRequestError(f"Phrase {phrase!r} contains '<' or '>', which Kosmos-2 reserves for its tags.")
+        raise InvalidRequestError(f"Phrase {phrase!r} contains '<' or '>', which Kosmos-2 reserves for its tags.",
+                                  field="phrases")
     return phrase
 
 
-def _require(condition: bool, message: str) -> None:
+def _require(condition: bool, message: str, field: str) -> None:
     if not condition:
-        raise InvalidRequestError(message)
+        raise InvalidRequestError(message, field)
 
 
 def _caption(text: str):
@@ -173,18 +174,18 @@ def _caption(text: str):
 
 def _single_phrase(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
     task = parse_task(request.task)
-    _require(len(phrases) == 1, f"Task {task.value!r} needs exactly one phrase (--phrase); got {len(phrases)}.")
+    _require(len(phrases) == 1, f"Task {task.value!r} needs exactly one phrase; got {len(phrases)}.", "phrases")
     return [PromptSpec(f"{GROUNDING_TAG}<phrase> {phrases[0]}</phrase>")]
 
 
 def _referring_generation(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
-    _require(bool(boxes), "Task 'referring_generation' needs at least one box (--box x1,y1,x2,y2).")
+    _require(bool(boxes), "Task 'referring_generation' needs at least one box, x1,y1,x2,y2 in pixels.", "boxes")
     return [PromptSpec(f"{GROUNDING_TAG}<phrase> It</phrase> is", bboxes=(boxes,))]
 
 
 def _question(request: TaskInput) -> str:
     question = (request.prompt or "").strip()
-    _require(bool(question), f"Task {parse_task(request.task).value!r} needs a question (--prompt).")
+    _require(bool(question), f"Task {parse_task(request.task).value!r} needs a question.", "prompt")
     return question
 
 
@@ -194,26 +195,26 @@ def _grounded_vqa(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
 
 def _region_vqa(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
     text = f"{GROUNDING_TAG} Question: {_question(request)} Answer:"
-    _require(bool(phrases), "Task 'region_vqa' needs the phrases of the question that point at boxes (--phrase).")
+    _require(bool(phrases), "Task 'region_vqa' needs the phrases of the question that point at boxes.", "phrases")
     _require(
         len(phrases) == len(boxes),
-        f"Task 'region_vqa' needs one box per phrase; got {len(phrases)} phrases and {len(boxes)} boxes.",
+        f"Task 'region_vqa' needs one box per phrase; got {len(phrases)} phrases and {len(boxes)} boxes.", "boxes",
     )
     for phrase in phrases:
         words = f" {phrase}"
-        _require(words in text, f"Phrase {phrase!r} does not occur in the question.")
+        _require(words in text, f"Phrase {phrase!r} does not occur in the question.", "phrases")
         text = text.replace(words, f"<phrase>{words}</phrase>", 1)
     return [PromptSpec(text, bboxes=tuple([box] for box in boxes))]
 
 
 def _detection(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
-    _require(bool(phrases), "Task 'detection' needs at least one phrase to look for (--phrase).")
+    _require(bool(phrases), "Task 'detection' needs at least one phrase to look for.", "phrases")
     return [PromptSpec(f"{GROUNDING_TAG}<phrase> {p}</phrase>", phrase=p) for p in phrases]
 
 
 def _raw(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
     prompt = request.prompt or ""
-    _require(bool(prompt.strip()), "Task 'raw' needs a prompt (--prompt).")
+    _require(bool(prompt.strip()), "Task 'raw' needs a prompt.", "prompt")
     if request.grounding and not prompt.startswith(GROUNDING_TAG):
         prompt = f"{GROUNDING_TAG} {prompt.lstrip()}"
     if not boxes:
@@ -222,6 +223,7 @@ def _raw(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
     _require(
         slots == len(boxes),
         f"The prompt has {slots} <phrase>...</phrase> pairs but {len(boxes)} boxes were given; give one per phrase.",
+        "boxes",
     )
     return [PromptSpec(prompt, bboxes=tuple([box] for box in boxes))]
 
@@ -251,5 +253,6 @@ def parse_box(value: str) -> tuple[float, float, float, float]:
     except ValueError:
         numbers = ()
     if len(numbers) != 4:
-        raise InvalidBoxError(f"{value!r} is not a box; write x1,y1,x2,y2 in pixels, e.g. 10,20,200,180.")
+        raise InvalidBoxError(f"{value!r} is not a box; write x1,y1,x2,y2 in pixels, e.g. 10,20,200,180.",
+                              field="boxes")
     return numbers

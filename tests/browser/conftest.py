@@ -52,22 +52,36 @@ def demo_url(demo_engine):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """Headless Chromium; files it downloads land in `browser.download_dir`."""
+    download_dir = tmp_path_factory.mktemp("downloads")
+    driver = start_chromium(prefs={"download.default_directory": str(download_dir)})
+    driver.download_dir = download_dir
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def offline_browser():
+    """Headless Chromium that reaches 127.0.0.1 only: every other host name fails to resolve, as off the network."""
+    driver = start_chromium("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
+    yield driver
+    driver.quit()
+
+
+def start_chromium(*arguments: str, prefs: dict | None = None):
+    """Debian's Chromium, headless, through Debian's chromedriver (no driver download), with these extra arguments."""
     need(_importable("selenium"), "selenium is not installed")
     need(os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER), "Debian's chromium and chromium-driver are missing")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    download_dir = tmp_path_factory.mktemp("downloads")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     f"--window-size={WINDOW[0]},{WINDOW[1]}"):
+                     f"--window-size={WINDOW[0]},{WINDOW[1]}", *arguments):
         options.add_argument(argument)
-    options.add_experimental_option("prefs", {"download.default_directory": str(download_dir)})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # no driver download: Debian's
-    driver.download_dir = download_dir
-    yield driver
-    driver.quit()
+    if prefs:
+        options.add_experimental_option("prefs", prefs)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
 @pytest.fixture

@@ -168,7 +168,7 @@ def test_mistakes_show_as_messages_never_as_tracebacks(page, tmp_path):
     page.find_element(By.CSS_SELECTOR, "#decoding button").click()
     type_into(page, "#max-new-tokens input", "0")
     page.find_element(By.CSS_SELECTOR, "#run").click()
-    error_shown(page, "max_new_tokens must be between 1 and")
+    error_shown(page, "max_new_tokens: Must be between 1 and")
 
     garbage = tmp_path / "photo.png"
     garbage.write_bytes(b"\x89PNG not really an image" * 40)

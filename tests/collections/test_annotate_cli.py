@@ -276,8 +276,8 @@ def test_a_jsonl_manifest_gives_an_image_its_own_phrases(tmp_path):
         (None, ["{d}/photos", "--task", "detection"], "needs at least one phrase"),
         (None, ["{d}/photos", "--box", "1,2"], "is not a box"),
         (None, ["{d}/nowhere.png"], "no such file or folder"),
-        (None, ["{d}/photos", "--min-score", "2"], "min_score: Input should be less than or equal to 1"),
-        (None, ["{d}/photos", "--min-score", "nan"], "min_score: Input should be a finite number"),
+        (None, ["{d}/photos", "--min-score", "2"], "--min-score: Input should be less than or equal to 1"),
+        (None, ["{d}/photos", "--min-score", "nan"], "--min-score: Input should be a finite number"),
     ],
 )
 def test_bad_input_is_one_message_exit_1_and_nothing_written(photos, tmp_path, tiny_model_dir, setup, args, message):

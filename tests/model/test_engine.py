@@ -176,8 +176,8 @@ def test_image_feature_cache_is_a_bounded_lru():
 @pytest.mark.parametrize(
     "params, message",
     [
-        (GenerationParams(max_new_tokens=0), "max_new_tokens must be between 1 and"),
-        (GenerationParams(max_new_tokens=10**6), "max_new_tokens must be between 1 and"),
+        (GenerationParams(max_new_tokens=0), "max_new_tokens: Must be between 1 and"),
+        (GenerationParams(max_new_tokens=10**6), "max_new_tokens: Must be between 1 and"),
         (GenerationParams(temperature=0), "temperature"),
         (GenerationParams(top_p=1.5), "top_p"),
         (GenerationParams(num_beams=0), "num_beams"),

@@ -133,3 +133,13 @@ def test_a_caller_cannot_make_the_page_read_a_server_file(demo_client):
     event = httpx.post(f"{base}/gradio_api/call/predict", json={"data": data}).json()["event_id"]
     answer = httpx.get(f"{base}/gradio_api/call/predict/{event}", timeout=30).text
     assert "event: error" in answer and "event: complete" not in answer, answer
+
+
+def test_the_page_s_requests_count_under_the_demo_mount(demo_client):
+    base = demo_client.src.rstrip("/")  # http://127.0.0.1:PORT/demo
+    assert httpx.get(f"{base}/config").status_code == 200
+    assert httpx.get(f"{base}/no-such-page-31337").status_code == 404
+    metrics = httpx.get(f"{base.removesuffix('/demo')}/metrics").text
+    routes = set(re.findall(r'^kosmos_requests_total\{route="([^"]+)"', metrics, re.MULTILINE))
+    assert {"/demo/config", "unmatched"} <= routes
+    assert not [route for route in routes if route == "/config" or route.startswith("/gradio_api") or "31337" in route]

@@ -248,6 +248,8 @@ BAD_REQUESTS = [
     ("over the cap", {"max_completion_tokens": 2000}, "max_completion_tokens", ["KOSMOS_MAX_NEW_TOKENS_CAP"]),
     ("a tiny temperature", {"temperature": 0.001}, "temperature", ["temperature: must be 0 (greedy)"]),
     ("a negative seed", {"temperature": 1, "seed": -1}, "seed", ["greater than or equal to 0"]),
+    ("a seed the second choice overruns", {"temperature": 1, "seed": 2**53 - 1, "n": 2}, "seed",
+     ["seed: Input should be less than or equal to"]),
     ("an empty stop", {"stop": [""]}, "stop[0]", ["at least 1"]),
     ("a prompt too long", {"messages": "LONG"}, "messages[0].content", ["2000", "KOSMOS_MAX_PROMPT_CHARS"]),
     ("min_score over 1", {"extra_body": {"min_score": 1.5}}, "min_score", ["min_score", "less than or equal to 1"]),

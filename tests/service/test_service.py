@@ -186,6 +186,35 @@ def test_bad_requests_get_a_clear_error_and_the_service_goes_on(serve, png_bytes
         assert error_of(httpx.get(f"{url}/nowhere"))["code"] == "not_found"
 
 
+# (route, fields, the field named first in the message, words the message holds): no CLI flag anywhere
+FIELD_ERRORS = [
+    ("/v1/generate", {"task": "phrase_grounding"}, "phrases", "needs exactly one phrase; got 0"),
+    ("/v1/generate", {"task": "detection"}, "phrases", "at least one phrase"),
+    ("/v1/generate", {"task": "referring_generation"}, "boxes", "at least one box"),
+    ("/v1/generate", {"task": "referring_generation", "boxes": [[0, 0, 9000, 10]]}, "boxes", "lies outside"),
+    ("/v1/generate", {"task": "grounded_vqa"}, "prompt", "needs a question"),
+    ("/v1/generate", {"task": "raw", "prompt": " "}, "prompt", "needs a prompt"),
+    ("/v1/generate", {"min_score": 2}, "min_score", "less than or equal to 1"),
+    ("/v1/generate", {"max_new_tokens": 2000}, "max_new_tokens", "KOSMOS_MAX_NEW_TOKENS_CAP"),
+    ("/v1/generate/upload", {"task": "detection"}, "phrases", "at least one phrase"),
+    ("/predict", {"prompt": "Why? " * 500}, "prompt", "KOSMOS_MAX_PROMPT_CHARS"),
+]
+
+
+def test_an_input_at_fault_is_named_by_its_json_or_form_field(serve, png_bytes):
+    image = base64.b64encode(png_bytes[0]).decode()
+    with serve() as url:
+        for route, fields, field, words in FIELD_ERRORS:
+            if route == "/v1/generate":
+                response = httpx.post(f"{url}{route}", json={"image": image, **fields})
+            else:
+                upload = {"content" if route == "/predict" else "image": ("a.png", png_bytes[0])}
+                response = httpx.post(f"{url}{route}", files=upload, data=fields)
+            message = error_of(response)["message"]
+            assert response.status_code == 422 and message.startswith(f"{field}: "), (fields, message)
+            assert words in message and "--" not in message, (fields, message)
+
+
 def test_upload_and_pixel_caps_answer_413(engine, serve_app, png_bytes):
     huge = io.BytesIO()
     Image.new("1", (20_000, 20_000)).save(huge, format="PNG")  # 400 megapixels in a small file
@@ -261,6 +290,29 @@ def test_metrics_move_and_a_second_question_skips_the_vision_encoder(serve, png_
     assert count(metrics, "kosmos_generated_tokens_total") == first["generated_tokens"] + second["generated_tokens"]
     assert count(metrics, 'kosmos_request_seconds_count{route="/v1/generate/upload"}') == 2
     assert "kosmos_queue_depth 0.0" in metrics
+
+
+def test_metrics_count_every_route_under_its_template_and_any_other_path_as_unmatched(serve):
+    counted_as = {  # (method, path) asked -> the route it is counted under
+        ("GET", "/docs"): "/docs", ("GET", "/redoc"): "/redoc", ("GET", "/openapi.json"): "/openapi.json",
+        ("GET", "/docs/oauth2-redirect"): "/docs/oauth2-redirect",
+        ("GET", "/docs/static/swagger-ui.css"): "/docs/static/{path}",
+        ("GET", "/v1/models/some/model"): "/v1/models/{model:path}",
+        ("GET", "/v1/generate"): "/v1/generate",  # 405: a known route, another method
+        ("POST", "/v1/chat/completions"): "/v1/chat/completions",
+        ("GET", "/label-studio/health"): "/label-studio/health",
+        ("GET", "/supervisely/no-such-endpoint"): "/supervisely/{endpoint:path}",
+        ("GET", "/no/such/page-31337"): "unmatched",
+        ("GET", "/health/"): "unmatched",  # answered by a redirect to /health, which no route serves as such
+    }
+    with serve() as url:
+        for method, path in counted_as:
+            httpx.request(method, f"{url}{path}", json={} if method == "POST" else None)
+        metrics = httpx.get(f"{url}/metrics").text
+    counted = re.findall(r'^kosmos_requests_total\{route="([^"]+)",status="(\d+)"\} (\S+)$', metrics, re.MULTILINE)
+    assert {route for route, _, _ in counted} == {*counted_as.values(), "/ready"}  # /ready: waiting for the model
+    assert sorted((status, value) for route, status, value in counted if route == "unmatched") == [
+        ("307", "1.0"), ("404", "1.0")]
 
 
 def test_info_health_and_request_ids(serve, engine):

@@ -48,7 +48,7 @@ def test_a_bad_defaults_file_is_a_load_error_naming_it(tmp_path, content, proble
     (GenerationParams(top_p=0.0), "top_p: Input should be greater than 0"),
     (GenerationParams(num_beams=9), "num_beams: Input should be less than or equal to 8"),
     (GenerationParams(seed=-1), "seed: Input should be greater than or equal to 0"),
-    (GenerationParams(max_new_tokens=33), "max_new_tokens must be between 1 and 32"),
+    (GenerationParams(max_new_tokens=33), "max_new_tokens: Must be between 1 and 32"),
 ])
 def test_parameters_out_of_range_are_named(params, problem):
     with pytest.raises(InvalidRequestError, match=problem):

@@ -95,3 +95,26 @@ def test_bad_task_inputs_say_what_is_missing(task, inputs, message):
     with pytest.raises(InvalidRequestError, match=message):
         prompts(task, **inputs)
 
+
+
+@pytest.mark.parametrize(
+    "task, inputs, field",
+    [
+        ("nonsense", {}, "task"),
+        ("phrase_grounding", {}, "phrases"),
+        ("detection", {"phrases": ("a <tag>",)}, "phrases"),
+        ("region_vqa", {"prompt": "Where is it?"}, "phrases"),
+        ("region_vqa", {"prompt": "Where is it?", "phrases": ("it",)}, "boxes"),
+        ("referring_generation", {}, "boxes"),
+        ("referring_generation", {"boxes": ((0, 0, 641, 20),)}, "boxes"),
+        ("grounded_vqa", {}, "prompt"),
+        ("raw", {}, "prompt"),
+    ],
+)
+def test_an_input_at_fault_is_named_by_its_field_never_by_a_flag(task, inputs, field):
+    with pytest.raises((InvalidRequestError, InvalidBoxError)) as raised:
+        prompts(task, **inputs)
+    assert raised.value.field == field
+    assert "--" not in raised.value.message and str(raised.value) == f"{field}: {raised.value.message}"
+    assert raised.value.naming({"phrases": "--phrase", "boxes": "--box", "prompt": "--prompt", "task": "--task"}) \
+        .startswith("--")

@@ -13,18 +13,26 @@ from kosmos_serve.errors import KosmosServeError
 
 
 class FriendlyErrors(click.Group):
-    """A group that shows domain errors as one line and exit code 1, never a traceback."""
+    """A group that shows domain errors as one line and exit code 1, never a traceback; an input at fault is named
+    by the command's flag for it (`--phrase` for the domain's `phrases`)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except KosmosServeError as error:
-            click.echo(f"Error: {error.message}", err=True)
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            click.echo(f"Error: {error.naming(option_flags(command))}", err=True)
             sys.exit(1)
         except ValidationError as error:  # a KOSMOS_* variable or flag that the settings refuse
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
             click.echo(f"Error: invalid setting ({problems}).", err=True)
             sys.exit(1)
+
+
+def option_flags(command: click.Command | None) -> dict[str, str]:
+    """Each option of `command` by its parameter's name, the domain's name for the input it sets: its first flag."""
+    options = command.params if command is not None else []
+    return {option.name: option.opts[0] for option in options if isinstance(option, click.Option)}
 
 
 @click.group(cls=FriendlyErrors)

@@ -111,7 +111,7 @@ def build_page(state: ServiceState, examples: Sequence[Path]) -> gr.Blocks:
                 )
                 result = await state.generate(request)
             except KosmosServeError as error:
-                raise gr.Error(error.message, print_exception=False) from None
+                raise gr.Error(error.naming(), print_exception=False) from None
             drawn = await asyncio.to_thread(draw_entities, request.image, result.entities)
             png = await asyncio.to_thread(save_png, drawn, DOWNLOADS, f"kosmos2-{result.task.value}")
             return drawn, highlighted_html(result), png, result.raw_text, result.to_dict()

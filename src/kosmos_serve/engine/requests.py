@@ -65,8 +65,9 @@ def check_task(task: TaskInput, params: GenerationParams, settings: EngineSettin
     limit = settings.max_prompt_chars
     for name, text in [("prompt", task.prompt or ""), *(("phrases", phrase) for phrase in task.phrases)]:
         if len(text) > limit:
-            raise InvalidRequestError(f"A prompt or phrase is {len(text)} characters long; the limit is {limit}.",
-                                      name)
+            what = "The prompt" if name == "prompt" else "A phrase"
+            raise InvalidRequestError(f"{what} is {len(text)} characters long; the limit is {limit} "
+                                      "(KOSMOS_MAX_PROMPT_CHARS).", name)
     return build_prompts(task, *image_size)
 
 

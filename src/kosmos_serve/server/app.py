@@ -2,7 +2,9 @@
 
 `/health` answers at once; `/ready` and every model route answer 503 until the model is ready. Every
 error is answered through the one error map (`server/errors.py`), in the wire shape of the protocol
-whose path it is. The web demo is not part of the API: `kosmos_serve.asgi` mounts it.
+whose path it is. The web demo is not part of the API: `kosmos_serve.asgi` mounts it. The interactive docs
+(`/docs`, `/redoc`) load their scripts and styles from the service itself (fastapi-offline's copies), so they work
+on a machine without internet access.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 
 from kosmos_serve.config import EngineSettings, ServerSettings
@@ -22,7 +25,7 @@ from kosmos_serve.generation import GenerationParams
 from kosmos_serve.server import label_studio, openai, ops, routes, supervisely
 from kosmos_serve.server.errors import ErrorMap, add_error_map
 from kosmos_serve.server.metrics import Metrics
-from kosmos_serve.server.middleware import BodySizeLimit, observe_and_authorise
+from kosmos_serve.server.middleware import DOCS_ASSETS, BodySizeLimit, observe_and_authorise
 from kosmos_serve.server.state import ServiceState
 
 logger = logging.getLogger("kosmos_serve.server")
@@ -42,11 +45,13 @@ def create_api(
         if state.batcher is not None:
             await state.batcher.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # FastAPI, with the docs' assets served from DOCS_ASSETS instead of a CDN
         title="kosmos-serve",
         summary="Kosmos-2 grounded image understanding over HTTP.",
         version=_version(),
         lifespan=lifespan,
+        static_url=DOCS_ASSETS,
+        swagger_ui_parameters={"validatorUrl": None},  # else Swagger UI shows swagger.io's validator badge off loopback
     )
     app.state.service = state
     _declare_configured_cap(app, state.engine_settings.max_new_tokens_cap)

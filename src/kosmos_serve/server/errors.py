@@ -6,7 +6,9 @@
 `invalid_request`; Starlette's HTTP errors (no such route or method, a body that cannot be parsed) keep
 their status; anything else is logged and answered as a 500 `internal_error` that holds no internal text.
 An `ErrorFormat` then writes the answer in the wire shape of the protocol that owns the path: the
-service's own `{"error": {"code", "message"}}` unless OpenAI, Label Studio or Supervisely claims it.
+service's own `{"error": {"code", "message"}}` unless OpenAI, Label Studio or Supervisely claims it. An error
+about one input of the request (its `field`) is said in the protocol's words: the message begins with the
+protocol's name for that input (`ErrorFormat.names`; the service's own routes share the domain's names).
 
 Errors reach the map from three places: the app's exception handlers (the service's routes, and unknown
 routes or methods under any prefix), the middleware (API key and body size, before any route), and
@@ -19,7 +21,7 @@ handler instead, and its message names the request id.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -47,10 +49,12 @@ class ErrorAnswer:
     problems: tuple[dict, ...] | None = None  # a validation error's problems, for protocols that word them their way
 
 
-def error_answer(error: Exception) -> ErrorAnswer:
-    """The answer to `error`, whatever raised it; an unexpected error is logged with its traceback."""
+def error_answer(error: Exception, names: Mapping[str, str] | None = None) -> ErrorAnswer:
+    """The answer to `error`, whatever raised it, an input at fault called by `names` (None: the domain's names);
+    an unexpected error is logged with its traceback."""
     if isinstance(error, KosmosServeError):
-        return ErrorAnswer(error.status, error.code, error.message, _headers(error), getattr(error, "param", None))
+        param = getattr(error, "param", None) or error.field_name(names)
+        return ErrorAnswer(error.status, error.code, error.naming(names), _headers(error), param)
     if isinstance(error, RequestValidationError):
         problems = tuple(error.errors())
         return ErrorAnswer(422, "invalid_request", describe_validation_errors(list(problems)), problems=problems)
@@ -71,10 +75,12 @@ def _headers(error: KosmosServeError) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ErrorFormat:
-    """A protocol's error body: which paths are the protocol's, and how it writes an answer there."""
+    """A protocol's error body: which paths are the protocol's, how it writes an answer there, and its name for
+    each request input an error may be about (the domain's name -> the protocol's; None: the domain's names)."""
 
     owns: Callable[[str], bool]
     render: Callable[[ErrorAnswer, Request], Response]
+    names: Mapping[str, str] | None = None
 
 
 def render_service_error(answer: ErrorAnswer, request: Request) -> Response:
@@ -95,7 +101,7 @@ class ErrorMap:
     def response(self, error: Exception, request: Request) -> Response:
         """`error` answered in the format of the protocol that owns `request`'s path."""
         error_format = next(known for known in self.formats if known.owns(request.url.path))
-        return error_format.render(error_answer(error), request)
+        return error_format.render(error_answer(error, error_format.names), request)
 
     async def handle(self, request: Request, error: Exception) -> Response:
         """The exception handler the app calls: `response`, in Starlette's argument order."""

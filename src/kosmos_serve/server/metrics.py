@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from fastapi.routing import iter_route_contexts
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 
 from kosmos_serve.engine import Result
 from kosmos_serve.engine.batcher import BatchObserver
@@ -14,6 +19,35 @@ TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 
                                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 TIME_PER_OUTPUT_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                                  10.0, 20.0, 40.0, 80.0)
+UNMATCHED = "unmatched"  # the route label of a path no route serves
+
+
+def route_label(scope: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The route a request to `scope` is counted under: the path template of the route of `routes` that serves it.
+
+    A mounted app's routes count under the mount's prefix (`/demo/config`), a mount of files under its own template
+    (`/docs/static/{path}`); a known path asked with another method under its route. Any other path is
+    "unmatched", never the path itself, so that the label's values stay as few as the routes.
+    """
+    return _template(scope, routes) or UNMATCHED
+
+
+def _template(scope: Scope, routes: Sequence[BaseRoute]) -> str | None:
+    partial = None
+    for route in iter_route_contexts(routes):  # FastAPI's own view of its routes, included routers flattened
+        match, child_scope = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        mounted = getattr(route, "routes", None)  # a mounted app's routes ([] for files); None for a route
+        if mounted:
+            inner = _template({**scope, **child_scope}, mounted)
+            template = None if inner is None else route.path + inner
+        else:
+            template = route.path if mounted is None else route.path_format  # a mount of files: `/docs/static/{path}`
+        if match is Match.FULL and template is not None:
+            return template
+        partial = partial or template
+    return partial
 
 
 class Metrics:

@@ -1,4 +1,5 @@
-"""What runs around every route: request id, API key, access log and request metrics, and the body size cap."""
+"""What runs around every route: request id, API key, access log and request metrics, the docs pages' content
+policy, and the body size cap."""
 
 from __future__ import annotations
 
@@ -14,32 +15,44 @@ from fastapi import Request
 from kosmos_serve.errors import KosmosServeError, PayloadTooLargeError, UnauthorizedError
 from kosmos_serve.server.errors import ErrorMap
 from kosmos_serve.server.logs import request_id
+from kosmos_serve.server.metrics import route_label
 from kosmos_serve.server.state import ServiceState
 
 logger = logging.getLogger("kosmos_serve.server")
-OPEN_PATHS = {"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+DOCS_PAGES = ("/docs", "/docs/oauth2-redirect", "/redoc")
+DOCS_ASSETS = "/docs/static"  # the scripts and styles of the docs pages, open like the pages that load them
+# The docs pages load from the service alone, on a machine without internet as on one with it (ReDoc would
+# fetch its "API docs by Redocly" logo from Redocly's CDN); inline scripts and styles, data: and blob: URLs are theirs.
+DOCS_POLICY = "default-src 'self' 'unsafe-inline' data: blob:"
+OPEN_PATHS = {"/health", "/ready", "/openapi.json", *DOCS_PAGES}
 
 
 async def observe_and_authorise(request: Request, call_next):
-    """Request id, API key, access log and request metrics around every route."""
+    """Request id, API key, access log and request metrics around every route; the docs pages' content policy."""
     state: ServiceState = request.app.state.service
     rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
     token = request_id.set(rid)
     began = time.perf_counter()
+    route = route_label(request.scope, request.app.routes)  # before routing, whose scope changes in mounted apps
     try:
-        if state.settings.api_key is not None and request.url.path not in OPEN_PATHS:
+        if state.settings.api_key is not None and not _is_open(request.url.path):
             _check_api_key(request, state.settings.api_key.get_secret_value())
         response = await call_next(request)
     except KosmosServeError as error:  # raised before routing (API key)
         response = request.app.state.error_map.response(error, request)
     seconds = time.perf_counter() - began
-    route = getattr(request.scope.get("route"), "path", "unmatched")
     state.metrics.record_request(route, response.status_code, seconds)
     response.headers["X-Request-ID"] = rid
+    if request.url.path in DOCS_PAGES:
+        response.headers["Content-Security-Policy"] = DOCS_POLICY
     level = logging.DEBUG if request.url.path.startswith("/demo/") else logging.INFO  # the page's assets and polling
     logger.log(level, "%s %s -> %d in %.0f ms", request.method, request.url.path, response.status_code, seconds * 1000)
     request_id.reset(token)
     return response
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(f"{DOCS_ASSETS}/")
 
 
 def _check_api_key(request: Request, expected: str) -> None:

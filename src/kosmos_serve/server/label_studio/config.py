@@ -107,15 +107,15 @@ def checked_min_score(value: Any, where: str) -> float:
 
     >>> checked_min_score("0.5", "defaultValue")
     0.5
-    >>> checked_min_score(2, "the control's value")
+    >>> checked_min_score(2, "The control's value")
     Traceback (most recent call last):
     ...
-    kosmos_serve.errors.InvalidRequestError: min_score: the control's value is 2; give a number from 0 to 1.
+    kosmos_serve.errors.InvalidRequestError: min_score: The control's value is 2; give a number from 0 to 1.
     """
     try:
         return _MIN_SCORE.validate_python(value)  # the protocols' own range (0..1, finite, no booleans)
     except ValidationError:
-        raise InvalidRequestError(f"min_score: {where} is {value!r}; give a number from 0 to 1.",
+        raise InvalidRequestError(f"{where} is {value!r}; give a number from 0 to 1.",
                                   field="min_score") from None
 
 
@@ -133,7 +133,7 @@ def min_score(config: DetectionConfig, context: dict[str, Any] | None, default: 
             if isinstance(region, dict) and region.get("from_name") == config.min_score_from:
                 value = region.get("value")
                 number = value.get("number") if isinstance(value, dict) else None
-                return checked_min_score(number, f'the <Number name="{config.min_score_from}"> control\'s value')
+                return checked_min_score(number, f'The <Number name="{config.min_score_from}"> control\'s value')
     return config.min_score if config.min_score is not None else default
 
 

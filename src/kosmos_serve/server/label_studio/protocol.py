@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kosmos_serve.engine import Result
 from kosmos_serve.exports import label_studio as export
 from kosmos_serve.server.errors import ErrorAnswer, ErrorFormat
-from kosmos_serve.server.label_studio.config import DetectionConfig, LabelSpec
+from kosmos_serve.server.label_studio.config import MIN_SCORE_CONTROL, DetectionConfig, LabelSpec
 
 PREFIX = "/label-studio"
 MODEL_CLASS = "Kosmos2"  # what /health names, as the ML backend names its model class
@@ -43,7 +43,8 @@ def render_error(answer: ErrorAnswer, request: Request) -> JSONResponse:
                         headers=answer.headers)
 
 
-ERROR_FORMAT = ErrorFormat(owns=is_label_studio_path, render=render_error)
+# The threshold by its <Number> control; phrases (the labels', or the annotator's text) go unnamed: errors quote them.
+ERROR_FORMAT = ErrorFormat(owns=is_label_studio_path, render=render_error, names={"min_score": MIN_SCORE_CONTROL})
 
 
 # ------------------------------------------------------------------------------------------------ wire format

@@ -238,7 +238,10 @@ def render_error(answer: ErrorAnswer, request: Request) -> JSONResponse:
                         headers=headers)
 
 
-ERROR_FORMAT = ErrorFormat(owns=is_openai_path, render=render_error)
+# The engine's inputs by the request's own fields (`min_score`: the SDK's extra_body); `max_new_tokens` and the
+# prompt are named by `translate.refusal`, which knows the field the request sent and the message it came from.
+REQUEST_FIELDS = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "min_score": "min_score"}
+ERROR_FORMAT = ErrorFormat(owns=is_openai_path, render=render_error, names=REQUEST_FIELDS)
 
 
 def describe_problems(problems: list[dict], max_new_tokens_cap: int | None = None) -> tuple[str, str | None]:

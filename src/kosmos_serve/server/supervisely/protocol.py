@@ -49,7 +49,10 @@ def render_error(answer: ErrorAnswer, request: Request) -> JSONResponse:
     return JSONResponse({"detail": message, "success": False, "message": message}, status, headers=answer.headers)
 
 
-ERROR_FORMAT = ErrorFormat(owns=is_supervisely_path, render=render_error)
+# The engine's inputs by the inference settings that set them (`engine_request`)
+SETTINGS_FIELDS = {"prompt": "settings.text_prompt", "max_new_tokens": "settings.max_new_tokens",
+                   "min_score": "settings.min_score"}
+ERROR_FORMAT = ErrorFormat(owns=is_supervisely_path, render=render_error, names=SETTINGS_FIELDS)
 
 
 class InferenceSettings(BaseModel):

@@ -45,16 +45,17 @@ class Task(StrEnum):
     RAW = "raw"
 
 
+# What each task does, in no surface's words: the CLI adds its flags, /v1/tasks the JSON fields (TASK_INPUTS).
 TASK_DESCRIPTIONS = {
     Task.CAPTION: "brief grounded caption",
     Task.DETAILED_CAPTION: "detailed grounded caption",
-    Task.PHRASE_GROUNDING: "find the box of one phrase (--phrase)",
-    Task.REFERRING_COMPREHENSION: "find the box of a referring expression (--phrase)",
-    Task.REFERRING_GENERATION: "describe what the given box(es) show (--box)",
-    Task.GROUNDED_VQA: "answer a question with grounded words (--prompt)",
-    Task.REGION_VQA: "answer a question whose phrases point at boxes (--prompt, --phrase and --box per phrase)",
-    Task.DETECTION: "boxes for each of several phrases, run as one batch (--phrase, repeated)",
-    Task.RAW: "your own prompt (--prompt), <grounding> added unless grounding is off; --box per <phrase>",
+    Task.PHRASE_GROUNDING: "find the box of one phrase",
+    Task.REFERRING_COMPREHENSION: "find the box of a referring expression",
+    Task.REFERRING_GENERATION: "describe what the given box(es) show",
+    Task.GROUNDED_VQA: "answer a question with grounded words",
+    Task.REGION_VQA: "answer a question whose phrases point at boxes, one box per phrase",
+    Task.DETECTION: "boxes for each of several phrases, run as one batch",
+    Task.RAW: "your own prompt, <grounding> added unless grounding is off; a box per <phrase>",
 }
 
 

@@ -215,6 +215,13 @@ def test_an_input_at_fault_is_named_by_its_json_or_form_field(serve, png_bytes):
             assert words in message and "--" not in message, (fields, message)
 
 
+def test_the_task_list_names_json_fields_not_cli_flags(serve):
+    with serve() as url:
+        tasks = {task["name"]: task for task in httpx.get(f"{url}/v1/tasks").json()["tasks"]}
+    assert tasks["region_vqa"]["inputs"] == ["prompt", "phrases", "boxes"] and tasks["caption"]["inputs"] == []
+    assert not [task for task in tasks.values() if "--" in task["description"]]
+
+
 def test_upload_and_pixel_caps_answer_413(engine, serve_app, png_bytes):
     huge = io.BytesIO()
     Image.new("1", (20_000, 20_000)).save(huge, format="PNG")  # 400 megapixels in a small file

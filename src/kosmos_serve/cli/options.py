@@ -20,8 +20,16 @@ from kosmos_serve.tasks import TASK_DESCRIPTIONS, TASK_INPUTS, Task, TaskInput, 
 # Ray is imported only under --ray, once require_ray() has named the extra to install when it is missing.
 
 SettingsModel = TypeVar("SettingsModel", bound=BaseSettings)
-TASK_HELP = "\n".join(f"{task.value}: {text}." for task, text in TASK_DESCRIPTIONS.items())
+
 TASK_OPTION_FLAGS = {"prompt": "--prompt", "phrases": "--phrase", "boxes": "--box", "grounding": "--no-grounding"}
+
+
+def _task_help(task: Task, text: str) -> str:
+    flags = ", ".join(TASK_OPTION_FLAGS[name] for name in TASK_INPUTS[task])
+    return f"{task.value}: {text} ({flags})." if flags else f"{task.value}: {text}."
+
+
+TASK_HELP = "\n".join(_task_help(task, text) for task, text in TASK_DESCRIPTIONS.items())
 
 
 def own_alias(setting: str) -> str | None:

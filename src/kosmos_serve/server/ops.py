@@ -6,14 +6,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from kosmos_serve.server.common import service_state
-from kosmos_serve.tasks import TASK_DESCRIPTIONS
+from kosmos_serve.tasks import TASK_DESCRIPTIONS, TASK_INPUTS
 
 router = APIRouter()
 
 
 @router.get("/v1/tasks", tags=["v1"], summary="The tasks and the inputs each needs.")
 async def tasks():
-    return {"tasks": [{"name": task.value, "description": text} for task, text in TASK_DESCRIPTIONS.items()]}
+    return {"tasks": [{"name": task.value, "description": text, "inputs": list(TASK_INPUTS[task])}
+                      for task, text in TASK_DESCRIPTIONS.items()]}
 
 
 @router.get("/health", tags=["operations"], summary="Liveness: the process answers.")

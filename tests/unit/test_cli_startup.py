@@ -1,4 +1,4 @@
-"""The command line's start-up: --help, the group's and each command's, imports none of the heavy libraries."""
+"""The command line's start-up: --help (the group's and each command's) and refused input import no heavy library."""
 
 import subprocess
 import sys
@@ -13,19 +13,28 @@ HEAVY = {"torch", "transformers", "fastapi", "uvicorn", "gradio", "ray", "pycoco
 COMMANDS = main.list_commands(click.Context(main))
 
 
-def imported_packages(*args: str) -> set[str]:
-    """The top-level packages `python -m kosmos_serve.cli ARGS` imports (from `python -X importtime`)."""
-    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "kosmos_serve.cli", *args], capture_output=True,
-                         text=True, check=True)
+def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """`python -m kosmos_serve.cli ARGS` run, and the top-level packages it imported (from `python -X importtime`)."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "kosmos_serve.cli", *args], check=False,
+                         capture_output=True, text=True)
     lines = [line for line in run.stderr.splitlines() if line.startswith("import time:")][1:]  # [0]: the header
-    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines}
+    return run, {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines}
 
 
 @pytest.mark.parametrize("args", [[], *([name] for name in COMMANDS), ["data", "shapes"]],
                          ids=lambda args: " ".join(args) or "kosmos-serve")
 def test_help_imports_no_heavy_library(args):
-    packages = imported_packages(*args, "--help")
+    run, packages = run_cli(*args, "--help")
+    assert run.returncode == 0 and "Usage: python -m kosmos_serve.cli" in run.stdout
     assert "click" in packages  # the listing is read
+    assert packages & HEAVY == set()
+
+
+def test_predict_refuses_a_bad_image_before_importing_torch(tmp_path):
+    image = tmp_path / "empty.png"
+    image.write_bytes(b"")
+    run, packages = run_cli("predict", str(image), "--model", "demo")
+    assert run.returncode == 1 and f"Error: {image}: " in run.stderr
     assert packages & HEAVY == set()
 
 

@@ -7,7 +7,8 @@ Each arm is a `src` folder put first on PYTHONPATH: `--before`'s, extracted with
 folder, and this tree's. The commands are the installed `kosmos-serve` script's: `kosmos-serve --help`,
 `kosmos-serve predict --help`, and `kosmos-serve predict examples/scene-four-shapes.png --model demo` (a caption
 from the demo model shipped in the package). The arms take turns, run after run, so a shared machine's noise falls
-on both alike; each figure is the median of `--runs`.
+on both alike; each figure is the median of `--runs`: wall-clock seconds, and in brackets the CPU seconds the process
+spent (user + system), which the load other programs put on the machine moves much less.
 
 - **Total**: from just before the process is started until it has ended.
 - **Start to work** (predict): from just before the process is started until `Engine.run` is called with the image,
@@ -16,7 +17,8 @@ on both alike; each figure is the median of `--runs`.
   scoring) and printing. The moment is printed by the predict process itself: it runs the same `main` as the
   `kosmos-serve` script, from `python -c`, with `Engine.run` wrapped as its module is imported (STAMPED_MAIN).
 - **Floor**: a bare `python -c` importing torch and transformers' Kosmos-2 model and processor, which any predict
-  needs before it can load the model; the same for both arms.
+  needs before it can load the model, until those imports are done (the same moment's kind as start to work); the
+  same for both arms.
 
 The report (markdown) goes to stdout, each run's figures to stderr.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -37,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE = Path("examples") / "scene-four-shapes.png"
 STAMP = "engine-run-at"
 FLOOR = "import torch; from transformers import AutoProcessor, Kosmos2ForConditionalGeneration, Kosmos2Processor"
+PRINT_STAMP = f"print('{STAMP}', time.monotonic(), time.process_time(), file=sys.stderr, flush=True)"
 
 STAMPED_MAIN = f"""
 import sys, time
@@ -55,7 +59,7 @@ class StampEngineRun:
             run = module.Engine.run
 
             def stamped_run(engine, *args, **kwargs):
-                print("{STAMP}", time.monotonic(), file=sys.stderr, flush=True)
+                {PRINT_STAMP}
                 return run(engine, *args, **kwargs)
 
             module.Engine.run = stamped_run
@@ -77,19 +81,22 @@ ROWS = [  # (what, target, the figure's key)
 ]
 
 
-def timed(command: list[str], env: dict) -> tuple[float, float | None]:
-    """Seconds from just before `command` starts until it ends, and until it printed STAMP (None if it did not)."""
+def timed(command: list[str], env: dict) -> tuple[tuple[float, float], tuple[float, float] | None]:
+    """(wall, CPU) seconds of `command` until it ended, and until it printed STAMP (None if it did not)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     run = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, check=False)
     end = time.monotonic()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if run.returncode:
         raise SystemExit(f"{' '.join(command[:3])} ... failed ({run.returncode}):\n{run.stderr[-3000:]}")
-    stamps = [float(line.split()[1]) for line in run.stderr.splitlines() if line.startswith(STAMP)]
-    return end - start, stamps[0] - start if stamps else None
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    stamps = [line.split()[1:] for line in run.stderr.splitlines() if line.startswith(STAMP)]
+    return (end - start, cpu), (float(stamps[0][0]) - start, float(stamps[0][1])) if stamps else None
 
 
-def measure(script: str, env: dict) -> dict[str, float]:
-    """One run of each command of one arm."""
+def measure(script: str, env: dict) -> dict[str, tuple[float, float]]:
+    """One run of each command of one arm: (wall, CPU) seconds of each figure."""
     help_seconds, _ = timed([script, "--help"], env)
     predict_help, _ = timed([script, "predict", "--help"], env)
     total, to_work = timed([sys.executable, "-c", STAMPED_MAIN, "predict", str(IMAGE), "--model", "demo"], env)
@@ -97,6 +104,12 @@ def measure(script: str, env: dict) -> dict[str, float]:
         raise SystemExit("predict ended without calling Engine.run")
     return {"help": help_seconds, "predict --help": predict_help, "predict: start to work": to_work,
             "predict: total": total}
+
+
+def median(figures: list[tuple[float, float]]) -> str:
+    """`wall s (CPU s)`, each the median."""
+    return (f"{statistics.median(wall for wall, _ in figures):.2f} s "
+            f"({statistics.median(cpu for _, cpu in figures):.2f} s)")
 
 
 def arm_environment(source: Path) -> dict:
@@ -128,21 +141,19 @@ def cpu_description() -> str:
     return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs"
 
 
-def report(arms: dict[str, list[dict]], floors: list[float], runs: int) -> str:
+def report(arms: dict[str, list[dict]], floors: list[tuple[float, float]], runs: int) -> str:
     """The markdown table: each figure's median per arm, and the floor."""
     import torch
     import transformers
 
     command = f"python benchmarks/startup.py {' '.join(sys.argv[1:])}".strip()
-    median = {arm: {key: statistics.median(run[key] for run in results) for key in results[0]}
-              for arm, results in arms.items()}
-    heading = (f"`{command}`: median of {runs} runs, the arms in turn. CPU: {cpu_description()}; python "
+    heading = (f"`{command}`: median of {runs} runs, the arms in turn; wall-clock seconds (CPU seconds). CPU: "
+               f"{cpu_description()}; python "
                f"{sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}.")
     lines = [heading, "", f"| | target | {' | '.join(arms)} |", f"|---|---|{'---|' * len(arms)}"]
     for what, target, key in ROWS:
-        lines.append(f"| {what} | {target} | {' | '.join(f'{median[arm][key]:.2f} s' for arm in arms)} |")
-    lines.append(f"| floor: `python -c \"{FLOOR}\"` | | {statistics.median(floors):.2f} s, either arm |"
-                 + " |" * (len(arms) - 1))
+        lines.append(f"| {what} | {target} | {' | '.join(median([run[key] for run in arms[arm]]) for arm in arms)} |")
+    lines.append(f"| floor: `python -c \"{FLOOR}\"` | | {median(floors)}, either arm |" + " |" * (len(arms) - 1))
     return "\n".join(lines)
 
 
@@ -164,10 +175,10 @@ def main() -> None:
         for number in range(1, args.runs + 1):
             for arm, env in environments.items():
                 arms[arm].append(measure(script, env))
-                print(f"run {number} {arm}: " + ", ".join(f"{key} {value:.2f} s" for key, value in arms[arm][-1].items()),
-                      file=sys.stderr)
-            floors.append(timed([sys.executable, "-c", FLOOR], dict(os.environ))[0])
-            print(f"run {number} floor: {floors[-1]:.2f} s", file=sys.stderr)
+                print(f"run {number} {arm}: " + ", ".join(f"{key} {median([figure])}"
+                                                          for key, figure in arms[arm][-1].items()), file=sys.stderr)
+            floors.append(timed([sys.executable, "-c", f"{FLOOR}\nimport sys, time\n{PRINT_STAMP}"], dict(os.environ))[1])
+            print(f"run {number} floor: {median(floors[-1:])}", file=sys.stderr)
     print(report(arms, floors, args.runs))
 
 

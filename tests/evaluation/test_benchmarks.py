@@ -47,6 +47,7 @@ def test_refcoco_format_run_finds_what_evaluate_finds(shapes, demo_engine, tmp_p
     result = invoke("--model", "demo", "--benchmark", "refcoco", "--annotations", shapes.refcoco,
                     "--images", shapes.folder, "--out", out)
     assert result.exit_code == 0, result.output
+    assert f"Predictions: {out} (" in result.output  # the file it wrote, named
     lines = read_lines(out)
     referring = [e for e in read_examples(shapes.records) if e.kind == "referring"]
     assert len(lines) == len(referring) > 20

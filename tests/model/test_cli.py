@@ -170,6 +170,14 @@ def test_data_train_and_evaluate_commands_chain(tmp_path, tiny_model_dir):
     assert result.exit_code == 0 and "objects named with a box" in result.output
 
 
+def test_tiny_model_prints_the_folder_it_wrote(tmp_path):
+    out = tmp_path / "tiny"
+    result = invoke("tiny-model", out)
+    assert result.exit_code == 0, result.output
+    assert result.output == f"{out}\n"
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
 def test_train_reports_bad_records_by_line(tmp_path, tiny_model_dir):
     records = tmp_path / "bad.jsonl"
     records.write_text('{"image": "missing.png", "caption": "x", "spans": []}\nnot json\n')

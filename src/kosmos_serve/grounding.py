@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from transformers.models.kosmos2.processing_kosmos2 import clean_text_and_extract_entities_with_bboxes
+# transformers' parser is imported where it is called: importing transformers takes seconds, and tasks, which the
+# command line's --help reads, needs only this module's boxes.
 
 NormalisedBox = tuple[float, float, float, float]
 PixelBox = tuple[int, int, int, int]
@@ -103,6 +104,8 @@ def clean_prompt_text(prompt: str) -> str:
     >>> clean_prompt_text("<grounding> Question: Where is<phrase> the fire</phrase><object><patch_index_0005><patch_index_0911></object> next to? Answer:")
     'Question: Where is the fire next to? Answer:'
     """
+    from transformers.models.kosmos2.processing_kosmos2 import clean_text_and_extract_entities_with_bboxes
+
     text, _ = clean_text_and_extract_entities_with_bboxes(prompt)
     return text
 
@@ -113,6 +116,8 @@ def parse_generation(decoded_text: str, prompt: str, width: int, height: int) ->
     `decoded_text` is what `processor.batch_decode(ids, skip_special_tokens=True)` gives; the raw
     text is the part after `</image>` and `text`/`entities` equal `post_process_generation`'s.
     """
+    from transformers.models.kosmos2.processing_kosmos2 import clean_text_and_extract_entities_with_bboxes
+
     raw_text = decoded_text.split(IMAGE_END_TAG)[-1]
     text, reference_entities = clean_text_and_extract_entities_with_bboxes(raw_text)
     entities = tuple(

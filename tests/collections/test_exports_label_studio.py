@@ -177,7 +177,9 @@ def test_label_studio_tasks_pass_label_studios_own_validation(records_file, labe
 def test_the_label_config_gives_the_ml_backend_each_labels_phrases(records_file):
     from kosmos_serve.server.label_studio.config import LabelSpec, detection_plan, parse_labeling_config
 
-    export(records_file, "label-studio", "--label-config", records_file.parent / "config.xml")
+    _, summary = export(records_file, "label-studio", "--label-config", records_file.parent / "config.xml")
+    assert summary.startswith(f"wrote {records_file.parent / 'label-studio.json'} (label-studio) and its labeling "
+                              f"config {records_file.parent / 'config.xml'}: 2 images, ")
     config = parse_labeling_config((records_file.parent / "config.xml").read_text())
     car, dog, tree = LabelSpec("car", ("a red car", "a truck")), LabelSpec("a dog", ("a dog",)), LabelSpec(
         "a tree", ("a tree",))

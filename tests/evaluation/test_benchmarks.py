@@ -9,6 +9,7 @@ prompts directly, built here from the JSONL records.
 import json
 import re
 import signal
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -18,6 +19,7 @@ from kosmos_serve.cli import main
 from kosmos_serve.engine import GenerationParams, Request
 from kosmos_serve.evaluation.backends import LocalBackend
 from kosmos_serve.evaluation.datasets import read_splits
+from kosmos_serve.evaluation.report import no_image_found
 from kosmos_serve.evaluation.runner import PredictionLog, Settings, run
 from kosmos_serve.evaluation.synthetic import flickr_style, shape_of
 from kosmos_serve.grounding import iou
@@ -45,6 +47,7 @@ def test_refcoco_format_run_finds_what_evaluate_finds(shapes, demo_engine, tmp_p
     result = invoke("--model", "demo", "--benchmark", "refcoco", "--annotations", shapes.refcoco,
                     "--images", shapes.folder, "--out", out)
     assert result.exit_code == 0, result.output
+    assert f"Predictions: {out} (" in result.output  # the file it wrote, named
     lines = read_lines(out)
     referring = [e for e in read_examples(shapes.records) if e.kind == "referring"]
     assert len(lines) == len(referring) > 20
@@ -111,6 +114,32 @@ def test_a_missing_image_is_counted_listed_and_skipped(shapes, tmp_path):
     assert "refcoco val: a sample of 6 of " in result.output
     assert "refcoco val: 1 examples skipped, not scored (1 images): image not found: " in result.output
     assert "gone.png" in result.output
+
+
+def test_the_folder_of_the_images_works_as_well_as_the_one_their_names_are_relative_to(shapes):
+    assert json.loads(shapes.refcoco.read_text())["images"][0]["file_name"].startswith("images/")
+    result = invoke("--model", "demo", "--benchmark", "refcoco", "--annotations", shapes.refcoco, "--images",
+                    shapes.folder / "images", "--limit", 3, "--max-new-tokens", 8)
+    assert result.exit_code == 0, result.output
+    assert table_row(result.output, "refcoco    synthetic")[-2:] == ["3", "0"]  # scored, skipped
+
+
+def test_with_no_image_found_the_report_says_where_it_looked_and_what_to_pass(shapes):
+    images = shapes.folder.parent
+    first = read_splits("refcoco", [shapes.refcoco], images, limit=2)[0].examples[0].file_name
+    result = invoke("--model", "demo", "--benchmark", "refcoco", "--annotations", shapes.refcoco, "--images", images,
+                    "--limit", 2)
+    assert result.exit_code == 0, result.output
+    assert (f"refcoco synthetic: no image was found under --images {images}; the first, {first}, was looked for at "
+            f"{images / first}. --images should be the folder that {first} is relative to, or the images/ folder in "
+            "it.\n") in result.output
+
+
+def test_a_coco_2014_name_is_looked_for_in_its_own_folder_first():
+    assert no_image_found(Path("coco"), "COCO_val2014_000000000042.jpg") == (
+        "no image was found under --images coco; the first, COCO_val2014_000000000042.jpg, was looked for at "
+        "coco/val2014/COCO_val2014_000000000042.jpg and coco/COCO_val2014_000000000042.jpg. --images should be the "
+        "folder that holds COCO_val2014_000000000042.jpg, or the one with val2014/ in it.")
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -13,7 +13,7 @@ import pytest
 from kosmos_serve.errors import InvalidRequestError
 from kosmos_serve.evaluation.datasets import (
     AnnotationFormatError,
-    coco_image_path,
+    find_image,
     read_flickr,
     read_refexp,
     read_splits,
@@ -97,8 +97,21 @@ def test_refcoco_reader(tmp_path):
 
 def test_coco_images_in_a_flat_folder_are_found(tmp_path):
     (tmp_path / "COCO_train2014_000000581857.jpg").write_bytes(b"")
-    assert coco_image_path(tmp_path, "COCO_train2014_000000581857.jpg") == tmp_path / "COCO_train2014_000000581857.jpg"
-    assert coco_image_path(tmp_path, "COCO_val2014_1.jpg") == tmp_path / "val2014" / "COCO_val2014_1.jpg"  # missing
+    assert find_image(tmp_path, "COCO_train2014_000000581857.jpg") == tmp_path / "COCO_train2014_000000581857.jpg"
+    assert find_image(tmp_path, "COCO_val2014_1.jpg") == tmp_path / "val2014" / "COCO_val2014_1.jpg"  # missing
+
+
+def test_an_image_is_found_from_its_own_folder_or_the_one_its_name_is_relative_to(tmp_path, monkeypatch):
+    image = tmp_path / "shapes-eval" / "images" / "000001.png"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"")
+    assert find_image(tmp_path / "shapes-eval", "images/000001.png") == image
+    assert find_image(tmp_path / "shapes-eval" / "images", "images/000001.png") == image
+    monkeypatch.chdir(image.parent)
+    assert find_image(Path("."), "images/000001.png") == Path("000001.png")
+    assert find_image(tmp_path / "shapes-eval" / "images", "masks/000001.png") == (  # another folder's: missing
+        tmp_path / "shapes-eval" / "images" / "masks" / "000001.png")
+    assert find_image(tmp_path / "shapes-eval", "000001.png") == tmp_path / "shapes-eval" / "000001.png"  # missing
 
 
 def test_flickr_reader_takes_boxes_from_the_mdetr_annotations(tmp_path):

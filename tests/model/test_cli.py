@@ -52,13 +52,24 @@ def test_predict_json_equals_the_library_result(image_file, tiny_model_dir, engi
         assert item["prompt"] == "<grounding> Question: Where is<phrase> the fire</phrase> next to? Answer:"
 
 
-def test_predict_draws_the_annotated_image(image_file, tiny_model_dir, tmp_path):
+def test_predict_draws_the_annotated_image_and_says_where(image_file, tiny_model_dir, tmp_path):
     from PIL import Image
 
     out = tmp_path / "drawn.png"
     result = invoke("predict", image_file, "--model", tiny_model_dir, "--max-new-tokens", 4, "--draw", out)
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (640, 480)
+    assert result.stderr == f"Wrote the drawn image to {out}\n"
+
+
+def test_predict_names_each_drawn_image_on_stderr_leaving_the_json_alone(image_file, tiny_model_dir, tmp_path):
+    out = tmp_path / "drawn.png"
+    result = invoke("predict", image_file, image_file, "--model", tiny_model_dir, "--max-new-tokens", 4, "--json",
+                    "--draw", out)
+    assert result.exit_code == 0, result.output
+    assert [item["image"] for item in json.loads(result.stdout)] == [str(image_file)] * 2
+    assert result.stderr.splitlines() == [f"Wrote the drawn image to {tmp_path / name}"
+                                          for name in ("drawn_1.png", "drawn_2.png")]
 
 
 @pytest.mark.parametrize(
@@ -162,6 +173,14 @@ def test_data_train_and_evaluate_commands_chain(tmp_path, tiny_model_dir):
     assert torch.load(run / "checkpoint-000002" / STATE_FILE, weights_only=False)["patch_supervision"] is not None
     result = invoke("evaluate", "--model", run / "final", "--data", records)
     assert result.exit_code == 0 and "objects named with a box" in result.output
+
+
+def test_tiny_model_prints_the_folder_it_wrote(tmp_path):
+    out = tmp_path / "tiny"
+    result = invoke("tiny-model", out)
+    assert result.exit_code == 0, result.output
+    assert result.output == f"{out}\n"
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
 
 
 def test_train_reports_bad_records_by_line(tmp_path, tiny_model_dir):

@@ -28,8 +28,8 @@ from kosmos_serve.errors import InvalidRequestError
                    "final_flickr_separateGT_test.json, ...), or for detection a COCO ground-truth JSON; repeat for "
                    "several splits.")
 @click.option("--images", type=click.Path(path_type=Path),
-              help="--benchmark: the images (COCO 2014: the folder with train2014/ and val2014/; Flickr30k: the "
-                   ".jpg folder).")
+              help="--benchmark: the folder the annotations' file names are relative to, or the one holding the "
+                   "image files (COCO 2014: the folder with train2014/ and val2014/; Flickr30k: the .jpg folder).")
 @click.option("--flickr-entities", type=click.Path(path_type=Path),
               help="flickr30k: the official Flickr30k Entities folder (Sentences/, Annotations/): true boxes and "
                    "entity types from there, as the original evaluation reads them (per-type recall).")
@@ -70,7 +70,7 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
       kosmos-serve evaluate --benchmark flickr30k --url http://gpu-box:8000 \\
           --annotations mdetr_annotations/final_flickr_separateGT_test.json --images flickr30k-images
       kosmos-serve evaluate --model demo --benchmark detection \\
-          --annotations data/shapes-eval/coco/instances_synthetic.json --images data/shapes-eval
+          --annotations data/shapes-eval/coco/instances_synthetic.json --images data/shapes-eval/images
     """
     benchmark_options = {"--annotations": annotations, "--images": images, "--flickr-entities": flickr_entities,
                          "--ontology": ontology,

@@ -40,13 +40,13 @@ def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, 
       kosmos-serve predict snowman.png --task referring_generation --box 250,22,630,397
       kosmos-serve predict snowman.png --prompt "<grounding> Describe this image in detail:"
     """
-    from kosmos_serve.engine import Request, check_task, start_engine
-
     settings = settings_from_flags(EngineSettings, flags)
     task_input = task_input_from_options(task, prompt, phrases, boxes, no_grounding)
     params = generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size,
                                             min_score)
     loaded = [load_image_file(path, settings.max_image_pixels) for path in images]
+    from kosmos_serve.engine import Request, check_task, start_engine  # after the cheap checks: torch takes seconds
+
     requests = [Request(image, task_input, params) for image in loaded]
     for request in requests:  # refuse bad input before spending seconds on loading the model
         check_task(request.task, request.params, settings, request.image.size)
@@ -63,6 +63,7 @@ def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, 
         for number, (image, result) in enumerate(zip(loaded, results), start=1):
             target = draw if len(loaded) == 1 else draw.with_name(f"{draw.stem}_{number}{draw.suffix}")
             draw_entities(image, result.entities).save(target)
+            click.echo(f"Wrote the drawn image to {target}", err=True)  # stderr: --json keeps stdout to itself
 
 
 def load_image_file(path: Path, max_pixels: int):

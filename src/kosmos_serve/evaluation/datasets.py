@@ -2,7 +2,7 @@
 
 RefCOCO, RefCOCO+, RefCOCOg (`finetune_refcoco_val.json`, `finetune_refcoco+_testA.json`, `finetune_refcocog_test.json`
 ...): COCO-style JSON whose every `images` entry is one referring expression (`caption`) of a COCO 2014 image
-(`file_name`, looked for under `train2014/` when the name says so, else `val2014/`, as the original
+(`file_name`, looked for under `train2014/` or `val2014/` as the name says, as the original
 `refcoco/cook_data.py` does; a flat folder of the files works too), with exactly one annotation, its `[x, y, w, h]`
 box. Prompt: `<grounding><phrase>{caption}</phrase>`.
 
@@ -17,6 +17,7 @@ reads them.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class Split:
 
     benchmark: str
     annotations: Path
+    images: Path  # the --images folder its examples' images were looked for in
     examples: list  # Example, or detection.DetectionExample (one per image)
     available: int  # examples in the file (more than `examples` under --limit)
     ground_truth: dict | None = field(default=None, compare=False, repr=False)  # detection: the COCO file's content
@@ -102,7 +104,7 @@ def read_splits(benchmark: str, annotations: list[Path], images: Path, limit: in
             examples = read_flickr(path, images, entities)
         else:
             examples = read_refexp(path, images, benchmark)
-        splits.append(Split(benchmark, path, sample(examples, limit), len(examples)))
+        splits.append(Split(benchmark, path, images, sample(examples, limit), len(examples)))
     return splits
 
 
@@ -134,11 +136,30 @@ def split_name(path: Path) -> str:
     return match.group(1) if match else path.stem
 
 
-def coco_image_path(images: Path, file_name: str) -> Path:
-    """Where a COCO 2014 image is: `train2014/` or `val2014/` as its name says, else directly in the folder."""
-    nested = images / ("train2014" if "train2014" in file_name else "val2014") / file_name
-    flat = images / file_name
-    return flat if not nested.exists() and flat.exists() else nested
+def image_paths(images: Path, file_name: str) -> list[Path]:
+    """Where an annotation file's image `file_name` may be under the --images folder, in the order looked at.
+
+    Under COCO 2014's `train2014/` or `val2014/` when the name says which; relative to --images; and relative to
+    a folder above it when `file_name` starts with the last folders of --images (so --images names the folder
+    that holds the image files as well as the one `file_name` is relative to).
+
+    >>> [str(path) for path in image_paths(Path("data/shapes-eval/images"), "images/000001.png")]
+    ['data/shapes-eval/images/images/000001.png', 'data/shapes-eval/images/000001.png']
+    >>> [str(path) for path in image_paths(Path("coco2014"), "COCO_train2014_000000000009.jpg")]
+    ['coco2014/train2014/COCO_train2014_000000000009.jpg', 'coco2014/COCO_train2014_000000000009.jpg']
+    """
+    coco = next((folder for folder in ("train2014", "val2014") if folder in file_name), None)
+    paths = [images / coco / file_name] if coco else []
+    paths.append(images / file_name)
+    folders, parts = Path(os.path.abspath(images)).parts, Path(file_name).parts
+    paths += [images.joinpath(*parts[depth:]) for depth in range(1, len(parts)) if folders[-depth:] == parts[:depth]]
+    return paths
+
+
+def find_image(images: Path, file_name: str) -> Path:
+    """The first of `image_paths` that is a file; else the first of them (the image is then skipped as missing)."""
+    paths = image_paths(images, file_name)
+    return next((path for path in paths if path.is_file()), paths[0])
 
 
 def sample(examples: list[Example], limit: int | None) -> list[Example]:
@@ -167,7 +188,7 @@ def read_refexp(path: Path, images: Path, benchmark: str) -> list[Example]:
         require(dataset == benchmark, f"{path} holds {dataset} expressions (its dataset_name), not {benchmark}'s; "
                                        f"score it with --benchmark {dataset}.")
         examples.append(Example(
-            key=str(entry["id"]), file_name=entry["file_name"], image_path=coco_image_path(images, entry["file_name"]),
+            key=str(entry["id"]), file_name=entry["file_name"], image_path=find_image(images, entry["file_name"]),
             phrase=entry["caption"], prompt=refexp_prompt(entry["caption"]), truth=(xywh_to_xyxy(found[0]["bbox"]),),
         ))
     return examples
@@ -191,6 +212,7 @@ def read_flickr(path: Path, images: Path, entities=None) -> list[Example]:
         caption, spans = entry.get("caption"), entry.get("tokens_positive_eval")
         require(isinstance(caption, str) and isinstance(entry.get("file_name"), str) and isinstance(spans, list),
                  f'{where} lacks "caption", "file_name" or "tokens_positive_eval"; {EXPECTED_FLICKR}.')
+        image_path = find_image(images, entry["file_name"])
         for number, phrase_spans in enumerate(spans):
             start, end = _first_span(phrase_spans, f"{where} tokens_positive_eval[{number}]")
             phrase = caption[start:end]
@@ -203,7 +225,7 @@ def read_flickr(path: Path, images: Path, entities=None) -> list[Example]:
             require(bool(truth), f"{where}: phrase {phrase!r} has no annotation whose tokens_positive holds "
                                   f"[{start}, {end}]; {EXPECTED_FLICKR}.")
             examples.append(Example(
-                key=f"{entry['id']}:{number}", file_name=entry["file_name"], image_path=images / entry["file_name"],
+                key=f"{entry['id']}:{number}", file_name=entry["file_name"], image_path=image_path,
                 phrase=phrase, prompt=flickr_prompt(caption, start, end), truth=tuple(tuple(b) for b in truth),
                 types=tuple(types),
             ))

@@ -28,6 +28,7 @@ from kosmos_serve.evaluation.datasets import (
     DETECTION_BENCHMARK,
     AnnotationFormatError,
     Split,
+    find_image,
     read_coco_file,
     require,
     sample,
@@ -87,7 +88,7 @@ def read_detection_splits(annotations: list[Path], images: Path, limit: int | No
     splits = []
     for path in annotations:
         examples, truth = read_detection(path, images, phrases, ontology)
-        splits.append(Split(DETECTION_BENCHMARK, path, sample(examples, limit), len(examples), truth))
+        splits.append(Split(DETECTION_BENCHMARK, path, images, sample(examples, limit), len(examples), truth))
     return splits
 
 
@@ -143,7 +144,7 @@ def read_detection(path: Path, images: Path, ontology: dict[str, str] | None = N
             present = bool(truth) if truth or not own else None
             asked += [Asked(phrase, category, present, truth) for phrase in asked_by_category[category]]
         examples.append(DetectionExample(str(entry["id"]), entry["id"], entry["file_name"],
-                                         images / entry["file_name"], tuple(asked)))
+                                         find_image(images, entry["file_name"]), tuple(asked)))
     truth = {
         "images": [{"id": entry["id"], "file_name": entry["file_name"]} for entry in entries],
         "categories": [{"id": c, "name": categories[c]} for c in asked_by_category],

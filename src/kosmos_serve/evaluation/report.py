@@ -7,7 +7,9 @@ are those of microsoft/unilm `kosmos-2/evaluation/flickr_entities/README.md`), i
 
 from __future__ import annotations
 
-from kosmos_serve.evaluation.datasets import DETECTION_BENCHMARK, FLICKR_BENCHMARK
+from pathlib import Path
+
+from kosmos_serve.evaluation.datasets import DETECTION_BENCHMARK, FLICKR_BENCHMARK, image_paths
 from kosmos_serve.evaluation.detection_metrics import summarise
 from kosmos_serve.evaluation.metrics import RECALL_KS, RecallTally
 from kosmos_serve.evaluation.runner import Outcome, SplitResult
@@ -158,10 +160,18 @@ def _split_notes(result: SplitResult) -> list[str]:
         if len(images) > MAX_LISTED:
             listed += f"; and {len(images) - MAX_LISTED} more"
         notes.append(f"{label}: {len(result.skipped)} examples skipped, not scored ({len(images)} images): {listed}.")
-        if not result.records and split.benchmark == DETECTION_BENCHMARK:
-            notes.append(f"{label}: no image was found; --images should be the folder the file_name of each image "
-                         "is relative to.")
-        elif not result.records:
-            notes.append(f"{label}: no image was found; --images should be the folder that holds them (COCO: "
-                         "train2014/ and val2014/ in it; Flickr30k: the .jpg files).")
+        if not result.records:
+            notes.append(f"{label}: {no_image_found(split.images, result.skipped[0][0].file_name)}")
     return notes
+
+
+def no_image_found(images: Path, file_name: str) -> str:
+    """Where the first image was looked for, and what --images should be, when none of a split's images was found."""
+    paths = image_paths(images, file_name)
+    folder = Path(file_name).parent
+    wanted = (f"the folder that {file_name} is relative to, or the {folder.as_posix()}/ folder in it" if folder.parts
+              else f"the folder that holds {file_name}")
+    if paths[0] != images / file_name:  # a COCO 2014 name: its train2014/ or val2014/ is looked in first
+        wanted += f", or the one with {paths[0].parent.name}/ in it"
+    return (f"no image was found under --images {images}; the first, {file_name}, was looked for at "
+            f"{' and '.join(map(str, paths))}. --images should be {wanted}.")

@@ -78,6 +78,7 @@ def export_records(records_path: str | Path, format_name: str, out: str | Path, 
             for box in (box for image in images for box in image.boxes):
                 phrases_by_label[box.label].add(box.phrase)
             files[Path(label_config)] = label_studio_config(phrases_by_label, from_name, to_name) + "\n"
+            report.label_config = str(label_config)
     for path, text in files.items():
         write_text(path, text)
     return report

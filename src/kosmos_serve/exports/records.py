@@ -56,6 +56,7 @@ class ExportReport:
 
     format: str = ""
     out: str = ""
+    label_config: str = ""  # label-studio's labeling config, when one was written too
     images: int = 0
     boxes: int = 0
     root: str = ""
@@ -67,8 +68,14 @@ class ExportReport:
     torn_last_line: bool = False
 
     def summary(self) -> str:
-        """E.g. `wrote out.json (coco): 2 images, 4 boxes, image names relative to /data; left out 1 failed ...`."""
-        line = (f"wrote {self.out} ({self.format}): {self.images} image{'s' * (self.images != 1)}, "
+        """E.g. `wrote out.json (coco): 2 images, 4 boxes, image names relative to /data; left out 1 failed ...`.
+
+        >>> ExportReport("label-studio", "tasks.json", "config.xml", images=1, boxes=2, root="/data").summary()
+        'wrote tasks.json (label-studio) and its labeling config config.xml: 1 image, 2 boxes, image names relative to /data'
+        """
+        written = f"{self.out} ({self.format})" + (f" and its labeling config {self.label_config}"
+                                                   if self.label_config else "")
+        line = (f"wrote {written}: {self.images} image{'s' * (self.images != 1)}, "
                 f"{self.boxes} box{'es' * (self.boxes != 1)}, image names relative to {self.root or '-'}")
         notes = []
         if self.failed:

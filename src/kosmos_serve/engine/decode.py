@@ -137,12 +137,14 @@ def prefill(model, input_ids: list[list[int]], image_masks: list[list[int]], ima
     logits = torch.empty((len(order), vocab), dtype=shared_logits.dtype, device=shared_logits.device)
     tail_log_probs = [logits.new_empty((0, vocab)) for _ in order]
     has_remainder = [index for index, remainder in enumerate(remainders) if remainder]
-    batch = _copy_rows(shared_batch, group_of)
+    runs = continuations.runs if continuations and has_remainder else []
+    # Each row's copy of its beginning, then (for the one extension, after which they leave) the runs' copies of
+    # theirs: copied once, into buffers with room for the extension.
+    parts = [(shared_batch, group_of)] + ([(continuations.beginning, [0] * len(runs))] if runs else [])
+    room = max([len(remainders[i]) for i in has_remainder] + [len(run) for run in runs], default=0)
+    batch = _copy_rows_with_room(parts, room)
     read = []
     if has_remainder:
-        runs = continuations.runs if continuations else []
-        if runs:  # their copies of the beginning join the batch for the one extension, then leave it
-            batch = merge(batch, _copy_rows(continuations.beginning, [0] * len(runs)))
         extended = _extend(model, batch, has_remainder + list(range(len(order), len(order) + len(runs))),
                            [remainders[i] for i in has_remainder] + runs, pad_token_id,
                            max([tail + 1 for tail in ordered_tails] + [len(run) for run in runs]))
@@ -265,6 +267,38 @@ def _common_length(sequences: list[list[int]]) -> int:
     return length
 
 
+def _copy_rows_with_room(parts: list[tuple[RunningBatch, list[int]]], room: int) -> RunningBatch:
+    """One batch of copies of rows of several batches (each part's `rows`, in order), left-padded with zeros to
+    their common width, in buffers with `room` (and SPARE_COLUMNS) more columns: the next `room` columns are
+    appended in place, with no copy of the cache."""
+    width = max(batch.mask.shape[1] for batch, _ in parts)
+    cache = _growing_cache(len(parts[0][0].cache.layers))
+    for number, layer in enumerate(cache.layers):
+        sources = [(batch.cache.layers[number], rows) for batch, rows in parts]
+        layer.lazy_initialization(sources[0][0].keys, sources[0][0].values)
+        layer._buffers = tuple(_gathered([(getattr(source, kind), rows) for source, rows in sources], width, room)
+                               for kind in ("keys", "values"))
+        layer.keys, layer.values = (buffer[:, :, :width] for buffer in layer._buffers)
+    mask = torch.cat([_pad_left(batch.mask[rows], width) for batch, rows in parts])
+    return RunningBatch(cache, mask)
+
+
+def _gathered(parts: list[tuple[torch.Tensor, list[int]]], width: int, room: int) -> torch.Tensor:
+    """A (rows, heads, width + room + SPARE_COLUMNS, dim) buffer: each part's `rows` right-aligned in the first
+    `width` columns, zeros before them."""
+    first = parts[0][0]
+    rows = sum(len(chosen) for _, chosen in parts)
+    buffer = first.new_empty((rows, first.shape[1], width + room + SPARE_COLUMNS, first.shape[3]))
+    target = 0
+    for tensor, chosen in parts:
+        pad = width - tensor.shape[-2]
+        for row in chosen:
+            buffer[target, :, :pad] = 0
+            buffer[target, :, pad:width] = tensor[row]
+            target += 1
+    return buffer
+
+
 def _copy_rows(batch: RunningBatch, rows: list[int]) -> RunningBatch:
     """A new batch whose row i is a copy of `batch`'s row `rows[i]` (cache and mask)."""
     index = torch.tensor(rows, device=batch.mask.device)
@@ -315,9 +349,15 @@ def keep_rows(batch: RunningBatch, rows: list[int]) -> RunningBatch | None:
     index = torch.tensor(rows, device=batch.mask.device)
     mask = batch.mask.index_select(0, index)
     start = int(mask.any(dim=0).long().argmax())  # first column some kept row uses
+    leading = rows == list(range(len(rows)))
     for layer in batch.cache.layers:
-        layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-        layer.values = layer.values.index_select(0, index)[:, :, start:]
+        if leading:  # views, buffers too: what is left of their spare columns still takes the next steps in place
+            layer.keys, layer.values = layer.keys[: len(rows), :, start:], layer.values[: len(rows), :, start:]
+            if getattr(layer, "_buffers", None) is not None:
+                layer._buffers = tuple(buffer[: len(rows), :, start:] for buffer in layer._buffers)
+        else:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
     batch.mask = mask[:, start:]
     return batch
 

@@ -90,6 +90,9 @@ def main() -> None:
                         "openvino-compressed+throughput", help="model-card and auto (bench.py's workers), "
                         "openvino-float, openvino-compressed; '+throughput' compiles with OpenVINO's THROUGHPUT hint")
     parser.add_argument("--out", type=Path, help="append the markdown report to this file")
+    parser.add_argument("--rows", type=Path, help="write each configuration's raw measurements (JSON) to this file")
+    parser.add_argument("--agreement-only", action="store_true",
+                        help="only the generated token ids against float32 transformers' (no timings)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--convert", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -98,7 +101,12 @@ def main() -> None:
         compress_all(converted_dir(args.model), args.model, args.calibration_images)
         return
     if args.worker:
-        result = reference_tokens(args) if args.worker == "reference" else measure_openvino(args)
+        if args.worker == "reference":
+            result = reference_tokens(args)
+        elif args.worker == "auto-ids":
+            result = engine_ids(args)
+        else:
+            result = measure_openvino(args)
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
         result["config"] = args.worker
         print(json.dumps(result))
@@ -111,10 +119,17 @@ def main() -> None:
         subprocess.run([str(args.ov_python), __file__, "--convert", "--model", str(model_dir),
                         "--calibration-images", str(args.calibration_images)], check=True)
     common = ["--model", str(model_dir), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    if args.agreement_only:
+        common.append("--agreement-only")
+        configs = [config.replace("auto", "auto-ids") for config in configs if config != "model-card"]
+    elif "auto" in configs:
+        configs.append("auto-ids")  # the generated ids of the same engine, which bench.py's worker does not report
     rows = []
     for config in ["reference", *configs]:
         print(f"measuring {config} ...", file=sys.stderr, flush=True)
-        if config in ("model-card", "auto"):
+        if config == "auto-ids":
+            command = [sys.executable, __file__, "--worker", config, *common]
+        elif config in ("model-card", "auto"):
             command = [sys.executable, str(Path(__file__).with_name("bench.py")), "--worker", config, *common,
                        "--clients", str(args.clients)]
         elif config == "reference":
@@ -122,10 +137,21 @@ def main() -> None:
         else:
             command = [str(args.ov_python), __file__, "--worker", config, *common, "--clients", str(args.clients)]
         rows.append(json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout))
+    ids = {row["config"]: row["generated_ids"] for row in rows if "generated_ids" in row}
+    if args.agreement_only:
+        for config, generated in ids.items():
+            print(f"{config}: {bench.agreement(generated, ids['reference']):.1%} of float32 transformers' generated "
+                  f"token ids before the first difference ({bench.AGREEMENT_PROMPTS} captions); first ids {generated[0][:8]}")
+        return
+    rows = [row for row in rows if row["config"] != "auto-ids"]
+    for row in rows:
+        row["generated_ids"] = ids.get(row["config"].replace("auto", "auto-ids"), row.get("generated_ids"))
     # After the workers: its 1 GiB matrix would otherwise count in every worker's peak RSS (a child process starts
     # with its parent's high-water mark).
     machine = bench.measure_machine()
     report = render(rows, machine, args, " ".join(sys.argv[1:]))
+    if args.rows:
+        args.rows.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     print(report)
     if args.out:
         with args.out.open("a", encoding="utf-8") as file:
@@ -149,7 +175,7 @@ def reference_tokens(args) -> dict:
 
     model = Kosmos2ForConditionalGeneration.from_pretrained(args.model).eval()
     processor = AutoProcessor.from_pretrained(args.model)
-    tokens = []
+    tokens, ids = [], []
     with torch.inference_mode():
         for image in bench.fresh_images(bench.AGREEMENT_PROMPTS, seed=3):
             inputs = processor(text=bench.CAPTION, images=image, return_tensors="pt")
@@ -160,7 +186,27 @@ def reference_tokens(args) -> dict:
                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
             )
             tokens.append(raw_text_tokens(processor, generated))
-    return {"greedy_tokens": tokens}
+            ids.append(generated[0, inputs["input_ids"].shape[1]:].tolist())
+    return {"greedy_tokens": tokens, "generated_ids": ids}
+
+
+def engine_ids(args) -> dict:
+    """The ids kosmos-serve's `--quantize auto` engine generates for the agreement images (bench.py's worker
+    reports them re-tokenized from the text, which random weights leave empty: see BENCHMARKS.md)."""
+    from kosmos_serve.config import EngineSettings
+    from kosmos_serve.engine import Engine, GenerationParams, Request
+    from kosmos_serve.tasks import Task, TaskInput
+
+    engine = Engine(EngineSettings(model=str(args.model), device="cpu", quantize="auto"))
+    seen = []
+    decode = engine.decode
+    engine.decode = lambda ids: seen.append(list(ids)) or decode(ids)  # the sequence, prompt and new tokens
+    ids = []
+    for image in bench.fresh_images(bench.AGREEMENT_PROMPTS, seed=3):
+        params = GenerationParams(max_new_tokens=args.new_tokens, no_repeat_ngram_size=0)
+        result = engine.run([Request(image, TaskInput(Task.CAPTION), params)])[0]
+        ids.append(seen[-1][len(seen[-1]) - result.generated_tokens:])
+    return {"generated_ids": ids}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -583,6 +629,11 @@ def measure_openvino(args) -> dict:
         processor.post_process_generation(text)
         return generated
 
+    agreement_images = bench.fresh_images(bench.AGREEMENT_PROMPTS, seed=3)
+    if args.agreement_only:
+        with torch.inference_mode():
+            return {"generated_ids": [request(args.new_tokens, image=image)[0, -args.new_tokens:].tolist()
+                                      for image in agreement_images]}
     with torch.inference_mode():
         request(2)  # warm-up
         pixels = processor(text=bench.CAPTION, images=next(images), return_tensors="pt")["pixel_values"]
@@ -594,8 +645,9 @@ def measure_openvino(args) -> dict:
             times = []
             request(args.new_tokens, step_times=times)
             steps.append(statistics.mean(times[1:]))
-        greedy = [raw_text_tokens(processor, request(args.new_tokens, image=image))
-                  for image in bench.fresh_images(bench.AGREEMENT_PROMPTS, seed=3)]
+        generated = [request(args.new_tokens, image=image) for image in agreement_images]
+        greedy = [raw_text_tokens(processor, ids) for ids in generated]
+        generated_ids = [ids[0, -args.new_tokens:].tolist() for ids in generated]
 
         # Throughput with concurrent clients: one after another on the one pipeline, and one thread per client,
         # each with its own infer requests on the shared compiled models (OpenVINO's way to overlap requests).
@@ -616,7 +668,7 @@ def measure_openvino(args) -> dict:
         "vision_s": vision, "first_token_s": first_token, "request_s": whole, "decode_step_s": statistics.median(steps),
         "throughput": {str(args.clients): max(sequential, threaded)},
         "throughput_ways": {"sequential": sequential, "threads": threaded},
-        "greedy_tokens": greedy, "loaded_rss_gib": loaded_rss,
+        "greedy_tokens": greedy, "generated_ids": generated_ids, "loaded_rss_gib": loaded_rss,
         "text_weight_bytes": step_weight_bytes(core.read_model(folder / IR_FILES[form][3]),
                                                precision, parts),
         "inference_precision": precision,
@@ -651,7 +703,7 @@ def step_weight_bytes(ov_model, precision: str, parts) -> int:
 
 
 def render(rows: list[dict], machine: dict, args, command: str) -> str:
-    reference = rows[0]["greedy_tokens"]
+    reference, reference_ids = rows[0]["greedy_tokens"], rows[0]["generated_ids"]
     rows = rows[1:]
     by_config = {row["config"]: row for row in rows}
     bandwidth = machine["bandwidth_gb_s"] * 1e9
@@ -665,12 +717,15 @@ def render(rows: list[dict], machine: dict, args, command: str) -> str:
          "images."),
         "",
         ("| | weights | vision | first token | decode step (floor) | request | "
-         f"{clients} clients, req/s | peak RSS | greedy tokens = float32 transformers |"),
+         f"{clients} clients, req/s | peak RSS | greedy tokens = float32 transformers' |"),
         "| --- " * 9 + "|",
     ]
     for row in rows:
         floor = row["text_weight_bytes"] / bandwidth
-        agreement = f"{bench.agreement(row['greedy_tokens'], reference):.1%}" if "greedy_tokens" in row else "(itself)"
+        agreement = "(itself)"
+        if row.get("generated_ids"):
+            agreement = (f"{bench.agreement(row['generated_ids'], reference_ids):.1%} of ids "
+                         f"({bench.agreement(row['greedy_tokens'], reference):.1%} as bench.py counts)")
         if row["config"] == "model-card":
             weights, how = "float32 (torch)", "one after another"
         elif row["config"] == "auto":

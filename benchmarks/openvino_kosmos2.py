@@ -41,6 +41,9 @@ Each configuration runs in its own process, as in bench.py: the model-card code 
 through bench.py's own workers (this environment), the OpenVINO pipeline, float (as converted) and compressed, in
 OpenVINO's own environment (`--ov-python`: torch 2.13.0, transformers 5.23.0, openvino 2026.4.1, nncf 3.4.0,
 openvino-tokenizers 2026.4.1.0; see BENCHMARKS.md). The conversion is cached under ~/.cache/kosmos-serve/.
+Greedy agreement compares the 32 generated token ids with float32 transformers' (the model card's `generate`) on
+bench.py's 4 agreement images; bench.py's own count (the text re-tokenized) is shown beside it, but with random
+weights the generated ids fall outside the checkpoint's small tokenizer and that text is empty.
 The report (a markdown table) prints, and `--out FILE` appends it there.
 """
 

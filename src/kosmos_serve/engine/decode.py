@@ -218,8 +218,9 @@ def read_continuations(model, continuations: Continuations, pad_token_id: int) -
     their own (the runs together, left-padded among themselves, on copies of the beginning's cache)."""
     runs = continuations.runs
     rows = list(range(len(runs)))
-    logits = _extend(model, _copy_rows(continuations.beginning, [0] * len(rows)), rows, runs, pad_token_id,
-                     max(map(len, runs)))
+    width = max(map(len, runs))
+    logits = _extend(model, _copy_rows_with_room([(continuations.beginning, [0] * len(rows))], width), rows, runs,
+                     pad_token_id, width)
     return _read_runs(logits, continuations)
 
 
@@ -297,16 +298,6 @@ def _gathered(parts: list[tuple[torch.Tensor, list[int]]], width: int, room: int
             buffer[target, :, pad:width] = tensor[row]
             target += 1
     return buffer
-
-
-def _copy_rows(batch: RunningBatch, rows: list[int]) -> RunningBatch:
-    """A new batch whose row i is a copy of `batch`'s row `rows[i]` (cache and mask)."""
-    index = torch.tensor(rows, device=batch.mask.device)
-    cache = _growing_cache(len(batch.cache.layers))
-    for target, source in zip(cache.layers, batch.cache.layers):
-        target.lazy_initialization(source.keys, source.values)
-        target.keys, target.values = source.keys.index_select(0, index), source.values.index_select(0, index)
-    return RunningBatch(cache, batch.mask.index_select(0, index))
 
 
 @torch.inference_mode()

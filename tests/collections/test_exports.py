@@ -23,6 +23,7 @@ from records_for_export import (
     entity,
     export,
     invoke,
+    make_records,
     write_records,
 )
 
@@ -30,6 +31,16 @@ from kosmos_serve.errors import InvalidRequestError
 from kosmos_serve.exports import MissingExtraError, to_detections
 
 pytestmark = pytest.mark.filterwarnings("ignore:OpenCV:UserWarning")  # supervision falls back to NumPy
+
+
+@pytest.fixture
+def records(tmp_path):
+    return make_records(tmp_path)
+
+
+@pytest.fixture
+def records_file(tmp_path, records):
+    return write_records(tmp_path / "results.jsonl", records)
 
 
 # --- COCO -------------------------------------------------------------------------------------------------------

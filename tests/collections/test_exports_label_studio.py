@@ -23,6 +23,7 @@ from records_for_export import (
     entity,
     export,
     invoke,
+    make_records,
     write_records,
 )
 
@@ -31,6 +32,16 @@ LABEL_STUDIO_SDK = "label-studio-sdk==2.1.2"  # the version label-studio 1.23.2 
 # 2-3x the time): installed with the SDK itself --no-deps.
 LABEL_INTERFACE_NEEDS = ["pydantic>=2", "lxml>=6.1", "xmljson==0.2.1", "jsonschema", "jsf>=0.11.2,<0.12",
                          "pyjwt>=2.13,<2.14", "appdirs"]
+
+
+@pytest.fixture
+def records(tmp_path):
+    return make_records(tmp_path)
+
+
+@pytest.fixture
+def records_file(tmp_path, records):
+    return write_records(tmp_path / "results.jsonl", records)
 
 
 def test_label_studio_tasks_have_the_exact_shape(records_file):

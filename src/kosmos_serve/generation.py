@@ -59,6 +59,7 @@ class GenerationParams:
     no_repeat_ngram_size: NoRepeatNgramSize | None = None
     seed: Seed | None = None
     min_score: MinScore | None = None  # a filter on the result's boxes, not a decoding knob; None: the task's default
+    masks: bool = False  # a mask for every box from the engine's segmenter (`--segmenter`), not a decoding knob
 
     def validate(self, max_new_tokens_cap: int) -> None:
         """Raise InvalidRequestError for a parameter out of its range (InvalidInputsError for several), its field."""

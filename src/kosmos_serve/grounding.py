@@ -21,12 +21,31 @@ IMAGE_END_TAG = "</image>"
 
 
 @dataclass(frozen=True)
+class Mask:
+    """One object's mask as COCO run-length encoding (pycocotools' compressed `counts`, as text), in pixels of
+    the original image as a viewer sees it (EXIF orientation applied); `size` is (height, width), as COCO's."""
+
+    size: tuple[int, int]
+    counts: str
+
+    def to_dict(self) -> dict:
+        """`{"size": [h, w], "counts": "..."}`, what pycocotools' `mask.decode` and COCO files take.
+
+        >>> Mask((2, 3), "0:1").to_dict()
+        {'size': [2, 3], 'counts': '0:1'}
+        """
+        return {"size": list(self.size), "counts": self.counts}
+
+
+@dataclass(frozen=True)
 class Entity:
     """A phrase of the text grounded to one or more boxes, each with the model's score for it.
 
     `span` indexes the result's `text`; an `<object>` with no phrase has an empty span and a name
     made of its patch tokens, exactly as transformers names it. `scores` (one per box, in [0, 1];
     `engine/scoring.py` says how they are computed) is empty only before the engine has scored it.
+    `masks` and `mask_scores` (the segmenter's own quality score) are one per box when a request asked
+    for masks, else empty.
     """
 
     phrase: str
@@ -34,6 +53,8 @@ class Entity:
     boxes: tuple[NormalisedBox, ...]
     pixel_boxes: tuple[PixelBox, ...]
     scores: tuple[float, ...] = ()
+    masks: tuple[Mask, ...] = ()
+    mask_scores: tuple[float, ...] = ()
 
     def keeping(self, min_score: float) -> Entity | None:
         """This entity with only its boxes scored `min_score` or more; None when none is left.
@@ -47,7 +68,9 @@ class Entity:
             return None
         return dataclasses.replace(self, boxes=tuple(self.boxes[i] for i in kept),
                                    pixel_boxes=tuple(self.pixel_boxes[i] for i in kept),
-                                   scores=tuple(self.scores[i] for i in kept))
+                                   scores=tuple(self.scores[i] for i in kept),
+                                   masks=tuple(self.masks[i] for i in kept if i < len(self.masks)),
+                                   mask_scores=tuple(self.mask_scores[i] for i in kept if i < len(self.mask_scores)))
 
     def as_reference(self) -> tuple[str, tuple[int, int], list[NormalisedBox]]:
         """The tuple `post_process_generation` gives for this entity."""

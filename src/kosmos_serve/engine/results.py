@@ -42,17 +42,23 @@ class Result:
             "text": self.text,
             "answer": self.answer,
             "raw_text": self.raw_text,
-            "entities": [
-                {"phrase": e.phrase, "span": list(e.span), "boxes": [list(b) for b in e.boxes],
-                 "pixel_boxes": [list(b) for b in e.pixel_boxes], "scores": list(e.scores)}
-                for e in self.entities
-            ],
+            "entities": [entity_dict(e) for e in self.entities],
             "markdown": self.markdown,
             "image_size": list(self.image_size),
             "generated_tokens": self.generated_tokens,
             "image_cached": self.image_cached,
             "timings": {"vision_seconds": self.timings.vision, "generation_seconds": self.timings.generation},
         }
+
+
+def entity_dict(entity: Entity) -> dict:
+    """An entity as JSON: phrase, span, normalised and pixel boxes, scores; masks and their scores when asked for."""
+    answer = {"phrase": entity.phrase, "span": list(entity.span), "boxes": [list(b) for b in entity.boxes],
+              "pixel_boxes": [list(b) for b in entity.pixel_boxes], "scores": list(entity.scores)}
+    if entity.masks:
+        answer["masks"] = [mask.to_dict() for mask in entity.masks]
+        answer["mask_scores"] = list(entity.mask_scores)
+    return answer
 
 
 def combine_detections(rows: list[Row]) -> GroundedText:
@@ -64,7 +70,7 @@ def combine_detections(rows: list[Row]) -> GroundedText:
     for row, phrase in zip(rows, phrases):
         found = next((e for e in row.output.entities if e.phrase == phrase), None)
         if found is not None:
-            entities.append(Entity(phrase, (start, start + len(phrase)), found.boxes, found.pixel_boxes, found.scores))
+            entities.append(dataclasses.replace(found, span=(start, start + len(phrase))))
         start += len(phrase) + 2
     entities = tuple(entities)
     return GroundedText(

@@ -50,10 +50,10 @@ def prediction(regions: list[dict], version: str) -> dict:
     return {"result": regions, "score": score, "model_version": version}
 
 
-def mask_value(mask: Mask, label: str, region_type: str) -> dict | None:
+def mask_value(mask: Mask, labels: list[str], region_type: str) -> dict | None:
     """A mask as the `value` of a `brushlabels` or `polygonlabels` region (percent points); None when it is empty.
 
-    >>> value = mask_value(Mask((2, 4), "242"), "car", "polygonlabels")  # the middle two columns
+    >>> value = mask_value(Mask((2, 4), "242"), ["car"], "polygonlabels")  # the middle two columns
     >>> value["points"][:4], value["closed"], value["polygonlabels"]
     ([[25.0, 25.0], [37.5, 0.0], [62.5, 0.0], [75.0, 25.0]], True, ['car'])
     """
@@ -61,10 +61,10 @@ def mask_value(mask: Mask, label: str, region_type: str) -> dict | None:
     if not pixels.any():
         return None
     if region_type == "brushlabels":
-        return {"format": "rle", "rle": brush_rle(pixels), "brushlabels": [label]}
+        return {"format": "rle", "rle": brush_rle(pixels), "brushlabels": labels}
     height, width = pixels.shape
     points = [[100 * x / width, 100 * y / height] for x, y in outline(pixels)]
-    return {"points": points, "closed": True, "polygonlabels": [label]}
+    return {"points": points, "closed": True, "polygonlabels": labels}
 
 
 def box_value(box: LabelledBox, width: int, height: int) -> dict:
@@ -95,7 +95,7 @@ def to_label_studio(images: Sequence[AnnotatedImage], from_name: str = DEFAULT_F
             elif box.mask is None:
                 raise InvalidRequestError(f"--mask-format {mask_format}: the boxes of {image.resolved} have no masks; "
                                           "annotate with --masks (and a --segmenter) to get them.")
-            elif (value := mask_value(box.mask, box.label, region_type)) is None:
+            elif (value := mask_value(box.mask, [box.label], region_type)) is None:
                 report.empty_masks += 1
                 continue
             regions.append({"id": f"kosmos-{task_number}-{box_number}", "type": region_type, "from_name": from_name,

@@ -162,8 +162,9 @@ def test_detections_from_an_engine_result_with_masks(records, pixels):
 # --- Label Studio -------------------------------------------------------------------------------------------------
 
 # Runs in Label Studio's own environment: for each (labeling config, tasks), the errors Label Studio's check of
-# imported predictions finds (data_import/api.py calls validate_prediction), and each brush region decoded by its
-# converter (label_studio_sdk.converter.brush.decode_rle: RGBA bytes, the alpha channel as the mask).
+# imported predictions finds (data_import/api.py calls validate_prediction), each brush region decoded by its
+# converter (label_studio_sdk.converter.brush.decode_rle: RGBA bytes, the alpha channel as the mask), and whether
+# its encoder (brush.mask2rle) writes the same bytes for that mask.
 LABEL_STUDIO_READS = """
 import json, sys
 import numpy as np
@@ -175,10 +176,12 @@ for config, tasks in json.load(sys.stdin):
     interface = LabelInterface(config)
     errors = [error for task in tasks for prediction in task["predictions"]
               for error in interface.validate_prediction(prediction, return_errors=True)]
+    brushes = [region for task in tasks for region in task["predictions"][0]["result"]
+               if region["type"] == "brushlabels"]
     decoded = [np.reshape(brush.decode_rle(region["value"]["rle"]),
-                          [region["original_height"], region["original_width"], 4])[:, :, 3].tolist()
-               for task in tasks for region in task["predictions"][0]["result"] if region["type"] == "brushlabels"]
-    answer.append({"errors": errors, "decoded": decoded})
+                          [region["original_height"], region["original_width"], 4])[:, :, 3] for region in brushes]
+    reencoded = [brush.mask2rle(alpha) == region["value"]["rle"] for alpha, region in zip(decoded, brushes)]
+    answer.append({"errors": errors, "decoded": [alpha.tolist() for alpha in decoded], "reencoded": reencoded})
 print(json.dumps(answer))
 """
 
@@ -211,6 +214,7 @@ def test_brush_and_polygon_regions_pass_label_studios_checks_and_decode_to_the_m
     assert mixed_read["errors"]  # the check does check: rectangles are not a BrushLabels project's regions
     street, park = kept_masks(records, pixels)
     assert brush_read["decoded"] == [(expected.astype(int) * 255).tolist() for expected in street + park]
+    assert brush_read["reencoded"] == [True] * 5  # byte for byte what Label Studio's own encoder writes
 
     region = brush_tasks[0]["predictions"][0]["result"][0]
     assert region == {"id": "kosmos-1-1", "type": "brushlabels", "from_name": "label", "to_name": "image",

@@ -114,11 +114,10 @@ def brush_rle(pixels: np.ndarray) -> list[int]:
     >>> brush_rle(np.array([[True, False]]))
     [0, 0, 0, 8, 57, 27, 252, 127, 241, 128, 0]
     """
-    values = np.repeat(np.asarray(pixels, dtype=bool).ravel(), 4)
-    bits = [f"{len(values):032b}{BRUSH_WORD_BITS - 1:05b}", *(f"{size - 1:04b}" for size in BRUSH_RUN_BITS)]
-    changes = np.flatnonzero(values[1:] != values[:-1]) + 1
-    starts = np.concatenate(([0], changes))
-    lengths = np.diff(np.concatenate((starts, [len(values)])))
+    values = np.asarray(pixels, dtype=bool).ravel()  # each pixel is four equal bytes: runs four times as long
+    bits = [f"{4 * len(values):032b}{BRUSH_WORD_BITS - 1:05b}", *(f"{size - 1:04b}" for size in BRUSH_RUN_BITS)]
+    starts = np.concatenate(([0], np.flatnonzero(values[1:] != values[:-1]) + 1))
+    lengths = 4 * np.diff(np.concatenate((starts, [len(values)])))
     for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
         word = "11111111" if values[start] else "00000000"
         while length > 0:

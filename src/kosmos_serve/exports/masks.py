@@ -142,13 +142,16 @@ def outline(pixels: np.ndarray) -> list[tuple[float, float]]:
     """
     import contourpy
 
-    grid = np.pad(np.asarray(pixels, dtype=np.float64), 1)  # closed rings where the mask meets the image's edge
-    if not grid.any():
+    pixels = np.asarray(pixels, dtype=bool)
+    rows, columns = np.flatnonzero(pixels.any(axis=1)), np.flatnonzero(pixels.any(axis=0))
+    if not len(rows):
         return []
+    cropped = pixels[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]  # traced where the mask is, then moved back
+    grid = np.pad(cropped.astype(np.float64), 1)  # closed rings where the mask meets the image's edge
     tracer = contourpy.contour_generator(z=grid, fill_type=contourpy.FillType.OuterOffset)
     points, offsets = tracer.filled(0.5, 1.5)
     rings = [part[:ring[1]] for part, ring in zip(points, offsets, strict=True)]  # each part's outer ring
-    largest = max(rings, key=ring_area)[:-1] - 0.5  # open, and from grid points to pixel edges
+    largest = max(rings, key=ring_area)[:-1] - 0.5 + [columns[0], rows[0]]  # open, on pixel edges, in the image
     before, after = largest - np.roll(largest, 1, axis=0), np.roll(largest, -1, axis=0) - largest
     turning = before[:, 0] * after[:, 1] != before[:, 1] * after[:, 0]
     return [(float(x), float(y)) for x, y in largest[turning]]

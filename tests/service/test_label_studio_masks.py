@@ -193,15 +193,21 @@ def test_without_a_segmenter_a_brush_project_is_told_how_to_load_one():
     assert boxes.status_code == 200 and boxes.json()["results"][0]["result"]  # boxes need no segmenter
 
 
-@NEEDS_SEGMENTER_SETTING
-@pytest.mark.parametrize("control", ["BrushLabels", "PolygonLabels"])
-def test_with_a_segmenter_the_regions_are_the_masks_v1_generate_gives(control):
+@pytest.fixture(scope="module")
+def segmenting_service():
+    """The service on the demo model and the demo segmenter; yields its base URL."""
     engine = Engine(EngineSettings(model="demo", device="cpu", segmenter="demo"))
     with serve(engine) as base_url:
-        reference = httpx.post(f"{base_url}/v1/generate", timeout=120, json={
-            "image": data_uri(SCENE), "task": "detection", "phrases": ["the blue circle", "the yellow cross"],
-            "masks": True}).json()
-        answer = httpx.post(f"{base_url}/label-studio/predict", json=predict_body(control), timeout=120)
+        yield base_url
+
+
+@NEEDS_SEGMENTER_SETTING
+@pytest.mark.parametrize("control", ["BrushLabels", "PolygonLabels"])
+def test_with_a_segmenter_the_regions_are_the_masks_v1_generate_gives(segmenting_service, control):
+    reference = httpx.post(f"{segmenting_service}/v1/generate", timeout=120, json={
+        "image": data_uri(SCENE), "task": "detection", "phrases": ["the blue circle", "the yellow cross"],
+        "masks": True}).json()
+    answer = httpx.post(f"{segmenting_service}/label-studio/predict", json=predict_body(control), timeout=120)
     assert answer.status_code == 200, answer.text
     got = answer.json()["results"][0]["result"]
     boxes = [(pixels, score) for entity in reference["entities"]

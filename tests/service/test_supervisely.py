@@ -160,7 +160,8 @@ def test_the_supervisely_sdk_runs_inference_through_session_json(service, superv
     assert got["info"]["task type"] == "prompt-based object detection"
     assert got["info"]["batch_inference_support"] is True
     # the demo model's defaults
-    assert got["defaults"] == {"text_prompt": DEFAULT_PROMPT, "max_new_tokens": 64, "min_score": threshold}
+    assert got["defaults"] == {"text_prompt": DEFAULT_PROMPT, "max_new_tokens": 64, "min_score": threshold,
+                               "masks": False}
     assert got["meta"]["classes"] == [] and [t["name"] for t in got["meta"]["tags"]] == ["confidence"]
     one = got["one"]["annotation"]
     assert one["size"] == {"height": 195, "width": 229}
@@ -236,7 +237,8 @@ def test_settings_and_meta_routes_answer_what_session_json_reads(service):
     settings = httpx.post(f"{service}/supervisely/get_custom_inference_settings", json={"state": {}}).json()
     lines = [line for line in settings["settings"].splitlines() if not line.startswith("#")]
     threshold = default_min_score(service)
-    assert lines == [f'text_prompt: "{DEFAULT_PROMPT}"', "max_new_tokens: 64", f"min_score: {threshold}"]
+    assert lines == [f'text_prompt: "{DEFAULT_PROMPT}"', "max_new_tokens: 64", f"min_score: {threshold}",
+                     "masks: false"]
     meta = httpx.post(f"{service}/supervisely/get_output_classes_and_tags").json()
     assert meta == httpx.post(f"{service}/supervisely/get_model_meta").json()
     assert meta["classes"] == [] and [(t["name"], t["value_type"]) for t in meta["tags"]] == [("confidence",

@@ -4,6 +4,8 @@
 `supervision.Detections`. Every format reads the boxes the same way (`records`): failed records
 left out, reversed corners put in order, boxes of zero size left out, each counted in the report;
 every box keeps its own score (COCO `score`, Label Studio region `score`, supervision `confidence`).
+Records with masks (`annotate --masks`) export them too: COCO `segmentation` (run-length encoding) and
+`area`, Label Studio `brushlabels` or `polygonlabels` (`mask_format`), supervision's `mask`.
 Nothing here imports torch or transformers; supervision is imported only by `to_detections`.
 """
 
@@ -22,6 +24,7 @@ from kosmos_serve.exports.label_studio import (
     DEFAULT_FROM_NAME,
     DEFAULT_TO_NAME,
     LABEL_STUDIO_LOCAL_FILES,
+    MASK_FORMATS,
     label_studio_config,
     to_label_studio,
 )
@@ -35,7 +38,8 @@ from kosmos_serve.exports.records import (
 )
 
 __all__ = [
-    "FORMATS", "AnnotatedImage", "ExportReport", "LabelledBox", "MissingExtraError", "annotated_images",
+    "FORMATS", "MASK_FORMATS", "AnnotatedImage", "ExportReport", "LabelledBox", "MissingExtraError",
+    "annotated_images",
     "export_records", "label_studio_config", "order_box", "read_records", "to_coco", "to_detections",
     "to_label_studio",
 ]
@@ -46,17 +50,20 @@ FORMATS = ("coco", "label-studio")
 def export_records(records_path: str | Path, format_name: str, out: str | Path, *,
                    relative_to: str | Path | None = None, image_root: str | None = None,
                    from_name: str | None = None, to_name: str | None = None,
-                   label_config: str | Path | None = None) -> ExportReport:
+                   label_config: str | Path | None = None, mask_format: str | None = None) -> ExportReport:
     """Read `records_path`, write `out` in `format_name`; bad input raises before anything is written.
 
-    `image_root`, `from_name`, `to_name` and `label_config` (a labeling config file to write too, each
-    label with the phrases its boxes were found for as `predicted_values`) are for label-studio only.
+    `image_root`, `from_name`, `to_name`, `label_config` (a labeling config file to write too, each
+    label with the phrases its boxes were found for as `predicted_values`) and `mask_format` (regions of the
+    boxes' masks, "brush" or "polygon", instead of rectangles) are for label-studio only.
     """
     if format_name not in FORMATS:
         raise InvalidRequestError(f"unknown format {format_name!r}; choose {' or '.join(FORMATS)} (supervision "
                                   "Detections come from the Python helper kosmos_serve.exports.to_detections).")
+    if mask_format is not None and mask_format not in MASK_FORMATS:
+        raise InvalidRequestError(f"unknown --mask-format {mask_format!r}; choose {' or '.join(MASK_FORMATS)}.")
     label_studio_only = {"--image-root": image_root, "--from-name": from_name, "--to-name": to_name,
-                         "--label-config": label_config}
+                         "--label-config": label_config, "--mask-format": mask_format}
     given = [flag for flag, value in label_studio_only.items() if value is not None]
     if format_name != "label-studio" and given:
         raise InvalidRequestError(f"{' and '.join(given)} apply to --format label-studio only.")
@@ -72,12 +79,12 @@ def export_records(records_path: str | Path, format_name: str, out: str | Path, 
     else:
         from_name, to_name = from_name or DEFAULT_FROM_NAME, to_name or DEFAULT_TO_NAME
         image_root = LABEL_STUDIO_LOCAL_FILES if image_root is None else image_root
-        files[out] = as_json(to_label_studio(images, from_name, to_name, image_root))
+        files[out] = as_json(to_label_studio(images, from_name, to_name, image_root, mask_format, report))
         if label_config is not None:
             phrases_by_label = defaultdict(set)
             for box in (box for image in images for box in image.boxes):
                 phrases_by_label[box.label].add(box.phrase)
-            files[Path(label_config)] = label_studio_config(phrases_by_label, from_name, to_name) + "\n"
+            files[Path(label_config)] = label_studio_config(phrases_by_label, from_name, to_name, mask_format) + "\n"
             report.label_config = str(label_config)
     for path, text in files.items():
         write_text(path, text)

@@ -1,20 +1,23 @@
-"""Labelled images -> a COCO detection dataset (what pycocotools' `COCO(file)` and `loadRes` read)."""
+"""Labelled images -> a COCO detection (and, with masks, instance segmentation) dataset, what pycocotools'
+`COCO(file)` and `loadRes` read."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
+from kosmos_serve.exports.masks import mask_area
 from kosmos_serve.exports.records import AnnotatedImage
 
 
 def to_coco(images: Sequence[AnnotatedImage]) -> dict:
-    """A COCO detection dataset: images (ids from 1, by name), annotations with [x, y, w, h], area and score,
-    categories.
+    """A COCO dataset: images (ids from 1, by name), annotations with [x, y, w, h], area and score, categories.
 
-    Category ids count from 1 over the labels in alphabetical order. Each annotation also has an empty
-    `segmentation` (boxes only) and its box's `score`, so the same annotations serve as detection results
-    (`COCO.loadRes` on a ground truth of these images and categories, then `COCOeval`).
+    Category ids count from 1 over the labels in alphabetical order. An annotation's `segmentation` is its
+    box's mask as COCO run-length encoding and its `area` the mask's pixel count when the records have masks
+    (`annotate --masks`); otherwise `segmentation` is empty and `area` the box's. Each keeps its box's `score`,
+    so the same annotations serve as detection or segmentation results (`COCO.loadRes` on a ground truth of
+    these images and categories, then `COCOeval` with iouType "bbox" or "segm").
     """
     names = sorted({box.label for image in images for box in image.boxes})
     category_ids = {name: number for number, name in enumerate(names, start=1)}
@@ -23,9 +26,13 @@ def to_coco(images: Sequence[AnnotatedImage]) -> dict:
     for image_id, image in enumerate(images, start=1):
         for box in image.boxes:
             x1, y1, x2, y2 = box.xyxy
+            if box.mask is None:
+                segmentation, area = [], (x2 - x1) * (y2 - y1)
+            else:
+                segmentation, area = box.mask.to_dict(), mask_area(box.mask)
             annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                 "category_id": category_ids[box.label], "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                "area": (x2 - x1) * (y2 - y1), "iscrowd": 0, "segmentation": [], "score": box.score})
+                                "area": area, "iscrowd": 0, "segmentation": segmentation, "score": box.score})
     return {
         "info": {"description": f"Kosmos-2 boxes ({', '.join(models) or 'no model'}) exported by kosmos-serve",
                  "version": package_version(), "contributor": "kosmos-serve"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from kosmos_serve.errors import InvalidRequestError, KosmosServeError
+from kosmos_serve.exports.masks import mask_pixels
 from kosmos_serve.exports.records import entity_boxes, entity_problem
 
 SUPERVISION_INSTALL_HINT = 'kosmos_serve.exports.to_detections needs supervision: pip install -e ".[supervision]"'
@@ -19,7 +20,8 @@ class MissingExtraError(KosmosServeError, ImportError):
 
 def to_detections(result, class_map: Mapping[str, str] | None = None, classes: Sequence[str] | None = None):
     """One result as `supervision.Detections`: xyxy pixels, `confidence` (each box's score), `data["class_name"]`
-    and `data["phrase"]`.
+    and `data["phrase"]`; when the result has masks (asked for with `masks`), `mask` (N x H x W booleans) and
+    `data["mask_score"]` (the segmenter's score for each).
 
     `result` is an annotation record (dict), an `engine.Result` or `Result.to_dict()`. A box's class
     name is its entity's `class` (records from an ontology), else `class_map[phrase]`, else the
@@ -51,6 +53,10 @@ def to_detections(result, class_map: Mapping[str, str] | None = None, classes: S
     xyxy = np.array([box.xyxy for box in boxes], dtype=float).reshape(-1, 4)
     class_id = np.array([index[box.label] for box in boxes], dtype=int) if classes is not None else None
     confidence = np.array([box.score for box in boxes], dtype=float)
-    return sv.Detections(xyxy=xyxy, confidence=confidence, class_id=class_id,
-                         data={"class_name": np.array([box.label for box in boxes], dtype=str),
-                               "phrase": np.array([box.phrase for box in boxes], dtype=str)})
+    data = {"class_name": np.array([box.label for box in boxes], dtype=str),
+            "phrase": np.array([box.phrase for box in boxes], dtype=str)}
+    masked = bool(boxes) and all(box.mask is not None for box in boxes)
+    if masked:
+        data["mask_score"] = np.array([box.mask_score for box in boxes], dtype=float)
+    return sv.Detections(xyxy=xyxy, confidence=confidence, class_id=class_id, data=data,
+                         mask=np.stack([mask_pixels(box.mask) for box in boxes]) if masked else None)

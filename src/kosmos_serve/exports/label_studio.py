@@ -1,5 +1,7 @@
-"""Labelled images -> Label Studio tasks with predictions (`rectanglelabels`), and a labeling config that takes them.
+"""Labelled images -> Label Studio tasks with predictions, and a labeling config that takes them.
 
+Each box is a `rectanglelabels` region; with a mask format, each box's mask is a `brushlabels` region (Label
+Studio's own run-length encoding) or a `polygonlabels` one (the outline of the mask's largest part) instead.
 Scores and model versions are the ML backend's (`server/label_studio/`): a region's `score` is its box's,
 a prediction's the mean of its regions' (0 when none), `model_version` is `model_version(model, quantize)`.
 The labeling config gives each `<Label>` its phrases as `predicted_values`, which the backend grounds.
@@ -14,12 +16,18 @@ from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 from kosmos_serve.errors import InvalidRequestError
-from kosmos_serve.exports.records import AnnotatedImage
+from kosmos_serve.exports.masks import brush_rle, mask_pixels, outline
+from kosmos_serve.exports.records import AnnotatedImage, ExportReport, LabelledBox
+from kosmos_serve.grounding import Mask
 
 LABEL_STUDIO_LOCAL_FILES = "/data/local-files/?d="  # Label Studio's own prefix for files under its document root
 DEFAULT_FROM_NAME = "label"
 DEFAULT_TO_NAME = "image"
 PHRASE_SEPARATOR = ","  # what Label Studio's ML backends split `predicted_values` on
+# A region type by the mask format that makes it (None: boxes), and the labeling config's control for it
+REGION_TYPES = {None: "rectanglelabels", "brush": "brushlabels", "polygon": "polygonlabels"}
+CONTROL_TAGS = {"rectanglelabels": "RectangleLabels", "brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels"}
+MASK_FORMATS = ("brush", "polygon")
 
 
 def model_version(model: str, quantize: str = "none") -> str:
@@ -42,34 +50,66 @@ def prediction(regions: list[dict], version: str) -> dict:
     return {"result": regions, "score": score, "model_version": version}
 
 
+def mask_value(mask: Mask, labels: list[str], region_type: str) -> dict | None:
+    """A mask as the `value` of a `brushlabels` or `polygonlabels` region (percent points); None when it is empty.
+
+    >>> value = mask_value(Mask((2, 4), "242"), ["car"], "polygonlabels")  # the middle two columns
+    >>> value["points"][:4], value["closed"], value["polygonlabels"]
+    ([[25.0, 25.0], [37.5, 0.0], [62.5, 0.0], [75.0, 25.0]], True, ['car'])
+    """
+    pixels = mask_pixels(mask)
+    if not pixels.any():
+        return None
+    if region_type == "brushlabels":
+        return {"format": "rle", "rle": brush_rle(pixels), "brushlabels": labels}
+    height, width = pixels.shape
+    points = [[100 * x / width, 100 * y / height] for x, y in outline(pixels)]
+    return {"points": points, "closed": True, "polygonlabels": labels}
+
+
+def box_value(box: LabelledBox, width: int, height: int) -> dict:
+    """A box as the `value` of a `rectanglelabels` region: x, y, width, height in percent of the image."""
+    x1, y1, x2, y2 = box.xyxy
+    return {"x": 100 * x1 / width, "y": 100 * y1 / height, "width": 100 * (x2 - x1) / width,
+            "height": 100 * (y2 - y1) / height, "rotation": 0, "rectanglelabels": [box.label]}
+
+
 def to_label_studio(images: Sequence[AnnotatedImage], from_name: str = DEFAULT_FROM_NAME,
-                    to_name: str = DEFAULT_TO_NAME, image_root: str = LABEL_STUDIO_LOCAL_FILES) -> list[dict]:
+                    to_name: str = DEFAULT_TO_NAME, image_root: str = LABEL_STUDIO_LOCAL_FILES,
+                    mask_format: str | None = None, report: ExportReport | None = None) -> list[dict]:
     """Label Studio tasks, one per image: `data.image` is `image_root` + the URL-quoted name, boxes as predictions.
 
-    Coordinates are percent of the original size, as Label Studio's `rectanglelabels` want them.
+    Box coordinates are percent of the original size, as Label Studio's `rectanglelabels` want them. With
+    `mask_format` "brush" or "polygon", each box's mask is its region instead; every box must have one
+    (InvalidRequestError otherwise), and a box whose mask is empty is left out (counted in `report`).
     """
+    region_type = REGION_TYPES[mask_format]
+    report = report if report is not None else ExportReport()
     tasks = []
     for task_number, image in enumerate(images, start=1):
         regions = []
         for box_number, box in enumerate(image.boxes, start=1):
-            x1, y1, x2, y2 = box.xyxy
-            regions.append({
-                "id": f"kosmos-{task_number}-{box_number}", "type": "rectanglelabels",
-                "from_name": from_name, "to_name": to_name,
-                "original_width": image.width, "original_height": image.height, "image_rotation": 0,
-                "value": {"x": 100 * x1 / image.width, "y": 100 * y1 / image.height,
-                          "width": 100 * (x2 - x1) / image.width, "height": 100 * (y2 - y1) / image.height,
-                          "rotation": 0, "rectanglelabels": [box.label]},
-                "score": box.score,
-            })
+            if mask_format is None:
+                value = box_value(box, image.width, image.height)
+                report.masks_not_exported += box.mask is not None
+            elif box.mask is None:
+                raise InvalidRequestError(f"--mask-format {mask_format}: the boxes of {image.resolved} have no masks; "
+                                          "annotate with --masks (and a --segmenter) to get them.")
+            elif (value := mask_value(box.mask, [box.label], region_type)) is None:
+                report.empty_masks += 1
+                continue
+            regions.append({"id": f"kosmos-{task_number}-{box_number}", "type": region_type, "from_name": from_name,
+                            "to_name": to_name, "original_width": image.width, "original_height": image.height,
+                            "image_rotation": 0, "value": value, "score": box.score})
         tasks.append({"data": {"image": image_root + quote(image.name)},
                       "predictions": [prediction(regions, model_version(image.model, image.quantize))]})
     return tasks
 
 
 def label_studio_config(phrases_by_label: Mapping[str, Iterable[str]], from_name: str = DEFAULT_FROM_NAME,
-                        to_name: str = DEFAULT_TO_NAME) -> str:
-    """A labeling config that takes these tasks: an Image `to_name` on `$image`, RectangleLabels `from_name`.
+                        to_name: str = DEFAULT_TO_NAME, mask_format: str | None = None) -> str:
+    """A labeling config that takes these tasks: an Image `to_name` on `$image`, and `from_name` the control of
+    their regions (RectangleLabels; BrushLabels or PolygonLabels with a `mask_format`).
 
     Each label's phrases (the ontology's for its class, else the label itself) go in `predicted_values`, so
     the ML backend grounds those phrases for it. A phrase with a comma cannot go there (the backend splits
@@ -85,10 +125,11 @@ def label_studio_config(phrases_by_label: Mapping[str, Iterable[str]], from_name
       </RectangleLabels>
     </View>
     """
+    control = CONTROL_TAGS[REGION_TYPES[mask_format]]
     lines = ["<View>", f'  <Image name={quoteattr(to_name)} value="$image"/>',
-             f"  <RectangleLabels name={quoteattr(from_name)} toName={quoteattr(to_name)}>"]
+             f"  <{control} name={quoteattr(from_name)} toName={quoteattr(to_name)}>"]
     lines += [f"    {label_element(label, phrases)}" for label, phrases in sorted(phrases_by_label.items())]
-    lines += ["  </RectangleLabels>", "</View>"]
+    lines += [f"  </{control}>", "</View>"]
     return "\n".join(lines)
 
 

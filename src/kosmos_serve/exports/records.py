@@ -4,6 +4,7 @@
 - each pixel box of each entity is one object, labelled with the entity's `class` when the record
   has one (an ontology), else with its `phrase`, and scored with its own entry of the entity's `scores`
   (records written before boxes had scores count each box 1.0, as the model's answer, and are counted);
+  its mask and the segmenter's score for it come along when the record has masks (`annotate --masks`);
 - a box whose corners came back reversed (the model may write the lower-right location first) is
   put in order, per axis, and counted; a box of zero width or height is left out and counted;
 - when several records name the same image (`resolved`), the last one counts (a later run's answer);
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kosmos_serve.errors import InvalidRequestError
+from kosmos_serve.exports.masks import as_mask, mask_problem
+from kosmos_serve.grounding import Mask
 
 PixelBox = tuple[float, float, float, float]
 UNSCORED = 1.0  # the score of a box from a record written before scores (what the ML backend gave every box then)
@@ -29,12 +33,14 @@ UNSCORED = 1.0  # the score of a box from a record written before scores (what t
 @dataclass(frozen=True)
 class LabelledBox:
     """One object of an image: its label (class, else phrase), the phrase the model wrote, x1, y1, x2, y2 pixels
-    and the model's score for the box (0 to 1)."""
+    and the model's score for the box (0 to 1); its mask and the segmenter's score for that, when it has one."""
 
     label: str
     phrase: str
     xyxy: PixelBox
     score: float
+    mask: Mask | None = None
+    mask_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class ExportReport:
     label_config: str = ""  # label-studio's labeling config, when one was written too
     images: int = 0
     boxes: int = 0
+    masks: int = 0  # boxes that came with a mask
+    masks_not_exported: int = 0  # of those, the ones the format chosen leaves as boxes only
+    empty_masks: int = 0  # boxes left out of brush or polygon regions: their mask has no pixel
     root: str = ""
     failed: Counter = field(default_factory=Counter)  # error code -> records left out
     reordered_boxes: int = 0
@@ -76,7 +85,8 @@ class ExportReport:
         written = f"{self.out} ({self.format})" + (f" and its labeling config {self.label_config}"
                                                    if self.label_config else "")
         line = (f"wrote {written}: {self.images} image{'s' * (self.images != 1)}, "
-                f"{self.boxes} box{'es' * (self.boxes != 1)}, image names relative to {self.root or '-'}")
+                f"{self.boxes} box{'es' * (self.boxes != 1)}{f' ({self.masks} with masks)' if self.masks else ''}, "
+                f"image names relative to {self.root or '-'}")
         notes = []
         if self.failed:
             codes = ", ".join(f"{code} {count}" for code, count in sorted(self.failed.items()))
@@ -87,6 +97,12 @@ class ExportReport:
                          "in order")
         if self.empty_boxes:
             notes.append(f"left out {self.empty_boxes} box{'es' * (self.empty_boxes != 1)} of zero width or height")
+        if self.masks_not_exported:
+            notes.append(f"exported {self.masks_not_exported} masked box{'es' * (self.masks_not_exported != 1)} as "
+                         "boxes only (--mask-format brush or polygon exports their masks)")
+        if self.empty_masks:
+            notes.append(f"left out {self.empty_masks} box{'es' * (self.empty_masks != 1)} whose mask is empty "
+                         "(no pixel to draw)")
         if self.unscored_boxes:
             notes.append(f"scored {self.unscored_boxes} box{'es' * (self.unscored_boxes != 1)} {UNSCORED} "
                          "(records written before scores)")
@@ -187,7 +203,7 @@ def record_problem(record) -> str | None:
 
 def entity_problem(entity, width: int | None = None, height: int | None = None) -> str | None:
     """What is wrong with one entity (phrase, class, pixel boxes inside a `width` x `height` image if given, a score
-    from 0 to 1 per box), or None.
+    from 0 to 1 per box, and when it has masks a mask of the image's size and a mask score per box), or None.
 
     >>> entity_problem({"phrase": "a dog", "pixel_boxes": [[0, 0, 2, 2]], "scores": [0.7, 0.2]})
     "'scores' must hold one number from 0 to 1 per pixel box"
@@ -210,6 +226,17 @@ def entity_problem(entity, width: int | None = None, height: int | None = None) 
     if scores and not (isinstance(scores, list) and len(scores) == len(boxes) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in scores)):
         return "'scores' must hold one number from 0 to 1 per pixel box"
+    masks, mask_scores = entity.get("masks") or [], entity.get("mask_scores") or []
+    if not masks and not mask_scores:
+        return None
+    if not (isinstance(masks, list) and len(masks) == len(boxes)):
+        return "'masks' must hold one mask per pixel box"
+    if not (isinstance(mask_scores, list) and len(mask_scores) == len(boxes) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in mask_scores)):
+        return "'mask_scores' must hold one number per pixel box"
+    for number, mask in enumerate(masks):
+        if problem := mask_problem(mask, height, width):
+            return f"mask {number} {problem}"
     return None
 
 
@@ -218,7 +245,8 @@ def entity_boxes(entities: Iterable, class_map: Mapping[str, str] | None = None,
     """Each entity's pixel boxes in order, labelled and scored; `entities` are record dicts or engine entities.
 
     The label is the entity's `class` (records from an ontology), else `class_map[phrase]`, else the phrase;
-    each box keeps its own score (UNSCORED when the entity has no scores).
+    each box keeps its own score (UNSCORED when the entity has no scores), and its mask and mask score when it has
+    them.
 
     >>> [(box.label, box.score) for box in entity_boxes([{"phrase": "a car", "class": "car",
     ...     "pixel_boxes": [[0, 0, 5, 5], [5, 5, 9, 9]], "scores": [0.9, 0.4]}])]
@@ -229,17 +257,21 @@ def entity_boxes(entities: Iterable, class_map: Mapping[str, str] | None = None,
         if isinstance(entity, Mapping):
             phrase, given_class, boxes = entity["phrase"], entity.get("class"), entity["pixel_boxes"]
             scores = entity.get("scores") or ()
-        else:
-            phrase, given_class, boxes, scores = entity.phrase, None, entity.pixel_boxes, entity.scores  # engine's
+            masks = [as_mask(mask) for mask in entity.get("masks") or ()]
+            mask_scores = entity.get("mask_scores") or ()
+        else:  # the engine's
+            phrase, given_class, boxes, scores = entity.phrase, None, entity.pixel_boxes, entity.scores
+            masks, mask_scores = entity.masks, entity.mask_scores
         label = given_class or (class_map or {}).get(phrase, phrase)
-        for box, score in zip(boxes, scores or [UNSCORED] * len(boxes), strict=True):
+        for number, (box, score) in enumerate(zip(boxes, scores or [UNSCORED] * len(boxes), strict=True)):
             ordered, reversed_corners = order_box(box)
             if report is not None:
                 report.empty_boxes += ordered is None
                 report.reordered_boxes += ordered is not None and reversed_corners
                 report.unscored_boxes += ordered is not None and not scores
             if ordered is not None:
-                labelled.append(LabelledBox(label, phrase, ordered, score))
+                mask, mask_score = (masks[number], mask_scores[number]) if masks else (None, None)
+                labelled.append(LabelledBox(label, phrase, ordered, score, mask, mask_score))
     return labelled
 
 
@@ -268,6 +300,7 @@ def annotated_images(records: Iterable[dict], relative_to: str | Path | None = N
     ]
     images.sort(key=lambda image: image.name)
     report.images, report.boxes = len(images), sum(len(image.boxes) for image in images)
+    report.masks = sum(box.mask is not None for image in images for box in image.boxes)
     return images
 
 

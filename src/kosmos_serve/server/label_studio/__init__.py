@@ -7,6 +7,8 @@ detection task (one grounded prompt per phrase, one batch per image); a label's 
 (comma-separated) or `hint` replaces its value as the phrase, and a `<TextArea>` on the same image,
 when an annotator has typed in it (interactive pre-annotation), replaces the labels' phrases with its
 own lines. Each box comes back as a `rectanglelabels` region in percent of the image, with the box's score;
+with a `<BrushLabels>` or `<PolygonLabels>` control instead, the engine is asked for masks (its segmenter,
+`serve --segmenter`) and each box comes back as its mask, a `brushlabels` or `polygonlabels` region;
 boxes scored under the threshold are left out: the value of a `<Number name="min_score">` control when the
 config has one (the annotator's, else its `defaultValue`), else the service's default (KOSMOS_MIN_SCORE).
 

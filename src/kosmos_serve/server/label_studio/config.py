@@ -1,5 +1,5 @@
-"""A Label Studio labeling config read for detection: its `<RectangleLabels>` on an `<Image>`, the phrases each
-`<Label>` stands for, the plan of phrases to ground for a task (the annotator's typed prompt, when there is one),
+"""A Label Studio labeling config read for detection: its `<RectangleLabels>` on an `<Image>` (or `<BrushLabels>` or
+`<PolygonLabels>`, whose regions are the boxes' masks), the phrases each `<Label>` stands for, the plan of phrases to ground for a task (the annotator's typed prompt, when there is one),
 and the score under which boxes are dropped (a `<Number name="min_score">`, when there is one).
 """
 
@@ -19,6 +19,8 @@ _MIN_SCORE = TypeAdapter(MinScoreField)
 
 PROMPT_SEPARATORS = re.compile(r"[\n;,.]")
 MIN_SCORE_CONTROL = "min_score"  # a <Number> of this name sets the threshold, as Grounding DINO backends' do theirs
+# The controls whose regions this backend predicts, by tag in lower case: the type of the regions each takes
+REGION_TYPES = ("rectanglelabels", "brushlabels", "polygonlabels")
 
 
 @dataclass(frozen=True)
@@ -33,17 +35,24 @@ class LabelSpec:
 class DetectionConfig:
     """What `/predict` needs from a labeling config."""
 
-    from_name: str  # the <RectangleLabels> control
+    from_name: str  # the <RectangleLabels> (or <BrushLabels>, <PolygonLabels>) control
     to_name: str  # the <Image> it labels
     image_field: str  # the task data key the image reads: value="$image" -> "image"
     labels: tuple[LabelSpec, ...]
     prompt_from: str | None = None  # a <TextArea> on the same image, whose text replaces the labels' phrases
     min_score_from: str | None = None  # a <Number name="min_score">, whose value is the threshold
     min_score: float | None = None  # that control's defaultValue
+    region_type: str = "rectanglelabels"  # "brushlabels" or "polygonlabels": the regions are the boxes' masks
+
+    @property
+    def masks(self) -> bool:
+        """Whether the regions are masks, which the engine's segmenter draws for each box."""
+        return self.region_type != "rectanglelabels"
 
 
 def parse_labeling_config(xml: str) -> DetectionConfig:
-    """The first `<RectangleLabels>` on an `<Image>`, its labels and phrases, and a `<TextArea>` prompt if any.
+    """The first `<RectangleLabels>`, `<BrushLabels>` or `<PolygonLabels>` on an `<Image>`, its labels and phrases,
+    and a `<TextArea>` prompt if any.
 
     >>> config = parse_labeling_config('<View><Image name="img" value="$photo"/><RectangleLabels name="box" '
     ...     'toName="img"><Label value="Car" predicted_values="car, truck"/><Label value="Dog" hint="a dog"/>'
@@ -52,6 +61,9 @@ def parse_labeling_config(xml: str) -> DetectionConfig:
     ('box', 'img', 'photo')
     >>> [(label.value, label.phrases) for label in config.labels]
     [('Car', ('car', 'truck')), ('Dog', ('a dog',)), ('cat', ('cat',))]
+    >>> parse_labeling_config('<View><Image name="img" value="$photo"/><BrushLabels name="mask" toName="img">'
+    ...     '<Label value="Car"/></BrushLabels></View>').region_type
+    'brushlabels'
     """
     if "<!DOCTYPE" in xml.upper() or "<!ENTITY" in xml.upper():
         raise InvalidRequestError("The labeling config declares a DOCTYPE or entities, which Label Studio configs "
@@ -62,44 +74,45 @@ def parse_labeling_config(xml: str) -> DetectionConfig:
         raise InvalidRequestError(f"The labeling config is not well-formed XML ({error}).") from None
     tags = list(root.iter())
     images = {tag.get("name"): tag for tag in tags if tag.tag.lower() == "image" and tag.get("name")}
-    controls = [tag for tag in tags if tag.tag.lower() == "rectanglelabels"]
+    controls = [tag for tag in tags if tag.tag.lower() in REGION_TYPES]
     example = ('<RectangleLabels name="label" toName="image"><Label value="cat"/></RectangleLabels> '
                'for <Image name="image" value="$image"/>')
     if not controls:
         raise InvalidRequestError(f"The labeling config has no <RectangleLabels> control, which is what this backend "
-                                  f"predicts (boxes); add one, e.g. {example}.")
+                                  f"predicts (boxes; <BrushLabels> or <PolygonLabels> for masks); add one, e.g. "
+                                  f"{example}.")
     for control in controls:
         targets = [name.strip() for name in (control.get("toName") or "").split(",") if name.strip()]
         if len(targets) > 1 and any(name in images for name in targets):
-            raise InvalidRequestError(f"<RectangleLabels name=\"{control.get('name')}\"> names {len(targets)} objects "
+            raise InvalidRequestError(f"<{control.tag} name=\"{control.get('name')}\"> names {len(targets)} objects "
                                       f"({', '.join(targets)}); point it at one <Image>.")
         if targets and targets[0] in images:
             return _detection_config(control, images[targets[0]], tags)
-    raise InvalidRequestError(f"No <RectangleLabels> in the labeling config points at an <Image> (toName must be an "
-                              f"<Image>'s name), e.g. {example}.")
+    raise InvalidRequestError(f"No <RectangleLabels> (or <BrushLabels>, <PolygonLabels>) in the labeling config points "
+                              f"at an <Image> (toName must be an <Image>'s name), e.g. {example}.")
 
 
 def _detection_config(control: ElementTree.Element, image: ElementTree.Element, tags) -> DetectionConfig:
-    from_name, to_name = control.get("name"), image.get("name")
+    from_name, to_name, region_type = control.get("name"), image.get("name"), control.tag.lower()
     if not from_name:
-        raise InvalidRequestError("The <RectangleLabels> control has no name; give it one (name=\"label\").")
+        raise InvalidRequestError(f"The <{control.tag}> control has no name; give it one (name=\"label\").")
     value = image.get("value") or ""
     if not value.startswith("$") or len(value) < 2:
         raise InvalidRequestError(f"<Image name=\"{to_name}\"> must read its image from the task data "
                                   f"(value=\"$image\"); got value=\"{value}\".")
-    labels = tuple(_label_spec(label) for label in control.iter() if label.tag.lower() == "label")
+    labels = tuple(_label_spec(label, control.tag) for label in control.iter() if label.tag.lower() == "label")
     if not labels:
-        raise InvalidRequestError(f"<RectangleLabels name=\"{from_name}\"> has no <Label> to detect; add one "
+        raise InvalidRequestError(f"<{control.tag} name=\"{from_name}\"> has no <Label> to detect; add one "
                                   f"(<Label value=\"cat\"/>); labels loaded from task data are not supported.")
     prompt = next((tag.get("name") for tag in tags if tag.tag.lower() == "textarea" and tag.get("name")
                    and to_name in [name.strip() for name in (tag.get("toName") or "").split(",")]), None)
     number = next((tag for tag in tags if tag.tag.lower() == "number" and tag.get("name") == MIN_SCORE_CONTROL), None)
     if number is None:
-        return DetectionConfig(from_name, to_name, value[1:], labels, prompt)
+        return DetectionConfig(from_name, to_name, value[1:], labels, prompt, region_type=region_type)
     default = number.get("defaultValue")
     where = f'<Number name="{MIN_SCORE_CONTROL}">\'s defaultValue'
     return DetectionConfig(from_name, to_name, value[1:], labels, prompt, MIN_SCORE_CONTROL,
-                           None if default is None else checked_min_score(default, where))
+                           None if default is None else checked_min_score(default, where), region_type)
 
 
 def checked_min_score(value: Any, where: str) -> float:
@@ -137,10 +150,10 @@ def min_score(config: DetectionConfig, context: dict[str, Any] | None, default: 
     return config.min_score if config.min_score is not None else default
 
 
-def _label_spec(label: ElementTree.Element) -> LabelSpec:
+def _label_spec(label: ElementTree.Element, control: str) -> LabelSpec:
     value = (label.get("value") or "").strip()
     if not value:
-        raise InvalidRequestError("A <Label> in the <RectangleLabels> control has no value; give each label one.")
+        raise InvalidRequestError(f"A <Label> in the <{control}> control has no value; give each label one.")
     predicted = [name.strip() for name in (label.get("predicted_values") or "").split(",") if name.strip()]
     hint = (label.get("hint") or "").strip()
     return LabelSpec(value, tuple(predicted) or ((hint,) if hint else (value,)))

@@ -111,28 +111,36 @@ class WebhookBody(_Open):
 
 
 def regions(result: Result, config: DetectionConfig, plan: dict[str, LabelSpec | None]) -> list[dict]:
-    """Each box of each grounded phrase as a `rectanglelabels` region, in percent of the image, with its score."""
+    """Each box of each grounded phrase as a region of the config's type, with the box's score: a `rectanglelabels`
+    box in percent of the image, or the box's mask as `brushlabels` (Label Studio's run-length encoding) or
+    `polygonlabels` (its largest part's outline, in percent); a box whose mask is empty is left out."""
     width, height = result.image_size
     found = []
     for entity in result.entities:
         if entity.phrase not in plan:
             continue
         label = plan[entity.phrase]
-        for (x1, y1, x2, y2), score in zip(entity.boxes, entity.scores, strict=True):
-            x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2))
+        labels = [label.value] if label else []
+        masks = entity.masks if config.masks else [None] * len(entity.boxes)
+        for (x1, y1, x2, y2), score, mask in zip(entity.boxes, entity.scores, masks, strict=True):
+            if mask is None:
+                x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2))
+                value = {"x": 100 * x1, "y": 100 * y1, "width": 100 * (x2 - x1), "height": 100 * (y2 - y1),
+                         "rotation": 0, "rectanglelabels": labels}
+            elif (value := export.mask_value(mask, labels, config.region_type)) is None:
+                continue
             region = {
                 "id": uuid.uuid4().hex[:10],
                 "from_name": config.from_name,
                 "to_name": config.to_name,
-                "type": "rectanglelabels",
+                "type": config.region_type,
                 "original_width": width,
                 "original_height": height,
                 "image_rotation": 0,
-                "value": {"x": 100 * x1, "y": 100 * y1, "width": 100 * (x2 - x1), "height": 100 * (y2 - y1),
-                          "rotation": 0, "rectanglelabels": [label.value] if label else []},
+                "value": value,
                 "score": score,
             }
-            if label is None:  # a typed phrase no label fits: the box comes unlabelled, the phrase as its note
+            if label is None:  # a typed phrase no label fits: the region comes unlabelled, the phrase as its note
                 region["meta"] = {"text": [entity.phrase]}
             found.append(region)
     return found

@@ -50,14 +50,15 @@ async def setup(request: Request, body: SetupBody):
     return {"model_version": _model_version(service_state(request))}
 
 
-@router.post("/predict", summary="Boxes for each task's image, one phrase per label (or the annotator's prompt), "
-                                  "each with its score; boxes under the threshold are left out.")
+@router.post("/predict", summary="Boxes (or their masks, for BrushLabels and PolygonLabels) for each task's image, one "
+                                  "phrase per label (or the annotator's prompt), each with its score; boxes under the "
+                                  "threshold are left out.")
 async def predict(request: Request, body: PredictBody):
     state = service_state(request)
     config = parse_labeling_config(body.label_config)
     context = body.params.context if body.params else None
     plan = detection_plan(config, context)
-    params = GenerationParams(min_score=min_score(config, context, state.default_min_score))
+    params = GenerationParams(min_score=min_score(config, context, state.default_min_score), masks=config.masks)
     version = _model_version(state)
     state.ready_batcher()  # a 503 before any image is fetched
     room = asyncio.Semaphore(state.settings.max_batch_requests)  # enough at once to fill a batch, not the whole queue

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import zlib
 from typing import Any
 
+import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from PIL import Image
@@ -13,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from kosmos_serve.engine import Request as EngineRequest
 from kosmos_serve.engine import Result
 from kosmos_serve.errors import InvalidRequestError, describe_validation_errors
+from kosmos_serve.exports.masks import mask_pixels
 from kosmos_serve.generation import GenerationParams, MaxNewTokens
+from kosmos_serve.grounding import Mask
 from kosmos_serve.server.common import MinScoreField
 from kosmos_serve.server.errors import ErrorAnswer, ErrorFormat
 from kosmos_serve.tasks import Task, TaskInput
@@ -51,18 +57,20 @@ def render_error(answer: ErrorAnswer, request: Request) -> JSONResponse:
 
 # The engine's inputs by the inference settings that set them (`engine_request`)
 SETTINGS_FIELDS = {"prompt": "settings.text_prompt", "max_new_tokens": "settings.max_new_tokens",
-                   "min_score": "settings.min_score"}
+                   "min_score": "settings.min_score", "masks": "settings.masks"}
 ERROR_FORMAT = ErrorFormat(owns=is_supervisely_path, render=render_error, names=SETTINGS_FIELDS)
 
 
 class InferenceSettings(BaseModel):
-    """`state.settings` of a request: serve-kosmos-2's keys, plus SessionJSON's `classes`; other keys are ignored."""
+    """`state.settings` of a request: serve-kosmos-2's keys, `min_score` and `masks`, plus SessionJSON's `classes`;
+    other keys are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     text_prompt: str | None = None
     max_new_tokens: MaxNewTokens | None = None
     min_score: MinScoreField | None = None  # unset: the service's default (KOSMOS_MIN_SCORE)
+    masks: bool = False  # each object a bitmap: its box's mask from the service's segmenter (serve --segmenter)
     classes: Any = None  # checked in inference_settings, with a message pydantic's union errors would not give
 
 
@@ -108,10 +116,12 @@ def inference_settings(state: dict) -> InferenceSettings:
 
 def engine_request(image: Image.Image, settings: InferenceSettings, default_min_score: float) -> EngineRequest:
     """The grounded generation serve-kosmos-2 runs for these settings (`<grounding>` added when missing); boxes
-    scored under `settings.min_score` (unset: `default_min_score`) are dropped."""
+    scored under `settings.min_score` (unset: `default_min_score`) are dropped; with `settings.masks`, each box's
+    mask is asked for."""
     task = TaskInput(Task.RAW, prompt=settings.text_prompt or DEFAULT_TEXT_PROMPT, grounding=True)
     threshold = settings.min_score if settings.min_score is not None else default_min_score
-    return EngineRequest(image, task, GenerationParams(max_new_tokens=settings.max_new_tokens, min_score=threshold))
+    return EngineRequest(image, task, GenerationParams(max_new_tokens=settings.max_new_tokens, min_score=threshold,
+                                                       masks=settings.masks))
 
 
 def rectangle_object(class_title: str, box: tuple[int, int, int, int], score: float | None = None) -> dict:
@@ -137,19 +147,53 @@ def rectangle_object(class_title: str, box: tuple[int, int, int, int], score: fl
     }
 
 
-def prediction(result: Result, classes: list[str] | str | None = None, name: str | None = None) -> dict:
+def bitmap_object(class_title: str, mask: Mask, score: float) -> dict | None:
+    """One mask as a Supervisely bitmap label (`Label.to_json` of an `sly.Bitmap`), or None when it is empty.
+
+    The bitmap is the mask cropped to its pixels, `origin` its [left, top]; `data` is a 1-bit palette PNG (index 1
+    opaque white, index 0 transparent) compressed with zlib, in base64, as `Bitmap.data_2_base64` writes it.
+
+    >>> bitmap_object("a dot", Mask((3, 4), "722O"), 0.5)["bitmap"]["origin"]
+    [2, 1]
+    """
+    pixels = mask_pixels(mask)
+    if not pixels.any():
+        return None
+    rows, columns = np.flatnonzero(pixels.any(axis=1)), np.flatnonzero(pixels.any(axis=0))
+    cropped = pixels[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+    image = Image.fromarray(cropped.astype(np.uint8))
+    image.putpalette([0, 0, 0, 255, 255, 255])
+    png = io.BytesIO()
+    image.save(png, format="PNG", transparency=0)
+    return {
+        "classTitle": class_title,
+        "description": "",
+        "tags": [{"name": CONFIDENCE_TAG, "value": score}],
+        "bitmap": {"origin": [int(columns[0]), int(rows[0])],
+                   "data": base64.b64encode(zlib.compress(png.getvalue())).decode("ascii")},
+        "geometryType": "bitmap",
+        "shape": "bitmap",
+        "nnCreated": True,
+        "nnUpdated": True,
+    }
+
+
+def prediction(result: Result, classes: list[str] | str | None = None, name: str | None = None,
+               masks: bool = False) -> dict:
     """A result as the SDK's prediction JSON: the annotation (caption as its description) and `data`, the /v1 answer.
 
-    Each box of each grounded phrase is one object, its score its "confidence" tag; `classes` (a list) keeps only
-    those phrases.
+    Each box of each grounded phrase is one object, its score its "confidence" tag: a rectangle, or with `masks`
+    its mask as a bitmap (a box whose mask is empty is left out); `classes` (a list) keeps only those phrases.
     """
     width, height = result.image_size
-    objects = [
-        rectangle_object(entity.phrase, box, score)
-        for entity in result.entities
-        if entity.phrase.strip() and (not isinstance(classes, list) or entity.phrase in classes)
-        for box, score in zip(entity.pixel_boxes, entity.scores, strict=True)
-    ]
+    kept = [entity for entity in result.entities
+            if entity.phrase.strip() and (not isinstance(classes, list) or entity.phrase in classes)]
+    if masks:
+        objects = [found for entity in kept for mask, score in zip(entity.masks, entity.scores, strict=True)
+                   if (found := bitmap_object(entity.phrase, mask, score)) is not None]
+    else:
+        objects = [rectangle_object(entity.phrase, box, score)
+                   for entity in kept for box, score in zip(entity.pixel_boxes, entity.scores, strict=True)]
     annotation = {"description": result.text, "size": {"height": height, "width": width}, "tags": [],
                   "objects": objects, "customBigData": {}}
     return {

@@ -86,6 +86,8 @@ async def get_custom_inference_settings(request: Request):
         f"max_new_tokens: {_default_max_new_tokens(state)}\n"
         "# min_score: boxes scored under this (0..1) are left out; each object's score is its confidence tag.\n"
         f"min_score: {state.default_min_score}\n"
+        "# masks: true makes each object a bitmap, its box's mask (the service needs a segmenter: serve --segmenter).\n"
+        "masks: false\n"
     )
     return {"settings": yaml}
 
@@ -142,7 +144,7 @@ async def inference_image(
     image = await _decode(service, files[0], 0, 1)
     request_for = engine_request(image, checked, service.default_min_score)
     result = await service.generate(request_for, functools.partial(client_gone, request))
-    return prediction(result, checked.classes, files[0].filename)
+    return prediction(result, checked.classes, files[0].filename, checked.masks)
 
 
 @router.post("/inference_batch")
@@ -167,7 +169,7 @@ async def inference_batch(
             results += await asyncio.gather(*(service.generate(r, gone) for r in chunk))
     finally:
         gone.close()
-    return [prediction(result, checked.classes, upload.filename) for result, upload in zip(results, files)]
+    return [prediction(result, checked.classes, upload.filename, checked.masks) for result, upload in zip(results, files)]
 
 
 @router.post("/inference_image_url")
@@ -185,7 +187,7 @@ async def inference_image_url(request: Request):
     image = await decode_image(service, await service.image_bytes(state["image_url"]))
     request_for = engine_request(image, checked, service.default_min_score)
     result = await service.generate(request_for, functools.partial(client_gone, request))
-    return prediction(result, checked.classes)
+    return prediction(result, checked.classes, masks=checked.masks)
 
 
 @router.api_route("/{endpoint:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

@@ -24,7 +24,6 @@ from records_for_export import (
     write_records,
 )
 
-from kosmos_serve.cli.annotate import export as export_command
 from kosmos_serve.errors import InvalidRequestError
 from kosmos_serve.exports import export_records, to_detections
 from kosmos_serve.exports.masks import brush_rle, mask_area, mask_pixels, outline
@@ -250,8 +249,6 @@ def test_an_empty_mask_leaves_its_box_out_of_brush_and_polygon_regions(tmp_path,
     assert coco["annotations"][3]["area"] == 0  # COCO keeps the box, with its empty mask
 
 
-@pytest.mark.skipif("mask_format" not in {option.name for option in export_command.params},
-                    reason="kosmos-serve export's --mask-format option comes with the masks branch's CLI")
 def test_the_export_command_takes_a_mask_format(records_file):
     tasks, summary = export(records_file, "label-studio", "--mask-format", "polygon")
     assert {region["type"] for task in tasks for region in task["predictions"][0]["result"]} == {"polygonlabels"}

@@ -137,7 +137,10 @@ def annotate_jobs(entries, settings, params, task, prompt, phrases, boxes, no_gr
 @click.option("--to-name", help="label-studio: name of the Image object (default image).")
 @click.option("--label-config", type=click.Path(dir_okay=False, path_type=Path),
               help="label-studio: also write a labeling config with these names and every label here.")
-def export(records, format_name, out, relative_to, image_root, from_name, to_name, label_config):
+@click.option("--mask-format", metavar="brush|polygon",
+              help="label-studio: each box's mask (records of annotate --masks) as a brushlabels or polygonlabels "
+                   "region, not a rectangle.")
+def export(records, format_name, out, relative_to, image_root, from_name, to_name, label_config, mask_format):
     """Export annotation RECORDS (the JSONL of kosmos-serve annotate) as COCO or Label Studio tasks.
 
     Failed records are left out; boxes with reversed corners are put in order, boxes of zero size
@@ -148,11 +151,12 @@ def export(records, format_name, out, relative_to, image_root, from_name, to_nam
     Examples:
       kosmos-serve export results.jsonl --format coco --out coco.json
       kosmos-serve export results.jsonl --format label-studio --out tasks.json --label-config config.xml
+      kosmos-serve export masks.jsonl --format label-studio --mask-format brush --out tasks.json
     """
     from kosmos_serve.exports import export_records
 
     if format_name == "label-studio" and image_root is None and relative_to is None:  # what ?d= is relative to
         relative_to = ServerSettings().label_studio_local_files_document_root or None
     report = export_records(records, format_name, out, relative_to=relative_to, image_root=image_root,
-                            from_name=from_name, to_name=to_name, label_config=label_config)
+                            from_name=from_name, to_name=to_name, label_config=label_config, mask_format=mask_format)
     click.echo(report.summary())

@@ -54,18 +54,16 @@ def load_for_training(model: str, seed: int) -> tuple[Kosmos2ForConditionalGener
     return load_model(EngineSettings(model=model, dtype="float32"))
 
 
-def encode_example(processor: Kosmos2Processor, example: Example,
-                   learn_expressions: bool = True) -> tuple[list[int], list[int], list[int]]:
+def encode_example(processor: Kosmos2Processor, example: Example) -> tuple[list[int], list[int], list[int]]:
     """Token ids, image-position mask and labels of one example (EOS appended to the target).
 
-    The target and its EOS are learnt, and so is a referring example's expression unless
-    `learn_expressions` is False: `<s>`, the image tokens and the rest of the prompt are -100.
-    Kosmos-2 learnt whole grounded texts, the phrases too; a phrase learnt given the image is what a
-    box's score reads (engine/scoring.py), so the model learns which phrases name something in the
-    image, not only where they are.
+    The target and its EOS are learnt, and so is a referring example's expression: `<s>`, the image
+    tokens and the rest of the prompt are -100. Kosmos-2 learnt whole grounded texts, the phrases
+    too; a phrase learnt given the image is what a box's score reads (engine/scoring.py), so the
+    model learns which phrases name something in the image, not only where they are.
     """
-    learnt_expression = learn_expressions and example.kind == "referring" and example.prompt.startswith(REFERRING_PREFIX)
-    unlearnt = REFERRING_PREFIX if learnt_expression else example.prompt
+    unlearnt = REFERRING_PREFIX if example.kind == "referring" and example.prompt.startswith(REFERRING_PREFIX) \
+        else example.prompt
     unlearnt_ids, _ = tokenise(processor, unlearnt)
     ids, image_mask = tokenise(processor, example.prompt + example.target)
     if ids[: len(unlearnt_ids)] != unlearnt_ids:
@@ -78,11 +76,9 @@ def encode_example(processor: Kosmos2Processor, example: Example,
 class TrainingSet:
     """Examples with their encodings memoised and a bounded cache of preprocessed images (float16, 0.3 MB each)."""
 
-    def __init__(self, processor: Kosmos2Processor, examples: Sequence[Example], cached_images: int = 8192,
-                 learn_expressions: bool = True):
+    def __init__(self, processor: Kosmos2Processor, examples: Sequence[Example], cached_images: int = 8192):
         self.processor = processor
         self.examples = list(examples)
-        self.learn_expressions = learn_expressions  # see encode_example
         self._encodings: dict[int, tuple[list[int], list[int], list[int]]] = {}
         self._pixels = functools.lru_cache(maxsize=cached_images)(self._pixel_values)
 
@@ -95,7 +91,7 @@ class TrainingSet:
 
     def _encoding(self, index: int):
         if index not in self._encodings:
-            self._encodings[index] = encode_example(self.processor, self.examples[index], self.learn_expressions)
+            self._encodings[index] = encode_example(self.processor, self.examples[index])
         return self._encodings[index]
 
     def batch(self, indices: Sequence[int]) -> Batch:

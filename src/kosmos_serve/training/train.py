@@ -1,7 +1,7 @@
 """Fine-tune (or train from scratch) a Kosmos-2 on grounded JSONL data.
 
-Labels are the target tokens (and a referring example's expression); image, prompt and padding
-positions are -100 (the processor makes no labels, transformers#28599). AdamW with linear warm-up and decay, gradient accumulation, a
+Labels are the target tokens; image, prompt and padding positions are -100 (the processor makes no
+labels, transformers#28599). AdamW with linear warm-up and decay, gradient accumulation, a
 checkpoint every N steps, and `resume` that continues from the last checkpoint with the same steps
 and the same data order, so an interrupted run ends where an uninterrupted one would.
 """
@@ -33,7 +33,6 @@ from kosmos_serve.training.scratch import LOOKUP_LAYER, build_scratch_model
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
-REFERRING_PREFIX = "<grounding><phrase>"  # what a referring example does not learn; its expression follows
 
 
 @dataclass
@@ -57,19 +56,14 @@ def load_for_training(model: str, seed: int) -> tuple[Kosmos2ForConditionalGener
 def encode_example(processor: Kosmos2Processor, example: Example) -> tuple[list[int], list[int], list[int]]:
     """Token ids, image-position mask and labels of one example (EOS appended to the target).
 
-    The target and its EOS are learnt, and so is a referring example's expression: `<s>`, the image
-    tokens and the rest of the prompt are -100. Kosmos-2 learnt whole grounded texts, the phrases
-    too; a phrase learnt given the image is what a box's score reads (engine/scoring.py), so the
-    model learns which phrases name something in the image, not only where they are.
+    Only the target and its EOS are learnt: `<s>`, the image tokens and the prompt are -100.
     """
-    unlearnt = REFERRING_PREFIX if example.kind == "referring" and example.prompt.startswith(REFERRING_PREFIX) \
-        else example.prompt
-    unlearnt_ids, _ = tokenise(processor, unlearnt)
+    prompt_ids, _ = tokenise(processor, example.prompt)
     ids, image_mask = tokenise(processor, example.prompt + example.target)
-    if ids[: len(unlearnt_ids)] != unlearnt_ids:
+    if ids[: len(prompt_ids)] != prompt_ids:
         raise DataError(f"{example.image_path}: prompt {example.prompt!r} does not tokenise as a prefix of its example")
     ids = ids + [processor.tokenizer.eos_token_id]
-    labels = [IGNORE_INDEX] * len(unlearnt_ids) + ids[len(unlearnt_ids) :]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
     return ids, image_mask + [0], labels
 
 

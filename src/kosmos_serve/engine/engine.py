@@ -18,8 +18,8 @@ from kosmos_serve.engine.loading import load_model, quiet_transformers, resolve_
 from kosmos_serve.engine.requests import PreparedRequest, PromptReader, Request, Row, check_task, tokenise
 from kosmos_serve.engine.results import Result
 from kosmos_serve.engine.scheduler import Scheduler
-from kosmos_serve.engine.segmentation import Segmenter
 from kosmos_serve.engine.scoring import GroundingVocabulary, PhrasePriors, TokenEvidence, evidence_from, score_output
+from kosmos_serve.engine.segmentation import Segmenter
 from kosmos_serve.errors import InvalidRequestError
 from kosmos_serve.generation import (
     GenerationParams,

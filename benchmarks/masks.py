@@ -105,8 +105,8 @@ def build_sam(folder: Path, tiny: bool) -> Path:
 
 def report(name: str, side: int, alone: dict[str, float], served: dict[str, float] | None) -> list[str]:
     per_box = (alone["decoder_8"] - alone["decoder_1"]) / 7
-    lines = [f"| {name} | model alone | {alone['embedding'] * 1000:.0f} | {alone['decoder_1'] * 1000:.1f} | "
-             f"{per_box * 1000:.1f} |"]
+    lines = [(f"| {name} | model alone | {alone['embedding'] * 1000:.0f} | {alone['decoder_1'] * 1000:.1f} | "
+             f"{per_box * 1000:.1f} |")]
     if served is not None:
         lines.append(f"| {name} | kosmos-serve Segmenter, 640x480 image | {served['first_box'] * 1000:.0f} | "
                      f"{served['cached_1'] * 1000:.1f} | {(served['cached_8'] - served['cached_1']) / 7 * 1000:.1f} |")

@@ -40,6 +40,9 @@ SEGMENTER_TYPES = tuple(MODEL_FOR_MASK_GENERATION_MAPPING_NAMES)
 # intermediate layers beside the image embedding; the others' one tensor (SAM) or list of feature maps (SAM 2).
 PAIRED_EMBEDDINGS = {"sam_hq": ("image_embeddings", "intermediate_embeddings")}
 MASK_SCORE_DECIMALS = 4  # as the boxes' scores
+# Images whose segmenter embeddings are kept, at most (fewer when KOSMOS_IMAGE_CACHE_SIZE is smaller): an embedding is
+# 4 MB for SAM ViT-B, 16 MB for SAM 2 (its high-resolution maps), against Kosmos-2's 0.5 MB of image features.
+MAX_CACHED_EMBEDDINGS = 16
 
 
 class Segmenter:
@@ -50,7 +53,7 @@ class Segmenter:
         self.model, self.processor = load_segmenter(settings.segmenter, device, dtype)
         self.model_type = self.model.config.model_type
         self.device, self.dtype = device, dtype
-        self.cache = ImageFeatureCache(settings.image_cache_size)
+        self.cache = ImageFeatureCache(min(settings.image_cache_size, MAX_CACHED_EMBEDDINGS))
 
     @torch.inference_mode()
     def segment(self, image: Image.Image, key: str, boxes: Sequence[PixelBox]) -> list[tuple[Mask, float]]:

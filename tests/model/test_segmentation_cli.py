@@ -92,3 +92,10 @@ def test_tiny_segmenter_writes_a_folder_the_segmenter_loads(tmp_path):
     result = invoke("tiny-segmenter", tmp_path / "sam", "--family", "sam_hq")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "sam" / "config.json").read_text())["model_type"] == "sam_hq"
+
+
+def test_serve_refuses_a_missing_segmenter_before_starting(tmp_path, tiny_model_dir):
+    missing = tmp_path / "no-such-segmenter"
+    result = CliRunner().invoke(main, ["serve", "--model", str(tiny_model_dir), "--segmenter", str(missing)])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: --segmenter '{missing}' is not a folder; pass a checkpoint folder or a hub id."

@@ -49,7 +49,6 @@ class Segmenter:
     """A loaded Segment Anything model that masks the boxes of an image, its image embeddings cached."""
 
     def __init__(self, settings: EngineSettings, device: torch.device, dtype: torch.dtype):
-        self.name = settings.segmenter
         self.model, self.processor = load_segmenter(settings.segmenter, device, dtype)
         self.model_type = self.model.config.model_type
         self.device, self.dtype = device, dtype

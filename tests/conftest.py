@@ -25,6 +25,24 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_segmenter_dir(tmp_path_factory):
+    """Folder of a tiny random SAM (with SAM's own processor at a 64-pixel input), written by the project's builder."""
+    from kosmos_serve.training.tiny_segmenter import build_tiny_segmenter
+
+    return build_tiny_segmenter(tmp_path_factory.mktemp("tiny-sam"), "sam", seed=0)
+
+
+@pytest.fixture(scope="session")
+def segmenting_engine(tiny_model_dir, tiny_segmenter_dir):
+    """An Engine on the tiny Kosmos-2 with the tiny SAM as its segmenter (`--segmenter`), both loaded as in production."""
+    from kosmos_serve.config import EngineSettings
+    from kosmos_serve.engine import Engine
+
+    return Engine(EngineSettings(model=str(tiny_model_dir), segmenter=str(tiny_segmenter_dir), device="cpu",
+                                 max_batch_rows=8))
+
+
+@pytest.fixture(scope="session")
 def engine(tiny_model_dir):
     """An Engine on the tiny model, through the production loading code."""
     from kosmos_serve.config import EngineSettings

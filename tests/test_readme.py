@@ -58,6 +58,7 @@ RUN = {
     "import supervisely as sly": True,
     '{"default_prompt"': False,
     "kosmos-serve data shapes --n 200 --seed 2 --out data/shapes-eval": False,
+    "kosmos-serve tiny-segmenter tiny-sam": True,
 }
 NOT_RUN = {
     "docker build": "builds and runs images: tests/container/ builds and runs the CPU one with podman",
@@ -199,6 +200,12 @@ def test_annotate_on_the_demo_model(examples, tmp_path):
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     run_bash(block.text, cwd=tmp_path)
     assert_shows(output, (tmp_path / "results.jsonl").read_text())
+
+
+def test_masks_on_the_demo_model_with_a_tiny_segmenter(examples, tmp_path):
+    block, output = examples["kosmos-serve tiny-segmenter tiny-sam"]
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    assert_shows(output, run_bash(block.text, cwd=tmp_path))
 
 
 def test_the_openai_client(examples, demo_service):

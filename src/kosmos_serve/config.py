@@ -54,7 +54,11 @@ class EngineSettings(BaseSettings):
         1024, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Most new tokens a request may ask for."
     )
     max_prompt_chars: int = Field(2000, ge=1, description="Longest accepted prompt or question, in characters.")
-
+    segmenter: str | None = Field(
+        None, min_length=1,
+        description="Segment Anything model (hub id, folder, or demo) that gives each box a mask when a request asks "
+                    "for masks; loaded beside Kosmos-2, on its device and threads (unset: none, masks refused).",
+    )
 
 
 class ServerSettings(BaseSettings):

@@ -1,4 +1,5 @@
-"""Annotated images: each entity's boxes outlined in a stable colour and labelled with its phrase.
+"""Annotated images: each entity's masks laid over the image translucent, its boxes outlined, in a stable colour of
+its own, each box labelled with its phrase.
 
 PIL only. Rectangles named `Rect` are half-open, `(x1, y1, x2, y2)` with `x2`/`y2` excluded,
 so two labels that merely touch do not overlap.
@@ -36,6 +37,7 @@ PALETTE: tuple[RGB, ...] = (
     (100, 80, 255),
 )
 ELLIPSIS = "…"
+MASK_OPACITY = 0.45  # a mask's colour over the image: the object stays visible under it
 MAX_PLACEMENT_ATTEMPTS = 500
 
 
@@ -136,9 +138,25 @@ def fit_text(text: str, font: ImageFont.FreeTypeFont, max_width: int) -> str:
     return text.rstrip() + ELLIPSIS
 
 
+def overlay_masks(canvas: Image.Image, entities: Sequence[Entity], colours: dict[str, RGB]) -> Image.Image:
+    """`canvas` with each entity's masks over it in the entity's colour, at MASK_OPACITY (a later mask over an
+    earlier one where they meet); masks of another size than the image are not the image's and are left out."""
+    layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    for entity in entities:
+        colour = (*colours[entity.phrase], round(255 * MASK_OPACITY))
+        for mask in entity.masks:
+            if mask.size == (canvas.height, canvas.width):
+                layer.paste(colour, mask=Image.fromarray(mask.to_array()))
+    return Image.alpha_composite(canvas.convert("RGBA"), layer).convert("RGB")
+
+
 def draw_entities(image: Image.Image, entities: Sequence[Entity]) -> Image.Image:
-    """A copy of `image` (RGB) with each entity's pixel boxes outlined in its colour and labelled with its phrase."""
+    """A copy of `image` (RGB) with each entity's masks laid over it and its pixel boxes outlined, in its colour, and
+    each box labelled with its phrase."""
     canvas = image.convert("RGB")  # always a new image, so the input is never touched
+    colours = entity_colours(entity.phrase for entity in entities)
+    if any(entity.masks for entity in entities):
+        canvas = overlay_masks(canvas, entities, colours)
     width, height = canvas.size
     line_width, font_size = drawing_scale(width, height)
     font = ImageFont.load_default(size=font_size)
@@ -148,7 +166,6 @@ def draw_entities(image: Image.Image, entities: Sequence[Entity]) -> Image.Image
 
     boxes: list[PixelBox] = []
     labels: list[tuple[str, RGB]] = []
-    colours = entity_colours(entity.phrase for entity in entities)
     for entity in entities:
         colour = colours[entity.phrase]
         text = fit_text(entity.phrase, font, width - 2 * pad)

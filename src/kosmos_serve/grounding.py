@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from kosmos_serve.errors import ModelLoadError
+
 # transformers' parser is imported where it is called: importing transformers takes seconds, and tasks, which the
 # command line's --help reads, needs only this module's boxes.
 
@@ -35,6 +37,36 @@ class Mask:
         {'size': [2, 3], 'counts': '0:1'}
         """
         return {"size": list(self.size), "counts": self.counts}
+
+    @classmethod
+    def from_array(cls, pixels) -> Mask:
+        """The mask of a (height, width) array, true where the object is (pycocotools' `mask.encode`).
+
+        >>> import numpy as np
+        >>> Mask.from_array(np.array([[0, 1, 1], [0, 1, 0]], dtype=bool))
+        Mask(size=(2, 3), counts='231')
+        """
+        import numpy as np
+
+        encoded = _coco_mask().encode(np.asfortranarray(np.asarray(pixels, dtype=np.uint8)))
+        return cls((int(encoded["size"][0]), int(encoded["size"][1])), encoded["counts"].decode("ascii"))
+
+    def to_array(self):
+        """The mask as a (height, width) boolean array (pycocotools' `mask.decode`).
+
+        >>> Mask((2, 3), "231").to_array().astype(int).tolist()
+        [[0, 1, 1], [0, 1, 0]]
+        """
+        return _coco_mask().decode({"size": list(self.size), "counts": self.counts.encode("ascii")}).astype(bool)
+
+
+def _coco_mask():
+    """pycocotools' run-length codec (`pycocotools.mask`), or an error saying how to install it."""
+    try:
+        from pycocotools import mask
+    except ImportError:
+        raise ModelLoadError("Masks need pycocotools, which is not installed: pip install 'kosmos-serve[masks]'.") from None
+    return mask
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # gradio'
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "shapes.png"
 ENDPOINT = "/predict"
 PARAMETERS = ["image", "task", "prompt", "phrases", "boxes", "grounding", "sample", "top_p", "temperature",
-              "max_new_tokens"]
+              "max_new_tokens", "masks"]
 LABELS = ["Image", "Task", "Prompt or question", "Phrases (one per line)", "Boxes (x1,y1,x2,y2 in pixels, one per line)",
           "Grounding (<grounding> goes first)", "Sample (top-p) instead of greedy decoding", "Top-p", "Temperature"]
 RETURNS = ["Grounded image", "Grounded text (HTML)", "Download the annotated image (PNG)", "Raw generation",
@@ -59,8 +59,9 @@ def test_the_api_lists_only_the_named_run_endpoint_with_every_input_and_output_l
     assert api["unnamed_endpoints"] == {}
     endpoint = api["named_endpoints"][ENDPOINT]
     assert [p["parameter_name"] for p in endpoint["parameters"]] == PARAMETERS
-    assert [p["label"] for p in endpoint["parameters"]][:-1] == LABELS
-    assert endpoint["parameters"][-1]["label"].startswith("Maximum new tokens (empty: ")
+    assert [p["label"] for p in endpoint["parameters"]][:-2] == LABELS
+    assert endpoint["parameters"][-2]["label"].startswith("Maximum new tokens (empty: ")
+    assert endpoint["parameters"][-1]["label"] == "Masks (the segmenter's, over each box)"
     assert [r["label"] for r in endpoint["returns"]] == RETURNS
     for name in [p["label"] for p in endpoint["parameters"]] + [r["label"] for r in endpoint["returns"]]:
         assert not UNNAMED.match(name), name
@@ -122,6 +123,37 @@ def test_the_token_count_starts_at_the_setting_or_empty_for_the_model_s_default(
     (number,) = [c for c in page.config["components"] if c["props"].get("elem_id") == "max-new-tokens"]
     assert number["props"].get("value") == value
     assert number["props"]["label"] == label
+
+
+@pytest.mark.parametrize("segmenter", [None, "a-segmenter"])
+def test_the_masks_box_shows_only_with_a_segmenter(engine, segmenter):
+    from kosmos_serve.demo.page import build_page
+    from kosmos_serve.server.metrics import Metrics
+    from kosmos_serve.server.state import ServiceState
+
+    settings = engine.settings.model_copy(update={"segmenter": segmenter})
+    page = build_page(ServiceState(ServerSettings(demo=True), settings, Metrics()), [])
+    (checkbox,) = [c for c in page.config["components"] if c["props"].get("elem_id") == "masks"]
+    assert checkbox["props"]["visible"] is (segmenter is not None)
+
+
+def test_masks_through_the_page_are_drawn(segmenting_engine, tmp_path):
+    app = create_app(ServerSettings(demo=True), segmenting_engine.settings, engine=segmenting_engine)
+    with pytest.MonkeyPatch.context() as env, serve_in_thread(app) as base_url:
+        env.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.2")
+        while httpx.get(f"{base_url}/ready").status_code != 200:
+            time.sleep(0.05)
+        client = gradio_client.Client(f"{base_url}/demo/", verbose=False, download_files=str(tmp_path))
+        try:
+            runs = [client.predict(gradio_client.handle_file(str(EXAMPLE)), "referring_generation",
+                                   boxes="10,10,120,90", max_new_tokens=4, masks=masks, api_name=ENDPOINT)
+                    for masks in (True, False)]
+        finally:
+            client.close()
+    (drawn, *_, result), (plain, *_, plain_result) = runs
+    assert len(result["entities"][0]["masks"]) == 1 and "masks" not in plain_result["entities"][0]
+    with Image.open(drawn) as masked, Image.open(plain) as unmasked:
+        assert masked.convert("RGB").tobytes() != unmasked.convert("RGB").tobytes()
 
 
 def test_a_caller_cannot_make_the_page_read_a_server_file(demo_client):

@@ -60,6 +60,9 @@ COMMANDS = {  # name: (where the command is, the first sentence of its docstring
               "Run the HTTP service: POST /predict (drop-in), /v1 JSON API, /docs, /health, /ready, /metrics."),
     "tiny-model": ("kosmos_serve.cli.training:tiny_model",
                    "Write a tiny random Kosmos-2 (for tests and trying the tools offline) to folder OUT."),
+    "tiny-segmenter": ("kosmos_serve.cli.training:tiny_segmenter",
+                       ("Write a tiny random Segment Anything model (for tests and trying --segmenter offline) to "
+                       "folder OUT.")),
     "train": ("kosmos_serve.cli.training:train",
               "Fine-tune MODEL on DATA (or train a fresh model), writing checkpoints and OUT/final."),
     "train-demo": ("kosmos_serve.cli.training:train_demo",

@@ -41,7 +41,7 @@ from kosmos_serve.tasks import TASK_INPUTS, Task, parse_task
 @ray_options
 @model_options
 def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, max_new_tokens, sample, top_p,
-             temperature, seed, no_repeat_ngram_size, min_score, batch_size, decode_threads, quiet, ray_address,
+             temperature, seed, no_repeat_ngram_size, min_score, masks, batch_size, decode_threads, quiet, ray_address,
              workers, cpus_per_worker, gpus_per_worker, **flags):
     """Annotate every image of INPUTS into one JSONL file: one record per image, resumable.
 
@@ -58,6 +58,7 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
       kosmos-serve annotate photos/ --out boxes.jsonl --phrase "a car" --phrase "a person"
       kosmos-serve annotate "photos/**/*.jpg" --out boxes.jsonl --ontology ontology.json --quantize int8
       kosmos-serve annotate photos/ --out captions.jsonl --task detailed_caption
+      kosmos-serve annotate photos/ --out masks.jsonl --phrase "a car" --segmenter facebook/sam-vit-base --masks
       kosmos-serve annotate /shared/photos --out boxes.jsonl --phrase "a car" --ray=head-node:6379 --workers 8
     """
     from kosmos_serve.collections.inputs import collect_images, read_ontology
@@ -68,7 +69,10 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
     ray_job = ray_job_options(ray_address, workers, cpus_per_worker, gpus_per_worker)
     settings = settings_from_flags(EngineSettings, flags)
     params = generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size,
-                                            min_score)
+                                            min_score, masks)
+    if masks and settings.segmenter is None:
+        raise InvalidRequestError("Masks need a segmenter: add --segmenter MODEL (or set KOSMOS_SEGMENTER), e.g. "
+                                  "--segmenter demo.", "masks")
     params.validate(settings.max_new_tokens_cap)
     classes = read_ontology(ontology) if ontology else None
     if classes and phrases:

@@ -75,14 +75,20 @@ def apply_options(command, options: list):
 
 
 def model_options(command):
-    """--model, --device, --dtype and --quantize: the engine settings a command may override."""
+    """--model, --device, --dtype, --quantize and --segmenter: the engine settings a command may override."""
     return apply_options(command, [
         setting_option("--model", "model", "Hub id or local folder"),
         setting_option("--device", "device", "auto, cpu, cuda, mps"),
         setting_option("--dtype", "dtype", "Weight dtype"),
         setting_option("--quantize", "quantize", "auto: per part, the weight format fastest on this CPU (the choice "
                                                  "for speed); int8: int8 linear layers on the CPU"),
+        segmenter_option,
     ])
+
+
+segmenter_option = setting_option(
+    "--segmenter", "segmenter", "Segment Anything model (hub id, folder, or demo) that masks each box when masks are "
+                                "asked for (pip install 'kosmos-serve[masks]'; default: none)")
 
 
 def listen_options(command):
@@ -137,7 +143,7 @@ def task_options(command):
 
 
 def decoding_options(command):
-    """--max-new-tokens, --sample, --top-p, --temperature, --seed, --no-repeat-ngram-size, --min-score."""
+    """--max-new-tokens, --sample, --top-p, --temperature, --seed, --no-repeat-ngram-size, --min-score, --masks."""
     return apply_options(command, [
         click.option("--max-new-tokens", type=int, help="New tokens to generate (default: the model's, else 128)."),
         click.option("--sample", is_flag=True, help="Sample (top-p, temperature) instead of greedy decoding."),
@@ -150,6 +156,8 @@ def decoding_options(command):
         click.option("--min-score", type=float,
                      help="Drop boxes scored under this, 0 to 1 (default: the model's for detection and annotate, "
                           "else keep every box).  [env: KOSMOS_MIN_SCORE]"),
+        click.option("--masks", is_flag=True,
+                     help="A mask for every box (COCO RLE) and its score, from the --segmenter model."),
     ])
 
 
@@ -168,7 +176,7 @@ def task_input_from_options(task, prompt, phrases, boxes, no_grounding) -> TaskI
 
 
 def generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size,
-                                   min_score) -> GenerationParams:
+                                   min_score, masks=False) -> GenerationParams:
     """The GenerationParams the decoding options ask for."""
     return GenerationParams(max_new_tokens=max_new_tokens, do_sample=sample, top_p=top_p, temperature=temperature,
-                            seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, min_score=min_score)
+                            seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, min_score=min_score, masks=masks)

@@ -16,7 +16,7 @@ from kosmos_serve.cli.options import (
     task_options,
 )
 from kosmos_serve.config import EngineSettings
-from kosmos_serve.errors import KosmosServeError
+from kosmos_serve.errors import InvalidRequestError, KosmosServeError
 
 # Commands import their work lazily: --help and argument errors answer without loading torch.
 
@@ -30,7 +30,7 @@ from kosmos_serve.errors import KosmosServeError
               help="Write the annotated image here (with several images: NAME_1.png, NAME_2.png, ...).")
 @model_options
 def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, sample, top_p, temperature, seed,
-            no_repeat_ngram_size, min_score, as_json, draw, **flags):
+            no_repeat_ngram_size, min_score, masks, as_json, draw, **flags):
     """Describe and ground IMAGES; prints the text, then each entity with its pixel boxes and their scores.
 
     \b
@@ -39,11 +39,15 @@ def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, 
       kosmos-serve predict snowman.png --task phrase_grounding --phrase "a snowman"
       kosmos-serve predict snowman.png --task referring_generation --box 250,22,630,397
       kosmos-serve predict snowman.png --prompt "<grounding> Describe this image in detail:"
+      kosmos-serve predict snowman.png --task phrase_grounding --phrase "a snowman" --segmenter demo --masks
     """
     settings = settings_from_flags(EngineSettings, flags)
     task_input = task_input_from_options(task, prompt, phrases, boxes, no_grounding)
     params = generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size,
-                                            min_score)
+                                            min_score, masks)
+    if masks and settings.segmenter is None:  # refused before any model loads
+        raise InvalidRequestError("Masks need a segmenter: add --segmenter MODEL (or set KOSMOS_SEGMENTER), e.g. "
+                                  "--segmenter demo.", "masks")
     loaded = [load_image_file(path, settings.max_image_pixels) for path in images]
     from kosmos_serve.engine import Request, check_task, start_engine  # after the cheap checks: torch takes seconds
 
@@ -77,7 +81,8 @@ def load_image_file(path: Path, max_pixels: int):
 
 
 def summary(path: Path, result) -> str:
-    """A readable block: image and size, the text, then each entity with its pixel boxes, each with its score.
+    """A readable block: image and size, the text, then each entity with its pixel boxes, each with its score (and its
+    mask's score, when masks were made).
 
     >>> from types import SimpleNamespace
     >>> from kosmos_serve.grounding import Entity
@@ -92,6 +97,7 @@ def summary(path: Path, result) -> str:
     lines = [f"{path} ({width}x{height})", f"  {result.text}"]
     for entity in result.entities:
         scores = [f" score {score:.2f}" for score in entity.scores] or [""] * len(entity.pixel_boxes)
-        boxes = "  ".join(f"{list(box)}{score}" for box, score in zip(entity.pixel_boxes, scores))
+        masks = [f" mask {score:.2f}" for score in entity.mask_scores] or [""] * len(entity.pixel_boxes)
+        boxes = "  ".join(f"{list(box)}{score}{mask}" for box, score, mask in zip(entity.pixel_boxes, scores, masks))
         lines.append(f"  - {entity.phrase}: {boxes}")
     return "\n".join(lines)

@@ -103,6 +103,8 @@ def run_service(settings: Settings, announce: Callable[[str], str] | None = None
     from kosmos_serve.engine.loading import resolve_source
 
     resolve_source(settings.model)
+    if settings.segmenter is not None:
+        resolve_source(settings.segmenter, option="--segmenter")
     if announce is not None:
         shown_host = "127.0.0.1" if settings.host in {"0.0.0.0", "::"} else settings.host
         click.echo(announce(f"http://{shown_host}:{settings.port}"))

@@ -86,6 +86,20 @@ def tiny_model(out, seed):
     click.echo(str(build_tiny_model(out, seed=seed)))
 
 
+@click.command("tiny-segmenter")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--family", type=click.Choice(["sam", "sam_hq", "sam2"]), default="sam", show_default=True,
+              help="SAM, SAM-HQ or SAM 2 (SAM 2's processor needs torchvision).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def tiny_segmenter(out, family, seed):
+    """Write a tiny random Segment Anything model (for tests and trying --segmenter offline) to folder OUT."""
+    from kosmos_serve.engine.loading import quiet_transformers
+    from kosmos_serve.training.tiny_segmenter import build_tiny_segmenter
+
+    quiet_transformers()
+    click.echo(str(build_tiny_segmenter(out, family, seed=seed)))
+
+
 @click.group()
 def data():
     """Make training data."""

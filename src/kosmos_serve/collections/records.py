@@ -2,10 +2,11 @@
 
 An annotated image:
     {"path", "resolved", "sha256", "width", "height", "task", "prompt", "text", "answer", "raw_text",
-     "entities": [{"phrase", "class", "span", "boxes", "pixel_boxes", "scores"}], "markdown", "generated_tokens",
-     "model", "quantize", "min_score", "kosmos_serve_version"}
+     "entities": [{"phrase", "class", "span", "boxes", "pixel_boxes", "scores"[, "masks", "mask_scores"]}], "markdown",
+     "generated_tokens", "model", "quantize", "min_score", "kosmos_serve_version"}
   `scores` holds each box's score (same order as its boxes); `min_score` is the threshold the run kept boxes at
-  (annotate drops boxes scored under it, for every task), `quantize` the engine's weight setting.
+  (annotate drops boxes scored under it, for every task), `quantize` the engine's weight setting. With --masks, each
+  entity also has a mask per box (COCO RLE, `{"size": [h, w], "counts"}`) and the segmenter's score for it.
 An image that could not be annotated:
     {"path", "resolved", "sha256" (null when the file cannot be read), "width": null, "height": null, "task",
      "error": {"code", "message"}, "model", "kosmos_serve_version"}
@@ -50,9 +51,8 @@ def annotated_record(entry: ImageEntry, sha256: str, result: Result, *, model: s
     """
     answer = result.to_dict()
     width, height = result.image_size
-    entities = [{"phrase": e["phrase"], "class": (ontology or {}).get(e["phrase"]), "span": e["span"],
-                 "boxes": e["boxes"], "pixel_boxes": e["pixel_boxes"], "scores": e["scores"]}
-                for e in answer["entities"]]
+    entities = [{"phrase": e["phrase"], "class": (ontology or {}).get(e["phrase"]),
+                 **{key: value for key, value in e.items() if key != "phrase"}} for e in answer["entities"]]
     return {
         "path": entry.path, "resolved": str(entry.resolved), "sha256": sha256, "width": width, "height": height,
         "task": answer["task"], "prompt": answer["prompt"], "text": answer["text"], "answer": answer["answer"],

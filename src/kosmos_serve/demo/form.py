@@ -75,11 +75,13 @@ def task_input(task: str, prompt: str, phrases: str, boxes: str, grounding: bool
     )
 
 
-def generation_params(sample: bool, top_p: float, temperature: float, max_new_tokens: float | None) -> GenerationParams:
-    """Decoding settings from the form; an empty token count means the service's default."""
+def generation_params(sample: bool, top_p: float, temperature: float, max_new_tokens: float | None,
+                      masks: bool = False) -> GenerationParams:
+    """Decoding settings from the form (and whether to mask each box); an empty token count means the service's
+    default."""
     return GenerationParams(
         max_new_tokens=None if max_new_tokens is None else int(max_new_tokens),
-        do_sample=sample, top_p=top_p, temperature=temperature,
+        do_sample=sample, top_p=top_p, temperature=temperature, masks=bool(masks),
     )
 
 

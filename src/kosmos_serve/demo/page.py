@@ -82,6 +82,9 @@ def build_page(state: ServiceState, examples: Sequence[Path]) -> gr.Blocks:
                     top_p = gr.Slider(0, 1, value=0.9, step=0.05, label="Top-p", visible=False)
                     temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", visible=False)
                     max_new_tokens = _max_new_tokens_input(state.engine_settings.max_new_tokens)
+                # Shown when the service has a segmenter (--segmenter): a translucent mask over each box's object.
+                masks = gr.Checkbox(False, visible=state.engine_settings.segmenter is not None,
+                                    label="Masks (the segmenter's, over each box)", elem_id="masks")
                 run = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column():
                 annotated = gr.Image(type="pil", format="png", label="Grounded image", interactive=False,
@@ -102,12 +105,12 @@ def build_page(state: ServiceState, examples: Sequence[Path]) -> gr.Blocks:
 
         # The API's parameters are named after these arguments.
         async def answer(image, task, prompt, phrases, boxes, grounding, sample, top_p, temperature,
-                         max_new_tokens=None):
+                         max_new_tokens=None, masks=False):
             try:
                 request = Request(
                     await _load(state, image, examples),
                     task_input(task, prompt, phrases, boxes, grounding),
-                    generation_params(sample, top_p, temperature, max_new_tokens),
+                    generation_params(sample, top_p, temperature, max_new_tokens, masks),
                 )
                 result = await state.generate(request)
             except KosmosServeError as error:
@@ -117,7 +120,7 @@ def build_page(state: ServiceState, examples: Sequence[Path]) -> gr.Blocks:
             return drawn, highlighted_html(result), png, result.raw_text, result.to_dict()
 
         run.click(
-            answer, [image, task, prompt, phrases, boxes, grounding, sample, top_p, temperature, max_new_tokens],
+            answer, [image, task, prompt, phrases, boxes, grounding, sample, top_p, temperature, max_new_tokens, masks],
             [annotated, text, download, raw, result_json],
             preprocess=False,  # the image comes as its uploaded file, unopened: the service's decoder judges it
             concurrency_limit=None,  # the batcher queues and limits

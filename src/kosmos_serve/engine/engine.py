@@ -19,6 +19,8 @@ from kosmos_serve.engine.requests import PreparedRequest, PromptReader, Request,
 from kosmos_serve.engine.results import Result
 from kosmos_serve.engine.scheduler import Scheduler
 from kosmos_serve.engine.scoring import GroundingVocabulary, PhrasePriors, TokenEvidence, evidence_from, score_output
+from kosmos_serve.engine.segmentation import Segmenter
+from kosmos_serve.errors import InvalidRequestError
 from kosmos_serve.generation import (
     GenerationParams,
     ModelDefaults,
@@ -47,6 +49,7 @@ class Engine:
         self.pad_token_id = self.processor.tokenizer.pad_token_id
         self.vocabulary = GroundingVocabulary(self.processor.tokenizer, self.processor.num_patch_index_tokens)
         self.phrase_priors = PhrasePriors(self._blank_image_log_probs)
+        self.segmenter = Segmenter(self.settings, self.device, self.dtype) if self.settings.segmenter else None
 
     @property
     def weight_formats(self) -> dict[str, str]:
@@ -83,6 +86,9 @@ class Engine:
     def prepare(self, request: Request) -> PreparedRequest:
         """Validate `request` against this engine's limits (the one check it meets); defaults filled in."""
         prompts = check_task(request.task, request.params, self.settings, request.image.size)
+        if request.params.masks and self.segmenter is None:
+            raise InvalidRequestError("Masks need a segmenter, and none is loaded: start kosmos-serve with "
+                                      "--segmenter MODEL (or set KOSMOS_SEGMENTER), e.g. --segmenter demo.", "masks")
         return PreparedRequest(request, tuple(prompts), self.with_defaults(request.params),
                                self.min_score_for(request))
 
@@ -183,6 +189,20 @@ class Engine:
                                     row.input_ids + generated, evidence)
             row.generated_tokens = len(generated)
             row.generation_seconds = elapsed
+
+    def with_masks(self, result: Result, image: Image.Image, key: str) -> Result:
+        """`result` with a mask and a mask score for each box, from the segmenter (`key`: the image's digest)."""
+        boxes = [box for entity in result.entities for box in entity.pixel_boxes]
+        began = time.perf_counter()
+        segmented = self.segmenter.segment(image, key, boxes)
+        masks = iter(segmented)
+        entities = []
+        for entity in result.entities:
+            mine = [next(masks) for _ in entity.pixel_boxes]
+            entities.append(dataclasses.replace(entity, masks=tuple(mask for mask, _ in mine),
+                                                mask_scores=tuple(score for _, score in mine)))
+        timings = dataclasses.replace(result.timings, segmentation=time.perf_counter() - began)
+        return dataclasses.replace(result, entities=tuple(entities), timings=timings)
 
     # scoring (engine/scoring.py)
 

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
 DEMO_MODEL_NAME = "demo"  # the small model shipped in the package (kosmos_serve.training.demo_model)
 DEMO_MODEL_DIR = Path(__file__).parents[1] / "models" / "demo"
+DEMO_SEGMENTER_DIR = Path(__file__).parents[1] / "models" / "demo-segmenter"  # `--segmenter demo`
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -190,16 +191,20 @@ def quantize_parts(model: Kosmos2ForConditionalGeneration, formats: dict[str, st
                             setattr(module, name, RowwiseInt8MatmulLinear(child.weight, child.bias))
 
 
-def resolve_source(model: str) -> str:
-    """A local folder for `model`: the shipped demo model, the folder itself, the hub cache's copy, or a download."""
+def resolve_source(model: str, option: str = "--model") -> str:
+    """A local folder for `model`: the shipped demo model, the folder itself, the hub cache's copy, or a download.
+
+    `option` is the flag that names it (`--model`, or `--segmenter`, whose `demo` is the shipped demo segmenter).
+    """
     if model == DEMO_MODEL_NAME:
-        if not (DEMO_MODEL_DIR / "config.json").exists():
-            raise ModelLoadError(f"The demo model is missing from this install ({DEMO_MODEL_DIR}); reinstall kosmos-serve.")
-        return str(DEMO_MODEL_DIR)
+        folder, what = (DEMO_MODEL_DIR, "demo model") if option == "--model" else (DEMO_SEGMENTER_DIR, "demo segmenter")
+        if not (folder / "config.json").exists():
+            raise ModelLoadError(f"The {what} is missing from this install ({folder}); reinstall kosmos-serve.")
+        return str(folder)
     if Path(model).is_dir():
         return model
     if Path(model).exists() or model.startswith((".", "/")):
-        raise ModelLoadError(f"--model {model!r} is not a folder; pass a checkpoint folder or a hub id.")
+        raise ModelLoadError(f"{option} {model!r} is not a folder; pass a checkpoint folder or a hub id.")
     try:
         return snapshot_download(model, allow_patterns=CHECKPOINT_FILES, local_files_only=True)
     except LocalEntryNotFoundError:
@@ -209,10 +214,11 @@ def resolve_source(model: str) -> str:
     except RepositoryNotFoundError as error:
         raise ModelLoadError(f"There is no model {model!r} on the Hugging Face hub; check the id.") from error
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as error:
+        local_dir = "./kosmos-2" if option == "--model" else "./segmenter"
         raise ModelLoadError(
             f"Model {model!r} is neither a local folder nor in the Hugging Face cache, and the hub cannot be "
             f"reached from here. Download it once where the hub is reachable (`hf download {model} "
-            f"--local-dir ./kosmos-2`), then pass that folder with --model (or copy the cache to HF_HOME)."
+            f"--local-dir {local_dir}`), then pass that folder with {option} (or copy the cache to HF_HOME)."
         ) from error
 
 

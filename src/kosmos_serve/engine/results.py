@@ -12,10 +12,19 @@ from kosmos_serve.tasks import Task, parse_task
 
 @dataclass(frozen=True)
 class Timings:
-    """Seconds spent on this request's image features and on generating its rows (admission to last token)."""
+    """Seconds spent on this request's image features, on generating its rows (admission to last token) and, when it
+    asked for masks, on segmenting its boxes (None when it did not)."""
 
     vision: float = 0.0
     generation: float = 0.0
+    segmentation: float | None = None
+
+    def to_dict(self) -> dict[str, float]:
+        """`vision_seconds` and `generation_seconds`, and `segmentation_seconds` when there was segmenting."""
+        seconds = {"vision_seconds": self.vision, "generation_seconds": self.generation}
+        if self.segmentation is not None:
+            seconds["segmentation_seconds"] = self.segmentation
+        return seconds
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ class Result:
             "image_size": list(self.image_size),
             "generated_tokens": self.generated_tokens,
             "image_cached": self.image_cached,
-            "timings": {"vision_seconds": self.timings.vision, "generation_seconds": self.timings.generation},
+            "timings": self.timings.to_dict(),
         }
 
 

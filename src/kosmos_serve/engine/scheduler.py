@@ -312,7 +312,14 @@ class Scheduler:
             self._complete(ticket, finished)
 
     def _complete(self, ticket: Ticket, finished: list[Ticket]) -> None:
-        ticket.result = build_result(ticket.prepared, ticket.rows, ticket.vision_seconds, ticket.cached_keys)
+        result = build_result(ticket.prepared, ticket.rows, ticket.vision_seconds, ticket.cached_keys)
+        if ticket.params.masks and not ticket.cancelled:
+            try:
+                result = self.engine.with_masks(result, ticket.request.image, ticket.rows[0].image_key)
+            except Exception as error:  # noqa: BLE001 - handed to the request, whose caller reports it
+                self._fail(ticket, error, finished)
+                return
+        ticket.result = result
         ticket.finished_at = time.perf_counter()
         finished.append(ticket)
 

@@ -28,7 +28,7 @@ async def ready(request: Request):
     return {"status": "ready"}
 
 
-@router.get("/info", tags=["operations"], summary="Model, device, dtype, version and limits.")
+@router.get("/info", tags=["operations"], summary="Model, device, dtype, segmenter, version and limits.")
 async def info(request: Request):
     state = service_state(request)
     engine, limits = state.engine, state.engine_settings
@@ -38,6 +38,7 @@ async def info(request: Request):
         "dtype": str(engine.dtype).removeprefix("torch.") if engine else None,
         "quantize": limits.quantize,
         "weight_formats": engine.weight_formats if engine else None,  # per part: what --quantize chose here
+        "segmenter": _segmenter(state),  # masks: true needs one
         "version": request.app.version,
         "ready": state.batcher is not None,
         "limits": {
@@ -58,6 +59,15 @@ async def info(request: Request):
         },
         "tasks": [task.value for task in TASK_DESCRIPTIONS],
     }
+
+
+def _segmenter(state) -> dict | None:
+    """The segmenter `masks: true` uses: its name and, once loaded, its model type; None without one."""
+    name = state.engine_settings.segmenter
+    if name is None:
+        return None
+    segmenter = state.engine.segmenter if state.engine else None
+    return {"model": name, "model_type": segmenter.model_type if segmenter else None}
 
 
 @router.get("/metrics", tags=["operations"], summary="Prometheus metrics.")

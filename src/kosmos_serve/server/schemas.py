@@ -54,6 +54,9 @@ class GenerationFields(BaseModel):
                           "original demo's 3)."
     )
     min_score: MinScoreField | None = Field(None, description=MIN_SCORE_DESCRIPTION)
+    masks: bool = Field(False, description="Also a mask for every box (COCO run-length encoding in the image's pixels) "
+                                           "and its score, from the service's segmenter (started with --segmenter; "
+                                           "GET /info `segmenter`); without one, 422.")
     return_image: bool = Field(False, description="Also return the image with the boxes drawn (base64 PNG).")
     stream: bool = Field(False, description="Answer as server-sent events: `text` pieces, then the `result`.")
 
@@ -61,7 +64,7 @@ class GenerationFields(BaseModel):
         return GenerationParams(
             max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, temperature=self.temperature,
             top_p=self.top_p, num_beams=self.num_beams, seed=self.seed, no_repeat_ngram_size=self.no_repeat_ngram_size,
-            min_score=self.min_score,
+            min_score=self.min_score, masks=self.masks,
         )
 
     def task_input(self, boxes: list[PixelBoxInput]) -> TaskInput:
@@ -95,12 +98,21 @@ class GenerateForm(GenerationFields):
                                              description='Boxes in pixels as JSON: "[[x1, y1, x2, y2]]".')
 
 
+class MaskOut(BaseModel):
+    size: tuple[int, int] = Field(description="The image's height and width, as COCO's `size`.")
+    counts: str = Field(description="COCO compressed run-length encoding (pycocotools' `mask.encode`), as text.")
+
+
 class EntityOut(BaseModel):
     phrase: str
     span: tuple[int, int] = Field(description="Character range of the phrase in `text`.")
     boxes: list[tuple[float, float, float, float]] = Field(description="Normalised to 0..1.")
     pixel_boxes: list[tuple[int, int, int, int]] = Field(description="In the image's own pixels.")
     scores: list[float] = Field(description=SCORES_DESCRIPTION)
+    masks: list[MaskOut] | None = Field(None, description="With `masks: true`: one mask per box, in the order of "
+                                                          "`boxes`, in the pixels of the image as a viewer sees it.")
+    mask_scores: list[float] | None = Field(None, description="With `masks: true`: the segmenter's predicted IoU of "
+                                                              "each mask (its own quality score).")
 
 
 class GenerateResponse(BaseModel):

@@ -1,0 +1,112 @@
+"""Masks from boxes: a Segment Anything model (transformers' SAM family) prompted with the boxes Kosmos-2 gave.
+
+Per image, the segmenter's image embedding is computed once, one image per call (so it never depends on its batch
+neighbours), and kept in an LRU keyed by the image's content, as Kosmos-2's image features are: several phrases and
+several requests about one image pay for it once. Every box of a result then goes through one prompt-encoder and
+mask-decoder call, `multimask_output=False`: SAM's single mask for a box prompt (SAM 2's own forward then picks
+among its masks by stability, as it does for one box). The processor's own `post_process_masks` brings the masks to
+the image's size and thresholds them (its default, logit 0); each is written as COCO run-length encoding. A mask's
+score is the model's predicted IoU for that mask.
+
+This is exactly what the segmenter gives when run directly through transformers, one box at a time:
+`processor(images=image, input_boxes=[[box]])`, `model(**inputs, multimask_output=False)`,
+`processor.post_process_masks(pred_masks, original_sizes[, reshaped_input_sizes])`
+(tests/model/test_segmentation.py holds it to that).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForMaskGeneration, AutoProcessor
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASK_GENERATION_MAPPING_NAMES
+from transformers.utils import is_torchvision_available
+
+from kosmos_serve.config import EngineSettings
+from kosmos_serve.engine.features import ImageFeatureCache
+from kosmos_serve.engine.loading import resolve_source
+from kosmos_serve.errors import ModelLoadError
+from kosmos_serve.grounding import Mask, PixelBox
+
+logger = logging.getLogger(__name__)
+
+# transformers' mask-generation models, each prompted by boxes: sam, sam_hq, sam2, edgetam, sam3_tracker (the video
+# variants' configs load their image model).
+SEGMENTER_TYPES = tuple(MODEL_FOR_MASK_GENERATION_MAPPING_NAMES)
+# How a family's forward takes the embedding `get_image_embeddings` returns: SAM-HQ's is a pair, the ViT's
+# intermediate layers beside the image embedding; the others' one tensor (SAM) or list of feature maps (SAM 2).
+PAIRED_EMBEDDINGS = {"sam_hq": ("image_embeddings", "intermediate_embeddings")}
+MASK_SCORE_DECIMALS = 4  # as the boxes' scores
+# Images whose segmenter embeddings are kept, at most (fewer when KOSMOS_IMAGE_CACHE_SIZE is smaller): an embedding is
+# 4 MB for SAM ViT-B, 16 MB for SAM 2 (its high-resolution maps), against Kosmos-2's 0.5 MB of image features.
+MAX_CACHED_EMBEDDINGS = 16
+
+
+class Segmenter:
+    """A loaded Segment Anything model that masks the boxes of an image, its image embeddings cached."""
+
+    def __init__(self, settings: EngineSettings, device: torch.device, dtype: torch.dtype):
+        self.model, self.processor = load_segmenter(settings.segmenter, device, dtype)
+        self.model_type = self.model.config.model_type
+        self.device, self.dtype = device, dtype
+        self.cache = ImageFeatureCache(min(settings.image_cache_size, MAX_CACHED_EMBEDDINGS))
+
+    @torch.inference_mode()
+    def segment(self, image: Image.Image, key: str, boxes: Sequence[PixelBox]) -> list[tuple[Mask, float]]:
+        """Each box's mask and score, all boxes in one decoder call; `key` is the image's content digest."""
+        if not boxes:
+            return []
+        inputs = self.processor(images=image, input_boxes=[[[float(v) for v in box] for box in boxes]],
+                                return_tensors="pt")
+        embeddings = self.embeddings(key, inputs["pixel_values"])
+        outputs = self.model(**embeddings, input_boxes=inputs["input_boxes"].to(self.device, self.dtype),
+                             multimask_output=False)
+        sizes = [inputs[name] for name in ("original_sizes", "reshaped_input_sizes") if name in inputs]
+        masks = self.processor.post_process_masks(outputs.pred_masks.float().cpu(), *sizes)[0]  # (boxes, 1, h, w)
+        scores = outputs.iou_scores[0, :, 0].float().cpu().tolist()
+        return [(Mask.from_array(mask[0].numpy()), round(score, MASK_SCORE_DECIMALS))
+                for mask, score in zip(masks, scores)]
+
+    def embeddings(self, key: str, pixel_values: torch.Tensor) -> dict[str, object]:
+        """The forward's embedding arguments for an image: from the cache, else computed now and kept."""
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        computed = self.model.get_image_embeddings(pixel_values.to(self.device, self.dtype))
+        names = PAIRED_EMBEDDINGS.get(self.model_type, ("image_embeddings",))
+        arguments = dict(zip(names, computed)) if len(names) > 1 else {names[0]: computed}
+        self.cache.put(key, arguments)
+        return arguments
+
+
+def load_segmenter(name: str, device: torch.device, dtype: torch.dtype):
+    """A SAM-family model and its processor from `name` (hub id, folder or demo), on `device` in `dtype`; anything
+    else fails here with one line saying what was found and what is expected."""
+    source = resolve_source(name, option="--segmenter")
+    try:
+        model_type = AutoConfig.from_pretrained(source).model_type
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"--segmenter {name!r} holds no model config (config.json as written by "
+                             "save_pretrained).") from error
+    if model_type not in SEGMENTER_TYPES:
+        raise ModelLoadError(f"--segmenter {name!r} is a {model_type!r} model, not a Segment Anything model; expected "
+                             f"one of transformers' mask-generation types: {', '.join(SEGMENTER_TYPES)}.")
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        model = AutoModelForMaskGeneration.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError, ImportError) as error:
+        if not is_torchvision_available() and model_type not in ("sam", "sam_hq"):
+            raise ModelLoadError(f"--segmenter {name!r} ({model_type}): transformers' processor for it needs "
+                                 "torchvision, which is not installed: pip install torchvision.") from error
+        raise ModelLoadError(f"--segmenter {name!r} holds no complete {model_type} checkpoint (config.json, weights "
+                             "and processor files as written by save_pretrained).") from error
+    if not hasattr(processor, "post_process_masks"):
+        raise ModelLoadError(f"--segmenter {name!r}: its processor ({type(processor).__name__}) is not a Segment "
+                             "Anything processor.")
+    Mask.from_array(torch.zeros(1, 1, dtype=torch.bool).numpy())  # pycocotools is there, or say how to install it
+    model.to(device).eval()
+    logger.info("Loaded segmenter %s (%s) on %s as %s", source, model_type, device, dtype)
+    return model, processor

@@ -23,7 +23,7 @@ IMAGE_SIZE, PATCH_SIZE = 256, 16  # the input's longer side, padded square; 16 x
 VISION_WIDTH, VISION_LAYERS, EMBEDDING_WIDTH = 64, 2, 64
 POSITION_FREQUENCY_STD = 1.0
 USE_REL_POS = False
-RECIPE = SegmenterTraining(steps=2000, images_per_step=6, prompts_per_image=4, learning_rate=3e-3, warmup_steps=50,
+RECIPE = SegmenterTraining(steps=1500, images_per_step=6, prompts_per_image=4, learning_rate=3e-3, warmup_steps=50,
                            checkpoint_every=250, scene_seed=1, seed=0)
 HELD_OUT_SCENES, HELD_OUT_SEED = 200, 2  # the demo Kosmos-2's held-out scenes (`data shapes --n 200 --seed 2`)
 SCORES_FILE = "held-out-scores.txt"

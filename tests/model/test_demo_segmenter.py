@@ -5,7 +5,6 @@ import random
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import AutoProcessor, SamModel, SamProcessor
 
@@ -58,7 +57,6 @@ def test_jittered_boxes_stay_inside_the_image_and_near_the_box():
     assert sum(abs(box[1] - 20) for box in boxes) / len(boxes) < 5  # std 5 for a side of 50
 
 
-@pytest.mark.skipif(not (SEGMENTER_DIR / "config.json").exists(), reason="no demo segmenter shipped")
 def test_the_shipped_segmenter_loads_as_any_sam_and_segments_held_out_objects():
     model = SamModel.from_pretrained(SEGMENTER_DIR)
     processor = AutoProcessor.from_pretrained(SEGMENTER_DIR)

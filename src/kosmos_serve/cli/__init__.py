@@ -67,7 +67,7 @@ COMMANDS = {  # name: (where the command is, the first sentence of its docstring
                     "2 cores).")),
     "train-demo-segmenter": ("kosmos_serve.cli.training:train_demo_segmenter",
                              ("Rebuild the shipped demo segmenter in OUT: a small SAM trained on the shapes' masks, "
-                              "held-out IoU (~25 min).")),
+                              "held-out IoU (~15 CPU-min).")),
 }
 
 

@@ -78,7 +78,7 @@ def train_demo(out, threads):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--threads", type=int, help="Torch intra-op threads (default: all cores).")
 def train_demo_segmenter(out, threads):
-    """Rebuild the shipped demo segmenter in OUT: a small SAM trained on the shapes' masks, held-out IoU (~25 min).
+    """Rebuild the shipped demo segmenter in OUT: a small SAM trained on the shapes' masks, held-out IoU (~15 CPU-min).
 
     Run again with the same OUT to continue an interrupted run.
     """

@@ -4,8 +4,9 @@
 two-layer vision encoder of width 64), trains it with box prompts on the masks of fresh synthetic scenes
 (`training/segmenter.py`), scores its masks on scenes of a seed never used in training, and leaves the model in
 DIR/final (config, safetensors weights, processor config: what `SamModel.from_pretrained` and
-`AutoProcessor.from_pretrained` load) with its scores in DIR/final/held-out-scores.txt. An interrupted run
-continues where it stopped when run again with the same DIR.
+`AutoProcessor.from_pretrained` load) with its scores in DIR/final/held-out-scores.txt. 14 minutes of one core's
+CPU time (36 minutes on the shared, loaded 2-core machine: docs/demo-segmenter.md); an interrupted run continues
+where it stopped when run again with the same DIR.
 """
 
 from __future__ import annotations

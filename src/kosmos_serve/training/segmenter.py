@@ -2,9 +2,10 @@
 
 Each step draws fresh scenes (`shapes.draw_scene_with_masks`, seeded per scene like the shapes datasets), prompts
 the model with each object's box jittered as in SAM's training (noise of 10% of the box's side per coordinate, at
-most 20 pixels), and learns the object's visible pixels: binary cross-entropy and dice on the mask logits upscaled to
-the model's input size (bilinear, as `post_process_masks` upscales them), and the squared error of the predicted IoU
-(the model's quality score) against the IoU its mask reaches. Scoring goes the way serving goes: the processor, the
+most 20 pixels), and learns the object's visible pixels: binary cross-entropy and dice between the decoder's mask
+logits (one mask per box) and the share of each of their cells that the object covers, so that a logit of 0 marks
+the boundary `post_process_masks` draws, and the squared error of the predicted IoU (the model's quality score)
+against the IoU its mask reaches. Scoring goes the way serving goes: the processor, the
 model, and `post_process_masks` back to the image's own pixels, whose mask is compared with the drawn one.
 """
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, SamModel, SamProcessor
 
-import kosmos_serve
+from kosmos_serve.training import demo_segmenter
 from kosmos_serve.training.demo_segmenter import HELD_OUT_SEED, build_segmenter
 from kosmos_serve.training.segmenter import (
     SegmenterTraining,
@@ -20,7 +20,7 @@ from kosmos_serve.training.segmenter import (
     train_segmenter,
 )
 
-SEGMENTER_DIR = Path(kosmos_serve.__file__).parent / "models" / "demo-segmenter"
+SEGMENTER_DIR = Path(demo_segmenter.__file__).parents[1] / "models" / "demo-segmenter"
 
 
 def test_a_short_training_run_lowers_the_loss(tmp_path):

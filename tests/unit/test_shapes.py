@@ -3,7 +3,9 @@
 import itertools
 import json
 import math
+import random
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -13,6 +15,8 @@ from kosmos_serve.training.shapes import (
     SHAPES,
     SceneObject,
     describe_objects,
+    draw_scene,
+    draw_scene_with_masks,
     scene_records,
     write_shapes_dataset,
 )
@@ -157,3 +161,28 @@ def test_scene_records_of_a_worked_example():
     assert [r["task"] for r in rest] == ["referring"] * 3 + ["region"] * 3
     single = scene_records("x.png", objects[1:2])[0]
     assert single["caption"] == "An image of a red circle."
+
+
+def test_masks_are_exactly_the_pixels_of_each_colour_and_the_scene_is_draw_scenes():
+    """Object colours never occur in backgrounds, so a colour's pixels are the union of its objects' masks."""
+    same_colour_twins = 0
+    for index in range(30):
+        image, objects, masks = draw_scene_with_masks(random.Random(f"shapes:0:{index}"))
+        plain_image, plain_objects = draw_scene(random.Random(f"shapes:0:{index}"))
+        assert image.tobytes() == plain_image.tobytes() and objects == plain_objects
+        pixels = np.asarray(image)
+        assert len(masks) == len(objects)
+        for obj, mask in zip(objects, masks):
+            assert mask.shape == pixels.shape[:2] and mask.any()
+            assert _inside(Image.fromarray(mask).getbbox(), obj.box)
+        assert sum(mask.astype(int) for mask in masks).max() == 1  # no pixel shows two objects
+        for colour in {obj.colour for obj in objects}:
+            drawn = np.all(pixels == COLOURS[colour], axis=-1)
+            of_colour = [mask for obj, mask in zip(objects, masks) if obj.colour == colour]
+            same_colour_twins += len(of_colour) > 1
+            assert np.array_equal(drawn, np.logical_or.reduce(of_colour))
+    assert same_colour_twins >= 1  # the union above was put to the test at least once
+
+
+def _inside(inner: tuple[int, int, int, int], outer: tuple[int, int, int, int]) -> bool:
+    return outer[0] <= inner[0] and outer[1] <= inner[1] and inner[2] <= outer[2] and inner[3] <= outer[3]

@@ -1,4 +1,4 @@
-"""`train`, `train-demo`, `tiny-model` and `data shapes`: models and training data of one's own."""
+"""`train`, `train-demo`, `train-demo-segmenter`, `tiny-model` and `data shapes`: models and training data of one's own."""
 
 from __future__ import annotations
 
@@ -72,6 +72,22 @@ def train_demo(out, threads):
     set_threads(threads)
     quiet_transformers()
     click.echo(f"saved {build_demo_model(out, log=click.echo)}")
+
+
+@click.command("train-demo-segmenter")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--threads", type=int, help="Torch intra-op threads (default: all cores).")
+def train_demo_segmenter(out, threads):
+    """Rebuild the shipped demo segmenter in OUT: a small SAM trained on the shapes' masks, held-out IoU (~15 CPU-min).
+
+    Run again with the same OUT to continue an interrupted run.
+    """
+    from kosmos_serve.engine.loading import quiet_transformers, set_threads
+    from kosmos_serve.training.demo_segmenter import build_demo_segmenter
+
+    set_threads(threads)
+    quiet_transformers()
+    click.echo(f"saved {build_demo_segmenter(out, log=click.echo)}")
 
 
 @click.command("tiny-model")

@@ -79,9 +79,17 @@ def write_shapes_dataset(out_dir: str | Path, n: int, seed: int) -> Path:
 
 def draw_scene(rng: random.Random) -> tuple[Image.Image, list[SceneObject]]:
     """A background of random size and 1 to 4 shapes on it whose boxes overlap little."""
+    image, objects, _ = draw_scene_with_masks(rng)
+    return image, objects
+
+
+def draw_scene_with_masks(rng: random.Random) -> tuple[Image.Image, list[SceneObject], list[np.ndarray]]:
+    """draw_scene's scene (the same for the same rng), and each object's mask: the (height, width) bool array of
+    its pixels that show, a later shape hiding what it covers of an earlier one."""
     width, height = rng.randint(*SIDE_RANGE), rng.randint(*SIDE_RANGE)
     image = random_background(rng, width, height)
     objects: list[SceneObject] = []
+    masks: list[np.ndarray] = []
     for _ in range(rng.randint(1, MAX_OBJECTS)):
         colour, shape = random_kind(rng, objects)
         placed = place_object(rng, width, height, shape, [o.box for o in objects])
@@ -90,7 +98,9 @@ def draw_scene(rng: random.Random) -> tuple[Image.Image, list[SceneObject]]:
         mask, box = placed
         image.paste(COLOURS[colour], mask=mask)
         objects.append(SceneObject(colour, shape, box))
-    return image, objects
+        covered = np.asarray(mask) > 0
+        masks = [earlier & ~covered for earlier in masks] + [covered]
+    return image, objects, masks
 
 
 def random_kind(rng: random.Random, objects: list[SceneObject]) -> tuple[str, str]:

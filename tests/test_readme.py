@@ -58,7 +58,7 @@ RUN = {
     "import supervisely as sly": True,
     '{"default_prompt"': False,
     "kosmos-serve data shapes --n 200 --seed 2 --out data/shapes-eval": False,
-    "kosmos-serve tiny-segmenter tiny-sam": True,
+    "kosmos-serve predict --model demo --segmenter demo": True,
 }
 NOT_RUN = {
     "docker build": "builds and runs images: tests/container/ builds and runs the CPU one with podman",
@@ -202,8 +202,8 @@ def test_annotate_on_the_demo_model(examples, tmp_path):
     assert_shows(output, (tmp_path / "results.jsonl").read_text())
 
 
-def test_masks_on_the_demo_model_with_a_tiny_segmenter(examples, tmp_path):
-    block, output = examples["kosmos-serve tiny-segmenter tiny-sam"]
+def test_masks_on_the_demo_model_with_the_demo_segmenter(examples, tmp_path):
+    block, output = examples["kosmos-serve predict --model demo --segmenter demo"]
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     assert_shows(output, run_bash(block.text, cwd=tmp_path))
 

@@ -41,7 +41,8 @@ NEIGHBOURHOOD = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 
 @dataclass
 class TokenEvidence:
-    """What the model said of a row's tokens, by their position in the row's ids.
+    """What the model said of a row's tokens, by their position in the row's ids: of those scoring reads (a
+    prompt's scored tail; a generated phrase's words and `</phrase>`, and location tokens), at least.
 
     `logprobs[pos]`: log p(ids[pos] | ids[:pos], image); `corner_mass[pos]`: for a location token, the
     probability of its patch and the patches around it at that step.
@@ -73,6 +74,20 @@ class GroundingVocabulary:
         x, y = self.patch_of[token] % self.grid, self.patch_of[token] // self.grid
         return [self.patch_ids[(y + dy) * self.grid + x + dx] for dx, dy in NEIGHBOURHOOD
                 if 0 <= x + dx < self.grid and 0 <= y + dy < self.grid]
+
+    def phrase_open_after(self, was_open: bool, token: int) -> bool:
+        """Whether a phrase is open (a `<phrase>` not closed yet) after `token`, given whether one was before it."""
+        return token == self.phrase_start or (was_open and token != self.phrase_end)
+
+    def ends_in_phrase(self, ids: list[int]) -> bool:
+        """Whether `ids` end inside a phrase: the tokens that follow are its words, or its `</phrase>`."""
+        starts = [pos for pos, token in enumerate(ids) if token == self.phrase_start]
+        return bool(starts) and self.phrase_end not in ids[starts[-1] :]
+
+    def read_by_scoring(self, phrase_open: bool, token: int) -> bool:
+        """Whether scoring reads the probability of `token`, written with a phrase open or not: a phrase's word or
+        `</phrase>` (presence), or a location token (localisation)."""
+        return phrase_open or token in self.patch_of
 
     def open_phrase_start(self, prompt: list[int]) -> int | None:
         """Where the prompt's last phrase begins when it still awaits its box (`...<phrase> X</phrase>`), else None."""

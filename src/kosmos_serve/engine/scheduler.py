@@ -33,7 +33,7 @@ from kosmos_serve.engine.choice import RowChooser, choose_tokens
 from kosmos_serve.engine.decode import RunningBatch, decode_step, keep_rows, merge, prefill
 from kosmos_serve.engine.requests import PreparedRequest, Request, Row
 from kosmos_serve.engine.results import Result, build_result
-from kosmos_serve.engine.scoring import TokenEvidence
+from kosmos_serve.engine.scoring import TokenEvidence, evidence_from_choices
 from kosmos_serve.engine.streaming import StreamPiece
 from kosmos_serve.generation import GenerationParams, generation_kwargs
 from kosmos_serve.grounding import parse_generation
@@ -269,11 +269,10 @@ class Scheduler:
         vocabulary = self.engine.vocabulary
         read = [index for index, (sequence, token) in enumerate(zip(sequences, tokens))
                 if vocabulary.read_by_scoring(sequence.phrase_open, token)]
-        if not read:
-            return
-        for index, log_probs in zip(read, torch.log_softmax(logits[read], dim=-1)):
-            sequence = sequences[index]
-            self.engine.note_evidence(log_probs[None], [tokens[index]], len(sequence.ids), sequence.evidence)
+        if read:
+            evidence_from_choices(torch.log_softmax(logits[read], dim=-1), [tokens[index] for index in read],
+                                  [len(sequences[index].ids) for index in read],
+                                  [sequences[index].evidence for index in read], vocabulary)
 
     def _take(self, sequence: _Sequence, token: int, now: float) -> None:
         """The row takes its chosen token: emitted to a streamed request, and whether the row is done noted."""

@@ -22,14 +22,17 @@ def test_a_prompts_pieces_join_into_the_decode_of_its_tokens_however_they_are_ha
     rng = random.Random(0)
     for _ in range(200):
         prompts = [[rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 40))] for _ in range(2)]
-        one_by_one, grouped = [], []
+        expected = [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
+        for ids, text in zip(prompts, expected):  # one token at a time, as the engine hands them over
+            stream = engine.text_stream()
+            words = read_all(stream, [StreamPiece((token,)) for token in ids])
+            assert "".join(words) + stream.read(StreamPiece(prompt_done=True)) == text
+            assert all(word[-1] in " \n" for word in words)  # a word settles once the next one begins
+        grouped = []  # both prompts, in uneven groups
         for ids in prompts:
-            one_by_one += [StreamPiece((token,)) for token in ids] + [StreamPiece(prompt_done=True)]
             cut = rng.randrange(len(ids) + 1)
             grouped += [StreamPiece(tuple(ids[:cut])), StreamPiece(tuple(ids[cut:]), prompt_done=True)]
-        expected = "".join(tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts)
-        assert "".join(read_all(engine.text_stream(), one_by_one)) == expected
-        assert "".join(read_all(engine.text_stream(), grouped)) == expected
+        assert "".join(read_all(engine.text_stream(), grouped)) == "".join(expected)
     assert engine.text_stream().read(StreamPiece(text="a whole answer")) == "a whole answer"
 
 
@@ -60,12 +63,13 @@ def test_streamed_text_is_the_answers_text_and_what_the_old_streamer_sent(engine
             if piece.prompt_done:
                 prompts.append([])
         assert len(prompts) - 1 == len(ticket.rows) and sum(map(len, prompts)) == ticket.result.generated_tokens
-        assert streamed == old_streamer_text(engine, prompts[:-1])
+        assert read_all(engine.text_stream(), pieces) == old_streamer_pieces(engine, prompts[:-1])
+        assert streamed == "".join(engine.decode(ids) for ids in prompts)
         for raw_text, ids in zip(ticket.result.raw_text.split("\n"), prompts):  # each prompt's answer ends in its text
             assert raw_text.endswith(engine.decode(ids)) and engine.decode(ids)
 
 
-def old_streamer_text(engine, prompts):
+def old_streamer_pieces(engine, prompts):
     """What transformers' TextStreamer sent for these prompts' new tokens, run on the engine thread as it was."""
     sent = []
     streamer = TextStreamer(engine.processor.tokenizer, skip_special_tokens=True)
@@ -74,7 +78,7 @@ def old_streamer_text(engine, prompts):
         for token in ids:
             streamer.put(torch.tensor([token]))
         streamer.end()
-    return "".join(sent)
+    return [text for text in sent if text]
 
 
 def test_the_service_stream_yields_the_text_then_the_result_equal_to_the_request_alone(engine, sample_images):

@@ -9,7 +9,9 @@ stream. A round runs two arms, in alternating order: 7 brief captions (32 new to
 ban) sent together, alone; and the same 7 sent once an 8th request, streamed, 800 new tokens, is decoding
 (its first text has come; its consumer reads every piece, as the server-sent events route does). Each arm's
 figure is the 7's mean latency; a round's ratio is with / alone; the report gives every ratio and their
-median. Every request is on a fresh image of the same size.
+median. Beside it, the process's CPU seconds while the 7 run (engine thread and event loop together), with /
+alone: the work the stream adds, which a machine shared with other work disturbs less than the latencies.
+Every request is on a fresh image of the same size.
 
 `--against SRC` runs the rounds with the `kosmos_serve` package under SRC (say, a checkout of main) and with
 this one, each in its own processes, alternately `--repeats` times, and reports both. The CPU heads the report.
@@ -79,19 +81,19 @@ async def measure(args) -> list[dict]:
             arms = {}
             for arm in (("alone", "with") if index % 2 == 0 else ("with", "alone")):
                 if arm == "alone":
-                    arms[arm] = await seven(batcher, args.tokens)
+                    arms["alone"], arms["alone_cpu"] = await seven(batcher, args.tokens)
                 else:
-                    arms[arm], arms["stream_tokens"] = await seven_beside_a_stream(batcher, args)
+                    (arms["with"], arms["with_cpu"]), arms["stream_tokens"] = await seven_beside_a_stream(batcher, args)
             rounds.append(arms)
             print(f"round {index + 1}: alone {arms['alone']:.3f} s, with the stream {arms['with']:.3f} s "
-                  f"(x{arms['with'] / arms['alone']:.3f})", file=sys.stderr)
+                  f"(x{arms['with'] / arms['alone']:.3f}; CPU x{arms['with_cpu'] / arms['alone_cpu']:.3f})", file=sys.stderr)
         return rounds
     finally:
         await batcher.stop()
 
 
-async def seven(batcher, tokens: int) -> float:
-    """The 7 brief captions sent together: their mean latency in seconds."""
+async def seven(batcher, tokens: int) -> tuple[float, float]:
+    """The 7 brief captions sent together: their mean latency, and the process's CPU seconds until the last ends."""
     requests = [caption(tokens) for _ in range(OTHERS)]
 
     async def timed(request) -> float:
@@ -99,11 +101,13 @@ async def seven(batcher, tokens: int) -> float:
         await batcher.submit(request)
         return time.perf_counter() - began
 
-    return statistics.mean(await asyncio.gather(*map(timed, requests)))
+    cpu = time.process_time()
+    latencies = await asyncio.gather(*map(timed, requests))
+    return statistics.mean(latencies), time.process_time() - cpu
 
 
-async def seven_beside_a_stream(batcher, args) -> tuple[float, int]:
-    """The 7 sent once a long streamed request is decoding: their mean latency, and the tokens the stream wrote."""
+async def seven_beside_a_stream(batcher, args) -> tuple[tuple[float, float], int]:
+    """The 7 sent once a long streamed request is decoding (`seven`'s figures), and the tokens the stream wrote."""
     pieces = batcher.stream(caption(args.stream_tokens))
     decoding = asyncio.Event()
 
@@ -118,9 +122,8 @@ async def seven_beside_a_stream(batcher, args) -> tuple[float, int]:
 
     streaming = asyncio.ensure_future(consume())
     await asyncio.wait({asyncio.ensure_future(decoding.wait()), streaming}, return_when=asyncio.FIRST_COMPLETED)
-    mean = await seven(batcher, args.tokens)
-    stream_tokens = await streaming
-    return mean, stream_tokens
+    figures = await seven(batcher, args.tokens)
+    return figures, await streaming
 
 
 def caption(tokens: int):
@@ -153,13 +156,14 @@ def report(runs: dict[str, list[dict]], args) -> None:
           f"tiny model, threads {args.threads or 'default'}; mean latency of the 7 per arm, paired rounds:")
     print()
     print("| source | rounds | alone (s, median) | with the stream (s, median) | with / alone, median | "
-          "with / alone, each round | stream tokens |")
-    print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
+          "with / alone, each round | CPU s with / alone, median | stream tokens |")
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     for label, rounds in runs.items():
         ratios = [r["with"] / r["alone"] for r in rounds]
+        cpu = statistics.median(r["with_cpu"] / r["alone_cpu"] for r in rounds)
         print(f"| {label} | {len(rounds)} | {statistics.median(r['alone'] for r in rounds):.3f} | "
               f"{statistics.median(r['with'] for r in rounds):.3f} | **{statistics.median(ratios):.3f}** | "
-              f"{', '.join(f'{ratio:.2f}' for ratio in ratios)} | {min(r['stream_tokens'] for r in rounds)} |")
+              f"{', '.join(f'{ratio:.2f}' for ratio in ratios)} | {cpu:.3f} | {min(r['stream_tokens'] for r in rounds)} |")
 
 
 if __name__ == "__main__":

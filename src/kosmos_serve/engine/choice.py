@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
@@ -46,6 +46,8 @@ class RowChooser:
 
     processors: LogitsProcessorList  # transformers' own, as `generate` builds them for the row's parameters
     generator: torch.Generator | None = None  # set when sampling
+    batched: bool = field(init=False)  # chosen by the batch's argmax
+    bans: NgramBans | None = field(init=False)  # a batched row's n-gram ban, if it has one
 
     def __post_init__(self):
         bans = [p for p in self.processors if isinstance(p, NoRepeatNGramLogitsProcessor)]

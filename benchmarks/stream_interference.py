@@ -6,12 +6,13 @@
 The service's own path, in one process: a `Batcher` over an engine on the project's tiny model (a step there
 costs little but the host's work, as on a GPU), its engine thread beside the event loop that relays the
 stream. A round runs two arms, in alternating order: 7 brief captions (32 new tokens, the service's n-gram
-ban) sent together, alone; and the same 7 sent once an 8th request, streamed, 800 new tokens, is decoding
-(its first text has come; its consumer reads every piece, as the server-sent events route does). Each arm's
+ban) sent together, alone; and the same 7 sent while an 8th request, streamed, 800 new tokens, decodes
+(sent 0.3 s before them; its consumer reads every piece, as the server-sent events route does). Each arm's
 figure is the 7's mean latency; a round's ratio is with / alone; the report gives every ratio and their
 median. Beside it, the process's CPU seconds while the 7 run (engine thread and event loop together), with /
 alone: the work the stream adds, which a machine shared with other work disturbs less than the latencies.
-Every request is on a fresh image of the same size.
+Every request is on a fresh image of the same size. `--eighth plain` sends the 8th unstreamed: the control,
+what an 8th row costs the 7 without any streaming.
 
 `--against SRC` runs the rounds with the `kosmos_serve` package under SRC (say, a checkout of main) and with
 this one, each in its own processes, alternately `--repeats` times, and reports both. The CPU heads the report.
@@ -43,6 +44,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9, help="paired rounds (per process with --against)")
     parser.add_argument("--stream-tokens", type=int, default=800, help="the streamed request's new tokens")
     parser.add_argument("--tokens", type=int, default=32, help="each of the 7's new tokens")
+    parser.add_argument("--eighth", choices=["streamed", "plain"], default="streamed",
+                        help="the long request streamed, or plain (the control: what an 8th row costs unstreamed)")
+    parser.add_argument("--lead", type=float, default=0.3, help="seconds the long request decodes before the 7 come")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--against", type=Path, help="another source tree's src/ to measure alternately with this one")
     parser.add_argument("--repeats", type=int, default=3, help="with --against: processes of each, alternating")
@@ -107,23 +111,24 @@ async def seven(batcher, tokens: int) -> tuple[float, float]:
 
 
 async def seven_beside_a_stream(batcher, args) -> tuple[tuple[float, float], int]:
-    """The 7 sent once a long streamed request is decoding (`seven`'s figures), and the tokens the stream wrote."""
-    pieces = batcher.stream(caption(args.stream_tokens))
-    decoding = asyncio.Event()
+    """The 7 sent `--lead` seconds after a long request (streamed, or plain with `--eighth plain`), while it
+    decodes: `seven`'s figures, and the tokens the long one wrote."""
+    long = caption(args.stream_tokens)
 
     async def consume() -> int:
-        async for piece in pieces:
+        if args.eighth == "plain":
+            return (await batcher.submit(long)).generated_tokens
+        async for piece in batcher.stream(long):
             if isinstance(piece, str):
                 json.dumps({"text": piece})  # what the server-sent events route does with each piece
-                decoding.set()
             else:
                 return piece.generated_tokens
         return 0
 
-    streaming = asyncio.ensure_future(consume())
-    await asyncio.wait({asyncio.ensure_future(decoding.wait()), streaming}, return_when=asyncio.FIRST_COMPLETED)
+    running = asyncio.ensure_future(consume())
+    await asyncio.sleep(args.lead)  # its prefill done, it decodes (800 tokens take longer than the 7)
     figures = await seven(batcher, args.tokens)
-    return figures, await streaming
+    return figures, await running
 
 
 def caption(tokens: int):
@@ -141,7 +146,8 @@ def compare(args) -> None:
     for repeat in range(args.repeats):
         for label, source in sources.items():
             command = [sys.executable, __file__, "--json", "--rounds", str(args.rounds), "--tokens", str(args.tokens),
-                       "--stream-tokens", str(args.stream_tokens)] + (["--threads", str(args.threads)] if args.threads else [])
+                       "--stream-tokens", str(args.stream_tokens), "--eighth", args.eighth, "--lead", str(args.lead)]
+            command += ["--threads", str(args.threads)] if args.threads else []
             output = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(source)}, check=True,
                                     capture_output=True, text=True).stdout
             rounds[label] += json.loads(output.splitlines()[-1])
@@ -152,8 +158,9 @@ def compare(args) -> None:
 
 
 def report(runs: dict[str, list[dict]], args) -> None:
-    print(f"7 brief captions ({args.tokens} new tokens) alone and beside a streamed {args.stream_tokens}-token request, "
-          f"tiny model, threads {args.threads or 'default'}; mean latency of the 7 per arm, paired rounds:")
+    print(f"7 brief captions ({args.tokens} new tokens) alone and beside a {args.eighth} {args.stream_tokens}-token "
+          f"request (sent {args.lead} s before them), tiny model, threads {args.threads or 'default'}; mean latency of "
+          f"the 7 per arm, paired rounds:")
     print()
     print("| source | rounds | alone (s, median) | with the stream (s, median) | with / alone, median | "
           "with / alone, each round | CPU s with / alone, median | stream tokens |")

@@ -152,7 +152,7 @@ class Batcher:
         job: _Job, pieces: asyncio.Queue[StreamPiece | None], text: TextStream,
         client_gone: Callable[[], Awaitable[None]] | None,
     ) -> AsyncGenerator[str | Result, None]:
-        """The request's text as the engine's pieces come (each wake-up's pieces as one), then its result."""
+        """The request's text as the engine's pieces come (each settled piece as it was settled), then its result."""
         gone = asyncio.ensure_future(_then_wake(client_gone, pieces)) if client_gone is not None else None
         try:
             ended = False
@@ -161,9 +161,9 @@ class Batcher:
                 while not pieces.empty():
                     waiting.append(pieces.get_nowait())
                 ended = None in waiting
-                settled = "".join(text.read(piece) for piece in waiting if piece is not None)
-                if settled:
-                    yield settled
+                for piece in waiting:
+                    if piece is not None and (settled := text.read(piece)):
+                        yield settled
             if job.future.done():  # else the client left
                 yield job.future.result()
         finally:

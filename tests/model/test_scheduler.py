@@ -26,6 +26,17 @@ def through_generate(engine, request):
     return build_result(prepared, rows, seconds, cached)
 
 
+def streamed_into(engine, pieces):
+    """An `on_tokens` callback that reads the engine's pieces as a stream's consumer does, appending the text."""
+    stream = engine.text_stream()
+
+    def read(piece):
+        if text := stream.read(piece):
+            pieces.append(text)
+
+    return read
+
+
 def mixed_requests(images):
     """Tasks, prompt lengths, token budgets, greedy and seeded sampling, beams: (request, streamed)."""
     sampled = dataclasses.replace(GREEDY, do_sample=True, seed=11, temperature=1.3)
@@ -53,7 +64,7 @@ def test_many_mixed_requests_arriving_mid_decode_each_equal_their_solo_generate(
     tickets, streamed_text, widths = [], {}, []
     for index, (request, streamed) in enumerate(cases):  # one arrival every other step, while others decode
         pieces = streamed_text.setdefault(index, []) if streamed else None
-        tickets.append(scheduler.add(request, on_text=pieces.append if streamed else None))
+        tickets.append(scheduler.add(request, on_tokens=streamed_into(engine, pieces) if streamed else None))
         for _ in range(2):
             scheduler.step()
             widths.append(len(scheduler.sequences))
@@ -68,7 +79,7 @@ def test_many_mixed_requests_arriving_mid_decode_each_equal_their_solo_generate(
     for index, pieces in streamed_text.items():  # streamed text: the same pieces as the request streamed alone
         solo = []
         alone = engine.scheduler()
-        alone.add(cases[index][0], on_text=solo.append)
+        alone.add(cases[index][0], on_tokens=streamed_into(engine, solo))
         while alone.busy:
             alone.step()
         assert pieces == solo and pieces
@@ -199,7 +210,7 @@ def test_the_gpu_path_bfloat16_with_sdpa_runs_through_the_scheduler_on_the_cpu(t
                 Request(sample_images[2], TaskInput(Task.CAPTION), dataclasses.replace(GREEDY, num_beams=2))]
     scheduler = half.scheduler()
     pieces = []
-    tickets = [scheduler.add(requests[0], on_text=pieces.append), *map(scheduler.add, requests[1:])]
+    tickets = [scheduler.add(requests[0], on_tokens=streamed_into(half, pieces)), *map(scheduler.add, requests[1:])]
     while scheduler.busy:
         scheduler.step()
     assert all(ticket.error is None for ticket in tickets)

@@ -125,7 +125,7 @@ def _gate_engine(monkeypatch):
     add = Scheduler.add
 
     def gated(self, request, *args, **kwargs):
-        calls.append("stream" if kwargs.get("on_text") else "run")
+        calls.append("stream" if kwargs.get("on_tokens") else "run")
         gate.wait(30)
         return add(self, request, *args, **kwargs)
 

@@ -4,7 +4,8 @@ The engine is not thread-safe and a forward pass already uses every core, so exa
 runs it: a loop of `Scheduler.step` (`engine/scheduler.py`). Requests queue in arrival order and
 are admitted at the next decode step while fewer than `max_requests` requests are in the engine;
 their prefill joins the running batch and each leaves it the moment it finishes. Streamed and
-plain requests share the batch. When the engine is idle, the first arrival waits up to
+plain requests share the batch; the engine thread hands a streamed request only its new token ids,
+which its relay turns into text on the event loop. When the engine is idle, the first arrival waits up to
 `batch_timeout` for others so that simultaneous requests prefill together; a batch already
 decoding is never waited for. A request whose caller has gone (timed out or disconnected) is
 dropped before it runs, and stops after its current token if it is running.
@@ -26,6 +27,7 @@ from kosmos_serve.engine.engine import Engine
 from kosmos_serve.engine.requests import PreparedRequest, Request
 from kosmos_serve.engine.results import Result
 from kosmos_serve.engine.scheduler import Scheduler, Ticket
+from kosmos_serve.engine.streaming import StreamPiece, TextStream
 from kosmos_serve.errors import ClientGoneError, KosmosServeError, ServiceBusyError
 
 logger = logging.getLogger(__name__)
@@ -36,14 +38,14 @@ STOP_WAIT_S = 30.0  # longest `stop` waits for the engine thread to finish its s
 class _Job:
     request: PreparedRequest
     future: asyncio.Future
-    on_text: Callable[[str], None] | None = None  # set for a streamed request
+    on_tokens: Callable[[StreamPiece], None] | None = None  # set for a streamed request
     cancelled: bool = False
     stop_event: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
 
     @property
     def streamed(self) -> bool:
-        return self.on_text is not None
+        return self.on_tokens is not None
 
     @property
     def abandoned(self) -> bool:
@@ -140,39 +142,40 @@ class Batcher:
         the current token.
         """
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str] = asyncio.Queue()
-        job = self._enqueue(request, on_text=lambda text: _call_soon(loop, pieces.put_nowait, text))
-        return self._relay(job, pieces, client_gone)
+        pieces: asyncio.Queue[StreamPiece | None] = asyncio.Queue()  # None: the result is ready or the client left
+        job = self._enqueue(request, on_tokens=lambda piece: _call_soon(loop, pieces.put_nowait, piece))
+        job.future.add_done_callback(lambda _: pieces.put_nowait(None))  # after the pieces the engine sent before it
+        return self._relay(job, pieces, self.engine.text_stream(), client_gone)
 
     @staticmethod
     async def _relay(
-        job: _Job, pieces: asyncio.Queue[str], client_gone: Callable[[], Awaitable[None]] | None
+        job: _Job, pieces: asyncio.Queue[StreamPiece | None], text: TextStream,
+        client_gone: Callable[[], Awaitable[None]] | None,
     ) -> AsyncGenerator[str | Result, None]:
-        gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+        """The request's text as the engine's pieces come (each settled piece as it was settled), then its result."""
+        gone = asyncio.ensure_future(_then_wake(client_gone, pieces)) if client_gone is not None else None
         try:
-            while True:
-                piece = asyncio.ensure_future(pieces.get())
-                await asyncio.wait({piece, job.future} | ({gone} if gone else set()),
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if piece.done():
-                    yield piece.result()
-                    continue
-                piece.cancel()
-                if not job.future.done():  # the client left
-                    return
+            ended = False
+            while not ended:
+                waiting = [await pieces.get()]
                 while not pieces.empty():
-                    yield pieces.get_nowait()
+                    waiting.append(pieces.get_nowait())
+                ended = None in waiting
+                for piece in waiting:
+                    if piece is not None and (settled := text.read(piece)):
+                        yield settled
+            if job.future.done():  # else the client left
                 yield job.future.result()
-                return
         finally:
             job.cancelled = True
             job.stop_event.set()
             if gone is not None:
                 gone.cancel()
 
-    def _enqueue(self, request: Request | PreparedRequest, on_text: Callable[[str], None] | None = None) -> _Job:
+    def _enqueue(self, request: Request | PreparedRequest,
+                 on_tokens: Callable[[StreamPiece], None] | None = None) -> _Job:
         prepared = request if isinstance(request, PreparedRequest) else self.engine.prepare(request)
-        job = _Job(prepared, asyncio.get_running_loop().create_future(), on_text)
+        job = _Job(prepared, asyncio.get_running_loop().create_future(), on_tokens)
         with self._lock:
             if self._stopping:
                 raise ServiceBusyError("The service is shutting down.")
@@ -196,7 +199,7 @@ class Batcher:
                 break
             for job in admitted:
                 try:
-                    ticket = scheduler.add(job.request, on_text=job.on_text, should_stop=self._stop_check(job),
+                    ticket = scheduler.add(job.request, on_tokens=job.on_tokens, should_stop=self._stop_check(job),
                                            submitted_at=job.arrived)
                 except Exception as error:  # noqa: BLE001 - a bad request fails alone (logged unless a domain error)
                     self._settle(job, _logged(error))
@@ -275,6 +278,12 @@ def _call_soon(loop: asyncio.AbstractEventLoop | None, callback, *args) -> None:
         loop.call_soon_threadsafe(callback, *args)
     except RuntimeError:  # closed meanwhile
         pass
+
+
+async def _then_wake(client_gone: Callable[[], Awaitable[None]], pieces: asyncio.Queue) -> None:
+    """Wait for the client to leave, then wake its relay."""
+    await client_gone()
+    pieces.put_nowait(None)
 
 
 def _logged(error: Exception) -> Exception:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import time
@@ -9,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine.decode import Continuations, RunningBatch, prefill, read_continuations
@@ -20,6 +21,7 @@ from kosmos_serve.engine.results import Result
 from kosmos_serve.engine.scheduler import Scheduler
 from kosmos_serve.engine.scoring import GroundingVocabulary, PhrasePriors, TokenEvidence, evidence_from, score_output
 from kosmos_serve.engine.segmentation import Segmenter
+from kosmos_serve.engine.streaming import TextStream
 from kosmos_serve.errors import InvalidRequestError
 from kosmos_serve.generation import (
     GenerationParams,
@@ -272,9 +274,15 @@ class Engine:
         """Token ids as text, special tokens left out (grounding tags kept: they are ordinary tokens)."""
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def text_streamer(self, on_text: Callable[[str], None]) -> TextStreamer:
-        """A streamer that hands each settled piece of new text to `on_text` (the prompt is not repeated)."""
-        return _TextCallbackStreamer(self.processor.tokenizer, on_text)
+    def text_stream(self) -> TextStream:
+        """A streamed request's text from the token ids the engine thread hands over, for its consumer's thread
+        (one at a time: the event loop's)."""
+        return TextStream(self._stream_tokenizer)
+
+    @functools.cached_property
+    def _stream_tokenizer(self):
+        """A private copy of the tokenizer for the streams' consumers, off the one the engine thread uses."""
+        return copy.deepcopy(self.processor.tokenizer)
 
 
 def start_engine(settings: EngineSettings, workers: int = 1) -> Engine:
@@ -283,20 +291,6 @@ def start_engine(settings: EngineSettings, workers: int = 1) -> Engine:
     set_threads(settings.threads, workers)
     quiet_transformers()
     return Engine(settings)
-
-
-class _TextCallbackStreamer(TextStreamer):
-    """Hands each finished piece of new text to a callback (the prompt is not repeated)."""
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None]):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.on_text = on_text
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self.on_text(text)
-        if stream_end:
-            self.next_tokens_are_prompt = True  # the next prompt's ids come first again
 
 
 class _StopWhen(StoppingCriteria):

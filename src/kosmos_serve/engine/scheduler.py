@@ -10,6 +10,11 @@ its parameters) and, when sampling, its own `torch.Generator` seeded with the re
 greedy row equals transformers' `generate` run alone, and a seeded sampled row equals `generate`
 run alone after `torch.manual_seed(seed)`, whatever shares its batch. Beam search keeps
 `generate` (an exact path): such a request runs whole when admitted, between two steps.
+
+The host's work per step is kept per batch, not per row, where it can be: one choice of every greedy
+row's token (`engine/choice.py`), one log-softmax for the rows whose probabilities scoring reads
+this step, and a streamed request's new token ids handed to its consumer, which detokenises them
+off this thread (`engine/streaming.py`).
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import LogitsProcessorList, TextStreamer
+from transformers import LogitsProcessorList
 
+from kosmos_serve.engine.choice import RowChooser, choose_tokens
 from kosmos_serve.engine.decode import RunningBatch, decode_step, keep_rows, merge, prefill
 from kosmos_serve.engine.requests import PreparedRequest, Request, Row
 from kosmos_serve.engine.results import Result, build_result
-from kosmos_serve.engine.scoring import TokenEvidence
+from kosmos_serve.engine.scoring import TokenEvidence, evidence_from_choices
+from kosmos_serve.engine.streaming import StreamPiece
 from kosmos_serve.generation import GenerationParams, generation_kwargs
 from kosmos_serve.grounding import parse_generation
 
@@ -37,11 +44,15 @@ if TYPE_CHECKING:  # the engine builds schedulers over itself
 
 @dataclass(eq=False)
 class Ticket:
-    """One request in the scheduler: its rows (prompts), callbacks, and once done its result or error."""
+    """One request in the scheduler: its rows (prompts), callbacks, and once done its result or error.
+
+    A streamed request has `on_tokens`, called on the engine thread with each step's `StreamPiece` (its
+    new token ids; its consumer makes text of them with a `TextStream`, off that thread).
+    """
 
     prepared: PreparedRequest
     rows: list[Row]
-    on_text: Callable[[str], None] | None = None
+    on_tokens: Callable[[StreamPiece], None] | None = None
     should_stop: Callable[[], bool] = lambda: False
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -54,7 +65,6 @@ class Ticket:
     features: dict[str, torch.Tensor] | None = None
     vision_seconds: dict[str, float] = field(default_factory=dict)
     cached_keys: set[str] = field(default_factory=set)
-    streamer: TextStreamer | None = None
 
     @property
     def request(self) -> Request:
@@ -67,7 +77,7 @@ class Ticket:
 
     @property
     def streamed(self) -> bool:
-        return self.on_text is not None
+        return self.on_tokens is not None
 
     @property
     def done(self) -> bool:
@@ -80,13 +90,14 @@ class Ticket:
 
 @dataclass(eq=False)
 class _Sequence:
-    """A row being decoded: its ids so far, the token chosen but not yet fed, its processors and generator."""
+    """A row being decoded: its ids so far, the token chosen but not yet fed, how it chooses its tokens."""
 
     ticket: Ticket
     row: Row
     ids: list[int]
-    processors: LogitsProcessorList
-    generator: torch.Generator | None
+    chooser: RowChooser
+    eos_ids: set[int]
+    phrase_open: bool  # its ids end inside a phrase: scoring reads the next tokens' probabilities
     started_at: float
     evidence: TokenEvidence = field(default_factory=TokenEvidence)  # the model's probabilities, for scoring boxes
     new_tokens: int = 0
@@ -114,12 +125,12 @@ class Scheduler:
         """Requests with a row in the running batch."""
         return len({id(sequence.ticket) for sequence in self.sequences})
 
-    def add(self, request: Request | PreparedRequest, on_text: Callable[[str], None] | None = None,
+    def add(self, request: Request | PreparedRequest, on_tokens: Callable[[StreamPiece], None] | None = None,
             should_stop: Callable[[], bool] | None = None, submitted_at: float | None = None) -> Ticket:
         """Queue `request` (validated here unless prepared already: InvalidRequestError if bad); it joins the
-        running batch at the next step."""
+        running batch at the next step. `on_tokens` streams it (see `Ticket`)."""
         prepared = request if isinstance(request, PreparedRequest) else self.engine.prepare(request)
-        ticket = Ticket(prepared, self.engine.tokenise(prepared), on_text, should_stop or (lambda: False))
+        ticket = Ticket(prepared, self.engine.tokenise(prepared), on_tokens, should_stop or (lambda: False))
         if submitted_at is not None:
             ticket.submitted_at = submitted_at
         self.waiting.append(ticket)
@@ -131,8 +142,7 @@ class Scheduler:
         if self.sequences:
             try:
                 logits = decode_step(self.engine.model, self.batch, torch.tensor([s.pending for s in self.sequences]))
-                for sequence, scores in zip(self.sequences, logits):
-                    self._choose(sequence, scores)
+                self._choose(self.sequences, logits)
             except Exception as error:  # noqa: BLE001 - the running batch is lost; each of its requests says so
                 self._fail_running(error, finished)
             self._retire(finished)
@@ -183,10 +193,10 @@ class Scheduler:
             )
             self.engine.learn_priors(new_phrases, prefilled.continuation_log_probs)
             batch = prefilled.batch
-            for sequence, scores, tail, log_probs in zip(joining, prefilled.logits, tails, prefilled.tail_log_probs):
+            for sequence, tail, log_probs in zip(joining, tails, prefilled.tail_log_probs):
                 first = len(sequence.ids) - tail
                 self.engine.note_evidence(log_probs, sequence.ids[first:], first, sequence.evidence)
-                self._choose(sequence, scores)
+            self._choose(joining, prefilled.logits)
         except Exception as error:  # noqa: BLE001 - handed to the request(s), whose caller reports it
             for sequence in joining:
                 self._fail(sequence.ticket, error, finished)
@@ -216,7 +226,7 @@ class Scheduler:
         return True
 
     def _sequence(self, ticket: Ticket, row) -> _Sequence:
-        processors, _ = self._processors_for(ticket.params, len(row.input_ids))
+        processors, eos_ids = self._processors_for(ticket.params, len(row.input_ids))
         generator = None
         if ticket.params.do_sample:
             generator = torch.Generator(device=self.engine.device)
@@ -224,11 +234,9 @@ class Scheduler:
                 generator.manual_seed(ticket.params.seed)
             else:
                 generator.seed()
-        if ticket.streamed:
-            if ticket.streamer is None:
-                ticket.streamer = self.engine.text_streamer(ticket.on_text)
-            ticket.streamer.put(torch.tensor([row.input_ids]))  # the prompt: skipped, as `generate` does
-        return _Sequence(ticket, row, list(row.input_ids), processors, generator, time.perf_counter())
+        phrase_open = self.engine.vocabulary.ends_in_phrase(row.input_ids)
+        return _Sequence(ticket, row, list(row.input_ids), RowChooser(processors, generator), eos_ids, phrase_open,
+                         time.perf_counter())
 
     def _processors_for(self, params: GenerationParams, prompt_length: int) -> tuple[LogitsProcessorList, set[int]]:
         """transformers' own logits processors and end-of-sequence ids for `params`, as `generate` builds them."""
@@ -247,28 +255,39 @@ class Scheduler:
 
     # token choice and retirement
 
-    def _choose(self, sequence: _Sequence, logits: torch.Tensor) -> None:
-        """Pick the row's next token as `generate` does, emit it, and note whether the row is done."""
+    def _choose(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
+        """Each row's next token from the batch's `logits` (rows, vocab) as `generate` picks it, its evidence noted;
+        then each row takes its token."""
+        tokens = choose_tokens(logits, [sequence.chooser for sequence in sequences], [s.ids for s in sequences])
+        self._note_evidence(sequences, logits, tokens)
+        now = time.perf_counter()
+        for sequence, token in zip(sequences, tokens):
+            self._take(sequence, token, now)
+
+    def _note_evidence(self, sequences: list[_Sequence], logits: torch.Tensor, tokens: list[int]) -> None:
+        """The model's probabilities of the chosen tokens that scoring reads, from one log-softmax over their rows."""
+        vocabulary = self.engine.vocabulary
+        read = [index for index, (sequence, token) in enumerate(zip(sequences, tokens))
+                if vocabulary.read_by_scoring(sequence.phrase_open, token)]
+        if read:
+            evidence_from_choices(torch.log_softmax(logits[read], dim=-1), [tokens[index] for index in read],
+                                  [len(sequences[index].ids) for index in read],
+                                  [sequences[index].evidence for index in read], vocabulary)
+
+    def _take(self, sequence: _Sequence, token: int, now: float) -> None:
+        """The row takes its chosen token: emitted to a streamed request, and whether the row is done noted."""
         ticket = sequence.ticket
-        scores = sequence.processors(torch.tensor([sequence.ids], device=logits.device), logits[None])
-        if sequence.generator is not None:
-            probs = torch.nn.functional.softmax(scores, dim=-1)
-            token = int(torch.multinomial(probs, num_samples=1, generator=sequence.generator)[0, 0])
-        else:
-            token = int(torch.argmax(scores, dim=-1)[0])
-        self.engine.note_evidence(torch.log_softmax(logits, dim=-1)[None], [token], len(sequence.ids),
-                                  sequence.evidence)
         sequence.ids.append(token)
         sequence.new_tokens += 1
         sequence.pending = token
+        sequence.phrase_open = self.engine.vocabulary.phrase_open_after(sequence.phrase_open, token)
         if ticket.first_token_at is None:
-            ticket.first_token_at = time.perf_counter()
-        if ticket.streamer is not None:
-            ticket.streamer.put(torch.tensor([token]))
-        _, eos_ids = self._processors[ticket.params]
+            ticket.first_token_at = now
+        if ticket.on_tokens is not None:
+            ticket.on_tokens(StreamPiece((token,)))
         if ticket.should_stop():
             ticket.cancelled = sequence.finished = True
-        elif token in eos_ids or sequence.new_tokens >= ticket.params.max_new_tokens:
+        elif token in sequence.eos_ids or sequence.new_tokens >= ticket.params.max_new_tokens:
             sequence.finished = True
 
     def _retire(self, finished: list[Ticket]) -> None:
@@ -282,8 +301,8 @@ class Scheduler:
 
     def _finish_row(self, sequence: _Sequence, seconds: float, finished: list[Ticket]) -> None:
         ticket, row = sequence.ticket, sequence.row
-        if ticket.streamer is not None:
-            ticket.streamer.end()
+        if ticket.on_tokens is not None:
+            ticket.on_tokens(StreamPiece(prompt_done=True))
         image = ticket.request.image
         text = self.engine.decode(sequence.ids)
         row.output = self.engine.score(parse_generation(text, row.spec.text, *image.size), row, sequence.ids,
@@ -352,8 +371,8 @@ class Scheduler:
             return
         ticket.first_token_at = time.perf_counter()
         ticket.started_rows = ticket.finished_rows = len(ticket.rows)
-        if ticket.on_text is not None:  # beam search streams nothing while it searches: the answer comes whole
+        if ticket.on_tokens is not None:  # beam search streams nothing while it searches: the answer comes whole
             for row in ticket.rows:
                 if row.output.raw_text:
-                    ticket.on_text(row.output.answer or row.output.text)
+                    ticket.on_tokens(StreamPiece(text=row.output.answer or row.output.text))
         self._complete(ticket, finished)

@@ -41,7 +41,8 @@ NEIGHBOURHOOD = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 
 @dataclass
 class TokenEvidence:
-    """What the model said of a row's tokens, by their position in the row's ids.
+    """What the model said of a row's tokens, by their position in the row's ids: of those scoring reads (a
+    prompt's scored tail; a generated phrase's words and `</phrase>`, and location tokens), at least.
 
     `logprobs[pos]`: log p(ids[pos] | ids[:pos], image); `corner_mass[pos]`: for a location token, the
     probability of its patch and the patches around it at that step.
@@ -63,6 +64,7 @@ class GroundingVocabulary:
         self.grid = math.isqrt(patches)
         self.patch_ids = [ids(f"<patch_index_{index:04d}>") for index in range(patches)]
         self.patch_of = {token: index for index, token in enumerate(self.patch_ids)}
+        self._neighbourhoods = {token: self._neighbours(token) for token in self.patch_ids}
         self.skipped = set(tokenizer.all_special_ids)  # what decoding with skip_special_tokens leaves out
         self._tag = {self.phrase_start: "P", self.phrase_end: "p", self.object_start: "O", self.object_end: "o",
                      self.delimiter: "D", **{token: "L" for token in self.patch_ids}}
@@ -70,9 +72,26 @@ class GroundingVocabulary:
 
     def neighbourhood(self, token: int) -> list[int]:
         """The location tokens of `token`'s patch and its neighbours on the grid."""
+        return self._neighbourhoods[token]
+
+    def _neighbours(self, token: int) -> list[int]:
         x, y = self.patch_of[token] % self.grid, self.patch_of[token] // self.grid
         return [self.patch_ids[(y + dy) * self.grid + x + dx] for dx, dy in NEIGHBOURHOOD
                 if 0 <= x + dx < self.grid and 0 <= y + dy < self.grid]
+
+    def phrase_open_after(self, was_open: bool, token: int) -> bool:
+        """Whether a phrase is open (a `<phrase>` not closed yet) after `token`, given whether one was before it."""
+        return token == self.phrase_start or (was_open and token != self.phrase_end)
+
+    def ends_in_phrase(self, ids: list[int]) -> bool:
+        """Whether `ids` end inside a phrase: the tokens that follow are its words, or its `</phrase>`."""
+        starts = [pos for pos, token in enumerate(ids) if token == self.phrase_start]
+        return bool(starts) and self.phrase_end not in ids[starts[-1] :]
+
+    def read_by_scoring(self, phrase_open: bool, token: int) -> bool:
+        """Whether scoring reads the probability of `token`, written with a phrase open or not: a phrase's word or
+        `</phrase>` (presence), or a location token (localisation)."""
+        return phrase_open or token in self.patch_of
 
     def open_phrase_start(self, prompt: list[int]) -> int | None:
         """Where the prompt's last phrase begins when it still awaits its box (`...<phrase> X</phrase>`), else None."""
@@ -142,6 +161,27 @@ def evidence_from(log_probs: torch.Tensor, tokens: list[int], first_position: in
         evidence.logprobs[pos] = float(row[token])
         if token in vocabulary.patch_of:
             evidence.corner_mass[pos] = float(row[vocabulary.neighbourhood(token)].exp().sum())
+
+
+def evidence_from_choices(log_probs: torch.Tensor, tokens: list[int], positions: list[int],
+                          evidences: list[TokenEvidence], vocabulary: GroundingVocabulary) -> None:
+    """Add each row's chosen token, at its position, to its evidence, given the rows' log-softmax (rows, vocab).
+
+    A few reads for all the rows together; each value is the one `evidence_from` reads for its row alone (a
+    copy, or a sum over the same neighbourhood in the same order).
+    """
+    chosen = log_probs.gather(1, torch.tensor(tokens, device=log_probs.device)[:, None])[:, 0].tolist()
+    for evidence, pos, value in zip(evidences, positions, chosen):
+        evidence.logprobs[pos] = value
+    by_size: dict[int, list[int]] = {}  # rows whose token is a location, by its neighbourhood's size (edges: fewer)
+    for row, token in enumerate(tokens):
+        if token in vocabulary.patch_of:
+            by_size.setdefault(len(vocabulary.neighbourhood(token)), []).append(row)
+    for rows in by_size.values():
+        around = torch.tensor([vocabulary.neighbourhood(tokens[row]) for row in rows], device=log_probs.device)
+        masses = log_probs[rows].gather(1, around).exp().sum(dim=-1).tolist()
+        for row, mass in zip(rows, masses):
+            evidences[row].corner_mass[positions[row]] = mass
 
 
 def score_output(output: GroundedText, ids: list[int], prompt_length: int, evidence: TokenEvidence,

@@ -5,11 +5,11 @@ import torch
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine import Engine, GenerationParams, Request, loading
-from kosmos_serve.engine.kernels import Int4WeightOnlyLinear, RowwiseInt8Linear, RowwiseInt8MatmulLinear, cpu_features
+from kosmos_serve.engine.kernels import RowwiseInt8Linear, RowwiseInt8MatmulLinear, cpu_features
 from kosmos_serve.tasks import Task, TaskInput
 
 LINEAR_CLASS = {loading.INT8_FBGEMM: RowwiseInt8Linear, loading.INT8_MATMUL: RowwiseInt8MatmulLinear,
-                loading.INT4: Int4WeightOnlyLinear, loading.FLOAT32: torch.nn.Linear}
+                loading.FLOAT32: torch.nn.Linear}
 
 
 def auto_engine(model_dir, kind: str) -> Engine:
@@ -19,7 +19,7 @@ def auto_engine(model_dir, kind: str) -> Engine:
         return Engine(EngineSettings(model=str(model_dir), device="cpu", quantize="auto", max_batch_rows=8))
 
 
-@pytest.fixture(scope="module", params=["amx", "avx512_vnni", "avx2"])
+@pytest.fixture(scope="module", params=["avx512_vnni", "avx2"])
 def kind_engine(request, tiny_model_dir):
     return request.param, auto_engine(tiny_model_dir, request.param)
 
@@ -61,10 +61,7 @@ def test_auto_answers_like_float32_does(kind_engine, engine, sample_images):
 
 @pytest.mark.parametrize(("flags", "capability", "kind"), [
     ({"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}, "AVX512", "avx512_vnni"),
-    ({"avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_bf16", "amx_int8"}, "AVX512", "avx512_vnni"),  # no tiles
-    ({"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}, "AVX512",
-     "amx"),
-    ({"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"}, "AVX2", "avx2"),
+    ({"avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_bf16", "amx_int8"}, "AVX512", "avx512_vnni"),
     ({"avx2", "avx512f", "avx512bw", "avx512_vnni"}, "AVX2", "avx2"),  # torch built or run without AVX-512
     ({"avx2", "fma"}, "AVX2", "avx2"),
     ({"sse4_2"}, "DEFAULT", "other"),

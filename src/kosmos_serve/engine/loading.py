@@ -127,11 +127,11 @@ AUTO_FORMATS = {
     # AMD EPYC (Zen 4 class), 2 cores. Vision (257 rows an image): _int_mm 3.9x float32, fbgemm 3.2x,
     # bfloat16 2.5x. Decode (1-32 rows): fbgemm 5.0x at 1 row, _int_mm 2.5x, bfloat16 1.8x. Prefill
     # (75-600 rows): fbgemm and _int_mm 4.5x, 3.2x; oneDNN's qlinear 5.7x, 4.0x, but only in a second
-    # copy of the text weights, and decode dominates a request. int4 text weights were not measured there.
+    # copy of the text weights, and decode dominates a request. AMX machines land here too. On the Intel Xeon
+    # with AMX, int4 text weights (`--quantize int4`) decode a layer at 1 row 1.4-1.9x faster than fbgemm's int8
+    # per row, but their agreement with float32 and the demo model's accuracy are not yet measured, which a
+    # format needs before it joins auto (BENCHMARKS.md, "4-bit text weights").
     "avx512_vnni": {"vision": INT8_MATMUL, "text": INT8_FBGEMM},
-    # Intel Xeon with AMX and AVX512-BF16 (Sapphire Rapids class), 2 cores: int4 text weights (groups of 64,
-    # bfloat16 activations) decode at 1 row 1.9x faster than fbgemm's int8 per row; the whole request AUTO_INT4_NOTE.
-    "amx": {"vision": INT8_MATMUL, "text": INT4},
     # AMD EPYC (AVX2): fbgemm int8 everywhere, 5.0x the model-card code per request (BENCHMARKS.md);
     # bfloat16 is slower than float32 there.
     "avx2": {"vision": INT8_FBGEMM, "text": INT8_FBGEMM},
@@ -141,8 +141,6 @@ AUTO_FORMATS = {
 
 def cpu_kind(flags: frozenset[str], capability: str) -> str:
     """The row of AUTO_FORMATS for a CPU: its /proc/cpuinfo flags, and the kernels torch dispatches to."""
-    if capability == "AVX512" and {"avx512_vnni", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile"} <= flags:
-        return "amx"
     if capability == "AVX512" and {"avx512_vnni", "avx512bw"} <= flags:
         return "avx512_vnni"
     if capability in ("AVX2", "AVX512") and "avx2" in flags:

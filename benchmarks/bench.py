@@ -46,8 +46,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="checkpoint folder (default: full-size architecture, random weights)")
     parser.add_argument("--tiny", action="store_true", help="run on the project's tiny random model (checks the script)")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--formats", default="fp32,int8,auto", help="kosmos-serve --quantize settings to measure "
-                        "(fp32 is none)")
+    parser.add_argument("--formats", default="fp32,int8,int4,auto", help="kosmos-serve --quantize settings to "
+                        "measure (fp32 is none)")
     parser.add_argument("--clients", default="1,4,8", help="concurrent HTTP clients to measure throughput with")
     parser.add_argument("--repeats", type=int, default=3, help="timed requests per measurement (median)")
     parser.add_argument("--out", type=Path, help="append the markdown report to this file")
@@ -292,6 +292,9 @@ def text_weight_bytes(model) -> int:
     """Bytes of the text decoder's matrices read once per decode step (the output layer included)."""
     total = 0
     for module in model.text_model.modules():
+        if hasattr(module, "weight_bytes"):  # packed int4 weights, with their scales and offsets
+            total += module.weight_bytes
+            continue
         weight = getattr(module, "weight", None)
         if callable(weight):  # a quantized linear layer
             weight = weight()

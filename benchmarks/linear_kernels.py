@@ -128,6 +128,13 @@ def onednn_qlinear_per_row(weight: torch.Tensor, bias: torch.Tensor):
     return run
 
 
+def int4_groups(group_size: int) -> Callable:
+    """`Int4WeightOnlyLinear`: 4-bit weights in groups of `group_size` inputs, bfloat16 activations."""
+    def prepare(weight: torch.Tensor, bias: torch.Tensor):
+        return kernels.Int4WeightOnlyLinear(weight, bias, group_size)
+    return prepare
+
+
 def torchao_config(name: str) -> Callable:
     def prepare(weight: torch.Tensor, bias: torch.Tensor):
         import torchao.quantization as ao
@@ -152,6 +159,9 @@ CANDIDATES: dict[str, tuple[Callable, torch.dtype]] = {
     "int8 weight-only `_weight_int8pack_mm`, bf16 act.": (weight_only_int8(torch.bfloat16), torch.bfloat16),
     "int8 x int8 `torch._int_mm`, per row": (int_mm_per_row, torch.float32),
     "int8 oneDNN `qlinear_pointwise`, per row": (onednn_qlinear_per_row, torch.float32),
+    "int4 weight-only, groups of 32 (Int4WeightOnlyLinear)": (int4_groups(32), torch.float32),
+    "int4 weight-only, groups of 64 (Int4WeightOnlyLinear)": (int4_groups(64), torch.float32),
+    "int4 weight-only, groups of 128 (Int4WeightOnlyLinear)": (int4_groups(128), torch.float32),
     "torchao Int8DynamicActivationInt8Weight": (torchao_config("Int8DynamicActivationInt8WeightConfig"), torch.float32),
     "torchao Int8WeightOnly": (torchao_config("Int8WeightOnlyConfig"), torch.float32),
 }
@@ -268,7 +278,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, the cores)")
     parser.add_argument("--profile", action="store_true", help="profile decode steps of the full-size model instead")
-    parser.add_argument("--quantize", default="int8,auto", help="formats to profile with --profile")
+    parser.add_argument("--quantize", default="int8,int4", help="formats to profile with --profile")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -38,7 +38,7 @@ smallest one, marked "Change from the notebook" below:
   tensors are read from the checkpoint, so resident memory counts what the pipeline uses.
 
 Each configuration runs in its own process, as in bench.py: the model-card code and kosmos-serve `--quantize auto`
-through bench.py's own workers (this environment), the OpenVINO pipeline, float (as converted) and compressed, in
+(or `int8`, `int4`, with `--configs`) through bench.py's own workers (this environment), the OpenVINO pipeline, float (as converted) and compressed, in
 OpenVINO's own environment (`--ov-python`: torch 2.13.0, transformers 5.23.0, openvino 2026.4.1, nncf 3.4.0,
 openvino-tokenizers 2026.4.1.0; see BENCHMARKS.md). The conversion is cached under ~/.cache/kosmos-serve/.
 Greedy agreement compares the 32 generated token ids with float32 transformers' (the model card's `generate`) on
@@ -66,6 +66,8 @@ import bench  # bench.py's helpers: the model, the images, the timers, the agree
 OV_PYTHON = Path.home() / ".cache" / "kosmos-serve" / "bench-envs" / "openvino" / "bin" / "python"
 CONVERTED = Path.home() / ".cache" / "kosmos-serve" / "openvino-kosmos2"
 IMAGE_END_TAG = "</image>"
+KOSMOS_FORMATS = ("auto", "int8", "int4")  # kosmos-serve --quantize settings measured by bench.py's worker
+IDS_SUFFIX = "-ids"  # a worker that reports a kosmos-serve format's generated ids
 # The notebook's file names (models_base_folder / ...).
 VISION = "vision_model.xml"
 PROJECTION = "image_to_text_projection_model.xml"
@@ -90,7 +92,8 @@ def main() -> None:
     parser.add_argument("--calibration-images", type=int, default=200, help="the notebook's subset_size")
     parser.add_argument("--ov-python", type=Path, default=OV_PYTHON, help="python of OpenVINO's own environment")
     parser.add_argument("--configs", default="model-card,auto,openvino-float,openvino-compressed,"
-                        "openvino-compressed+throughput", help="model-card and auto (bench.py's workers), "
+                        "openvino-compressed+throughput", help="model-card, auto, int8 and int4 (bench.py's "
+                        "workers; kosmos-serve's --quantize settings), "
                         "openvino-float, openvino-compressed; '+throughput' compiles with OpenVINO's THROUGHPUT hint")
     parser.add_argument("--out", type=Path, help="append the markdown report to this file")
     parser.add_argument("--rows", type=Path, help="write each configuration's raw measurements (JSON) to this file")
@@ -106,8 +109,8 @@ def main() -> None:
     if args.worker:
         if args.worker == "reference":
             result = reference_tokens(args)
-        elif args.worker == "auto-ids":
-            result = engine_ids(args)
+        elif args.worker.endswith(IDS_SUFFIX):
+            result = engine_ids(args, args.worker.removesuffix(IDS_SUFFIX))
         else:
             result = measure_openvino(args)
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
@@ -124,15 +127,16 @@ def main() -> None:
     common = ["--model", str(model_dir), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
     if args.agreement_only:
         common.append("--agreement-only")
-        configs = [config.replace("auto", "auto-ids") for config in configs if config != "model-card"]
-    elif "auto" in configs:
-        configs.append("auto-ids")  # the generated ids of the same engine, which bench.py's worker does not report
+        configs = [config + IDS_SUFFIX if config in KOSMOS_FORMATS else config for config in configs
+                   if config != "model-card"]
+    else:  # the generated ids of the same engines, which bench.py's worker does not report
+        configs += [config + IDS_SUFFIX for config in configs if config in KOSMOS_FORMATS]
     rows = []
     for config in ["reference", *configs]:
         print(f"measuring {config} ...", file=sys.stderr, flush=True)
-        if config == "auto-ids":
+        if config.endswith(IDS_SUFFIX):
             command = [sys.executable, __file__, "--worker", config, *common]
-        elif config in ("model-card", "auto"):
+        elif config == "model-card" or config in KOSMOS_FORMATS:
             command = [sys.executable, str(Path(__file__).with_name("bench.py")), "--worker", config, *common,
                        "--clients", str(args.clients)]
         elif config == "reference":
@@ -146,9 +150,9 @@ def main() -> None:
             print(f"{config}: {bench.agreement(generated, ids['reference']):.1%} of float32 transformers' generated "
                   f"token ids before the first difference ({bench.AGREEMENT_PROMPTS} captions); first ids {generated[0][:8]}")
         return
-    rows = [row for row in rows if row["config"] != "auto-ids"]
+    rows = [row for row in rows if not row["config"].endswith(IDS_SUFFIX)]
     for row in rows:
-        row["generated_ids"] = ids.get(row["config"].replace("auto", "auto-ids"), row.get("generated_ids"))
+        row["generated_ids"] = ids.get(row["config"] + IDS_SUFFIX, row.get("generated_ids"))
     # After the workers: its 1 GiB matrix would otherwise count in every worker's peak RSS (a child process starts
     # with its parent's high-water mark).
     machine = bench.measure_machine()
@@ -193,14 +197,14 @@ def reference_tokens(args) -> dict:
     return {"greedy_tokens": tokens, "generated_ids": ids}
 
 
-def engine_ids(args) -> dict:
-    """The ids kosmos-serve's `--quantize auto` engine generates for the agreement images (bench.py's worker
-    reports them re-tokenized from the text, which random weights leave empty: see BENCHMARKS.md)."""
+def engine_ids(args, quantize: str) -> dict:
+    """The ids kosmos-serve's engine generates with `--quantize quantize` for the agreement images (bench.py's
+    worker reports them re-tokenized from the text, which random weights leave empty: see BENCHMARKS.md)."""
     from kosmos_serve.config import EngineSettings
     from kosmos_serve.engine import Engine, GenerationParams, Request
     from kosmos_serve.tasks import Task, TaskInput
 
-    engine = Engine(EngineSettings(model=str(args.model), device="cpu", quantize="auto"))
+    engine = Engine(EngineSettings(model=str(args.model), device="cpu", quantize=quantize))
     seen = []
     decode = engine.decode
     engine.decode = lambda ids: seen.append(list(ids)) or decode(ids)  # the sequence, prompt and new tokens
@@ -731,7 +735,7 @@ def render(rows: list[dict], machine: dict, args, command: str) -> str:
                          f"({bench.agreement(row['greedy_tokens'], reference):.1%} as bench.py counts)")
         if row["config"] == "model-card":
             weights, how = "float32 (torch)", "one after another"
-        elif row["config"] == "auto":
+        elif row["config"] in KOSMOS_FORMATS:
             formats = row["weight_formats"]
             weights, how = f"vision {formats['vision']}, text {formats['text']}", "HTTP service"
         else:

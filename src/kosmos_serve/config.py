@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from kosmos_serve.generation import MAX_NEW_TOKENS_LIMIT, MaxNewTokens, MinScore, NoRepeatNgramSize
 
 DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
+INT4_GROUP_SIZES = (32, 64, 128)
 
 
 class EngineSettings(BaseSettings):
@@ -28,10 +29,17 @@ class EngineSettings(BaseSettings):
         "auto", description="auto: float32 on CPU, bfloat16 (or float16) on GPU."
     )
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="Attention implementation.")
-    quantize: Literal["none", "int8", "auto"] = Field(
+    quantize: Literal["none", "int8", "int4", "auto"] = Field(
         "none", description="int8: linear layers with int8 weights and dynamic int8 activations, quantized per row "
-                            "(CPU only). auto: per part (vision, text) the format measured fastest on this CPU kind "
-                            "(the choice for speed; float32 weights on the CPU, else the loaded dtype)."
+                            "(CPU only). int4: the text decoder's linear layers with 4-bit weights in groups "
+                            "(int4_group_size inputs each) and bfloat16 activations, the vision part as int8 (CPU "
+                            "only; fast where the CPU has AVX512-BF16 or AMX). auto: per part (vision, text) the "
+                            "format measured fastest on this CPU kind (the choice for speed; float32 weights on the "
+                            "CPU, else the loaded dtype)."
+    )
+    int4_group_size: int = Field(
+        64, description="Inputs sharing one scale and offset in int4 weights: 32, 64 or 128 (smaller: closer to "
+                        "float32, a little more to read)."
     )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: the cores, shared among workers).")
     max_batch_rows: int = Field(
@@ -59,6 +67,14 @@ class EngineSettings(BaseSettings):
         description="Segment Anything model (hub id, folder, or demo) that gives each box a mask when a request asks "
                     "for masks; loaded beside Kosmos-2, on its device and threads (unset: none, masks refused).",
     )
+
+    @field_validator("int4_group_size")
+    @classmethod
+    def _check_int4_group_size(cls, value: int) -> int:
+        """One of the group sizes that divide every Kosmos-2 layer's inputs and that the int4 kernel takes."""
+        if value not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4_group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}; got {value}")
+        return value
 
 
 class ServerSettings(BaseSettings):

@@ -42,8 +42,8 @@ from kosmos_serve.errors import InvalidRequestError
                             "loading the model here; an API key goes in KOSMOS_API_KEY.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="--benchmark: predictions JSONL, a line per example; an interrupted run is continued from it.")
-@click.option("--quantize", type=click.Choice(["none", "int8", "auto"]), default="none", show_default=True,
-              help="Score the model with int8 weights (CPU; auto: the formats fastest on this CPU), to compare "
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4", "auto"]), default="none", show_default=True,
+              help="Score the model with int8 or int4 weights (CPU; auto: the formats fastest on this CPU), to compare "
                    "with float32.")
 @click.option("--no-repeat-ngram-size", type=click.IntRange(min=0),
               help="Forbid repeating n-grams of this size while decoding (default: 0 with --data, plain greedy, which "

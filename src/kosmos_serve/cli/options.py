@@ -81,7 +81,8 @@ def model_options(command):
         setting_option("--device", "device", "auto, cpu, cuda, mps"),
         setting_option("--dtype", "dtype", "Weight dtype"),
         setting_option("--quantize", "quantize", "auto: per part, the weight format fastest on this CPU (the choice "
-                                                 "for speed); int8: int8 linear layers on the CPU"),
+                                                 "for speed); int8: int8 linear layers on the CPU; int4: 4-bit text "
+                                                 "weights (CPU)"),
         segmenter_option,
     ])
 

@@ -13,6 +13,11 @@ accurate than one scale per call.
 `RowwiseInt8MatmulLinear` does the same with symmetric per-row scales on `torch._int_mm` (oneDNN),
 whose int32 sums are exact whatever the batch; `quantize_per_channel` and `quantize_rows` are its
 two quantizers.
+
+`Int4WeightOnlyLinear` keeps 4-bit weights in groups along the input (asymmetric: a scale and an offset per
+group of `group_size` inputs) and leaves activations in floating point, cast to bfloat16 for ATen's CPU kernel
+`_weight_int4pack_mm_for_cpu`, which dequantizes the weights as it multiplies. Nothing is quantized per call,
+so a row's answer cannot depend on its batch neighbours.
 """
 
 from __future__ import annotations
@@ -104,6 +109,71 @@ class RowwiseInt8MatmulLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, activations=int8 per row"
+
+
+INT4_PACK_ROWS = 16  # `_convert_weight_to_int4pack_for_cpu` packs output channels in blocks of 16
+INT4_LEVELS = 15  # 4 bits: 0..15, with 8 at the group's offset (the kernel reads w = (q - 8) * scale + offset)
+
+
+def quantize_int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit weights per group of `group_size` inputs: (levels 0..15 as int32, scales and offsets).
+
+    The scales and offsets have shape (in / group_size, out, 2), as the int4 kernels take them; each group's
+    minimum and maximum map to levels 0 and 15.
+    """
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"int4 groups of {group_size} do not divide a layer's {in_features} inputs")
+    groups = weight.reshape(out_features, in_features // group_size, group_size)
+    low, high = torch.aminmax(groups, dim=-1, keepdim=True)
+    scales = ((high - low) / INT4_LEVELS).clamp_(min=TINY_SPAN)
+    levels = torch.round((groups - low) / scales).clamp_(0, INT4_LEVELS).to(torch.int32)
+    offsets = low + 8 * scales
+    scales_and_offsets = torch.cat([scales, offsets], dim=-1).transpose(0, 1).contiguous()
+    return levels.reshape(out_features, in_features), scales_and_offsets
+
+
+def dequantize_int4_groups(levels: torch.Tensor, scales_and_offsets: torch.Tensor) -> torch.Tensor:
+    """The float weight that `quantize_int4_groups`' levels and scales stand for (the kernel's own formula)."""
+    out_features, in_features = levels.shape
+    group_count = scales_and_offsets.shape[0]
+    scales, offsets = scales_and_offsets.float().transpose(0, 1).unbind(-1)  # (out, groups) each
+    groups = levels.reshape(out_features, group_count, in_features // group_count).float()
+    return ((groups - 8) * scales[..., None] + offsets[..., None]).reshape(out_features, in_features)
+
+
+class Int4WeightOnlyLinear(torch.nn.Module):
+    """4-bit weights in groups along the input, bfloat16 activations: ATen's `_weight_int4pack_mm_for_cpu`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.group_size = group_size
+        levels, scales_and_offsets = quantize_int4_groups(weight.detach().float(), group_size)
+        padding = -self.out_features % INT4_PACK_ROWS  # e.g. the output layer's 65037 words
+        levels = torch.nn.functional.pad(levels, (0, 0, 0, padding))
+        scales_and_offsets = torch.nn.functional.pad(scales_and_offsets, (0, 0, 0, padding))
+        self.register_buffer("packed_weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 1))
+        self.register_buffer("scales_and_offsets", scales_and_offsets.to(torch.bfloat16))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes read per call: the packed 4-bit weight with its scales and offsets."""
+        return sum(t.numel() * t.element_size() for t in (self.packed_weight, self.scales_and_offsets))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        output = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed_weight, self.group_size,
+                                                            self.scales_and_offsets)
+        output = output[:, : self.out_features]
+        # back to the caller's dtype, in the same pass as the bias where there is one (float32 + bfloat16 -> float32)
+        output = output.to(x.dtype) if self.bias is None else torch.add(self.bias.to(x.dtype), output)
+        return output.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of "
+                f"{self.group_size}, activations=bfloat16")
 
 
 @cache

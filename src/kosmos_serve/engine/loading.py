@@ -20,7 +20,12 @@ from transformers import AutoProcessor, Kosmos2ForConditionalGeneration, Kosmos2
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextForCausalLM
 
 from kosmos_serve.config import EngineSettings
-from kosmos_serve.engine.kernels import RowwiseInt8MatmulLinear, cpu_features, use_rowwise_activations
+from kosmos_serve.engine.kernels import (
+    Int4WeightOnlyLinear,
+    RowwiseInt8MatmulLinear,
+    cpu_features,
+    use_rowwise_activations,
+)
 from kosmos_serve.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -101,8 +106,8 @@ def load_model(settings: EngineSettings) -> tuple[Kosmos2ForConditionalGeneratio
         raise ModelLoadError(f"{source!r} is not a Kosmos-2 checkpoint (its processor is {type(processor).__name__}).")
     model.text_model.__class__ = PaddingAwareKosmos2TextForCausalLM
     model.to(device).eval()
-    if any(part_format.startswith("int8") for part_format in formats.values()):
-        quantize_parts(model, formats)
+    if any(part_format.startswith(("int8", "int4")) for part_format in formats.values()):
+        quantize_parts(model, formats, settings.int4_group_size)
         gc.collect()  # the replaced float32 layers sit in reference cycles: free them, and the checkpoint mapping
     model.weight_formats = formats
     logger.info("Loaded %s on %s as %s (%s attention, quantize=%s: vision %s, text %s)", source, device, dtype,
@@ -115,6 +120,7 @@ def load_model(settings: EngineSettings) -> tuple[Kosmos2ForConditionalGeneratio
 FLOAT32 = "float32"
 INT8_FBGEMM = "int8 per row, fbgemm"  # engine.kernels.RowwiseInt8Linear (torch.ao dynamic quantization)
 INT8_MATMUL = "int8 per row, torch._int_mm"  # engine.kernels.RowwiseInt8MatmulLinear (oneDNN)
+INT4 = "int4 groups, bfloat16 activations"  # engine.kernels.Int4WeightOnlyLinear (ATen's int4 CPU kernel)
 
 # What `--quantize auto` picks on each CPU kind: the kernel measured fastest per part among those that keep
 # a row's answer independent of its batch (benchmarks/linear_kernels.py; the tables are in BENCHMARKS.md).
@@ -122,8 +128,10 @@ AUTO_FORMATS = {
     # AMD EPYC (Zen 4 class), 2 cores. Vision (257 rows an image): _int_mm 3.9x float32, fbgemm 3.2x,
     # bfloat16 2.5x. Decode (1-32 rows): fbgemm 5.0x at 1 row, _int_mm 2.5x, bfloat16 1.8x. Prefill
     # (75-600 rows): fbgemm and _int_mm 4.5x, 3.2x; oneDNN's qlinear 5.7x, 4.0x, but only in a second
-    # copy of the text weights, and decode dominates a request. AMX machines land here too: AMX was not
-    # available to measure (see BENCHMARKS.md).
+    # copy of the text weights, and decode dominates a request. AMX machines land here too. On the Intel Xeon
+    # with AMX, int4 text weights (`--quantize int4`) decode a layer at 1 row 1.4-1.9x faster than fbgemm's int8
+    # per row, but their agreement with float32 and the demo model's accuracy are not yet measured, which a
+    # format needs before it joins auto (BENCHMARKS.md, "4-bit text weights").
     "avx512_vnni": {"vision": INT8_MATMUL, "text": INT8_FBGEMM},
     # AMD EPYC (AVX2): fbgemm int8 everywhere, 5.0x the model-card code per request (BENCHMARKS.md);
     # bfloat16 is slower than float32 there.
@@ -144,28 +152,29 @@ def cpu_kind(flags: frozenset[str], capability: str) -> str:
 def weight_formats(settings: EngineSettings, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     """The format of each part (vision, text) for `settings.quantize` on this device; refuses int8 off the CPU.
 
-    `none` keeps the loaded dtype; `int8` is fbgemm's per-row int8 everywhere; `auto` looks the CPU up in
-    AUTO_FORMATS (off the CPU, or from half-precision weights, it keeps the loaded dtype).
+    `none` keeps the loaded dtype; `int8` is fbgemm's per-row int8 everywhere; `int4` is int4 text weights
+    beside fbgemm's int8 vision; `auto` looks the CPU up in AUTO_FORMATS (off the CPU, or from half-precision
+    weights, it keeps the loaded dtype).
     """
     loaded = str(dtype).removeprefix("torch.")
-    if settings.quantize == "int8":
+    if settings.quantize in ("int8", "int4"):
         if device.type != "cpu" or dtype != torch.float32:
-            raise ModelLoadError("--quantize int8 runs on the CPU from float32 weights; on a GPU use --dtype "
-                                 "bfloat16 or float16 instead.")
-        return {"vision": INT8_FBGEMM, "text": INT8_FBGEMM}
+            raise ModelLoadError(f"--quantize {settings.quantize} runs on the CPU from float32 weights; on a GPU "
+                                 "use --dtype bfloat16 or float16 instead.")
+        return {"vision": INT8_FBGEMM, "text": INT8_FBGEMM if settings.quantize == "int8" else INT4}
     if settings.quantize == "auto" and device.type == "cpu" and dtype == torch.float32:
         return dict(AUTO_FORMATS[cpu_kind(cpu_features(), torch.backends.cpu.get_cpu_capability())])
     return {"vision": loaded, "text": loaded}
 
 
-def quantize_parts(model: Kosmos2ForConditionalGeneration, formats: dict[str, str]) -> None:
+def quantize_parts(model: Kosmos2ForConditionalGeneration, formats: dict[str, str], int4_group_size: int) -> None:
     """Convert each part's linear layers to its format in `formats`, in place.
 
     The parameters that stay float32 (embeddings, norms, biases) are first copied out of the
     memory-mapped checkpoint; each linear weight is then read from the mapping as its layer is
     converted. Nothing references the mapping afterwards, so the checkpoint file is released and
-    only the int8 model stays in memory. Activations are quantized per row (per token), so a row's
-    int8 result never depends on its batch neighbours.
+    only the quantized model stays in memory. int8 activations are quantized per row (per token), int4
+    layers quantize no activations, so a row's result never depends on its batch neighbours.
     """
     for module in model.modules():  # everything but the linear weights leaves the checkpoint's mapping
         for name, parameter in module.named_parameters(recurse=False):
@@ -185,10 +194,23 @@ def quantize_parts(model: Kosmos2ForConditionalGeneration, formats: dict[str, st
                                      inplace=True)
                 use_rowwise_activations(root)
             elif formats[part] == INT8_MATMUL:
-                for module in list(root.modules()):
-                    for name, child in list(module.named_children()):
-                        if type(child) is torch.nn.Linear:
-                            setattr(module, name, RowwiseInt8MatmulLinear(child.weight, child.bias))
+                replace_linear_layers(root, lambda linear: RowwiseInt8MatmulLinear(linear.weight, linear.bias))
+            elif formats[part] == INT4:
+                widths = {m.in_features for m in root.modules() if type(m) is torch.nn.Linear}
+                if any(width % int4_group_size for width in widths):
+                    raise ModelLoadError(f"int4_group_size {int4_group_size} does not divide this model's linear "
+                                         f"layers ({', '.join(map(str, sorted(widths)))} inputs); set "
+                                         f"KOSMOS_INT4_GROUP_SIZE to a size that does (32, 64 or 128).")
+                replace_linear_layers(root, lambda linear: Int4WeightOnlyLinear(linear.weight, linear.bias,
+                                                                                int4_group_size))
+
+
+def replace_linear_layers(root: torch.nn.Module, convert) -> None:
+    """Replace every float `torch.nn.Linear` under `root` by `convert(linear)`, in place."""
+    for module in list(root.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, convert(child))
 
 
 def resolve_source(model: str, option: str = "--model") -> str:

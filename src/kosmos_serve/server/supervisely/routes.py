@@ -115,8 +115,9 @@ async def get_deploy_info(request: Request):
     state.ready_batcher()
     engine, model = state.engine, state.engine_settings.model
     dtype = str(engine.dtype).removeprefix("torch.")
-    quantized = any(part.startswith("int8") for part in engine.weight_formats.values())
-    precision = "INT8" if quantized else {"float16": "FP16", "bfloat16": "BF16"}.get(dtype, "FP32")
+    quantized = [bits for bits in ("INT4", "INT8") if any(part.startswith(bits.lower())
+                                                          for part in engine.weight_formats.values())]
+    precision = quantized[0] if quantized else {"float16": "FP16", "bfloat16": "BF16"}.get(dtype, "FP32")
     return {
         "checkpoint_name": model.rstrip("/").rsplit("/", 1)[-1], "model_name": model, "architecture": "Kosmos-2",
         "checkpoint_url": None, "custom_checkpoint_path": None, "model_source": "kosmos-serve", "task_type": TASK_TYPE,

@@ -117,13 +117,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="run on the project's tiny random SAM")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="treat denormal floats as zero (torch.set_flush_denormal): random weights on a real image "
+                             "make denormal activations in SAM's encoder, which x86 computes many times slower")
     args = parser.parse_args()
+    torch.set_flush_denormal(args.flush_denormal)
     from transformers import Sam2Config, Sam2Model, SamModel
 
     from kosmos_serve.engine.loading import quiet_transformers
 
     quiet_transformers()
-    print(f"CPU: {cpu_description()}; torch threads {torch.get_num_threads()}")
+    print(f"CPU: {cpu_description()}; torch threads {torch.get_num_threads()}; flush denormals {args.flush_denormal}")
     print("| architecture | path | per image, ms (embedding; first box included for the Segmenter) | "
           "one box, ms (decoder call; embedding cached) | each further box, ms |")
     print("| --- | --- | ---: | ---: | ---: |")

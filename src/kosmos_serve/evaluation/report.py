@@ -88,7 +88,8 @@ def format_report(outcome: Outcome) -> str:
                f"max_new_tokens {settings.max_new_tokens}; IoU >= 0.5 in the image's pixels")
     lines = [heading, ""]
     if any(result.split.benchmark == DETECTION_BENCHMARK for result in outcome.results):
-        lines[0] = heading.replace("; IoU", "; task detection, every box with its score (min_score 0); IoU")
+        lines[0] = heading.replace("; IoU", "; task detection, every box with its score (min_score 0) but those a "
+                                            "likelier phrase's box overlaps past nms_iou (KOSMOS_NMS_IOU=1: none); IoU")
         for result in outcome.results:
             lines += detection_lines(result)
         lines.pop()

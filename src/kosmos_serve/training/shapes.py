@@ -3,9 +3,10 @@
 Each scene is a PNG of 1 to 4 filled shapes on a plain, gradient or noisy neutral background, and
 three kinds of record in the format of `kosmos_serve.training.records` (pixel boxes): one grounded
 caption ("An image of a red circle and a blue square."), and per object one referring expression
-("the red circle") and one region description ("a red circle"). Every box has its object's true mask
-beside it (`masks`: the pixels of it that show, a later shape hiding what it covers of an earlier one,
-as COCO run-length encoding), which `evaluate --segmenter` scores masks against. Two objects of the same
+("the red circle") and one region description ("a red circle"). Each object's referring record also
+holds its true mask beside its box (`masks`: the pixels of it that show, a later shape hiding what it
+covers of an earlier one, as COCO run-length encoding), which `evaluate --segmenter` scores masks against;
+the caption and region records, which hold the same boxes, are left as they are. Two objects of the same
 colour and shape are told apart by size ("the small red circle") or else by place ("the red circle on the left").
 Everything is drawn from `random.Random` and numpy generators seeded per scene, so the same `n` and
 `seed` write byte-identical files.
@@ -214,25 +215,25 @@ def with_article(words: str) -> str:
 
 def scene_records(image_name: str, objects: list[SceneObject], masks: list[dict] | None = None) -> list[dict]:
     """The caption record (objects left to right), then one referring and one region record per object; with
-    `masks` (each object's, in the order of `objects`), each box's mask after everything else a record holds."""
+    `masks` (each object's, in the order of `objects`), each referring record's mask after all else it holds."""
     order = sorted(range(len(objects)), key=lambda i: objects[i].centre[0])
     ordered = [objects[i] for i in order]
-    extras = [{"masks": [masks[i]]} if masks is not None else {} for i in order]
+    mask_fields = [{"masks": [masks[i]]} if masks is not None else {} for i in order]
     words = describe_objects(ordered)
     phrases = [with_article(w) for w in words]
     caption, spans = "An image of ", []
-    for i, (obj, phrase, extra) in enumerate(zip(ordered, phrases, extras)):
+    for i, (obj, phrase) in enumerate(zip(ordered, phrases)):
         if i > 0:
             caption += " and " if i == len(ordered) - 1 else ", "
-        spans.append({"start": len(caption), "end": len(caption) + len(phrase), "boxes": [list(obj.box)], **extra})
+        spans.append({"start": len(caption), "end": len(caption) + len(phrase), "boxes": [list(obj.box)]})
         caption += phrase
     records = [{"image": image_name, "caption": caption + ".", "spans": spans}]
     records += [
-        {"image": image_name, "task": "referring", "expression": f"the {name}", "boxes": [list(obj.box)], **extra}
-        for obj, name, extra in zip(ordered, words, extras)
+        {"image": image_name, "task": "referring", "expression": f"the {name}", "boxes": [list(obj.box)], **fields}
+        for obj, name, fields in zip(ordered, words, mask_fields)
     ]
     records += [
-        {"image": image_name, "task": "region", "boxes": [list(obj.box)], "description": phrase, **extra}
-        for obj, phrase, extra in zip(ordered, phrases, extras)
+        {"image": image_name, "task": "region", "boxes": [list(obj.box)], "description": phrase}
+        for obj, phrase in zip(ordered, phrases)
     ]
     return records

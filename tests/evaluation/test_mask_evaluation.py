@@ -16,7 +16,10 @@ from pycocotools import mask as coco_mask
 from kosmos_serve.cli import main
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine import Engine, GenerationParams, Request
-from kosmos_serve.evaluation.detection import read_detection
+from kosmos_serve.evaluation.backends import Generation
+from kosmos_serve.evaluation.detection import detection_record, read_detection, read_detection_splits
+from kosmos_serve.evaluation.detection_metrics import summarise
+from kosmos_serve.evaluation.runner import Settings
 from kosmos_serve.evaluation.synthetic import write_detection_file
 from kosmos_serve.grounding import iou
 from kosmos_serve.images import load_image
@@ -275,6 +278,21 @@ def test_segmentations_are_read_as_pycocotools_reads_them(tmp_path):
             expected["counts"], str) else expected["counts"].decode()}
     assert [mask.to_dict() for mask in example.asked[0].masks] == [a["segmentation"] for a in read["annotations"]]
     assert read["images"] == [{"id": 1, "file_name": "a.png", "height": 40, "width": 60}]
+
+
+def test_an_image_where_nothing_is_found_has_its_objects_counted_unfound(tmp_path):
+    truth = {"images": [{"id": 1, "file_name": "a.png", "height": 40, "width": 60}],
+             "categories": [{"id": 1, "name": "a square"}, {"id": 2, "name": "a star"}],
+             "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 15],
+                              "segmentation": [[10, 10, 30, 10, 30, 25, 10, 25]]}]}
+    (tmp_path / "truth.json").write_text(json.dumps(truth))
+    Image.new("RGB", (60, 40)).save(tmp_path / "a.png")
+    (split,) = read_detection_splits([tmp_path / "truth.json"], tmp_path, masks=True)
+    nothing = Generation("", (), (60, 40), (), ())
+    line = detection_record(split, split.examples[0], nothing, Settings("demo", 24, 3, "coco", "demo"))
+    assert [(item["masks"], item["mask_ious"]) for item in line["asked"]] == [([], [None]), ([], [])]
+    masks = summarise(split.ground_truth, [line], masks=True).masks
+    assert (masks.ious, masks.mean, masks.coco.ap) == ([None], None, 0.0)
 
 
 def _without_masks(lines: list[dict]) -> list[dict]:

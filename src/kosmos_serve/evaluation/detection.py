@@ -170,8 +170,9 @@ def read_detection(path: Path, images: Path, ontology: dict[str, str] | None = N
 
 
 def detection_record(split: Split, example: DetectionExample, generation: Generation, settings) -> dict:
-    """The predictions line of one image: per phrase asked, its boxes (pixels), their scores, the true boxes; with
-    masks, each box's mask and, per true box, the IoU of the mask of the box that found it (None: none did)."""
+    """The predictions line of one image: per phrase asked, its boxes (pixels), their scores, the true boxes; when the
+    run's settings name a segmenter, each box's mask and, per true box, the IoU of the mask of the box that found it
+    (None: none did)."""
     found = boxes_by_phrase(generation)
     by_category: dict[int, tuple[list, list, list]] = {}  # a category's boxes, scores and masks, all its phrases'
     for item in example.asked:
@@ -184,7 +185,7 @@ def detection_record(split: Split, example: DetectionExample, generation: Genera
         line = {"phrase": item.phrase, "category_id": item.category_id, "present": item.present,
                 "boxes": [list(box) for box in boxes], "scores": scores,
                 "truth": [list(box) for box in item.truth], "iou": best_ious(boxes, item.truth)}
-        if generation.masks:
+        if settings.segmenter is not None:
             line.update(masks=masks, mask_ious=found_mask_ious(item, *by_category[item.category_id]))
         asked.append(line)
     return {"benchmark": split.benchmark, "annotations": split.annotations.name, "split": split.name,

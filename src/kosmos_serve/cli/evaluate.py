@@ -70,9 +70,9 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
 
     With --segmenter, on true masks (--data records with "masks", as `data shapes` writes them; detection ground
     truth with "segmentation"): every box gets a mask, and each true object that a box found (its phrase's or
-    category's best-scored box at IoU>=0.5) the IoU of that box's mask with its own: the mean and the share at
-    IoU>=0.5 (detection: COCOeval segm AP, AP50, AR@100 too). --masks-from-true-boxes measures the segmenter
-    alone: each object's mask from its true box, no Kosmos-2.
+    category's best-scored box at IoU>=0.5) is scored by the IoU of that box's mask with its own: their mean and
+    the share at IoU>=0.5 (detection: COCOeval segm AP, AP50, AR@100 too). --masks-from-true-boxes measures the
+    segmenter alone: each object's mask from its true box, no Kosmos-2.
 
     \b
     Examples:

@@ -183,6 +183,20 @@ def suppress_overlaps(entities: Sequence[Entity], max_iou: float) -> tuple[Entit
     return tuple(survivor for survivor in survivors if survivor is not None)
 
 
+def best_match(truth: tuple[float, ...], boxes: list[tuple[float, ...]], scores: list[float],
+               threshold: float = 0.5) -> int | None:
+    """Which of `boxes` finds the true box: the best-scored of those at IoU >= `threshold` with it (the first of
+    equals), or None. How the detection benchmark matches, and `evaluate --segmenter` picks the mask to score.
+
+    >>> best_match((0, 0, 10, 10), [(0, 0, 10, 10), (1, 0, 10, 10), (50, 50, 60, 60)], [0.2, 0.7, 0.9])
+    1
+    >>> best_match((0, 0, 10, 10), [(50, 50, 60, 60)], [0.9]) is None
+    True
+    """
+    found = [index for index, box in enumerate(boxes) if iou(box, truth) >= threshold]
+    return max(found, key=lambda index: scores[index], default=None)
+
+
 def clean_prompt_text(prompt: str) -> str:
     """The words a prompt contributes to the clean text (its tags and location tokens removed).
 

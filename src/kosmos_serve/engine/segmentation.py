@@ -30,7 +30,7 @@ from transformers.utils import is_torchvision_available
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine.features import ImageFeatureCache
-from kosmos_serve.engine.loading import resolve_source
+from kosmos_serve.engine.loading import quiet_transformers, resolve_device, resolve_dtype, resolve_source, set_threads
 from kosmos_serve.errors import ModelLoadError
 from kosmos_serve.grounding import Mask, PixelBox
 
@@ -121,6 +121,15 @@ class Segmenter:
         computed = self.model.get_image_embeddings(pixel_values.to(self.device, self.dtype))
         names = PAIRED_EMBEDDINGS.get(self.model_type, ("image_embeddings",))
         return dict(zip(names, computed)) if len(names) > 1 else {names[0]: computed}
+
+
+def start_segmenter(settings: EngineSettings) -> Segmenter:
+    """The segmenter of `settings` alone, without Kosmos-2 (`evaluate --masks-from-true-boxes`), on the device, dtype
+    and threads an engine of the same settings gives it."""
+    set_threads(settings.threads)
+    quiet_transformers()
+    device = resolve_device(settings.device)
+    return Segmenter(settings, device, resolve_dtype(settings.dtype, device))
 
 
 def load_segmenter(name: str, device: torch.device, dtype: torch.dtype):

@@ -71,6 +71,7 @@ def test_every_numeric_field_declares_its_range_in_openapi(engine):
             "seed": (0, SEED_LIMIT),
             "no_repeat_ngram_size": (0, 64),
             "min_score": (0.0, 1.0),
+            "nms_iou": (0.0, 1.0),
         }, name
 
 

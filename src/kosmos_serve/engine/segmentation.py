@@ -127,9 +127,10 @@ def require_packages(config: PretrainedConfig, subject: str) -> None:
     backbone = getattr(getattr(config, "vision_config", None), "backbone_config", None)
     missing = {}
     if backends and "pil" not in backends and not is_torchvision_available():
+        release = torchvision_release(torch.__version__)
         missing["torchvision"] = (f"the torchvision made for this torch {torch.__version__}, from the package index "
-                                  f'it came from (pip install "torchvision=={torchvision_release()}.*"; one of '
-                                  "another build, as PyPI's CUDA torchvision beside a CPU torch, fails to import)")
+                                  f'it came from (pip install "torchvision=={release}.*"; one of another build, as '
+                                  "PyPI's CUDA torchvision beside a CPU torch, fails to import)")
     if getattr(backbone, "model_type", None) == "timm_wrapper" and not is_timm_available():
         missing["timm"] = "timm (pip install timm)"
     if missing:
@@ -137,7 +138,10 @@ def require_packages(config: PretrainedConfig, subject: str) -> None:
                              f"install {'; and '.join(missing.values())}. README, \"Masks\".")
 
 
-def torchvision_release() -> str:
-    """The torchvision release made for this torch's: torch 2.N pairs with torchvision 0.(N + 15), 2.13 with 0.28."""
-    minor = int(torch.__version__.split(".")[1])
-    return f"0.{minor + 15}"
+def torchvision_release(torch_version: str) -> str:
+    """The torchvision release made for a torch release: torch 2.N pairs with torchvision 0.(N + 15).
+
+    >>> torchvision_release("2.13.0+cpu"), torchvision_release("2.14.1"), torchvision_release("2.9.1")
+    ('0.28', '0.29', '0.24')
+    """
+    return f"0.{int(torch_version.split('.')[1]) + 15}"

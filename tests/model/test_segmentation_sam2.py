@@ -78,6 +78,7 @@ segmenter.cache.clear()
 image = images[2]
 first = engine.predict(image, TaskInput(Task.REFERRING_GENERATION, boxes=boxes[:1]), masks)
 second = engine.predict(image, TaskInput(Task.REFERRING_GENERATION, boxes=boxes), masks)
+cache = [segmenter.cache.misses, segmenter.cache.hits]
 calls = []
 segmenter.model.mask_decoder.register_forward_hook(lambda module, args, output: calls.append(list(output[0].shape)))
 engine.predict(images[0], TaskInput(Task.REFERRING_GENERATION, boxes=boxes), masks)
@@ -85,7 +86,7 @@ print("REPORT " + json.dumps({
     "model_type": segmenter.model_type, "boxes": boxes_checked,
     "alone": [result.to_dict()["entities"] for result in alone],
     "together": [result.to_dict()["entities"] for result in together],
-    "cache": [segmenter.cache.misses, segmenter.cache.hits],
+    "cache": cache,
     "repeated_mask_kept": second.entities[0].masks[0] == first.entities[0].masks[0],
     "decoder_calls": calls,
 }))

@@ -11,7 +11,8 @@ score is the model's predicted IoU for that mask.
 This is exactly what the segmenter gives when run directly through transformers, one box at a time:
 `processor(images=image, input_boxes=[[box]])`, `model(**inputs, multimask_output=False)`,
 `processor.post_process_masks(pred_masks, original_sizes[, reshaped_input_sizes])`
-(tests/model/test_segmentation.py holds it to that).
+(tests/model/test_segmentation.py holds SAM and SAM-HQ to that; tests/model/test_segmentation_sam2.py SAM 2 and
+EdgeTAM, in an environment with torchvision).
 """
 
 from __future__ import annotations

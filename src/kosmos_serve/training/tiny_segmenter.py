@@ -51,6 +51,7 @@ def sam2_config(family: str):
     widths = [16, 32, 64, 128]
     if family == "sam2":
         config_class = Sam2Config
+        # Its global-attention block is the second of stage 3: one that opens a stage (pooled) must be windowed.
         backbone = {"model_type": "sam2_hiera_det_model", "hidden_size": widths[0], "image_size": [INPUT_SIDE] * 2,
                     "blocks_per_stage": [1, 1, 2, 1], "embed_dim_per_stage": widths,
                     "num_attention_heads_per_stage": [1, 1, 2, 2], "window_size_per_stage": [4, 4, 4, 2],

@@ -1,16 +1,17 @@
 """What masks add to a request: per image (the segmenter's image embedding) and per box (the mask decoder), in one run.
 
-    python benchmarks/masks.py            # full-size SAM ViT-B and the smallest SAM 2 (Hiera tiny), random weights
-    python benchmarks/masks.py --tiny     # a quick check of the script on the tiny random SAM
+    python benchmarks/masks.py                  # full-size SAM ViT-B and the smallest SAM 2 (Hiera tiny), random weights
+    python benchmarks/masks.py --family sam2    # SAM 2 alone (its Segmenter path where torchvision is installed)
+    python benchmarks/masks.py --tiny           # a quick check of the script on the tiny random segmenters
 
 Two measures per architecture, both on the CPU in float32 with this process's torch threads:
 - the model alone: `get_image_embeddings` on one 1024 x 1024 input (what a new image adds), and one mask-decoder
   call (`model(image_embeddings=..., input_boxes=..., multimask_output=False)`) with 1 and with 8 boxes, whose
   difference / 7 is what each further box adds;
-- SAM through kosmos-serve's own `Segmenter` on a fresh 640 x 480 image (processor, embedding, decoder,
-  `post_process_masks` and COCO RLE): a first request with one box, then the same image again with 1 and 8 boxes
-  (the embedding cached). SAM 2 runs the model-alone measure only: transformers' Sam2Processor needs torchvision,
-  which is not installed here (README, "Masks").
+- kosmos-serve's own `Segmenter` on a fresh 640 x 480 image (processor, embedding, decoder, `post_process_masks`
+  and COCO RLE): a first request with one box, then the same image again with 1 and 8 boxes (the embedding
+  cached). SAM 2's runs where torchvision is installed (its transformers processor needs it: README, "Masks",
+  e.g. in the environment of tests/tool_environments.py), else SAM 2 is timed as a model only.
 Each figure is the median of --repeats runs after a warm-up; the CPU heads the report.
 """
 
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench import cpu_description  # the benchmark scripts' shared helpers
 
 BOX_COUNTS = (1, 8)
+NAMES = {"sam": "SAM ViT-B", "sam2": "SAM 2.1 Hiera tiny"}  # the architecture each family is timed on
 
 
 def median_seconds(run, repeats: int) -> float:
@@ -88,22 +90,32 @@ def through_the_segmenter(folder: Path, repeats: int) -> dict[str, float]:
     return figures
 
 
-def build_sam(folder: Path, tiny: bool) -> Path:
-    """The full-size SAM ViT-B architecture (SamConfig's defaults) with random weights and SAM's processor."""
-    from transformers import SamConfig, SamModel, SamProcessor
+def build(family: str, folder: Path, tiny: bool) -> Path:
+    """A segmenter folder: the project's tiny random one, or the full-size SAM ViT-B architecture (SamConfig's
+    defaults) or SAM 2.1 Hiera tiny (Sam2Config's, the smallest SAM 2) with random weights; a SAM 2 is saved
+    without its processor where torchvision is missing."""
+    from transformers import AutoModelForMaskGeneration, Sam2Config, SamConfig, SamProcessor
     from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+    from transformers.utils import is_torchvision_available
 
-    if tiny:
-        from kosmos_serve.training.tiny_segmenter import build_tiny_segmenter
+    from kosmos_serve.training.tiny_segmenter import build_tiny_segmenter, sam2_config
 
-        return build_tiny_segmenter(folder, "sam")
+    if tiny and (family == "sam" or is_torchvision_available()):
+        return build_tiny_segmenter(folder, family)
     torch.manual_seed(0)
-    SamModel(SamConfig()).save_pretrained(folder)
-    SamProcessor(SamImageProcessorPil()).save_pretrained(folder)
+    config = SamConfig() if family == "sam" else sam2_config("sam2") if tiny else Sam2Config()
+    AutoModelForMaskGeneration.from_config(config).save_pretrained(folder)
+    if family == "sam":
+        SamProcessor(SamImageProcessorPil()).save_pretrained(folder)
+    elif is_torchvision_available():
+        from transformers import Sam2Processor
+        from transformers.models.sam2.image_processing_sam2 import Sam2ImageProcessor
+
+        Sam2Processor(Sam2ImageProcessor()).save_pretrained(folder)
     return folder
 
 
-def report(name: str, side: int, alone: dict[str, float], served: dict[str, float] | None) -> list[str]:
+def report(name: str, alone: dict[str, float], served: dict[str, float] | None) -> list[str]:
     per_box = (alone["decoder_8"] - alone["decoder_1"]) / 7
     lines = [(f"| {name} | model alone | {alone['embedding'] * 1000:.0f} | {alone['decoder_1'] * 1000:.1f} | "
              f"{per_box * 1000:.1f} |")]
@@ -115,36 +127,38 @@ def report(name: str, side: int, alone: dict[str, float], served: dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="run on the project's tiny random SAM")
+    parser.add_argument("--family", choices=sorted(NAMES), action="append",
+                        help="the architectures to time (repeatable; default: both)")
+    parser.add_argument("--tiny", action="store_true", help="run on the project's tiny random segmenters")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--flush-denormal", action="store_true",
                         help="treat denormal floats as zero (torch.set_flush_denormal): random weights on a real image "
                              "make denormal activations in SAM's encoder, which x86 computes many times slower")
     args = parser.parse_args()
     torch.set_flush_denormal(args.flush_denormal)
-    from transformers import Sam2Config, Sam2Model, SamModel
+    from transformers import AutoModelForMaskGeneration
+    from transformers.utils import is_torchvision_available
 
     from kosmos_serve.engine.loading import quiet_transformers
 
     quiet_transformers()
-    print(f"CPU: {cpu_description()}; torch threads {torch.get_num_threads()}; flush denormals {args.flush_denormal}")
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}, threads {torch.get_num_threads()}; flush denormals "
+          f"{args.flush_denormal}")
     print("| architecture | path | per image, ms (embedding; first box included for the Segmenter) | "
           "one box, ms (decoder call; embedding cached) | each further box, ms |")
     print("| --- | --- | ---: | ---: | ---: |")
-    with tempfile.TemporaryDirectory() as folder:
-        sam_folder = build_sam(Path(folder) / "sam", args.tiny)
-        sam = SamModel.from_pretrained(sam_folder).eval()
-        side = sam.config.vision_config.image_size
-        name = "tiny SAM" if args.tiny else "SAM ViT-B (random weights)"
-        lines = report(name, side, model_alone(sam, side, args.repeats), through_the_segmenter(sam_folder, args.repeats))
-        del sam
-        for line in lines:
-            print(line, flush=True)
-    if not args.tiny:
-        torch.manual_seed(0)
-        sam2 = Sam2Model(Sam2Config()).eval()  # Sam2Config's defaults: SAM 2.1 Hiera tiny, the smallest SAM 2
-        for line in report("SAM 2.1 Hiera tiny (random weights)", 1024, model_alone(sam2, 1024, args.repeats), None):
-            print(line, flush=True)
+    for family in args.family or sorted(NAMES):
+        with tempfile.TemporaryDirectory() as folder:
+            built = build(family, Path(folder) / family, args.tiny)
+            model = AutoModelForMaskGeneration.from_pretrained(built).eval()
+            side = model.config.prompt_encoder_config.image_size
+            alone = model_alone(model, side, args.repeats)
+            del model
+            served = (through_the_segmenter(built, args.repeats)
+                      if family == "sam" or is_torchvision_available() else None)
+            name = f"tiny random {family}" if args.tiny else f"{NAMES[family]} (random weights)"
+            for line in report(name, alone, served):
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,10 @@ def supervisely_python() -> str:
 def label_studio_python() -> str:
     """The Python of an environment holding Label Studio, which pins its own Django stack."""
     return _tool_python("label-studio")
+
+
+@pytest.fixture(scope="session")
+def torchvision_python() -> str:
+    """The Python of an environment holding torchvision (for SAM 2's processor) beside the torch it was built for,
+    and kosmos-serve with its `sam2` extra: ours is a CPU torch, beside which PyPI's torchvision does not import."""
+    return _tool_python("torchvision")

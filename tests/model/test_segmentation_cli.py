@@ -4,13 +4,17 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
+from transformers.utils import is_timm_available, is_torchvision_available
 
 from kosmos_serve.cli import main
 from kosmos_serve.engine import GenerationParams
+from kosmos_serve.engine.segmentation import torchvision_release
 from kosmos_serve.grounding import Mask
 from kosmos_serve.tasks import Task, TaskInput
+from kosmos_serve.training.tiny_segmenter import sam2_config
 
 BOX = (10, 20, 150, 160)
 
@@ -99,3 +103,21 @@ def test_serve_refuses_a_missing_segmenter_before_starting(tmp_path, tiny_model_
     result = CliRunner().invoke(main, ["serve", "--model", str(tiny_model_dir), "--segmenter", str(missing)])
     assert result.exit_code == 1
     assert result.output.strip() == f"Error: --segmenter '{missing}' is not a folder; pass a checkpoint folder or a hub id."
+
+
+@pytest.mark.skipif(is_torchvision_available() or is_timm_available(), reason="this environment has torchvision or timm")
+@pytest.mark.parametrize(("family", "needs"), [("sam2", "torchvision"), ("edgetam", "torchvision and timm")])
+def test_a_segmenter_whose_packages_are_missing_is_one_line_saying_what_to_install(image_file, tmp_path,
+                                                                                   tiny_model_dir, family, needs):
+    folder = tmp_path / family
+    sam2_config(family).save_pretrained(folder)  # its config is what start-up reads before loading anything
+    what = (f"needs {needs}, not installed here: install the torchvision made for this torch {torch.__version__}, "
+            f'from the package index it came from (pip install "torchvision=={torchvision_release(torch.__version__)}.*"')
+    for arguments in (["predict", image_file, "--model", tiny_model_dir, "--segmenter", folder, "--masks"],
+                      ["serve", "--model", tiny_model_dir, "--segmenter", folder],
+                      ["tiny-segmenter", tmp_path / "built", "--family", family]):
+        result = CliRunner().invoke(main, [str(a) for a in arguments])
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert what in result.output
+        assert result.output.startswith(f"Error: --segmenter '{folder}' ({family}) " if "--segmenter" in arguments
+                                        else f"Error: --family {family} ")

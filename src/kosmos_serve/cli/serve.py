@@ -92,8 +92,8 @@ def demo(**flags):
 def run_service(settings: Settings, announce: Callable[[str], str] | None = None) -> None:
     """Serve the app of `settings` in `settings.num_api_servers` worker processes, as `uvicorn.run` would.
 
-    Each worker builds its app from `settings` (handed over pickled). A missing model fails here, in a
-    second, before any worker starts.
+    Each worker builds its app from `settings` (handed over pickled). A missing model, or a segmenter that is none
+    or needs packages not installed, fails here, in a second, before any worker starts.
     """
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
@@ -101,10 +101,11 @@ def run_service(settings: Settings, announce: Callable[[str], str] | None = None
 
     from kosmos_serve.asgi import app_for_worker
     from kosmos_serve.engine.loading import resolve_source
+    from kosmos_serve.engine.segmentation import check_segmenter
 
     resolve_source(settings.model)
     if settings.segmenter is not None:
-        resolve_source(settings.segmenter, option="--segmenter")
+        check_segmenter(settings.segmenter)
     if announce is not None:
         shown_host = "127.0.0.1" if settings.host in {"0.0.0.0", "::"} else settings.host
         click.echo(announce(f"http://{shown_host}:{settings.port}"))

@@ -104,8 +104,8 @@ def tiny_model(out, seed):
 
 @click.command("tiny-segmenter")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--family", type=click.Choice(["sam", "sam_hq", "sam2"]), default="sam", show_default=True,
-              help="SAM, SAM-HQ or SAM 2 (SAM 2's processor needs torchvision).")
+@click.option("--family", type=click.Choice(["sam", "sam_hq", "sam2", "edgetam"]), default="sam", show_default=True,
+              help="SAM, SAM-HQ, SAM 2 or EdgeTAM (SAM 2's processor needs torchvision, EdgeTAM's backbone timm).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def tiny_segmenter(out, family, seed):
     """Write a tiny random Segment Anything model (for tests and trying --segmenter offline) to folder OUT."""

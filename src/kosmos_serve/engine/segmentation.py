@@ -12,7 +12,8 @@ score is the model's predicted IoU for that mask.
 This is exactly what the segmenter gives when run directly through transformers, one box at a time:
 `processor(images=image, input_boxes=[[box]])`, `model(**inputs, multimask_output=False)`,
 `processor.post_process_masks(pred_masks, original_sizes[, reshaped_input_sizes])`
-(tests/model/test_segmentation.py holds it to that).
+(tests/model/test_segmentation.py holds SAM and SAM-HQ to that; tests/model/test_segmentation_sam2.py SAM 2 and
+EdgeTAM, in an environment with torchvision).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForMaskGeneration, AutoProcessor
+from transformers import AutoConfig, AutoModelForMaskGeneration, AutoProcessor, PretrainedConfig
+from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASK_GENERATION_MAPPING_NAMES
-from transformers.utils import is_torchvision_available
+from transformers.utils import is_timm_available, is_torchvision_available
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine.features import ImageFeatureCache
@@ -135,22 +137,11 @@ def start_segmenter(settings: EngineSettings) -> Segmenter:
 def load_segmenter(name: str, device: torch.device, dtype: torch.dtype):
     """A SAM-family model and its processor from `name` (hub id, folder or demo), on `device` in `dtype`; anything
     else fails here with one line saying what was found and what is expected."""
-    source = resolve_source(name, option="--segmenter")
-    try:
-        model_type = AutoConfig.from_pretrained(source).model_type
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"--segmenter {name!r} holds no model config (config.json as written by "
-                             "save_pretrained).") from error
-    if model_type not in SEGMENTER_TYPES:
-        raise ModelLoadError(f"--segmenter {name!r} is a {model_type!r} model, not a Segment Anything model; expected "
-                             f"one of transformers' mask-generation types: {', '.join(SEGMENTER_TYPES)}.")
+    source, model_type = check_segmenter(name)
     try:
         processor = AutoProcessor.from_pretrained(source)
         model = AutoModelForMaskGeneration.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError, ImportError) as error:
-        if not is_torchvision_available() and model_type not in ("sam", "sam_hq"):
-            raise ModelLoadError(f"--segmenter {name!r} ({model_type}): transformers' processor for it needs "
-                                 "torchvision, which is not installed: pip install torchvision.") from error
         raise ModelLoadError(f"--segmenter {name!r} holds no complete {model_type} checkpoint (config.json, weights "
                              "and processor files as written by save_pretrained).") from error
     if not hasattr(processor, "post_process_masks"):
@@ -160,3 +151,48 @@ def load_segmenter(name: str, device: torch.device, dtype: torch.dtype):
     model.to(device).eval()
     logger.info("Loaded segmenter %s (%s) on %s as %s", source, model_type, device, dtype)
     return model, processor
+
+
+def check_segmenter(name: str) -> tuple[str, str]:
+    """The folder and model type of segmenter `name`, read from its config alone (what `serve` checks before
+    starting): a model that is no Segment Anything model, or one whose classes need a package not installed here,
+    fails with one line."""
+    source = resolve_source(name, option="--segmenter")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"--segmenter {name!r} holds no model config (config.json as written by "
+                             "save_pretrained).") from error
+    if config.model_type not in SEGMENTER_TYPES:
+        raise ModelLoadError(f"--segmenter {name!r} is a {config.model_type!r} model, not a Segment Anything model; "
+                             f"expected one of transformers' mask-generation types: {', '.join(SEGMENTER_TYPES)}.")
+    require_packages(config, f"--segmenter {name!r} ({config.model_type})")
+    return source, config.model_type
+
+
+def require_packages(config: PretrainedConfig, subject: str) -> None:
+    """Fail in one line, saying what to install, where transformers' classes for `config` need packages missing
+    here: torchvision for an image processor with no PIL version (SAM 2, EdgeTAM, SAM 3's tracker), timm for a timm
+    backbone (EdgeTAM's RepViT)."""
+    backends = IMAGE_PROCESSOR_MAPPING_NAMES.get(config.model_type, {})
+    backbone = getattr(getattr(config, "vision_config", None), "backbone_config", None)
+    missing = {}
+    if backends and "pil" not in backends and not is_torchvision_available():
+        release = torchvision_release(torch.__version__)
+        missing["torchvision"] = (f"the torchvision made for this torch {torch.__version__}, from the package index "
+                                  f'it came from (pip install "torchvision=={release}.*"; one of another build, as '
+                                  "PyPI's CUDA torchvision beside a CPU torch, fails to import)")
+    if getattr(backbone, "model_type", None) == "timm_wrapper" and not is_timm_available():
+        missing["timm"] = "timm (pip install timm)"
+    if missing:
+        raise ModelLoadError(f"{subject} needs {' and '.join(missing)}, not installed here: "
+                             f"install {'; and '.join(missing.values())}. README, \"Masks\".")
+
+
+def torchvision_release(torch_version: str) -> str:
+    """The torchvision release made for a torch release: torch 2.N pairs with torchvision 0.(N + 15).
+
+    >>> torchvision_release("2.13.0+cpu"), torchvision_release("2.14.1"), torchvision_release("2.9.1")
+    ('0.28', '0.29', '0.24')
+    """
+    return f"0.{int(torch_version.split('.')[1]) + 15}"

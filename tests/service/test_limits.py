@@ -181,5 +181,6 @@ def test_the_demo_models_own_defaults_give_its_grounded_caption_on_predict(serve
         info = httpx.get(f"{url}/info").json()
     demo_defaults = json.loads((files("kosmos_serve") / "models" / "demo" / "kosmos_serve.json").read_text())
     assert info["defaults"] == {"default_prompt": "<grounding> An image of", "max_new_tokens": 64,
-                                "no_repeat_ngram_size": 0, "min_score": demo_defaults["min_score"]}
+                                "no_repeat_ngram_size": 0, "min_score": demo_defaults["min_score"],
+                                "nms_iou": demo_defaults["nms_iou"]}
     assert answer["output"].startswith("An image of a ") and len(answer["entities"]) >= 3

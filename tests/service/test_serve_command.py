@@ -40,6 +40,7 @@ def test_serve_runs_the_service_from_environment_variables(tiny_model_dir, png_b
     assert info["quantize"] == "int8"
     assert info["weight_formats"] == {"vision": "int8 per row, fbgemm", "text": "int8 per row, fbgemm"}
     assert info["defaults"] == {"default_prompt": "<grounding> Describe this image:", "max_new_tokens": 128,
-                                "no_repeat_ngram_size": 3, "min_score": 0.1}  # the tiny model carries none
+                                "no_repeat_ngram_size": 3, "min_score": 0.002,
+                                "nms_iou": 0.5}  # the tiny model carries none: the built-in defaults
     assert "Application shutdown complete" in output  # SIGTERM stops it gracefully (uvicorn re-raises it after)
     assert "POST /predict -> 200" in output and "] POST /predict" in output  # access log with a request id

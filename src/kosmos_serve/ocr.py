@@ -8,7 +8,7 @@ transformers' model doc does it (`post_process` in docs/source/en/model_doc/kosm
   the first box belongs to no line;
 - a box with x1 >= x2 or y1 >= y2 is dropped with its line;
 - a coordinate is multiplied by original size / resized size, in float32 as the doc's tensors compute
-  it, and truncated.
+  it (`scale_coordinate`), and truncated.
 Read with `<md>`, it writes markdown, kept as written.
 """
 
@@ -42,14 +42,15 @@ def resized_size(width: int, height: int, max_patches: int = MAX_PATCHES, patch_
 
 def scale_coordinate(coordinate: int, original: int, resized: int) -> int:
     """A coordinate on a side of `resized` pixels, on the original side of `original` pixels, as the doc computes it:
-    `int(coordinate * (original / resized))` in float32 (its sizes are tensors).
+    `int(coordinate * (original / resized))` with `resized` a float32 tensor, so `original / resized` is torch's
+    `resized.reciprocal() * original`, each step rounded to float32.
 
-    >>> scale_coordinate(573, 1000, 1024), scale_coordinate(26, 480, 832)
-    (559, 15)
+    >>> scale_coordinate(573, 1000, 1024), scale_coordinate(26, 480, 832), scale_coordinate(880, 480, 880)
+    (559, 15, 479)
 
-    (In float64 the second is 14: 26 * 480 / 832 is exactly 15, and 480 / 832 rounds down in float64.)
+    (Exactly, the last two are 15 and 480; in float64, 14 and 480.)
     """
-    factor = _float32(original / resized)
+    factor = _float32(_float32(1 / resized) * original)
     return int(_float32(coordinate * factor))
 
 

@@ -51,6 +51,8 @@ def test_coordinates_scale_in_float32_as_the_docs_tensors_do():
     # 26 * 480 / 832 is exactly 15; in float64, 26 * (480 / 832) is 14.999999999999998
     assert scale_coordinate(26, 480, 832) == 15
     assert int(26 * (480 / 832)) == 14
+    # the doc's 480 / tensor([880]) is torch's reciprocal(880) * 480 in float32: 0.54545450, under 6/11; 880 -> 479
+    assert scale_coordinate(880, 480, 880) == 479
     assert [scale_coordinate(c, 200, 832) for c in (0, 1, 415, 416, 832)] == [0, 0, 99, 100, 200]
 
 

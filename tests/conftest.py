@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random Kosmos-2 built once per run and loaded like any checkpoint."""
+"""Shared fixtures: a tiny random Kosmos-2 (and Kosmos-2.5) built once per run and loaded like any checkpoint."""
 
 from __future__ import annotations
 
@@ -22,6 +22,23 @@ def tiny_model_dir(tmp_path_factory):
     from kosmos_serve.training.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-kosmos2"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_kosmos25_dir(tmp_path_factory):
+    """Folder of a tiny random Kosmos-2.5, written by the project's own builder."""
+    from kosmos_serve.training.tiny_kosmos25 import build_tiny_kosmos25
+
+    return build_tiny_kosmos25(tmp_path_factory.mktemp("tiny-kosmos25"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def kosmos25_engine(tiny_kosmos25_dir):
+    """An Engine on the tiny Kosmos-2.5, through the production loading code."""
+    from kosmos_serve.config import EngineSettings
+    from kosmos_serve.engine import Engine
+
+    return Engine(EngineSettings(model=str(tiny_kosmos25_dir), device="cpu", max_batch_rows=8))
 
 
 @pytest.fixture(scope="session")

@@ -114,14 +114,33 @@ class Entity:
 
 
 @dataclass(frozen=True)
+class TextLine:
+    """A line of text a model read (Kosmos-2.5's `<ocr>`) and its box (x1, y1, x2, y2) in pixels of the image."""
+
+    text: str
+    box: PixelBox
+
+    @property
+    def corners(self) -> tuple[tuple[int, int], ...]:
+        """The box's four corners, clockwise from the top left (the order transformers' Kosmos-2.5 doc writes them).
+
+        >>> TextLine("Total 50,000", (24, 872, 827, 921)).corners
+        ((24, 872), (827, 872), (827, 921), (24, 921))
+        """
+        x1, y1, x2, y2 = self.box
+        return ((x1, y1), (x2, y1), (x2, y2), (x1, y2))
+
+
+@dataclass(frozen=True)
 class GroundedText:
-    """Parsed generation: reference text and entities plus what people need to use them."""
+    """Parsed generation: reference text and entities plus what people need to use them (lines: a page read)."""
 
     text: str
     answer: str
     raw_text: str
     entities: tuple[Entity, ...]
     markdown: str
+    lines: tuple[TextLine, ...] = ()
 
 
 def to_pixel_box(box: NormalisedBox, width: int, height: int) -> PixelBox:

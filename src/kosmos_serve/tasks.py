@@ -15,6 +15,9 @@ conversion (`coordinate_to_patch_index`) writes the `<object><patch_index_...>` 
 | region_vqa                | question, phrases in it, boxes  | `<grounding> Question: ...<phrase> {p}</phrase><object>...` |
 | detection                 | phrases                         | one `<grounding><phrase> {phrase}</phrase>` per phrase      |
 | raw                       | prompt, optional boxes          | the prompt, `<grounding>` prepended when grounding is on    |
+
+Kosmos-2.5 reads documents with two prompts of its own: `ocr` (`<ocr>`: every text line with its box)
+and `markdown` (`<md>`: the page as markdown). Which tasks a model runs is its family's (`engine/families.py`).
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from enum import StrEnum
 
 from kosmos_serve.errors import InvalidBoxError, InvalidRequestError
 from kosmos_serve.grounding import NormalisedBox, to_normalised_box
+from kosmos_serve.ocr import MARKDOWN_TAG, OCR_TAG
 
 GROUNDING_TAG = "<grounding>"
 PHRASE_PATTERN = re.compile(r"<phrase>.+?</phrase>")
 
 
 class Task(StrEnum):
-    """The tasks of the Kosmos-2 model card."""
+    """The tasks of the Kosmos-2 model card, then Kosmos-2.5's."""
 
     CAPTION = "caption"
     DETAILED_CAPTION = "detailed_caption"
@@ -43,6 +47,8 @@ class Task(StrEnum):
     REGION_VQA = "region_vqa"
     DETECTION = "detection"
     RAW = "raw"
+    OCR = "ocr"
+    MARKDOWN = "markdown"
 
 
 # What each task does, in no surface's words: the CLI adds its flags, /v1/tasks the JSON fields (TASK_INPUTS).
@@ -56,6 +62,8 @@ TASK_DESCRIPTIONS = {
     Task.REGION_VQA: "answer a question whose phrases point at boxes, one box per phrase",
     Task.DETECTION: "boxes for each of several phrases, run as one batch",
     Task.RAW: "your own prompt, <grounding> added unless grounding is off; a box per <phrase>",
+    Task.OCR: "Kosmos-2.5: read every line of text, each with its box",
+    Task.MARKDOWN: "Kosmos-2.5: read the page as markdown",
 }
 
 
@@ -70,6 +78,8 @@ TASK_INPUTS: dict[Task, tuple[str, ...]] = {
     Task.REGION_VQA: ("prompt", "phrases", "boxes"),
     Task.DETECTION: ("phrases",),
     Task.RAW: ("prompt", "boxes", "grounding"),
+    Task.OCR: (),
+    Task.MARKDOWN: (),
 }
 
 
@@ -166,7 +176,7 @@ def _require(condition: bool, message: str, field: str) -> None:
         raise InvalidRequestError(message, field)
 
 
-def _caption(text: str):
+def _fixed_prompt(text: str):
     def build(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
         return [PromptSpec(text)]
 
@@ -230,8 +240,8 @@ def _raw(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
 
 
 _BUILDERS = {
-    Task.CAPTION: _caption(f"{GROUNDING_TAG} An image of"),
-    Task.DETAILED_CAPTION: _caption(f"{GROUNDING_TAG} Describe this image in detail:"),
+    Task.CAPTION: _fixed_prompt(f"{GROUNDING_TAG} An image of"),
+    Task.DETAILED_CAPTION: _fixed_prompt(f"{GROUNDING_TAG} Describe this image in detail:"),
     Task.PHRASE_GROUNDING: _single_phrase,
     Task.REFERRING_COMPREHENSION: _single_phrase,
     Task.REFERRING_GENERATION: _referring_generation,
@@ -239,6 +249,8 @@ _BUILDERS = {
     Task.REGION_VQA: _region_vqa,
     Task.DETECTION: _detection,
     Task.RAW: _raw,
+    Task.OCR: _fixed_prompt(OCR_TAG),
+    Task.MARKDOWN: _fixed_prompt(MARKDOWN_TAG),
 }
 
 

@@ -59,7 +59,7 @@ COMMANDS = {  # name: (where the command is, the first sentence of its docstring
     "serve": ("kosmos_serve.cli.serve:serve",
               "Run the HTTP service: POST /predict (drop-in), /v1 JSON API, /docs, /health, /ready, /metrics."),
     "tiny-model": ("kosmos_serve.cli.training:tiny_model",
-                   "Write a tiny random Kosmos-2 (for tests and trying the tools offline) to folder OUT."),
+                   "Write a tiny random Kosmos-2 or Kosmos-2.5 (for tests and trying the tools offline) to folder OUT."),
     "tiny-segmenter": ("kosmos_serve.cli.training:tiny_segmenter",
                        ("Write a tiny random Segment Anything model (for tests and trying --segmenter offline) to "
                        "folder OUT.")),

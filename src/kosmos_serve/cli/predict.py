@@ -82,22 +82,31 @@ def load_image_file(path: Path, max_pixels: int):
 
 def summary(path: Path, result) -> str:
     """A readable block: image and size, the text, then each entity with its pixel boxes, each with its score (and its
-    mask's score, when masks were made).
+    mask's score, when masks were made), and each line read (ocr) with its box.
 
     >>> from types import SimpleNamespace
     >>> from kosmos_serve.grounding import Entity
     >>> circle = Entity("a circle", (0, 8), ((0, 0, .5, .5), (.5, .5, 1, 1)), ((0, 0, 5, 5), (5, 5, 9, 9)),
     ...                 (0.912, 0.4))
-    >>> print(summary(Path("a.png"), SimpleNamespace(image_size=(10, 10), text="a circle", entities=(circle,))))
+    >>> print(summary(Path("a.png"), SimpleNamespace(image_size=(10, 10), text="a circle", entities=(circle,),
+    ...                                              lines=())))
     a.png (10x10)
       a circle
       - a circle: [0, 0, 5, 5] score 0.91  [5, 5, 9, 9] score 0.40
+    >>> from kosmos_serve.grounding import TextLine
+    >>> print(summary(Path("r.png"), SimpleNamespace(image_size=(90, 40), text="SUB TOTAL\\nTOTAL\\n", entities=(),
+    ...                                              lines=(TextLine("SUB TOTAL", (2, 3, 80, 12)),))))
+    r.png (90x40)
+      SUB TOTAL
+      TOTAL
+      - [2, 3, 80, 12] SUB TOTAL
     """
     width, height = result.image_size
-    lines = [f"{path} ({width}x{height})", f"  {result.text}"]
+    lines = [f"{path} ({width}x{height})", *(f"  {line}" for line in result.text.rstrip("\n").split("\n"))]
     for entity in result.entities:
         scores = [f" score {score:.2f}" for score in entity.scores] or [""] * len(entity.pixel_boxes)
         masks = [f" mask {score:.2f}" for score in entity.mask_scores] or [""] * len(entity.pixel_boxes)
         boxes = "  ".join(f"{list(box)}{score}{mask}" for box, score, mask in zip(entity.pixel_boxes, scores, masks))
         lines.append(f"  - {entity.phrase}: {boxes}")
+    lines.extend(f"  - {list(line.box)} {line.text}" for line in result.lines)
     return "\n".join(lines)

@@ -92,14 +92,18 @@ def train_demo_segmenter(out, threads):
 
 @click.command("tiny-model")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--family", type=click.Choice(["kosmos-2", "kosmos-2.5"]), default="kosmos-2", show_default=True,
+              help="Kosmos-2, or Kosmos-2.5 (reads documents: ocr, markdown).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def tiny_model(out, seed):
-    """Write a tiny random Kosmos-2 (for tests and trying the tools offline) to folder OUT."""
+def tiny_model(out, family, seed):
+    """Write a tiny random Kosmos-2 or Kosmos-2.5 (for tests and trying the tools offline) to folder OUT."""
     from kosmos_serve.engine.loading import quiet_transformers
+    from kosmos_serve.training.tiny_kosmos25 import build_tiny_kosmos25
     from kosmos_serve.training.tiny_model import build_tiny_model
 
     quiet_transformers()
-    click.echo(str(build_tiny_model(out, seed=seed)))
+    build = build_tiny_kosmos25 if family == "kosmos-2.5" else build_tiny_model
+    click.echo(str(build(out, seed=seed)))
 
 
 @click.command("tiny-segmenter")

@@ -60,6 +60,8 @@ TASK_FIELDS: dict[Task, TaskFields] = {
         "Your own prompt; `<grounding>` goes first while grounding is on; one box per `<phrase>…</phrase>`.",
         prompt=TextField("Prompt", "<phrase> It</phrase> is"), boxes=True, grounding=True,
     ),
+    Task.OCR: TaskFields("Kosmos-2.5 models: reads every line of text, each with its box."),
+    Task.MARKDOWN: TaskFields("Kosmos-2.5 models: reads the page as markdown."),
 }
 
 

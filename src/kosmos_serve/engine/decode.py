@@ -1,8 +1,8 @@
-"""One prefill or one decode step over Kosmos-2's text decoder, for rows that join and leave a running batch.
+"""One prefill or one decode step over the text decoder (Kosmos-2's or Kosmos-2.5's), for rows that join and leave a running batch.
 
 The rows of a `RunningBatch` share one DynamicCache, left-padded to a common width, and an attention
 mask that says which cache columns are real. Positions come from the mask (`cumsum * mask +
-padding_idx`, prefill's own formula, as `loading.PaddingAwareKosmos2TextForCausalLM` supplies them
+padding_idx`, prefill's own formula, as `families.PaddingAwareKosmos2TextForCausalLM` supplies them
 to `generate`), so a row sees exactly the positions it sees alone, whatever joined before or after it.
 Pad columns hold zeros and are masked: a masked key gets softmax weight exactly 0.
 
@@ -179,7 +179,7 @@ def _prefill(model, input_ids, image_masks, image_embeds, pad_token_id, keep: in
     device = model.device
     ids = torch.tensor([[pad_token_id] * p + row for p, row in zip(pads, input_ids)], device=device)
     mask = torch.tensor([[0] * p + [1] * len(row) for p, row in zip(pads, input_ids)], device=device)
-    image_mask = torch.tensor([[0] * p + row for p, row in zip(pads, image_masks)], dtype=torch.bool, device=device)
+    image_mask = torch.tensor([[0] * p + row for p, row in zip(pads, image_masks)], device=device)  # Kosmos-2.5's: -1 too
     text_model = model.text_model
     output = text_model(
         input_ids=ids, attention_mask=mask, image_embeds=image_embeds, image_embeds_position_mask=image_mask,

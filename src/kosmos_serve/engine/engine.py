@@ -1,4 +1,5 @@
-"""The engine: a loaded Kosmos-2 that validates requests, computes image features and runs batches of prompts."""
+"""The engine: a loaded Kosmos-2 or Kosmos-2.5 that validates requests, computes image features and runs batches of
+prompts (what differs between the two is their family's: `families.py`)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine.decode import Continuations, RunningBatch, prefill, read_continuations
-from kosmos_serve.engine.features import ImageFeatureCache, image_features
+from kosmos_serve.engine.features import ImageFeatureCache
 from kosmos_serve.engine.loading import load_model, quiet_transformers, resolve_source, set_threads
 from kosmos_serve.engine.requests import PreparedRequest, PromptReader, Request, Row, check_task, tokenise
 from kosmos_serve.engine.results import Result
 from kosmos_serve.engine.scheduler import Scheduler
-from kosmos_serve.engine.scoring import GroundingVocabulary, PhrasePriors, TokenEvidence, evidence_from, score_output
+from kosmos_serve.engine.scoring import PhrasePriors, TokenEvidence, evidence_from, score_output
 from kosmos_serve.engine.segmentation import Segmenter
 from kosmos_serve.engine.streaming import TextStream
 from kosmos_serve.errors import InvalidRequestError
@@ -30,26 +31,27 @@ from kosmos_serve.generation import (
     read_model_defaults,
     resolve_defaults,
 )
-from kosmos_serve.grounding import GroundedText, parse_generation
+from kosmos_serve.grounding import GroundedText
 from kosmos_serve.images import image_digest
-from kosmos_serve.tasks import Task, TaskInput, parse_task
+from kosmos_serve.tasks import PromptSpec, Task, TaskInput, parse_task
 
 
 class Engine:
-    """A loaded Kosmos-2 that runs batches of grounded requests."""
+    """A loaded Kosmos-2 (or Kosmos-2.5) that runs batches of requests."""
 
     def __init__(self, settings: EngineSettings | None = None):
         self.settings = settings or EngineSettings()
-        self.model, self.processor = load_model(self.settings)
+        self.model, self.processor, self.family = load_model(self.settings)
         operator = ModelDefaults(max_new_tokens=self.settings.max_new_tokens,
                                  no_repeat_ngram_size=self.settings.no_repeat_ngram_size,
                                  min_score=self.settings.min_score, nms_iou=self.settings.nms_iou)
-        self.defaults = resolve_defaults(operator, read_model_defaults(resolve_source(self.settings.model)))
+        self.defaults = resolve_defaults(operator, read_model_defaults(resolve_source(self.settings.model)),
+                                         self.family.defaults)
         self.device = self.model.device
         self.dtype = self.model.dtype
         self.cache = ImageFeatureCache(self.settings.image_cache_size)
         self.pad_token_id = self.processor.tokenizer.pad_token_id
-        self.vocabulary = GroundingVocabulary(self.processor.tokenizer, self.processor.num_patch_index_tokens)
+        self.vocabulary = self.family.vocabulary(self.processor)
         self.phrase_priors = PhrasePriors(self._blank_image_log_probs)
         self.segmenter = Segmenter(self.settings, self.device, self.dtype) if self.settings.segmenter else None
 
@@ -60,8 +62,8 @@ class Engine:
 
     def predict(self, image: Image.Image, task: TaskInput | None = None,
                 params: GenerationParams | None = None) -> Result:
-        """Run one request."""
-        return self.run([Request(image, task or TaskInput(), params or GenerationParams())])[0]
+        """Run one request (by default, the model's default task: its family's first)."""
+        return self.run([Request(image, task or TaskInput(self.family.tasks[0]), params or GenerationParams())])[0]
 
     def run(self, requests: Sequence[Request | PreparedRequest]) -> list[Result]:
         """Run many requests together; each result equals that request run alone (greedy and seeded sampling).
@@ -86,7 +88,12 @@ class Engine:
     # the steps a scheduler takes
 
     def prepare(self, request: Request) -> PreparedRequest:
-        """Validate `request` against this engine's limits (the one check it meets); defaults filled in."""
+        """Validate `request` against this engine's model and limits (the one check it meets); defaults filled in."""
+        task = parse_task(request.task.task)
+        if task not in self.family.tasks:
+            raise InvalidRequestError(f"Task {task.value!r} is not one of this model's: {self.settings.model!r} is a "
+                                      f"{self.family.name} model, whose tasks are "
+                                      f"{', '.join(task.value for task in self.family.tasks)}.", "task")
         prompts = check_task(request.task, request.params, self.settings, request.image.size)
         if request.params.masks and self.segmenter is None:
             raise InvalidRequestError("Masks need a segmenter, and none is loaded: start kosmos-serve with "
@@ -111,14 +118,14 @@ class Engine:
         key = image_digest(prepared.request.image)
         rows = []
         for spec in prepared.prompts:
-            input_ids, image_mask = tokenise(self.processor, spec.text, list(spec.bboxes) if spec.bboxes else None)
+            input_ids, image_mask = self.family.tokenise(self.processor, spec)
             rows.append(Row(spec, key, input_ids, image_mask))
         return rows
 
     @functools.cached_property
     def prompt_reader(self) -> PromptReader:
         """Token counts and decoded text of prompts, for callers outside the engine thread."""
-        return PromptReader(self.processor)
+        return PromptReader(self.processor, self.family.tokenise)
 
     def with_defaults(self, params: GenerationParams) -> GenerationParams:
         """`params` with each field left to the default (None) filled in from `self.defaults`."""
@@ -159,9 +166,8 @@ class Engine:
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Image features as `generate` computes them: vision -> post-layernorm -> L2 norm -> resampler."""
-        pixel_values = self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
-        return image_features(self.model, pixel_values.to(self.device, self.dtype))
+        """Image features as `generate` computes them (images, image tokens, width)."""
+        return self.family.encode_images(self.model, self.processor, images)
 
     @torch.inference_mode()
     def generate_rows(self, rows: list[Row], features: dict[str, torch.Tensor], params: GenerationParams,
@@ -171,7 +177,7 @@ class Engine:
         pads = [width - len(row.input_ids) for row in rows]
         input_ids = torch.tensor([[self.pad_token_id] * p + row.input_ids for p, row in zip(pads, rows)])
         attention_mask = torch.tensor([[0] * p + [1] * len(row.input_ids) for p, row in zip(pads, rows)])
-        image_mask = torch.tensor([[0] * p + row.image_mask for p, row in zip(pads, rows)], dtype=torch.bool)
+        image_mask = torch.tensor([[0] * p + row.image_mask for p, row in zip(pads, rows)])
         image_embeds = torch.cat([features[row.image_key] for row in rows])
         stopping = StoppingCriteriaList([_StopWhen(should_stop)]) if should_stop is not None else None
         began = time.perf_counter()
@@ -193,10 +199,13 @@ class Engine:
         for row, text, tokens in zip(rows, decoded, new_tokens):
             generated = [int(token) for token in tokens if token != self.pad_token_id]
             evidence = self._rescore(row, row.input_ids + generated, features[row.image_key])
-            row.output = self.score(parse_generation(text, row.spec.text, *image_size), row,
-                                    row.input_ids + generated, evidence)
+            row.output = self.score(self.parse(text, row.spec, image_size), row, row.input_ids + generated, evidence)
             row.generated_tokens = len(generated)
             row.generation_seconds = elapsed
+
+    def parse(self, decoded_text: str, spec: PromptSpec, image_size: tuple[int, int]) -> GroundedText:
+        """A row's generation (its whole sequence, decoded) parsed as its family's reference code reads it."""
+        return self.family.parse(decoded_text, spec, image_size)
 
     def with_masks(self, result: Result, image: Image.Image, key: str) -> Result:
         """`result` with a mask and a mask score for each box, from the segmenter (`key`: the image's digest)."""

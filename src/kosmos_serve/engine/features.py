@@ -1,4 +1,4 @@
-"""Image features: what `generate` computes from pixels, and a bounded LRU of them keyed by image content."""
+"""Image features: what `generate` computes from an image's pixels, and a bounded LRU of them keyed by image content."""
 
 from __future__ import annotations
 
@@ -53,6 +53,13 @@ class ImageFeatureCache:
 
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """What `generate` computes from pixels: vision encoder -> post-layernorm -> L2 norm -> resampler."""
+    """What Kosmos-2's `generate` computes from pixels: vision encoder -> post-layernorm -> L2 norm -> resampler."""
     hidden = model.vision_model.model.post_layernorm(model.vision_model(pixel_values)[0])
+    return model.image_to_text_projection(torch.nn.functional.normalize(hidden, dim=-1))[0]
+
+
+def flattened_patch_features(model, flattened_patches: torch.Tensor) -> torch.Tensor:
+    """What Kosmos-2.5's `generate` computes from an image's patches: vision encoder (padding patches, all zeros,
+    masked) -> L2 norm -> projection onto the image tokens."""
+    hidden = model.vision_model(flattened_patches=flattened_patches).last_hidden_state
     return model.image_to_text_projection(torch.nn.functional.normalize(hidden, dim=-1))[0]

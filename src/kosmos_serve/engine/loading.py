@@ -1,7 +1,7 @@
-"""Load a Kosmos-2 checkpoint (hub id or local folder) on the right device, in the right dtype.
+"""Load a Kosmos-2 or Kosmos-2.5 checkpoint (hub id or local folder) on the right device, in the right dtype.
 
-Also installs the one change our batching needs in transformers' Kosmos-2: decode-time positions
-computed from the attention mask, so left-padded rows see the same positions as when run alone.
+The family is read from the checkpoint's config (`model_type`); the family readies the model for our
+batching (`engine/families.py`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import transformers
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-from transformers import AutoProcessor, Kosmos2ForConditionalGeneration, Kosmos2Processor
-from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextForCausalLM
+from transformers import AutoConfig, AutoProcessor
 
 from kosmos_serve.config import EngineSettings
+from kosmos_serve.engine.families import Family, family_of
 from kosmos_serve.engine.kernels import (
     Int4WeightOnlyLinear,
     RowwiseInt8MatmulLinear,
@@ -36,26 +36,6 @@ DEMO_MODEL_NAME = "demo"  # the small model shipped in the package (kosmos_serve
 DEMO_MODEL_DIR = Path(__file__).parents[1] / "models" / "demo"
 DEMO_SEGMENTER_DIR = Path(__file__).parents[1] / "models" / "demo-segmenter"  # `--segmenter demo`
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class PaddingAwareKosmos2TextForCausalLM(Kosmos2TextForCausalLM):
-    """Kosmos-2's text decoder with positions that skip left padding at every step.
-
-    Upstream (transformers 5.23) drops `position_ids` in `prepare_inputs_for_generation` and, while
-    decoding, derives positions from the cache length, which counts left pads; prefill positions
-    skip them. A padded row therefore sees shifted positions after its first token. Positions
-    from the attention mask (`cumsum * mask + padding_idx`, exactly prefill's formula) agree with
-    upstream for unpadded rows and are right for padded ones.
-    """
-
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        """Upstream's inputs plus position ids that ignore left padding."""
-        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
-        if attention_mask is not None:
-            mask = attention_mask.long()
-            positions = mask.cumsum(dim=-1) * mask + self.config.pad_token_id
-            inputs["position_ids"] = positions[:, -inputs["input_ids"].shape[1] :]
-        return inputs
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -86,33 +66,32 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float16
 
 
-def load_model(settings: EngineSettings) -> tuple[Kosmos2ForConditionalGeneration, Kosmos2Processor]:
-    """Load model and processor from `settings.model`, ready for generation."""
+def load_model(settings: EngineSettings) -> tuple[torch.nn.Module, object, Family]:
+    """Load model and processor from `settings.model`, ready for generation, and the family they belong to."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     formats = weight_formats(settings, device, dtype)
     source = resolve_source(settings.model)
+    incomplete = (f"{settings.model!r} holds no complete Kosmos-2 checkpoint (nor Kosmos-2.5: config.json, weights "
+                  "and processor files as written by save_pretrained).")
     try:
+        family = family_of(AutoConfig.from_pretrained(source).model_type, settings.model)
         processor = AutoProcessor.from_pretrained(source)
-        model = Kosmos2ForConditionalGeneration.from_pretrained(
-            source, dtype=dtype, attn_implementation=settings.attention
-        )
+        model = family.model_class.from_pretrained(source, dtype=dtype, attn_implementation=settings.attention)
     except (OSError, ValueError) as error:
-        raise ModelLoadError(
-            f"{settings.model!r} holds no complete Kosmos-2 checkpoint (config.json, weights and processor "
-            "files as written by save_pretrained)."
-        ) from error
-    if not isinstance(processor, Kosmos2Processor):
-        raise ModelLoadError(f"{source!r} is not a Kosmos-2 checkpoint (its processor is {type(processor).__name__}).")
-    model.text_model.__class__ = PaddingAwareKosmos2TextForCausalLM
+        raise ModelLoadError(incomplete) from error
+    if not isinstance(processor, family.processor_class):
+        raise ModelLoadError(f"{source!r} is not a {family.name} checkpoint (its processor is "
+                             f"{type(processor).__name__}).")
+    family.prepare(model)
     model.to(device).eval()
     if any(part_format.startswith(("int8", "int4")) for part_format in formats.values()):
         quantize_parts(model, formats, settings.int4_group_size)
         gc.collect()  # the replaced float32 layers sit in reference cycles: free them, and the checkpoint mapping
     model.weight_formats = formats
-    logger.info("Loaded %s on %s as %s (%s attention, quantize=%s: vision %s, text %s)", source, device, dtype,
-                settings.attention, settings.quantize, formats["vision"], formats["text"])
-    return model, processor
+    logger.info("Loaded %s (%s) on %s as %s (%s attention, quantize=%s: vision %s, text %s)", source, family.name,
+                device, dtype, settings.attention, settings.quantize, formats["vision"], formats["text"])
+    return model, processor, family
 
 
 # Weight formats of a part of the model (vision: encoder and resampler; text: the decoder, whose prefill
@@ -167,7 +146,7 @@ def weight_formats(settings: EngineSettings, device: torch.device, dtype: torch.
     return {"vision": loaded, "text": loaded}
 
 
-def quantize_parts(model: Kosmos2ForConditionalGeneration, formats: dict[str, str], int4_group_size: int) -> None:
+def quantize_parts(model: torch.nn.Module, formats: dict[str, str], int4_group_size: int) -> None:
     """Convert each part's linear layers to its format in `formats`, in place.
 
     The parameters that stay float32 (embeddings, norms, biases) are first copied out of the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -16,13 +17,13 @@ from kosmos_serve.tasks import PromptSpec, TaskInput, build_prompts
 
 # Token ids do not depend on pixels: tokenising against this placeholder runs the processor's own
 # text path (tags, location tokens, image slots) without preprocessing the real image per prompt.
-_TOKENISATION_PLACEHOLDER = Image.new("RGB", (1, 1))
+TOKENISATION_PLACEHOLDER = Image.new("RGB", (1, 1))
 PROMPT_CACHE_SIZE = 1024  # prompts whose token counts PromptReader keeps
 
 
 def tokenise(processor, text: str, bboxes=None) -> tuple[list[int], list[int]]:
     """Token ids and image-position mask of a prompt, exactly as the processor makes them with an image."""
-    encoded = processor(text=text, images=_TOKENISATION_PLACEHOLDER, bboxes=bboxes)
+    encoded = processor(text=text, images=TOKENISATION_PLACEHOLDER, bboxes=bboxes)
     return encoded["input_ids"], encoded["image_embeds_position_mask"]
 
 
@@ -76,21 +77,22 @@ class PromptReader:
     """Counts a prompt's tokens and decodes them back, on a private copy of the processor.
 
     The copy keeps these calls (made from the HTTP side) off the processor the engine thread is using;
-    results are cached by prompt.
+    results are cached by prompt. `tokenise_prompt` is the model family's: (processor, prompt) -> (ids, image mask).
     """
 
-    def __init__(self, processor):
+    def __init__(self, processor, tokenise_prompt: Callable[[object, PromptSpec], tuple[list[int], list[int]]]):
         self._processor = copy.deepcopy(processor)
+        self._tokenise = tokenise_prompt
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[int, str]] = {}
 
     def read(self, prompt: str) -> tuple[int, str]:
-        """(tokens the model reads: <s>, <image>, the 64 image positions, </image> and the text; the text decoded)."""
+        """(tokens the model reads: <s>, <image>, the image positions, </image> and the text; the text decoded)."""
         with self._lock:
             if prompt not in self._cache:
                 if len(self._cache) >= PROMPT_CACHE_SIZE:
                     self._cache.clear()
-                ids, _ = tokenise(self._processor, prompt)
+                ids, _ = self._tokenise(self._processor, PromptSpec(prompt))
                 decoded = self._processor.batch_decode([ids], skip_special_tokens=True)[0]
                 self._cache[prompt] = (len(ids), decoded.split("</image>")[-1])
             return self._cache[prompt]

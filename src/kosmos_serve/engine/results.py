@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from kosmos_serve.engine.requests import PreparedRequest, Row
-from kosmos_serve.grounding import Entity, GroundedText, render_markdown, suppress_overlaps
+from kosmos_serve.grounding import Entity, GroundedText, TextLine, render_markdown, suppress_overlaps
 from kosmos_serve.tasks import Task, parse_task
 
 
@@ -29,7 +29,8 @@ class Timings:
 
 @dataclass(frozen=True)
 class Result:
-    """A grounded answer: reference text and entities, pixel boxes, markdown, sizes and timings."""
+    """A grounded answer: reference text and entities, pixel boxes, markdown, sizes and timings; for `ocr`, the lines
+    read, each with its box."""
 
     task: Task
     prompt: str
@@ -42,10 +43,11 @@ class Result:
     generated_tokens: int
     image_cached: bool
     timings: Timings
+    lines: tuple[TextLine, ...] = ()
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict: entities as objects with normalised and pixel boxes."""
-        return {
+        """A JSON-ready dict: entities as objects with normalised and pixel boxes; for `ocr`, the lines."""
+        answer = {
             "task": self.task.value,
             "prompt": self.prompt,
             "text": self.text,
@@ -58,6 +60,9 @@ class Result:
             "image_cached": self.image_cached,
             "timings": self.timings.to_dict(),
         }
+        if self.task is Task.OCR:
+            answer["lines"] = [line_dict(line) for line in self.lines]
+        return answer
 
 
 def entity_dict(entity: Entity) -> dict:
@@ -68,6 +73,15 @@ def entity_dict(entity: Entity) -> dict:
         answer["masks"] = [mask.to_dict() for mask in entity.masks]
         answer["mask_scores"] = list(entity.mask_scores)
     return answer
+
+
+def line_dict(line: TextLine) -> dict:
+    """A line as JSON: its text, its four corners and its box, in pixels.
+
+    >>> line_dict(TextLine("Total 50,000", (24, 872, 827, 921)))
+    {'text': 'Total 50,000', 'corners': [[24, 872], [827, 872], [827, 921], [24, 921]], 'box': [24, 872, 827, 921]}
+    """
+    return {"text": line.text, "corners": [list(corner) for corner in line.corners], "box": list(line.box)}
 
 
 def combine_detections(rows: list[Row]) -> GroundedText:
@@ -129,4 +143,5 @@ def build_result(prepared: PreparedRequest, rows: list[Row], vision_seconds: dic
         generated_tokens=sum(row.generated_tokens for row in rows),
         image_cached=key in cached_keys,
         timings=timings,
+        lines=output.lines,
     )

@@ -36,7 +36,6 @@ from kosmos_serve.engine.results import Result, build_result
 from kosmos_serve.engine.scoring import TokenEvidence, evidence_from_choices
 from kosmos_serve.engine.streaming import StreamPiece
 from kosmos_serve.generation import GenerationParams, generation_kwargs
-from kosmos_serve.grounding import parse_generation
 
 if TYPE_CHECKING:  # the engine builds schedulers over itself
     from kosmos_serve.engine.engine import Engine
@@ -308,7 +307,7 @@ class Scheduler:
             ticket.on_tokens(StreamPiece(prompt_done=True))
         image = ticket.request.image
         text = self.engine.decode(sequence.ids)
-        row.output = self.engine.score(parse_generation(text, row.spec.text, *image.size), row, sequence.ids,
+        row.output = self.engine.score(self.engine.parse(text, row.spec, image.size), row, sequence.ids,
                                        sequence.evidence)
         row.generated_tokens = sequence.new_tokens
         row.generation_seconds = seconds
@@ -326,7 +325,7 @@ class Scheduler:
         """A request whose caller left: its prompts not yet started end with no new tokens, never run."""
         for row in ticket.rows[ticket.started_rows :]:
             text = self.engine.decode(row.input_ids)
-            output = parse_generation(text, row.spec.text, *ticket.request.image.size)
+            output = self.engine.parse(text, row.spec, ticket.request.image.size)
             row.output = self.engine.score(output, row, row.input_ids, TokenEvidence())
             ticket.started_rows += 1
             ticket.finished_rows += 1

@@ -6,15 +6,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from kosmos_serve.server.common import service_state
-from kosmos_serve.tasks import TASK_DESCRIPTIONS, TASK_INPUTS
+from kosmos_serve.tasks import TASK_DESCRIPTIONS, TASK_INPUTS, Task
 
 router = APIRouter()
 
 
-@router.get("/v1/tasks", tags=["v1"], summary="The tasks and the inputs each needs.")
-async def tasks():
-    return {"tasks": [{"name": task.value, "description": text, "inputs": list(TASK_INPUTS[task])}
-                      for task, text in TASK_DESCRIPTIONS.items()]}
+@router.get("/v1/tasks", tags=["v1"], summary="The tasks of the model served and the inputs each needs.")
+async def tasks(request: Request):
+    return {"tasks": [{"name": task.value, "description": TASK_DESCRIPTIONS[task], "inputs": list(TASK_INPUTS[task])}
+                      for task in _tasks(service_state(request))]}
 
 
 @router.get("/health", tags=["operations"], summary="Liveness: the process answers.")
@@ -34,6 +34,7 @@ async def info(request: Request):
     engine, limits = state.engine, state.engine_settings
     return {
         "model": limits.model,
+        "family": engine.family.name if engine else None,  # Kosmos-2 or Kosmos-2.5: its tasks are `tasks`
         "device": str(engine.device) if engine else None,
         "dtype": str(engine.dtype).removeprefix("torch.") if engine else None,
         "quantize": limits.quantize,
@@ -58,8 +59,13 @@ async def info(request: Request):
             "min_score": state.default_min_score,  # detection's, Label Studio's and Supervisely's threshold
             "nms_iou": state.default_nms_iou,  # and their suppression across phrases
         },
-        "tasks": [task.value for task in TASK_DESCRIPTIONS],
+        "tasks": [task.value for task in _tasks(state)],
     }
+
+
+def _tasks(state) -> tuple[Task, ...]:
+    """The tasks of the model loaded; before it is, every task of every family."""
+    return state.engine.family.tasks if state.engine else tuple(TASK_DESCRIPTIONS)
 
 
 def _segmenter(state) -> dict | None:

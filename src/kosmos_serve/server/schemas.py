@@ -123,6 +123,13 @@ class EntityOut(BaseModel):
                                                               "each mask (its own quality score).")
 
 
+class LineOut(BaseModel):
+    text: str = Field(description="The line's text.")
+    corners: list[tuple[int, int]] = Field(description="Its box's four corners, clockwise from the top left, in the "
+                                                       "image's own pixels (as Kosmos-2.5's model doc lists them).")
+    box: tuple[int, int, int, int] = Field(description="Its box, x1, y1, x2, y2 in the image's own pixels.")
+
+
 class GenerateResponse(BaseModel):
     task: Task
     prompt: str
@@ -130,7 +137,9 @@ class GenerateResponse(BaseModel):
     answer: str = Field(description="The generated words without the prompt's.")
     raw_text: str = Field(description="Generated text with its grounding tags.")
     entities: list[EntityOut]
-    markdown: str = Field(description="`text` with each grounded span as [span](#box=x1,y1,x2,y2).")
+    markdown: str = Field(description="`text` with each grounded span as [span](#box=x1,y1,x2,y2); task ocr: each line "
+                                      "so; task markdown: the page as the model wrote it.")
+    lines: list[LineOut] | None = Field(None, description="Task ocr (Kosmos-2.5): every line read, with its box.")
     image_size: tuple[int, int]
     generated_tokens: int
     image_cached: bool = Field(description="The image's features came from the cache (vision encoder skipped).")

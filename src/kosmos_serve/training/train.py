@@ -24,6 +24,7 @@ from transformers import Kosmos2ForConditionalGeneration, Kosmos2Processor, get_
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine import tokenise
 from kosmos_serve.engine.loading import load_model
+from kosmos_serve.errors import ModelLoadError
 from kosmos_serve.images import load_image
 from kosmos_serve.training.config import TrainConfig
 from kosmos_serve.training.patch_supervision import PatchSupervision, box_attention_loss
@@ -50,7 +51,10 @@ def load_for_training(model: str, seed: int) -> tuple[Kosmos2ForConditionalGener
     """A model to train: `scratch` builds a fresh small one, anything else loads like `--model` (float32)."""
     if model == "scratch":
         return build_scratch_model(seed)
-    return load_model(EngineSettings(model=model, dtype="float32"))
+    loaded, processor, family = load_model(EngineSettings(model=model, dtype="float32"))
+    if family.processor_class is not Kosmos2Processor:
+        raise ModelLoadError(f"Training takes a Kosmos-2 model; {model!r} is a {family.name} model.")
+    return loaded, processor
 
 
 def encode_example(processor: Kosmos2Processor, example: Example) -> tuple[list[int], list[int], list[int]]:

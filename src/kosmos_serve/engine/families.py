@@ -1,0 +1,141 @@
+"""The model families the engine serves, Kosmos-2 and Kosmos-2.5: what differs between them, in one place.
+
+A family names the classes that load its checkpoints, the tasks it runs and its built-in defaults, and
+says how a prompt becomes token ids, how images become the features its text decoder reads, and how a
+generation is parsed. Everything else (the scheduler, prefill and decode, the feature cache) is shared:
+both text decoders read `image_embeds` at the positions `image_embeds_position_mask` marks, with
+sinusoidal positions counted from the pad id, and decode the same way.
+
+The two differ in their vision side: Kosmos-2 squashes an image to 224 x 224 pixels (`pixel_values`);
+Kosmos-2.5 cuts it into up to 4096 patches of 16 x 16 at its own aspect ratio (`flattened_patches`,
+padded to 4096 with zeros, which its encoder masks), and its projection makes a fixed number of image
+tokens of them either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from transformers import (
+    Kosmos2_5ForConditionalGeneration,
+    Kosmos2_5Processor,
+    Kosmos2ForConditionalGeneration,
+    Kosmos2Processor,
+)
+from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextForCausalLM
+
+from kosmos_serve.engine.features import flattened_patch_features, image_features
+from kosmos_serve.engine.requests import TOKENISATION_PLACEHOLDER, tokenise
+from kosmos_serve.engine.scoring import GroundingVocabulary, NoGroundingVocabulary
+from kosmos_serve.errors import ModelLoadError
+from kosmos_serve.generation import ModelDefaults
+from kosmos_serve.grounding import GroundedText, parse_generation
+from kosmos_serve.ocr import parse_reading
+from kosmos_serve.tasks import PromptSpec, Task
+
+
+class PaddingAwareKosmos2TextForCausalLM(Kosmos2TextForCausalLM):
+    """Kosmos-2's text decoder with positions that skip left padding at every step.
+
+    Upstream (transformers 5.23) drops `position_ids` in `prepare_inputs_for_generation` and, while
+    decoding, derives positions from the cache length, which counts left pads; prefill positions
+    skip them. A padded row therefore sees shifted positions after its first token. Positions
+    from the attention mask (`cumsum * mask + padding_idx`, exactly prefill's formula) agree with
+    upstream for unpadded rows and are right for padded ones.
+    """
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        """Upstream's inputs plus position ids that ignore left padding."""
+        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+        if attention_mask is not None:
+            mask = attention_mask.long()
+            positions = mask.cumsum(dim=-1) * mask + self.config.pad_token_id
+            inputs["position_ids"] = positions[:, -inputs["input_ids"].shape[1] :]
+        return inputs
+
+
+class Kosmos2Family:
+    """Kosmos-2: grounded captions, phrases and questions on a 224-pixel image; boxes as patch-index tokens."""
+
+    model_type = "kosmos-2"
+    name = "Kosmos-2"
+    model_class = Kosmos2ForConditionalGeneration
+    processor_class = Kosmos2Processor
+    # the tasks it runs, the first the default
+    tasks = (Task.CAPTION, Task.DETAILED_CAPTION, Task.PHRASE_GROUNDING, Task.REFERRING_COMPREHENSION,
+             Task.REFERRING_GENERATION, Task.GROUNDED_VQA, Task.REGION_VQA, Task.DETECTION, Task.RAW)
+    defaults = ModelDefaults()  # generation's built-in defaults are Kosmos-2's (the original demo's)
+
+    def prepare(self, model: Kosmos2ForConditionalGeneration) -> None:
+        """Ready a loaded model for batched generation: its text decoder's positions skip left padding."""
+        model.text_model.__class__ = PaddingAwareKosmos2TextForCausalLM
+
+    def vocabulary(self, processor: Kosmos2Processor) -> GroundingVocabulary:
+        """The grounding tags and location tokens that scoring reads."""
+        return GroundingVocabulary(processor.tokenizer, processor.num_patch_index_tokens)
+
+    def tokenise(self, processor: Kosmos2Processor, spec: PromptSpec) -> tuple[list[int], list[int]]:
+        """Token ids and image-position mask of a prompt and its boxes, exactly as the processor makes them."""
+        return tokenise(processor, spec.text, list(spec.bboxes) if spec.bboxes else None)
+
+    def encode_images(self, model, processor: Kosmos2Processor, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Image features as `generate` computes them, for a batch of images (images, image tokens, width)."""
+        pixel_values = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+        return image_features(model, pixel_values.to(model.device, model.dtype))
+
+    def parse(self, decoded_text: str, spec: PromptSpec, image_size: tuple[int, int]) -> GroundedText:
+        """A generation (the whole sequence decoded) as `post_process_generation` reads it, boxes in pixels too."""
+        return parse_generation(decoded_text, spec.text, *image_size)
+
+
+class Kosmos25Family:
+    """Kosmos-2.5: reads text-rich images, every line with its box (`<ocr>`) or the page as markdown (`<md>`)."""
+
+    model_type = "kosmos-2.5"
+    name = "Kosmos-2.5"
+    model_class = Kosmos2_5ForConditionalGeneration
+    processor_class = Kosmos2_5Processor
+    tasks = (Task.OCR, Task.MARKDOWN)  # the first the default
+    # A page is long (the model doc's examples generate up to 1024 tokens), and repeated n-grams are what a page is
+    # made of (`<bbox><x_...`): the doc decodes without forbidding them.
+    defaults = ModelDefaults(max_new_tokens=1024, no_repeat_ngram_size=0)
+
+    def prepare(self, model: Kosmos2_5ForConditionalGeneration) -> None:
+        """Nothing to change: Kosmos-2.5's requests are one prompt each, never left-padded in `generate`."""
+
+    def vocabulary(self, processor: Kosmos2_5Processor) -> NoGroundingVocabulary:
+        """No grounding tags: scoring reads nothing (Kosmos-2.5's lines are not scored yet)."""
+        return NoGroundingVocabulary()
+
+    def tokenise(self, processor: Kosmos2_5Processor, spec: PromptSpec) -> tuple[list[int], list[int]]:
+        """Token ids and image-position mask (-1 on `<image>` and `</image>`, 1 on the image tokens) of a prompt,
+        exactly as the processor makes them (its image cut into one patch: the ids do not depend on it)."""
+        encoded = processor(text=spec.text, images=TOKENISATION_PLACEHOLDER, max_patches=1)
+        return encoded["input_ids"][0].tolist(), encoded["image_embeds_position_mask"][0].tolist()
+
+    def encode_images(self, model, processor: Kosmos2_5Processor, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Image features as `generate` computes them, one page at a time (its attention over 4096 patches is the
+        largest tensor the engine makes)."""
+        features = []
+        for image in images:
+            patches = processor(text="", images=image)["flattened_patches"]
+            features.append(flattened_patch_features(model, patches.to(model.device, model.dtype)))
+        return torch.cat(features)
+
+    def parse(self, decoded_text: str, spec: PromptSpec, image_size: tuple[int, int]) -> GroundedText:
+        """A reading (the whole sequence decoded) as the model doc post-processes it, boxes in pixels of the image."""
+        return parse_reading(decoded_text, spec.text, *image_size)
+
+
+Family = Kosmos2Family | Kosmos25Family
+FAMILIES: dict[str, Family] = {family.model_type: family for family in (Kosmos2Family(), Kosmos25Family())}
+
+
+def family_of(model_type: str, model: str) -> Family:
+    """The family of a checkpoint whose config says `model_type` (`model`: how the user named it), else an error."""
+    if model_type not in FAMILIES:
+        raise ModelLoadError(f"--model {model!r} is a {model_type!r} model; kosmos-serve serves "
+                             f"{' and '.join(FAMILIES)} models.")
+    return FAMILIES[model_type]

@@ -1,9 +1,10 @@
 """Where the benchmark prompts run: the engine in this process, or a kosmos-serve service over HTTP.
 
 Both send each example's task as it gives it (`Example.task_input()`: the grounding benchmarks' prompts exactly as
-written, task `raw` with `grounding: false`; the detection benchmark's phrases, task `detection`) and hand back the
-raw generation and the entities transformers' `post_process_generation` finds in it, with their normalised boxes
-and, where the parameters set `min_score`, each box's score. Images are read as their
+written, task `raw` with `grounding: false`; the detection benchmark's phrases, task `detection`; the ocr benchmark's
+task `ocr`) and hand back the raw generation and the entities transformers' `post_process_generation` finds in it,
+with their normalised boxes and, where the parameters set `min_score`, each box's score; for `ocr`, the lines read,
+each with its box in pixels. Images are read as their
 pixels are stored, without applying an EXIF rotation: COCO's and Flickr30k's boxes are drawn on the stored pixels
 (the service is sent a PNG of those pixels when a file carries a rotation, its bytes as they are otherwise).
 """
@@ -29,6 +30,7 @@ from kosmos_serve.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_count, dec
 from kosmos_serve.tasks import Task, TaskInput
 
 NormalisedBox = tuple[float, float, float, float]
+PixelBox = tuple[int, int, int, int]
 IMAGES_KEPT = 16  # decoded images kept: Flickr30k asks five captions' phrases of one image in a row
 SERVICE_CONCURRENCY = 8  # requests in flight at once: the service batches them
 BUSY_RETRIES = 30
@@ -49,6 +51,7 @@ class Generation:
     entities: tuple[tuple[str, tuple[NormalisedBox, ...]], ...]
     image_size: tuple[int, int]
     scores: tuple[tuple[float, ...], ...] = ()  # one tuple per entity, one score per box (asked with min_score)
+    lines: tuple[tuple[str, PixelBox], ...] = ()  # task ocr: each line's text and box (pixels), in the order read
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class LocalBackend:
     def __init__(self, engine: Engine, params: GenerationParams):
         self.engine, self.params = engine, params
         self.model = engine.settings.model
+        self.family, self.tasks = engine.family.name, tuple(task.value for task in engine.family.tasks)
         self.images = ImageStore(lambda path: load_stored_pixels(path, engine.settings.max_image_pixels))
 
     def generate(self, examples: Sequence) -> list[Generation | Skipped]:
@@ -118,7 +122,8 @@ class LocalBackend:
         for position, result in zip(positions, self.engine.run(requests) if requests else []):
             entities = tuple((e.phrase, tuple(e.boxes)) for e in result.entities)
             scores = tuple(tuple(e.scores) for e in result.entities) if self.params.min_score is not None else ()
-            outcomes[position] = Generation(result.raw_text, entities, tuple(result.image_size), scores)
+            lines = tuple((line.text, line.box) for line in result.lines)
+            outcomes[position] = Generation(result.raw_text, entities, tuple(result.image_size), scores, lines)
         return outcomes
 
     def close(self) -> None:
@@ -135,6 +140,7 @@ class ServiceBackend:
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         info = self._call("GET", "/info")
         self.model = info.json().get("model", self.url)
+        self.family, self.tasks = info.json().get("family"), info.json().get("tasks")  # None from older services
         self.images = ImageStore(self._payload)
 
     def _call(self, method: str, route: str, **kwargs):
@@ -183,7 +189,8 @@ class ServiceBackend:
         answer = response.json()
         entities = tuple((e["phrase"], tuple(tuple(b) for b in e["boxes"])) for e in answer["entities"])
         scores = () if self.params.min_score is None else tuple(tuple(e.get("scores", ())) for e in answer["entities"])
-        return Generation(answer["raw_text"], entities, tuple(answer["image_size"]), scores)
+        lines = tuple((line["text"], tuple(line["box"])) for line in answer.get("lines") or ())
+        return Generation(answer["raw_text"], entities, tuple(answer["image_size"]), scores, lines)
 
     def close(self) -> None:
         """Close the HTTP connections."""
@@ -191,13 +198,16 @@ class ServiceBackend:
 
 
 def task_body(task: TaskInput) -> dict:
-    """The fields of a `/v1/generate` body that say what to do: a raw prompt as written, or a detection's phrases.
+    """The fields of a `/v1/generate` body that say what to do: a raw prompt as written, a detection's phrases, or
+    task ocr.
 
-    >>> task_body(TaskInput(Task.DETECTION, phrases=("the red circle",)))
-    {'task': 'detection', 'phrases': ['the red circle']}
+    >>> task_body(TaskInput(Task.DETECTION, phrases=("the red circle",))), task_body(TaskInput(Task.OCR))
+    ({'task': 'detection', 'phrases': ['the red circle']}, {'task': 'ocr'})
     """
     if task.task == Task.DETECTION:
         return {"task": "detection", "phrases": list(task.phrases)}
+    if task.task == Task.OCR:
+        return {"task": "ocr"}
     return {"task": "raw", "prompt": task.prompt, "grounding": task.grounding}
 
 

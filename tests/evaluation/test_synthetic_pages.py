@@ -28,7 +28,8 @@ def pages(tmp_path_factory):
 
 def test_same_seed_writes_identical_bytes_in_another_process_and_another_seed_differs(tmp_path):
     first = write_pages_dataset(tmp_path / "a", 5, seed=3)
-    program = "import sys; from kosmos_serve.training.pages import write_pages_dataset; write_pages_dataset(*sys.argv[1:2], 5, 3)"
+    program = ("import sys; from kosmos_serve.training.pages import write_pages_dataset; "
+               "write_pages_dataset(sys.argv[1], 5, 3)")
     subprocess.run([sys.executable, "-c", program, str(tmp_path / "b")], check=True,
                    env={**os.environ, "PYTHONHASHSEED": "12345"})
     other = write_pages_dataset(tmp_path / "c", 5, seed=4)

@@ -142,7 +142,7 @@ def data_shapes(count, seed, out):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def data_pages(count, seed, out):
-    """Write synthetic pages of rendered text and each line's text and box (OUT/pages.jsonl, OCR ground truth) to OUT."""
+    """Write synthetic pages of rendered text and each line's text and box (pages.jsonl: OCR ground truth) to OUT."""
     from kosmos_serve.training.pages import write_pages_dataset
 
     click.echo(str(write_pages_dataset(out, count, seed)))

@@ -287,7 +287,8 @@ def check_model_runs(benchmark: str, backend: LocalBackend | ServiceBackend) -> 
         raise InvalidRequestError(f"--benchmark ocr reads pages with a Kosmos-2.5 (task ocr), and {backend.model!r} is "
                                   f"a {backend.family} model; give a Kosmos-2.5 (microsoft/kosmos-2.5, or a folder).")
     raise InvalidRequestError(f"--benchmark {benchmark} grounds phrases with a Kosmos-2 (task {task.value}), and "
-                              f"{backend.model!r} is a {backend.family} model; score a Kosmos-2.5 with --benchmark ocr.")
+                              f"{backend.model!r} is a {backend.family} model; score a Kosmos-2.5 with --benchmark "
+                              "ocr.")
 
 
 def _engine_settings(model: str, quantize: str, batch_size: int, params: GenerationParams) -> EngineSettings:

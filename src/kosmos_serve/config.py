@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kosmos_serve.generation import MAX_NEW_TOKENS_LIMIT, MaxNewTokens, MinScore, NoRepeatNgramSize
+from kosmos_serve.generation import MAX_NEW_TOKENS_LIMIT, MaxNewTokens, MinScore, NmsIou, NoRepeatNgramSize
 
 DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -57,6 +57,11 @@ class EngineSettings(BaseSettings):
     min_score: MinScore | None = Field(
         None, description="Boxes scored under this are dropped: by default for detection, Label Studio, Supervisely "
                           "and annotate, for other tasks when a request asks (unset: the model's default, else 0.1).",
+    )
+    nms_iou: NmsIou | None = Field(
+        None, description="Of two boxes of different phrases overlapping by more than this IoU, the lower-scored is "
+                          "dropped: by default for detection, Label Studio, Supervisely and annotate's detection, for "
+                          "other tasks when a request asks (1: off; unset: the model's default, else 0.5).",
     )
     max_new_tokens_cap: int = Field(
         1024, ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Most new tokens a request may ask for."

@@ -41,9 +41,17 @@ MinScore = Annotated[float, Field(
     ge=0.0, le=1.0, allow_inf_nan=False,
     description="Drop boxes whose score is under this (0..1); an entity left with no box is dropped.",
 )]
+NmsIou = Annotated[float, Field(
+    ge=0.0, le=1.0, allow_inf_nan=False,
+    description="Of two boxes of different phrases overlapping by more than this IoU (0..1), drop the lower-scored "
+                "(non-maximum suppression across phrases; 1: off).",
+)]
 
 MODEL_DEFAULTS_FILE = "kosmos_serve.json"
-DEFAULT_MIN_SCORE = 0.1  # measured on the demo model's held-out scenes: BENCHMARKS.md, "Scores and the threshold"
+# Both measured together on the demo model's held-out scenes (BENCHMARKS.md, "Scores and the threshold"); 0.5 is
+# also the usual IoU of class-agnostic NMS in detection pipelines.
+DEFAULT_MIN_SCORE = 0.002
+DEFAULT_NMS_IOU = 0.5
 REFERENCE_DEFAULT_PROMPT = "<grounding> Describe this image:"  # the reference service's DEFAULT_PROMPT
 
 
@@ -59,6 +67,7 @@ class GenerationParams:
     no_repeat_ngram_size: NoRepeatNgramSize | None = None
     seed: Seed | None = None
     min_score: MinScore | None = None  # a filter on the result's boxes, not a decoding knob; None: the task's default
+    nms_iou: NmsIou | None = None  # another filter on them: one region, one phrase; None: the task's default
     masks: bool = False  # a mask for every box from the engine's segmenter (`--segmenter`), not a decoding knob
 
     def validate(self, max_new_tokens_cap: int) -> None:
@@ -83,7 +92,7 @@ class ModelDefaults(BaseModel):
     """kosmos-serve defaults a model folder may carry in `kosmos_serve.json`; settings and requests override them.
 
     >>> ModelDefaults.model_validate_json('{"default_prompt": "<grounding> An image of", "no_repeat_ngram_size": 0}')
-    ModelDefaults(default_prompt='<grounding> An image of', max_new_tokens=None, no_repeat_ngram_size=0, min_score=None)
+    ModelDefaults(default_prompt='<grounding> An image of', max_new_tokens=None, no_repeat_ngram_size=0, min_score=None, nms_iou=None)
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -92,10 +101,11 @@ class ModelDefaults(BaseModel):
     max_new_tokens: MaxNewTokens | None = None
     no_repeat_ngram_size: NoRepeatNgramSize | None = None
     min_score: MinScore | None = None
+    nms_iou: NmsIou | None = None
 
 
 BUILT_IN_DEFAULTS = ModelDefaults(default_prompt=REFERENCE_DEFAULT_PROMPT, max_new_tokens=128, no_repeat_ngram_size=3,
-                                  min_score=DEFAULT_MIN_SCORE)
+                                  min_score=DEFAULT_MIN_SCORE, nms_iou=DEFAULT_NMS_IOU)
 
 
 def read_model_defaults(folder: str | Path) -> ModelDefaults:
@@ -114,7 +124,7 @@ def resolve_defaults(*layers: ModelDefaults) -> ModelDefaults:
     """Each field from the first layer that sets it, then the built-in default.
 
     >>> resolve_defaults(ModelDefaults(max_new_tokens=16), ModelDefaults(max_new_tokens=64, no_repeat_ngram_size=0))
-    ModelDefaults(default_prompt='<grounding> Describe this image:', max_new_tokens=16, no_repeat_ngram_size=0, min_score=0.1)
+    ModelDefaults(default_prompt='<grounding> Describe this image:', max_new_tokens=16, no_repeat_ngram_size=0, min_score=0.002, nms_iou=0.5)
     """
     resolved = {}
     for name in ModelDefaults.model_fields:

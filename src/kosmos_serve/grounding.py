@@ -9,6 +9,7 @@ split off, and a markdown rendering where every grounded span links to its boxes
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kosmos_serve.errors import ModelLoadError
@@ -95,7 +96,10 @@ class Entity:
         >>> e.keeping(0.5).scores, e.keeping(0.5).pixel_boxes, e.keeping(0.95)
         ((0.9,), ((0, 0, 2, 2),), None)
         """
-        kept = [index for index, score in enumerate(self.scores) if score >= min_score]
+        return self.with_boxes([index for index, score in enumerate(self.scores) if score >= min_score])
+
+    def with_boxes(self, kept: Sequence[int]) -> Entity | None:
+        """This entity with only the boxes at the indices `kept` (and their scores and masks); None when none is."""
         if not kept:
             return None
         return dataclasses.replace(self, boxes=tuple(self.boxes[i] for i in kept),
@@ -170,6 +174,46 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     intersection = width * height
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
     return intersection / union if union > 0 else 0.0
+
+
+def suppress_overlaps(entities: Sequence[Entity], max_iou: float) -> tuple[Entity, ...]:
+    """Non-maximum suppression across phrases: a box overlapping a higher-scored box of another phrase by more than
+    `max_iou` is dropped (an entity left with no box with it); a phrase's own boxes never suppress each other.
+
+    Two phrases that box one region are read as one object claimed twice, and it goes to the phrase the model is
+    surer of (`max_iou` 1: nothing dropped).
+
+    >>> car = Entity("a car", (0, 5), ((0, 0, 0.5, 0.5),), ((0, 0, 2, 2),), (0.8,))
+    >>> bus = Entity("a bus", (7, 12), ((0, 0, 0.5, 0.4), (0.5, 0.5, 1, 1)), ((0, 0, 2, 2), (2, 2, 4, 4)), (0.3, 0.6))
+    >>> [(e.phrase, e.scores) for e in suppress_overlaps([car, bus], 0.5)]
+    [('a car', (0.8,)), ('a bus', (0.6,))]
+    >>> [(e.phrase, e.scores) for e in suppress_overlaps([car, bus], 1.0)]
+    [('a car', (0.8,)), ('a bus', (0.3, 0.6))]
+    """
+    ranked = sorted(((score, entity_index, box_index) for entity_index, entity in enumerate(entities)
+                     for box_index, score in enumerate(entity.scores)), key=lambda item: -item[0])
+    kept: list[tuple[int, int]] = []
+    for _, entity_index, box_index in ranked:
+        box = entities[entity_index].boxes[box_index]
+        if all(other == entity_index or iou(box, entities[other].boxes[index]) <= max_iou for other, index in kept):
+            kept.append((entity_index, box_index))
+    survivors = (entity.with_boxes(sorted(b for e, b in kept if e == index)) if entity.scores else entity
+                 for index, entity in enumerate(entities))  # an unscored entity cannot be ranked: kept as it is
+    return tuple(survivor for survivor in survivors if survivor is not None)
+
+
+def best_match(truth: tuple[float, ...], boxes: list[tuple[float, ...]], scores: list[float],
+               threshold: float = 0.5) -> int | None:
+    """Which of `boxes` finds the true box: the best-scored of those at IoU >= `threshold` with it (the first of
+    equals), or None. How the detection benchmark matches, and `evaluate --segmenter` picks the mask to score.
+
+    >>> best_match((0, 0, 10, 10), [(0, 0, 10, 10), (1, 0, 10, 10), (50, 50, 60, 60)], [0.2, 0.7, 0.9])
+    1
+    >>> best_match((0, 0, 10, 10), [(50, 50, 60, 60)], [0.9]) is None
+    True
+    """
+    found = [index for index, box in enumerate(boxes) if iou(box, truth) >= threshold]
+    return max(found, key=lambda index: scores[index], default=None)
 
 
 def clean_prompt_text(prompt: str) -> str:

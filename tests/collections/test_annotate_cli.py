@@ -147,8 +147,8 @@ def test_a_file_is_continued_only_at_its_own_threshold(photos, tmp_path, tiny_mo
     assert other.stderr == (f"Error: --out {out} line 1 holds {photos / '0.png'} with boxes scored 0.2 or more, not "
                             "this run's min_score 0.5; give the same --min-score, or write to another --out (or move "
                             "that file away) to annotate afresh.\n")
-    default = annotate(out, photos, model=tiny_model_dir)  # the default (0.1) is known once the engine is up
-    assert default.exit_code == 1 and "not this run's min_score 0.1;" in default.stderr
+    default = annotate(out, photos, model=tiny_model_dir)  # the default (0.002) is known once the engine is up
+    assert default.exit_code == 1 and "not this run's min_score 0.002;" in default.stderr
     assert out.read_bytes() == before
 
     same = annotate(out, photos, "--min-score", 0.2, model=tiny_model_dir)

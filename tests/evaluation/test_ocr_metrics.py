@@ -95,7 +95,7 @@ def test_a_perfect_reading_reports_perfect_figures(pages):
     path, examples = pages
     split = Split("ocr", path, path.parent, examples, len(examples))
     settings = Settings("perfect", 1024, 0, "ocr lines")
-    records = [ocr_record(split, example, Generation("", (), (0, 0), (), example.truth), settings)
+    records = [ocr_record(split, example, Generation("", (), (0, 0), lines=example.truth), settings)
                for example in examples]
     truth = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["lines"] for r in records] == [r["truth"] for r in records] == [

@@ -80,6 +80,7 @@ def test_predict_names_each_drawn_image_on_stderr_leaving_the_json_alone(image_f
         (["--task", "referring_generation"], "--box: Task 'referring_generation' needs at least one box"),
         (["--task", "grounded_vqa"], "--prompt: Task 'grounded_vqa' needs a question."),
         (["--min-score", "2"], "--min-score: Input should be less than or equal to 1"),
+        (["--nms-iou", "-1"], "--nms-iou: Input should be greater than or equal to 0"),
         (["--sample", "--top-p", "0", "--min-score", "2"],
          "--top-p: Input should be greater than 0; --min-score: Input should be less than or equal to 1."),
         (["--task", "referring_generation", "--box", "10,10,5,5"], "inverted"),

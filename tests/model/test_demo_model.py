@@ -17,9 +17,10 @@ def test_the_demo_model_carries_its_own_defaults_and_settings_override_them():
     from kosmos_serve.training.demo_model import DEMO_DEFAULTS
 
     assert Engine(EngineSettings(model="demo")).defaults == DEMO_DEFAULTS
-    operator = Engine(EngineSettings(model="demo", max_new_tokens=8, no_repeat_ngram_size=3, min_score=0.5)).defaults
+    operator = Engine(EngineSettings(model="demo", max_new_tokens=8, no_repeat_ngram_size=3, min_score=0.5,
+                                     nms_iou=0.9)).defaults
     assert operator == ModelDefaults(default_prompt=DEMO_DEFAULTS.default_prompt, max_new_tokens=8,
-                                     no_repeat_ngram_size=3, min_score=0.5)
+                                     no_repeat_ngram_size=3, min_score=0.5, nms_iou=0.9)
 
 
 def test_predict_with_no_options_gives_the_demo_models_grounded_caption(tmp_path):

@@ -16,7 +16,7 @@ from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine import Engine, GenerationParams, Request
 from kosmos_serve.engine.loading import DEMO_MODEL_DIR
 from kosmos_serve.engine.scoring import GroundingVocabulary, PhrasePriors, TokenEvidence, score_output
-from kosmos_serve.grounding import parse_generation
+from kosmos_serve.grounding import iou, parse_generation, suppress_overlaps
 from kosmos_serve.tasks import TaskInput
 
 SCENE_PHRASES = ("a purple triangle", "a yellow cross", "a blue circle", "a red square", "a green star")
@@ -208,10 +208,12 @@ def test_beam_search_boxes_are_scored_like_greedy_ones(demo_engine, scene):
 
 
 def test_detection_drops_boxes_under_the_default_and_min_score_filters_any_task(demo_engine, scene):
-    every_box = demo_engine.predict(scene, TaskInput("detection", phrases=SCENE_PHRASES), GenerationParams(min_score=0))
+    every_box = demo_engine.predict(scene, TaskInput("detection", phrases=SCENE_PHRASES),
+                                    GenerationParams(min_score=0, nms_iou=1))
     by_default = demo_engine.predict(scene, TaskInput("detection", phrases=SCENE_PHRASES))
-    default = demo_engine.defaults.min_score
-    assert [e.phrase for e in by_default.entities] == [e.phrase for e in every_box.entities if max(e.scores) >= default]
+    default, nms_iou = demo_engine.defaults.min_score, demo_engine.defaults.nms_iou
+    assert by_default.entities == tuple(kept for entity in suppress_overlaps(every_box.entities, nms_iou)
+                                        if (kept := entity.keeping(default)) is not None)
     assert len(by_default.entities) < len(every_box.entities)  # the scene has no red square nor green star
     assert by_default.text == every_box.text  # the phrases asked stay in the text
 
@@ -224,12 +226,25 @@ def test_detection_drops_boxes_under_the_default_and_min_score_filters_any_task(
     assert "](#box=" in filtered.markdown and filtered.markdown.count("](#box=") == 2
 
 
+def test_a_region_boxed_for_two_phrases_goes_to_the_likelier_one(demo_engine, scene):
+    asked = TaskInput("detection", phrases=SCENE_PHRASES)
+    every_box = demo_engine.predict(scene, asked, GenerationParams(min_score=0, nms_iou=1)).entities
+    suppressed = demo_engine.predict(scene, asked, GenerationParams(min_score=0)).entities  # the default nms_iou
+    assert suppressed == suppress_overlaps(every_box, demo_engine.defaults.nms_iou)
+    assert len(suppressed) < len(every_box)  # an absent phrase boxed a present object, less surely than its own phrase
+    for loser in (entity for entity in every_box if entity not in suppressed):
+        assert any(iou(box, other_box) > 0.5 and other_score >= score
+                   for box, score in zip(loser.boxes, loser.scores) for other in suppressed
+                   for other_box, other_score in zip(other.boxes, other.scores))
+
+
+@pytest.mark.parametrize("field", ["min_score", "nms_iou"])
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
-def test_min_score_outside_0_1_is_refused_naming_it(demo_engine, scene, value):
+def test_a_box_filter_outside_0_1_is_refused_naming_it(demo_engine, scene, field, value):
     from kosmos_serve.errors import InvalidRequestError
 
-    with pytest.raises(InvalidRequestError, match="min_score"):
-        demo_engine.predict(scene, TaskInput("caption"), GenerationParams(min_score=value))
+    with pytest.raises(InvalidRequestError, match=field):
+        demo_engine.predict(scene, TaskInput("caption"), GenerationParams(**{field: value}))
 
 
 def test_several_boxes_of_one_phrase_are_each_scored_by_their_own_corners(tiny_model_dir):

@@ -1,6 +1,8 @@
 """Masks from boxes (`--segmenter`) against transformers' own SAM pipeline run one box at a time, on tiny models."""
 
 import io
+import threading
+from unittest.mock import Mock
 
 import numpy as np
 import pytest
@@ -85,15 +87,38 @@ def test_batched_requests_get_the_masks_they_get_alone(segmenting_engine, sample
     assert boxes >= len(sample_images) * 3 and boxes == sum(len(e.masks) for entities in alone for e in entities)
 
 
-def test_an_images_embedding_is_computed_once(segmenting_engine, sample_images):
+def embedding_threads(segmenter, monkeypatch) -> list[str]:
+    """The name of the thread of each image embedding `segmenter` computes from now on."""
+    threads, embed = [], segmenter.model.get_image_embeddings
+    monkeypatch.setattr(segmenter.model, "get_image_embeddings",
+                        lambda *args, **kwargs: threads.append(threading.current_thread().name) or embed(*args, **kwargs))
+    return threads
+
+
+def test_an_images_embedding_is_computed_once_in_the_segmenters_thread(segmenting_engine, sample_images, monkeypatch):
     segmenter = segmenting_engine.segmenter
     segmenter.cache.clear()
+    threads = embedding_threads(segmenter, monkeypatch)
     image = sample_images[2]
     first = segmenting_engine.predict(image, TaskInput(Task.REFERRING_GENERATION, boxes=BOXES[:1]), MASKS)
     second = segmenting_engine.predict(image, TaskInput(Task.REFERRING_GENERATION, boxes=BOXES), MASKS)
-    assert (segmenter.cache.misses, segmenter.cache.hits) == (1, 1)
+    assert len(threads) == 1 and threads[0].startswith("segmenter")  # started on admission, beside Kosmos-2's work
     assert second.entities[0].masks[0] == first.entities[0].masks[0]
     assert first.timings.segmentation > 0 and "segmentation_seconds" in first.to_dict()["timings"]
+
+
+def test_a_failed_embedding_fails_its_request_and_is_not_kept(segmenting_engine, sample_images, monkeypatch):
+    segmenter = segmenting_engine.segmenter
+    segmenter.cache.clear()
+    image, task = sample_images[1], TaskInput(Task.REFERRING_GENERATION, boxes=BOXES[:1])
+    expected = segmenting_engine.predict(image, task, MASKS).entities[0].masks
+    segmenter.cache.clear()
+    embed = segmenter.model.get_image_embeddings
+    monkeypatch.setattr(segmenter.model, "get_image_embeddings", Mock(side_effect=RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        segmenting_engine.predict(image, task, MASKS)
+    monkeypatch.setattr(segmenter.model, "get_image_embeddings", embed)
+    assert segmenting_engine.predict(image, task, MASKS).entities[0].masks == expected
 
 
 def test_all_boxes_of_a_result_go_through_one_decoder_call(segmenting_engine, sample_images):

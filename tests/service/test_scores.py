@@ -21,7 +21,7 @@ from test_supervisely import assert_supervisely_error, upload
 from kosmos_serve.asgi import create_app
 from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.engine import Engine, Result, Timings
-from kosmos_serve.grounding import Entity, render_markdown
+from kosmos_serve.grounding import Entity, iou, render_markdown
 from kosmos_serve.server.supervisely.protocol import prediction, rectangle_object
 from kosmos_serve.tasks import Task
 
@@ -111,6 +111,17 @@ def test_detection_drops_boxes_under_the_default_unless_min_score_is_given(demo)
     assert generate(demo, task="detection", phrases=PHRASES, min_score=strict)["entities"] == kept(every, strict)
 
 
+def test_detection_gives_a_region_to_one_phrase_unless_nms_iou_is_1(demo):
+    default = httpx.get(f"{demo}/info").json()["defaults"]["nms_iou"]
+    assert default == 0.5
+    every = generate(demo, task="detection", phrases=PHRASES, min_score=0, nms_iou=1)["entities"]
+    suppressed = generate(demo, task="detection", phrases=PHRASES, min_score=0)["entities"]
+    boxes = [(entity["phrase"], tuple(box)) for entity in suppressed for box in entity["boxes"]]
+    assert set(boxes) <= {(entity["phrase"], tuple(box)) for entity in every for box in entity["boxes"]}
+    assert all(iou(box, other) <= default for phrase, box in boxes for other_phrase, other in boxes
+               if other_phrase != phrase)
+
+
 def test_predict_gives_the_scores_beside_the_reference_entities(demo):
     def predict(**form) -> dict:
         response = httpx.post(f"{demo}/predict", files={"content": ("scene.png", SCENE.read_bytes())},
@@ -144,6 +155,13 @@ def test_a_bad_min_score_is_a_422_naming_it_in_the_services_shape(demo, value):
         assert response.status_code == 422, (route, response.text)
         assert response.json()["error"]["code"] == "invalid_request", route
         assert "min_score" in response.json()["error"]["message"], route
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, "high", True])
+def test_a_bad_nms_iou_is_a_422_naming_it(demo, value):
+    response = httpx.post(f"{demo}/v1/generate", json={"image": data_uri(SCENE), "nms_iou": value})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_request" and "nms_iou" in response.json()["error"]["message"]
 
 
 def test_openapi_declares_scores_and_min_score(demo):

@@ -25,7 +25,7 @@ def test_a_defaults_file_is_read_and_the_operator_overrides_it(tmp_path):
     resolved = resolve_defaults(ModelDefaults(max_new_tokens=8), from_model)
     assert resolved == ModelDefaults(default_prompt="<grounding> An image of", max_new_tokens=8,
                                      no_repeat_ngram_size=BUILT_IN_DEFAULTS.no_repeat_ngram_size,
-                                     min_score=BUILT_IN_DEFAULTS.min_score)
+                                     min_score=BUILT_IN_DEFAULTS.min_score, nms_iou=BUILT_IN_DEFAULTS.nms_iou)
 
 
 @pytest.mark.parametrize("content, problem", [
@@ -33,6 +33,7 @@ def test_a_defaults_file_is_read_and_the_operator_overrides_it(tmp_path):
     ('{"max_new_tokens": 0}', "max_new_tokens: Input should be greater than or equal to 1"),
     ('{"no_repeat_ngram_size": -1}', "no_repeat_ngram_size"),
     ('{"min_score": 1.5}', "min_score: Input should be less than or equal to 1"),
+    ('{"nms_iou": -0.5}', "nms_iou: Input should be greater than or equal to 0"),
     ('{"temperature": 0.5}', "temperature: Extra inputs are not permitted"),
 ])
 def test_a_bad_defaults_file_is_a_load_error_naming_it(tmp_path, content, problem):

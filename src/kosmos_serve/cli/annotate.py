@@ -41,8 +41,8 @@ from kosmos_serve.tasks import TASK_INPUTS, Task, parse_task
 @ray_options
 @model_options
 def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, max_new_tokens, sample, top_p,
-             temperature, seed, no_repeat_ngram_size, min_score, masks, batch_size, decode_threads, quiet, ray_address,
-             workers, cpus_per_worker, gpus_per_worker, **flags):
+             temperature, seed, no_repeat_ngram_size, min_score, nms_iou, masks, batch_size, decode_threads, quiet,
+             ray_address, workers, cpus_per_worker, gpus_per_worker, **flags):
     """Annotate every image of INPUTS into one JSONL file: one record per image, resumable.
 
     INPUTS are folders (searched recursively), globs, image files, and manifests: a .txt of paths, or a
@@ -69,7 +69,7 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
     ray_job = ray_job_options(ray_address, workers, cpus_per_worker, gpus_per_worker)
     settings = settings_from_flags(EngineSettings, flags)
     params = generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size,
-                                            min_score, masks)
+                                            min_score, nms_iou, masks)
     if masks and settings.segmenter is None:
         raise InvalidRequestError("Masks need a segmenter: add --segmenter MODEL (or set KOSMOS_SEGMENTER), e.g. "
                                   "--segmenter demo.", "masks")

@@ -1,5 +1,5 @@
-"""`evaluate`: score a model's grounding on the project's JSONL records or on the paper's benchmarks, or a
-Kosmos-2.5's reading of pages."""
+"""`evaluate`: score a model's grounding (and a segmenter's masks) on the project's JSONL records or on the paper's
+benchmarks, or a Kosmos-2.5's reading of pages."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from kosmos_serve.cli.options import ray_job_options, ray_options
+from kosmos_serve.cli.options import ray_job_options, ray_options, segmenter_option, settings_from_flags
 from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.errors import InvalidRequestError
 
@@ -57,9 +57,14 @@ from kosmos_serve.errors import InvalidRequestError
                    "Kosmos-2.5's default).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="--benchmark: prompts run (or sent) together.")
+@segmenter_option
+@click.option("--masks-from-true-boxes", is_flag=True,
+              help="Measure the --segmenter alone: mask each true box (no Kosmos-2 is loaded; no --model) and score "
+                   "the masks against the true ones.")
 @ray_options
 def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, ontology, limit, url, out, quantize,
-             no_repeat_ngram_size, max_new_tokens, batch_size, ray_address, workers, cpus_per_worker, gpus_per_worker):
+             no_repeat_ngram_size, max_new_tokens, batch_size, segmenter, masks_from_true_boxes, ray_address, workers,
+             cpus_per_worker, gpus_per_worker):
     """Score a model's grounding (--data, or the paper's benchmarks) or a Kosmos-2.5's reading (--benchmark ocr).
 
     --data: referring IoU>=0.5, caption recall, region descriptions exact. --benchmark: RefCOCO/+/g accuracy
@@ -68,6 +73,12 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
     phrases present against absent, and per min_score the absent phrases that keep a box and the objects found;
     ocr (Kosmos-2.5): each page's character and word error rates, its lines' boxes matched one to one at IoU>=0.5
     (precision, recall, F1) and the matched lines' character error rate.
+
+    With --segmenter, on true masks (--data records with "masks", as `data shapes` writes them; detection ground
+    truth with "segmentation"): every box gets a mask, and each true object that a box found (its phrase's or
+    category's best-scored box at IoU>=0.5) is scored by the IoU of that box's mask with its own: their mean and
+    the share at IoU>=0.5 (detection: COCOeval segm AP, AP50, AR@100 too). --masks-from-true-boxes measures the
+    segmenter alone: each object's mask from its true box, no Kosmos-2.
 
     \b
     Examples:
@@ -78,9 +89,14 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
           --annotations mdetr_annotations/final_flickr_separateGT_test.json --images flickr30k-images
       kosmos-serve evaluate --model demo --benchmark detection \\
           --annotations data/shapes-eval/coco/instances_synthetic.json --images data/shapes-eval/images
+      kosmos-serve evaluate --model demo --segmenter demo --data data/shapes-eval/records.jsonl
+      kosmos-serve evaluate --segmenter demo --masks-from-true-boxes --data data/shapes-eval/records.jsonl
       kosmos-serve evaluate --model microsoft/kosmos-2.5 --benchmark ocr \\
           --annotations data/pages/pages.jsonl --images data/pages --out pages-predictions.jsonl
     """
+    segmenter = settings_from_flags(EngineSettings, {"segmenter": segmenter}).segmenter  # or KOSMOS_SEGMENTER
+    if masks_from_true_boxes:
+        _check_true_boxes(segmenter, model, url, quantize, ray_address)
     benchmark_options = {"--annotations": annotations, "--images": images, "--flickr-entities": flickr_entities,
                          "--ontology": ontology,
                          "--limit": limit, "--url": url, "--out": out, "--max-new-tokens": max_new_tokens,
@@ -90,13 +106,20 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
         given = [name for name, value in benchmark_options.items() if value]
         if given:
             raise InvalidRequestError(f"{', '.join(given)}: only with --benchmark NAME.")
-        if data_file is None or not model:
+        if data_file is None or not (model or masks_from_true_boxes):
             raise InvalidRequestError(
                 "Give --model and --data FILE (the project's JSONL records), or --benchmark NAME with --annotations "
                 "FILE and --images DIR (and --model, or --url of a running service).")
         from kosmos_serve.training.records import read_examples
 
-        click.echo(data_scores(model, read_examples(data_file), quantize, no_repeat_ngram_size or 0))
+        examples = read_examples(data_file)
+        if segmenter is not None and not any(example.masks for example in examples):
+            raise InvalidRequestError(f'--segmenter: {data_file} gives no true masks to score masks against (a "masks" '
+                                      'list beside "boxes", as kosmos-serve data shapes writes them).')
+        if masks_from_true_boxes:
+            click.echo(true_box_scores(segmenter, examples))
+        else:
+            click.echo(data_scores(model, examples, quantize, no_repeat_ngram_size or 0, segmenter))
         return
     from kosmos_serve.evaluation.datasets import BENCHMARKS
     from kosmos_serve.evaluation.report import format_report
@@ -116,7 +139,14 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
         raise InvalidRequestError("--ontology: only with --benchmark detection.")
     if flickr_entities is not None and benchmark != "flickr30k":
         raise InvalidRequestError("--flickr-entities: only with --benchmark flickr30k.")
-    if bool(model) == bool(url):
+    if segmenter is not None and benchmark != "detection":
+        raise InvalidRequestError(f"--segmenter: masks are scored on --data records with masks or --benchmark "
+                                  f"detection ground truth with segmentation; {benchmark} has no masks (leave out "
+                                  "--segmenter, and KOSMOS_SEGMENTER).")
+    if segmenter is not None and url:
+        raise InvalidRequestError("--segmenter loads the segmenter here; through --url masks are not scored (leave out "
+                                  "--segmenter, and KOSMOS_SEGMENTER, or run here with --model).")
+    if bool(model) == bool(url) and not masks_from_true_boxes:
         raise InvalidRequestError("--benchmark needs --model (run here) or --url (a running service), one of them.")
     if url and quantize != "none":
         raise InvalidRequestError("--quantize is the service's to choose with --url (kosmos-serve serve --quantize).")
@@ -132,11 +162,23 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
         no_repeat_ngram_size=no_repeat_ngram_size,
         max_new_tokens=max_new_tokens or (OCR_MAX_NEW_TOKENS if ocr else DEFAULT_MAX_NEW_TOKENS),
         api_key=_service_key() if url else None,
-        ontology=ontology,
+        ontology=ontology, segmenter=segmenter, masks_from_true_boxes=masks_from_true_boxes,
     )
     click.echo(format_report(outcome))
     if outcome.interrupted:
         sys.exit(130)
+
+
+def _check_true_boxes(segmenter, model, url, quantize, ray_address) -> None:
+    """--masks-from-true-boxes: a segmenter is given, and nothing that runs Kosmos-2."""
+    if segmenter is None:
+        raise InvalidRequestError("--masks-from-true-boxes measures a segmenter alone: add --segmenter MODEL (or set "
+                                  "KOSMOS_SEGMENTER), e.g. --segmenter demo.")
+    given = {"--model": model, "--url": url, "--quantize": quantize != "none", "--ray": ray_address is not None}
+    kosmos = [flag for flag, value in given.items() if value]
+    if kosmos:
+        raise InvalidRequestError(f"--masks-from-true-boxes runs the segmenter alone, no Kosmos-2: leave out "
+                                  f"{', '.join(kosmos)}.")
 
 
 def _service_key() -> str | None:
@@ -155,15 +197,25 @@ def _on_ray_cluster(ray_address, workers, cpus_per_worker, gpus_per_worker, batc
     return functools.partial(evaluate_on_ray, batch_size=batch_size, options=options, show_progress=sys.stderr.isatty())
 
 
-def data_scores(model, examples, quantize: str = "none", no_repeat_ngram_size: int = 0) -> str:
-    """`model`'s scores on the project's grounded records (`evaluate --data`, and `train`'s held-out report)."""
+def data_scores(model, examples, quantize: str = "none", no_repeat_ngram_size: int = 0,
+                segmenter: str | None = None) -> str:
+    """`model`'s scores on the project's grounded records (`evaluate --data`, and `train`'s held-out report); with a
+    `segmenter`, its masks' too."""
     from kosmos_serve.engine import start_engine
     from kosmos_serve.tasks import Task
     from kosmos_serve.training.evaluate import evaluate as score
     from kosmos_serve.training.evaluate import format_scores
 
-    engine = start_engine(EngineSettings(model=str(model), max_batch_rows=32, quantize=quantize))
+    engine = start_engine(EngineSettings(model=str(model), max_batch_rows=32, quantize=quantize, segmenter=segmenter))
     if Task.RAW not in engine.family.tasks:
         raise InvalidRequestError(f"--data scores a Kosmos-2's grounding, and {str(model)!r} is a {engine.family.name} "
                                   "model; score its reading with --benchmark ocr.")
     return format_scores(score(engine, examples, no_repeat_ngram_size=no_repeat_ngram_size))
+
+
+def true_box_scores(segmenter: str, examples) -> str:
+    """`segmenter`'s masks of the records' true boxes, alone (`evaluate --masks-from-true-boxes --data`)."""
+    from kosmos_serve.engine import start_segmenter
+    from kosmos_serve.training.evaluate import format_scores, true_box_masks
+
+    return format_scores({"true boxes": true_box_masks(start_segmenter(EngineSettings(segmenter=segmenter)), examples)})

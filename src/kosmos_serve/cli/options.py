@@ -144,7 +144,8 @@ def task_options(command):
 
 
 def decoding_options(command):
-    """--max-new-tokens, --sample, --top-p, --temperature, --seed, --no-repeat-ngram-size, --min-score, --masks."""
+    """--max-new-tokens, --sample, --top-p, --temperature, --seed, --no-repeat-ngram-size, --min-score, --nms-iou,
+    --masks."""
     return apply_options(command, [
         click.option("--max-new-tokens", type=int, help="New tokens to generate (default: the model's, else 128)."),
         click.option("--sample", is_flag=True, help="Sample (top-p, temperature) instead of greedy decoding."),
@@ -157,6 +158,9 @@ def decoding_options(command):
         click.option("--min-score", type=float,
                      help="Drop boxes scored under this, 0 to 1 (default: the model's for detection and annotate, "
                           "else keep every box).  [env: KOSMOS_MIN_SCORE]"),
+        click.option("--nms-iou", type=float,
+                     help="Of two boxes of different phrases overlapping by more than this IoU, drop the lower-scored "
+                          "(0 to 1; 1: off; default: the model's for detection, else off).  [env: KOSMOS_NMS_IOU]"),
         click.option("--masks", is_flag=True,
                      help="A mask for every box (COCO RLE) and its score, from the --segmenter model."),
     ])
@@ -177,7 +181,8 @@ def task_input_from_options(task, prompt, phrases, boxes, no_grounding) -> TaskI
 
 
 def generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size,
-                                   min_score, masks=False) -> GenerationParams:
+                                   min_score, nms_iou=None, masks=False) -> GenerationParams:
     """The GenerationParams the decoding options ask for."""
     return GenerationParams(max_new_tokens=max_new_tokens, do_sample=sample, top_p=top_p, temperature=temperature,
-                            seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, min_score=min_score, masks=masks)
+                            seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, min_score=min_score,
+                            nms_iou=nms_iou, masks=masks)

@@ -30,7 +30,7 @@ from kosmos_serve.errors import InvalidRequestError, KosmosServeError
               help="Write the annotated image here (with several images: NAME_1.png, NAME_2.png, ...).")
 @model_options
 def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, sample, top_p, temperature, seed,
-            no_repeat_ngram_size, min_score, masks, as_json, draw, **flags):
+            no_repeat_ngram_size, min_score, nms_iou, masks, as_json, draw, **flags):
     """Describe and ground IMAGES; prints the text, then each entity with its pixel boxes and their scores.
 
     \b
@@ -44,7 +44,7 @@ def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, 
     settings = settings_from_flags(EngineSettings, flags)
     task_input = task_input_from_options(task, prompt, phrases, boxes, no_grounding)
     params = generation_params_from_options(max_new_tokens, sample, top_p, temperature, seed, no_repeat_ngram_size,
-                                            min_score, masks)
+                                            min_score, nms_iou, masks)
     if masks and settings.segmenter is None:  # refused before any model loads
         raise InvalidRequestError("Masks need a segmenter: add --segmenter MODEL (or set KOSMOS_SEGMENTER), e.g. "
                                   "--segmenter demo.", "masks")

@@ -14,10 +14,11 @@ from kosmos_serve.engine.features import ImageFeatureCache, image_features
 from kosmos_serve.engine.requests import PreparedRequest, Request, Row, check_task, tokenise
 from kosmos_serve.engine.results import Result, Timings, combine_detections
 from kosmos_serve.engine.scheduler import Scheduler, Ticket
+from kosmos_serve.engine.segmentation import Segmenter, start_segmenter
 from kosmos_serve.generation import GenerationParams
 
 __all__ = [  # what the rest of kosmos-serve imports from here
     "BatchObserver", "Batcher", "Engine", "GenerationParams", "ImageFeatureCache", "PreparedRequest", "Request",
-    "Result", "Row", "Scheduler", "Ticket", "Timings", "check_task", "combine_detections", "image_features",
-    "start_batcher", "start_engine", "tokenise",
+    "Result", "Row", "Scheduler", "Segmenter", "Ticket", "Timings", "check_task", "combine_detections",
+    "image_features", "start_batcher", "start_engine", "start_segmenter", "tokenise",
 ]

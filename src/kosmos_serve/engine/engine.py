@@ -44,7 +44,7 @@ class Engine:
         self.model, self.processor, self.family = load_model(self.settings)
         operator = ModelDefaults(max_new_tokens=self.settings.max_new_tokens,
                                  no_repeat_ngram_size=self.settings.no_repeat_ngram_size,
-                                 min_score=self.settings.min_score)
+                                 min_score=self.settings.min_score, nms_iou=self.settings.nms_iou)
         self.defaults = resolve_defaults(operator, read_model_defaults(resolve_source(self.settings.model)),
                                          self.family.defaults)
         self.device = self.model.device
@@ -99,13 +99,19 @@ class Engine:
             raise InvalidRequestError("Masks need a segmenter, and none is loaded: start kosmos-serve with "
                                       "--segmenter MODEL (or set KOSMOS_SEGMENTER), e.g. --segmenter demo.", "masks")
         return PreparedRequest(request, tuple(prompts), self.with_defaults(request.params),
-                               self.min_score_for(request))
+                               self.min_score_for(request), self.nms_iou_for(request))
 
     def min_score_for(self, request: Request) -> float | None:
         """The request's `min_score`; for detection when none is given, the default (operator, model, built-in)."""
         if request.params.min_score is not None:
             return request.params.min_score
         return self.defaults.min_score if parse_task(request.task.task) is Task.DETECTION else None
+
+    def nms_iou_for(self, request: Request) -> float | None:
+        """The request's `nms_iou`; for detection when none is given, the default (operator, model, built-in)."""
+        if request.params.nms_iou is not None:
+            return request.params.nms_iou
+        return self.defaults.nms_iou if parse_task(request.task.task) is Task.DETECTION else None
 
     def tokenise(self, prepared: PreparedRequest) -> list[Row]:
         """The request's prompts as token rows, each reading the request's image."""

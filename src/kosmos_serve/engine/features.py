@@ -35,10 +35,18 @@ class ImageFeatureCache:
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
+    def discard(self, key: str, features: object) -> None:
+        """Forget `key` if it still holds `features`."""
+        if self._entries.get(key) is features:
+            del self._entries[key]
+
     def clear(self) -> None:
         """Forget every entry and reset the hit and miss counts."""
         self._entries.clear()
         self.hits = self.misses = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
 
     def __len__(self) -> int:
         return len(self._entries)

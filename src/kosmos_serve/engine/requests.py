@@ -44,6 +44,7 @@ class PreparedRequest:
     prompts: tuple[PromptSpec, ...]
     params: GenerationParams
     min_score: float | None = None  # boxes scored under it are dropped (None: all kept)
+    nms_iou: float | None = None  # a box overlapping a higher-scored one of another phrase by more is dropped
 
 
 @dataclass

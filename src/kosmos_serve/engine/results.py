@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from kosmos_serve.engine.requests import PreparedRequest, Row
-from kosmos_serve.grounding import Entity, GroundedText, TextLine, render_markdown
+from kosmos_serve.grounding import Entity, GroundedText, TextLine, render_markdown, suppress_overlaps
 from kosmos_serve.tasks import Task, parse_task
 
 
@@ -105,11 +105,16 @@ def combine_detections(rows: list[Row]) -> GroundedText:
     )
 
 
-def above_threshold(output: GroundedText, min_score: float | None) -> GroundedText:
-    """`output` with only the boxes scored `min_score` or more (entities left without a box dropped); the text stays."""
-    if min_score is None:
+def kept_boxes(output: GroundedText, min_score: float | None, nms_iou: float | None) -> GroundedText:
+    """`output` with only the boxes scored `min_score` or more that no higher-scored box of another phrase overlaps
+    by more than `nms_iou` (entities left without a box dropped; None: that filter off); the text stays."""
+    entities = output.entities
+    if nms_iou is not None:
+        entities = suppress_overlaps(entities, nms_iou)
+    if min_score is not None:
+        entities = tuple(kept for entity in entities if (kept := entity.keeping(min_score)) is not None)
+    if entities == output.entities:
         return output
-    entities = tuple(kept for entity in output.entities if (kept := entity.keeping(min_score)) is not None)
     return dataclasses.replace(output, entities=entities, markdown=render_markdown(output.text, entities))
 
 
@@ -117,14 +122,15 @@ def build_result(prepared: PreparedRequest, rows: list[Row], vision_seconds: dic
                  cached_keys: set[str]) -> Result:
     """One request's result from its generated rows, with its image's vision time and cache state.
 
-    Boxes scored under the request's `min_score` are dropped (detection: under the default when none is given).
+    Boxes scored under the request's `min_score`, or overlapping a higher-scored box of another phrase by more than
+    its `nms_iou`, are dropped (detection: by the defaults when none is given).
     """
     request = prepared.request
     key = rows[0].image_key
     timings = Timings(vision_seconds.get(key, 0.0), sum(row.generation_seconds for row in rows))
     task = parse_task(request.task.task)
     output = combine_detections(rows) if task is Task.DETECTION else rows[0].output
-    output = above_threshold(output, prepared.min_score)
+    output = kept_boxes(output, prepared.min_score, prepared.nms_iou)
     return Result(
         task=task,
         prompt="\n".join(row.spec.text for row in rows),

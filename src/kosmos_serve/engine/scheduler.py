@@ -209,6 +209,9 @@ class Scheduler:
         tickets = [ticket for ticket in tickets if ticket.features is None and not ticket.done]
         if not tickets:
             return
+        for ticket in tickets:
+            if ticket.params.masks:  # the segmenter embeds the image in its own thread while Kosmos-2 runs
+                self.engine.segmenter.prepare(ticket.request.image, ticket.rows[0].image_key)
         images = {row.image_key: ticket.request.image for ticket in tickets for row in ticket.rows}
         features, seconds, cached = self.engine.features_for(images)
         for ticket in tickets:

@@ -2,7 +2,8 @@
 
 Per image, the segmenter's image embedding is computed once, one image per call (so it never depends on its batch
 neighbours), and kept in an LRU keyed by the image's content, as Kosmos-2's image features are: several phrases and
-several requests about one image pay for it once. Every box of a result then goes through one prompt-encoder and
+several requests about one image pay for it once. The scheduler starts it (`prepare`) in the segmenter's own thread
+when a request asking for masks is admitted, so it is computed while Kosmos-2 decodes the boxes it will take. Every box of a result then goes through one prompt-encoder and
 mask-decoder call, `multimask_output=False`: SAM's single mask for a box prompt (SAM 2's own forward then picks
 among its masks by stability, as it does for one box). The processor's own `post_process_masks` brings the masks to
 the image's size and thresholds them (its default, logit 0); each is written as COCO run-length encoding. A mask's
@@ -17,7 +18,9 @@ This is exactly what the segmenter gives when run directly through transformers,
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from PIL import Image
@@ -27,7 +30,7 @@ from transformers.utils import is_torchvision_available
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine.features import ImageFeatureCache
-from kosmos_serve.engine.loading import resolve_source
+from kosmos_serve.engine.loading import quiet_transformers, resolve_device, resolve_dtype, resolve_source, set_threads
 from kosmos_serve.errors import ModelLoadError
 from kosmos_serve.grounding import Mask, PixelBox
 
@@ -52,7 +55,19 @@ class Segmenter:
         self.model, self.processor = load_segmenter(settings.segmenter, device, dtype)
         self.model_type = self.model.config.model_type
         self.device, self.dtype = device, dtype
+        # image digest -> a Future of the forward's embedding arguments (done, or being computed by `_worker`)
         self.cache = ImageFeatureCache(min(settings.image_cache_size, MAX_CACHED_EMBEDDINGS))
+        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segmenter")
+        self._queued = 0  # images handed to `_worker` and not yet embedded
+
+    def prepare(self, image: Image.Image, key: str) -> None:
+        """Start the image's embedding in the segmenter's thread, unless it is cached, coming, or the queue is full."""
+        with self._lock:
+            if key in self.cache or self._queued >= max(self.cache.capacity, 1):
+                return
+            self._queued += 1
+            self.cache.put(key, self._worker.submit(self._embed_image, image))
 
     @torch.inference_mode()
     def segment(self, image: Image.Image, key: str, boxes: Sequence[PixelBox]) -> list[tuple[Mask, float]]:
@@ -71,15 +86,50 @@ class Segmenter:
                 for mask, score in zip(masks, scores)]
 
     def embeddings(self, key: str, pixel_values: torch.Tensor) -> dict[str, object]:
-        """The forward's embedding arguments for an image: from the cache, else computed now and kept."""
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
+        """The forward's embedding arguments for an image: cached or coming (`prepare`), else computed now and kept."""
+        with self._lock:
+            future = self.cache.get(key)
+            if future is None:
+                future = Future()
+                future.set_running_or_notify_cancel()
+                self.cache.put(key, future)
+                computing = True
+            else:
+                computing = False
+        if computing:
+            try:
+                future.set_result(self._embed(pixel_values))
+            except Exception as error:  # noqa: BLE001 - raised below, to the waiting caller as to this one
+                future.set_exception(error)
+        try:
+            return future.result()
+        except Exception:
+            with self._lock:
+                self.cache.discard(key, future)  # a later request tries again
+            raise
+
+    @torch.inference_mode()
+    def _embed_image(self, image: Image.Image) -> dict[str, object]:
+        try:
+            return self._embed(self.processor(images=image, return_tensors="pt")["pixel_values"])
+        finally:
+            with self._lock:
+                self._queued -= 1
+
+    @torch.inference_mode()
+    def _embed(self, pixel_values: torch.Tensor) -> dict[str, object]:
         computed = self.model.get_image_embeddings(pixel_values.to(self.device, self.dtype))
         names = PAIRED_EMBEDDINGS.get(self.model_type, ("image_embeddings",))
-        arguments = dict(zip(names, computed)) if len(names) > 1 else {names[0]: computed}
-        self.cache.put(key, arguments)
-        return arguments
+        return dict(zip(names, computed)) if len(names) > 1 else {names[0]: computed}
+
+
+def start_segmenter(settings: EngineSettings) -> Segmenter:
+    """The segmenter of `settings` alone, without Kosmos-2 (`evaluate --masks-from-true-boxes`), on the device, dtype
+    and threads an engine of the same settings gives it."""
+    set_threads(settings.threads)
+    quiet_transformers()
+    device = resolve_device(settings.device)
+    return Segmenter(settings, device, resolve_dtype(settings.dtype, device))
 
 
 def load_segmenter(name: str, device: torch.device, dtype: torch.dtype):

@@ -1,12 +1,13 @@
-"""Where the benchmark prompts run: the engine in this process, or a kosmos-serve service over HTTP.
+"""Where the benchmark prompts run: the engine in this process, or a kosmos-serve service over HTTP; or, to measure a
+segmenter alone, no Kosmos-2 at all (`TrueBoxBackend`: each phrase given its true boxes, masked by the segmenter).
 
 Both send each example's task as it gives it (`Example.task_input()`: the grounding benchmarks' prompts exactly as
 written, task `raw` with `grounding: false`; the detection benchmark's phrases, task `detection`; the ocr benchmark's
 task `ocr`) and hand back the raw generation and the entities transformers' `post_process_generation` finds in it,
-with their normalised boxes and, where the parameters set `min_score`, each box's score; for `ocr`, the lines read,
-each with its box in pixels. Images are read as their
-pixels are stored, without applying an EXIF rotation: COCO's and Flickr30k's boxes are drawn on the stored pixels
-(the service is sent a PNG of those pixels when a file carries a rotation, its bytes as they are otherwise).
+with their normalised boxes and, where the parameters set `min_score`, each box's score (and with `masks`, each box's
+mask); for `ocr`, the lines read, each with its box in pixels. Images are read as their pixels are stored, without
+applying an EXIF rotation: COCO's and Flickr30k's boxes are drawn on the stored pixels (the service is sent a PNG of
+those pixels when a file carries a rotation, its bytes as they are otherwise).
 """
 
 from __future__ import annotations
@@ -23,10 +24,17 @@ from pathlib import Path
 import httpx
 from PIL import ExifTags, Image
 
-from kosmos_serve.engine import Engine, Request
+from kosmos_serve.engine import Engine, Request, Segmenter
 from kosmos_serve.errors import KosmosServeError
 from kosmos_serve.generation import GenerationParams
-from kosmos_serve.images import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_count, decode_fully, open_lazily, viewable_rgb
+from kosmos_serve.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    check_pixel_count,
+    decode_fully,
+    image_digest,
+    open_lazily,
+    viewable_rgb,
+)
 from kosmos_serve.tasks import Task, TaskInput
 
 NormalisedBox = tuple[float, float, float, float]
@@ -34,6 +42,7 @@ PixelBox = tuple[int, int, int, int]
 IMAGES_KEPT = 16  # decoded images kept: Flickr30k asks five captions' phrases of one image in a row
 SERVICE_CONCURRENCY = 8  # requests in flight at once: the service batches them
 BUSY_RETRIES = 30
+TRUE_BOXES = "true boxes"  # the model of a run that gives the segmenter the true boxes: no Kosmos-2
 
 
 class EvaluationError(KosmosServeError):
@@ -51,6 +60,7 @@ class Generation:
     entities: tuple[tuple[str, tuple[NormalisedBox, ...]], ...]
     image_size: tuple[int, int]
     scores: tuple[tuple[float, ...], ...] = ()  # one tuple per entity, one score per box (asked with min_score)
+    masks: tuple[tuple[dict, ...], ...] = ()  # one tuple per entity, one COCO RLE per box (asked with masks)
     lines: tuple[tuple[str, PixelBox], ...] = ()  # task ocr: each line's text and box (pixels), in the order read
 
 
@@ -122,12 +132,45 @@ class LocalBackend:
         for position, result in zip(positions, self.engine.run(requests) if requests else []):
             entities = tuple((e.phrase, tuple(e.boxes)) for e in result.entities)
             scores = tuple(tuple(e.scores) for e in result.entities) if self.params.min_score is not None else ()
+            masks = tuple(tuple(m.to_dict() for m in e.masks) for e in result.entities) if self.params.masks else ()
             lines = tuple((line.text, line.box) for line in result.lines)
-            outcomes[position] = Generation(result.raw_text, entities, tuple(result.image_size), scores, lines)
+            outcomes[position] = Generation(result.raw_text, entities, tuple(result.image_size), scores, masks, lines)
         return outcomes
 
     def close(self) -> None:
         """Nothing to release: the engine belongs to the caller."""
+
+
+class TrueBoxBackend:
+    """No Kosmos-2: each phrase asked of an image "finds" its true boxes, each masked by the segmenter and scored by
+    the segmenter's own score (detection examples; `evaluate --masks-from-true-boxes`, the segmenter alone)."""
+
+    def __init__(self, segmenter: Segmenter, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.segmenter, self.model = segmenter, TRUE_BOXES
+        self.images = ImageStore(lambda path: load_stored_pixels(path, max_pixels))
+
+    def generate(self, examples: Sequence) -> list[Generation | Skipped]:
+        """Each example's true boxes as its generation, with their masks (one decoder call per image)."""
+        return [self._one(example) for example in examples]
+
+    def _one(self, example) -> Generation | Skipped:
+        image = self.images.get(example.image_path)
+        if isinstance(image, Skipped):
+            return image
+        asked = [item for item in example.asked if item.truth]
+        segmented = iter(self.segmenter.segment(image, image_digest(image), [b for item in asked for b in item.truth]))
+        width, height = image.size
+        entities, scores, masks = [], [], []
+        for item in asked:
+            mine = [next(segmented) for _ in item.truth]
+            entities.append((item.phrase, tuple((x1 / width, y1 / height, x2 / width, y2 / height)
+                                                for x1, y1, x2, y2 in item.truth)))
+            scores.append(tuple(score for _, score in mine))
+            masks.append(tuple(mask.to_dict() for mask, _ in mine))
+        return Generation("", tuple(entities), (width, height), tuple(scores), tuple(masks))
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 class ServiceBackend:
@@ -190,7 +233,7 @@ class ServiceBackend:
         entities = tuple((e["phrase"], tuple(tuple(b) for b in e["boxes"])) for e in answer["entities"])
         scores = () if self.params.min_score is None else tuple(tuple(e.get("scores", ())) for e in answer["entities"])
         lines = tuple((line["text"], tuple(line["box"])) for line in answer.get("lines") or ())
-        return Generation(answer["raw_text"], entities, tuple(answer["image_size"]), scores, lines)
+        return Generation(answer["raw_text"], entities, tuple(answer["image_size"]), scores, lines=lines)
 
     def close(self) -> None:
         """Close the HTTP connections."""

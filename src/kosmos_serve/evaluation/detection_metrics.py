@@ -7,6 +7,9 @@
 - A threshold table: for each `min_score`, the share of absent phrases that keep a box, and the share of present
   objects found (a box of the object's category, scored `min_score` or more, at IoU >= 0.5), also against the
   share found with no threshold.
+- With masks (`evaluate --segmenter`): each present object's mask IoU, from the box that found it (the
+  best-scored of its category's boxes at IoU >= 0.5), their mean and the share at IoU >= 0.5; and COCOeval (segm)
+  AP, AP50 and AR@100 of the masks, each scored with its box's score.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kosmos_serve.evaluation.metrics import IOU_THRESHOLD, iou
+from kosmos_serve.evaluation.metrics import IOU_THRESHOLD
+from kosmos_serve.grounding import best_match
 
 THRESHOLDS = tuple(round(0.1 * step, 1) for step in range(10))  # 0.0, 0.1, ..., 0.9
 
@@ -68,9 +72,18 @@ def object_scores(records: list[dict]) -> list[float | None]:
             scores += item["scores"]
         for truth, boxes, scores in by_category.values():
             for true_box in truth:
-                matching = [s for box, s in zip(boxes, scores) if iou(box, true_box) >= IOU_THRESHOLD]
-                found.append(max(matching, default=None))
+                index = best_match(true_box, boxes, scores, IOU_THRESHOLD)
+                found.append(None if index is None else scores[index])
     return found
+
+
+def object_mask_ious(records: list[dict]) -> list[float | None]:
+    """Per present object, the IoU of its true mask with the mask of the box that found it (None: none did)."""
+    ious = []
+    for record in records:
+        by_category = {item["category_id"]: item["mask_ious"] for item in record["asked"]}  # one per category
+        ious += [value for values in by_category.values() for value in values]
+    return ious
 
 
 @dataclass(frozen=True)
@@ -109,33 +122,43 @@ def _share(count: int, total: int) -> float | None:
     return count / total if total else None
 
 
-def coco_results(records: list[dict], constant: float | None = None) -> list[dict]:
-    """Every box as a COCO result `{"image_id", "category_id", "bbox": [x, y, w, h], "score"}` (or `constant`)."""
+def coco_results(records: list[dict], constant: float | None = None, iou_type: str = "bbox") -> list[dict]:
+    """Every box as a COCO result `{"image_id", "category_id", "bbox": [x, y, w, h], "score"}` (or `constant`); for
+    `iou_type` segm, its mask instead: `"segmentation": {"size", "counts"}`."""
     results = []
     for record in records:
         for item in record["asked"]:
-            for (x1, y1, x2, y2), score in zip(item["boxes"], item["scores"]):
-                results.append({"image_id": record["image_id"], "category_id": item["category_id"],
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score if constant is None else constant})
+            shapes = item["masks"] if iou_type == "segm" else item["boxes"]
+            for shape, score in zip(shapes, item["scores"]):
+                placed = {"segmentation": shape} if iou_type == "segm" else {"bbox": _xywh(shape)}
+                results.append({"image_id": record["image_id"], "category_id": item["category_id"], **placed,
+                                "score": score if constant is None else constant})
     return results
+
+
+def _xywh(box: Sequence[float]) -> list[float]:
+    x1, y1, x2, y2 = box
+    return [x1, y1, x2 - x1, y2 - y1]
 
 
 @dataclass(frozen=True)
 class CocoScores:
-    """COCOeval's bbox figures, 0..1 (None when no category of the images scored has a true box)."""
+    """COCOeval's bbox (or segm) figures, 0..1 (None when no category of the images scored has a true box)."""
 
     ap: float | None
     ap50: float | None
     recall: float | None  # AR@100, all areas
 
 
-def coco_scores(ground_truth: dict, records: list[dict], constant: float | None = None) -> CocoScores:
-    """COCOeval (bbox) over the images of `records`, with the boxes' scores or a `constant` one."""
+def coco_scores(ground_truth: dict, records: list[dict], constant: float | None = None,
+                iou_type: str = "bbox") -> CocoScores:
+    """COCOeval (bbox, or `iou_type` segm: the masks) over the images of `records`, with the boxes' scores or a
+    `constant` one."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     image_ids = sorted({record["image_id"] for record in records})
-    results = coco_results(records, constant)
+    results = coco_results(records, constant, iou_type)
     if not image_ids:
         return CocoScores(None, None, None)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
@@ -147,7 +170,7 @@ def coco_scores(ground_truth: dict, records: list[dict], constant: float | None 
             scored = set(image_ids)
             has_truth = any(a["image_id"] in scored and not a["iscrowd"] for a in ground_truth["annotations"])
             return CocoScores(0.0, 0.0, 0.0) if has_truth else CocoScores(None, None, None)
-        evaluation = COCOeval(truth, truth.loadRes(results), "bbox")
+        evaluation = COCOeval(truth, truth.loadRes(results), iou_type)
         evaluation.params.imgIds = image_ids
         evaluation.evaluate()
         evaluation.accumulate()
@@ -157,8 +180,30 @@ def coco_scores(ground_truth: dict, records: list[dict], constant: float | None 
 
 
 @dataclass(frozen=True)
+class MaskSummary:
+    """A split's mask figures: each present object's mask IoU (None: no box found it), and COCOeval (segm)."""
+
+    ious: list[float | None]
+    coco: CocoScores
+
+    @property
+    def found(self) -> list[float]:
+        """The IoUs of the objects found."""
+        return [value for value in self.ious if value is not None]
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.found) / len(self.found) if self.found else None
+
+    @property
+    def share_at_half(self) -> float | None:
+        """The share of the objects found whose mask reaches IoU >= 0.5."""
+        return _share(sum(value >= IOU_THRESHOLD for value in self.found), len(self.found))
+
+
+@dataclass(frozen=True)
 class DetectionSummary:
-    """A split's detection figures."""
+    """A split's detection figures (and its masks', when they were scored)."""
 
     images: int
     present: int
@@ -168,12 +213,16 @@ class DetectionSummary:
     constant: CocoScores
     auroc: float | None
     table: list[ThresholdRow]
+    masks: MaskSummary | None = None
 
 
-def summarise(ground_truth: dict, records: list[dict], thresholds: Sequence[float] = THRESHOLDS) -> DetectionSummary:
-    """Every figure of a split's predictions lines."""
+def summarise(ground_truth: dict, records: list[dict], thresholds: Sequence[float] = THRESHOLDS,
+              masks: bool = False) -> DetectionSummary:
+    """Every figure of a split's predictions lines (with `masks`, the masks' too)."""
     present, absent = phrase_scores(records)
     return DetectionSummary(
         images=len(records), present=len(present), absent=len(absent), objects=len(object_scores(records)),
         scored=coco_scores(ground_truth, records), constant=coco_scores(ground_truth, records, constant=1.0),
-        auroc=auroc(present, absent), table=threshold_table(records, thresholds))
+        auroc=auroc(present, absent), table=threshold_table(records, thresholds),
+        masks=MaskSummary(object_mask_ious(records), coco_scores(ground_truth, records, iou_type="segm")) if masks
+        else None)

@@ -1,7 +1,9 @@
 """Each split's figures beside Kosmos-2's published ones, as a table for people.
 
-The detection benchmark has no paper figure: its COCOeval figures, score AUROC and threshold table instead; the ocr
-benchmark neither: its error rates and line detection (`ocr_metrics.py`).
+The detection benchmark has no paper figure: its COCOeval figures, score AUROC and threshold table instead, and
+with a segmenter its masks' figures (mean mask IoU of the objects found, COCOeval segm); masks of the true boxes
+(`--masks-from-true-boxes`) have the masks' figures alone. The ocr benchmark has none either: its error rates and
+line detection (`ocr_metrics.py`).
 The paper's zero-shot figures (Kosmos-2, arXiv 2306.14824, Tables 2 and 3; the per-type Flickr30k Entities figures
 are those of microsoft/unilm `kosmos-2/evaluation/flickr_entities/README.md`), in percent.
 """
@@ -10,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kosmos_serve.evaluation.backends import TRUE_BOXES
 from kosmos_serve.evaluation.datasets import DETECTION_BENCHMARK, FLICKR_BENCHMARK, OCR_BENCHMARK, image_paths
-from kosmos_serve.evaluation.detection_metrics import summarise
+from kosmos_serve.evaluation.detection_metrics import CocoScores, MaskSummary, summarise
 from kosmos_serve.evaluation.metrics import RECALL_KS, RecallTally
 from kosmos_serve.evaluation.ocr_metrics import LINE_IOU_THRESHOLD, PageCounts
 from kosmos_serve.evaluation.runner import Outcome, SplitResult
@@ -38,6 +41,7 @@ RECALL_HEADER = ("benchmark", "split", "entity type", *(name for k in RECALL_KS 
 OCR_HEADER = ("benchmark", "split", "CER %", "WER %", "line P %", "line R %", "line F1 %", "matched CER %", "pages",
               "skipped")
 THRESHOLD_HEADER = ("min_score", "absent phrases keeping a box %", "present objects found %", "found vs no threshold %")
+COCO_HEADER = ("AP", "AP50", "AR@100")
 
 
 def recall_tally(records: list[dict]) -> RecallTally:
@@ -104,10 +108,17 @@ def format_report(outcome: Outcome) -> str:
     heading = (f"{settings.model} ({outcome.source}): greedy, no_repeat_ngram_size {settings.no_repeat_ngram_size}, "
                f"max_new_tokens {settings.max_new_tokens}; IoU >= 0.5 in the image's pixels")
     lines = [heading, ""]
-    if any(result.split.benchmark == DETECTION_BENCHMARK for result in outcome.results):
-        lines[0] = heading.replace("; IoU", "; task detection, every box with its score (min_score 0); IoU")
+    if settings.model == TRUE_BOXES:
+        lines[0] = (f"masks of the true boxes by the segmenter {settings.segmenter} alone, no Kosmos-2 "
+                    f"({outcome.source}); mask IoU in the image's pixels")
         for result in outcome.results:
-            lines += detection_lines(result)
+            lines += true_box_lines(result)
+        lines.pop()
+    elif any(result.split.benchmark == DETECTION_BENCHMARK for result in outcome.results):
+        lines[0] = heading.replace("; IoU", "; task detection, every box with its score (min_score 0) but those a "
+                                            "likelier phrase's box overlaps past nms_iou (KOSMOS_NMS_IOU=1: none); IoU")
+        for result in outcome.results:
+            lines += detection_lines(result, settings.segmenter)
         lines.pop()
     elif any(result.split.benchmark == OCR_BENCHMARK for result in outcome.results):
         lines[0] = heading.replace("; IoU >= 0.5", f"; task ocr; CER and WER of each page's text (its lines in the "
@@ -132,18 +143,23 @@ def format_report(outcome: Outcome) -> str:
     return "\n".join(lines + [""] + notes)
 
 
-def detection_lines(result: SplitResult) -> list[str]:
-    """A detection split's figures: COCOeval with the scores and with every score 1.0, AUROC, the threshold table."""
+def detection_lines(result: SplitResult, segmenter: str | None = None) -> list[str]:
+    """A detection split's figures: COCOeval with the scores and with every score 1.0, the masks' figures (with a
+    `segmenter`), AUROC, the threshold table."""
     split, records = result.split, result.records
-    figures = summarise(split.ground_truth, records)
+    figures = summarise(split.ground_truth, records, masks=segmenter is not None)
     asked = f"{figures.present + figures.absent} phrases asked ({figures.present} present, {figures.absent} absent)"
     heading = (f"{split.benchmark} {split.name}: {figures.images} images scored, {len(result.skipped)} skipped; "
                f"{asked}, {figures.objects} objects")
     lines = [heading, ""]
-    coco = [("COCOeval (bbox)", "AP", "AP50", "AR@100")]
-    for label, scores in (("boxes' scores", figures.scored), ("every score 1.0", figures.constant)):
-        coco.append((label, *(_percent(value) for value in (scores.ap, scores.ap50, scores.recall))))
+    coco = [("COCOeval (bbox)", *COCO_HEADER), _coco_row("boxes' scores", figures.scored),
+            _coco_row("every score 1.0", figures.constant)]
     lines += [format_table(coco, left=1), ""]
+    if figures.masks is not None:
+        intro = (f"Masks by the segmenter {segmenter}, each true object's from the box that found it (the "
+                 "best-scored of its category's at IoU >= 0.5):")
+        segm = [("COCOeval (segm)", *COCO_HEADER), _coco_row("boxes' scores", figures.masks.coco)]
+        lines += [intro, _mask_line(figures.masks), format_table(segm, left=1), ""]
     auroc = "-" if figures.auroc is None else f"{figures.auroc:.3f}"
     lines += [f"Score AUROC, present against absent phrases: {auroc}", ""]
     table = [THRESHOLD_HEADER] + [
@@ -153,6 +169,29 @@ def detection_lines(result: SplitResult) -> list[str]:
                "KOSMOS_MIN_SCORE or a request's min_score sets another.)")
     lines += [format_table(table, left=1), default, ""]
     return lines
+
+
+def true_box_lines(result: SplitResult) -> list[str]:
+    """A detection split's masks of the true boxes: each object's mask IoU, and COCOeval (segm) with the masks'
+    own scores."""
+    split, records = result.split, result.records
+    figures = summarise(split.ground_truth, records, masks=True).masks
+    heading = (f"{split.benchmark} {split.name}: {len(records)} images scored, {len(result.skipped)} skipped; "
+               f"{len(figures.ious)} objects")
+    coco = [("COCOeval (segm)", *COCO_HEADER), _coco_row("the masks' own scores", figures.coco)]
+    return [heading, "", _mask_line(figures), format_table(coco, left=1), ""]
+
+
+def _mask_line(figures: MaskSummary) -> str:
+    """`40 of 52 objects found; mean mask IoU 0.812, IoU >= 0.5: 97.5%`."""
+    found = f"{len(figures.found)} of {len(figures.ious)} objects found"
+    if figures.mean is None:
+        return f"{found}; no mask scored"
+    return f"{found}; mean mask IoU {figures.mean:.3f}, IoU >= 0.5: {100 * figures.share_at_half:.1f}%"
+
+
+def _coco_row(label: str, scores: CocoScores) -> tuple:
+    return (label, *(_percent(value) for value in (scores.ap, scores.ap50, scores.recall)))
 
 
 def _percent(share: float | None) -> float | None:

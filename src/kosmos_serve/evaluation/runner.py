@@ -5,8 +5,9 @@ A predictions line (one per example) holds what error analysis needs and what a 
      "boxes" (predicted, pixels, in the order written), "truth" (pixels), "iou" (each predicted box's best),
      "hit", ["recall": {"1", "5", "10"}, "types"] (flickr30k), "model", "max_new_tokens", "no_repeat_ngram_size",
      "ground_truth"}
-The detection benchmark writes one line per image instead, every phrase asked in "asked" (`detection.py`); the ocr
-benchmark one line per page, the lines read and the true ones in "lines" and "truth" (`ocr_pages.py`).
+The detection benchmark writes one line per image instead, every phrase asked in "asked" (`detection.py`); a run
+that scores masks adds "segmenter", and each phrase's "masks" and "mask_ious". The ocr benchmark writes one line per
+page, the lines read and the true ones in "lines" and "truth" (`ocr_pages.py`).
 Lines are appended a batch at a time with flush and fsync (the annotate command's `RecordAppender`); a run killed
 mid-write leaves at most a torn last line, which the next run drops. A re-run with the same `--out` scores only
 the examples not in the file yet, and refuses a file whose lines were made with other settings.
@@ -26,9 +27,16 @@ from tqdm import tqdm
 from kosmos_serve.collections.records import PreviousRun, RecordAppender
 from kosmos_serve.collections.runner import stop_on_signals
 from kosmos_serve.config import EngineSettings
-from kosmos_serve.engine import start_engine
+from kosmos_serve.engine import start_engine, start_segmenter
 from kosmos_serve.errors import InvalidRequestError
-from kosmos_serve.evaluation.backends import Generation, LocalBackend, ServiceBackend, Skipped
+from kosmos_serve.evaluation.backends import (
+    TRUE_BOXES,
+    Generation,
+    LocalBackend,
+    ServiceBackend,
+    Skipped,
+    TrueBoxBackend,
+)
 from kosmos_serve.evaluation.datasets import (
     DETECTION_BENCHMARK,
     FLICKR_BENCHMARK,
@@ -47,7 +55,8 @@ from kosmos_serve.tasks import Task
 ORIGINAL_NO_REPEAT_NGRAM_SIZE = 3  # the original evaluation scripts decode greedily with --no-repeat-ngram-size 3
 DEFAULT_MAX_NEW_TOKENS = 128  # the original allows 500 tokens in all; the box of the phrase comes in the first few
 OCR_MAX_NEW_TOKENS = 1024  # a page is long: Kosmos-2.5's own default (its model doc's examples)
-SETTINGS_FIELDS = ("model", "max_new_tokens", "no_repeat_ngram_size", "ground_truth")
+SETTINGS_FIELDS = ("model", "max_new_tokens", "no_repeat_ngram_size", "ground_truth")  # on every line
+SEGMENTER_FIELD = "segmenter"  # on the lines of a run that scores masks
 IDENTITY_FIELDS = ("benchmark", "annotations", "key")
 
 
@@ -59,9 +68,11 @@ class Settings:
     max_new_tokens: int
     no_repeat_ngram_size: int
     ground_truth: str = "mdetr"  # or "flickr30k_entities": the official folder's boxes and types
+    segmenter: str | None = None  # the one whose masks are scored (none: masks are not)
 
     def as_dict(self) -> dict:
-        return {name: getattr(self, name) for name in SETTINGS_FIELDS}
+        settings = {name: getattr(self, name) for name in SETTINGS_FIELDS}
+        return settings if self.segmenter is None else {**settings, SEGMENTER_FIELD: self.segmenter}
 
 
 @dataclass
@@ -160,11 +171,12 @@ class PredictionLog:
     def _check(self, number: int, record: dict) -> None:
         if self.files is not None and (record["benchmark"], record["annotations"]) not in self.files:
             return
-        for name, value in self.settings.as_dict().items():
-            if record[name] != value:
+        settings = self.settings.as_dict()
+        for name in (*SETTINGS_FIELDS, SEGMENTER_FIELD):
+            if record.get(name) != settings.get(name):
                 raise InvalidRequestError(
-                    f"--out {self.path} line {number} was made with {name} {record[name]!r}, not this run's {value!r}; "
-                    "write to another --out (or move that file away) to score afresh.")
+                    f"--out {self.path} line {number} was made with {name} {record.get(name)!r}, not this run's "
+                    f"{settings.get(name)!r}; write to another --out (or move that file away) to score afresh.")
 
     def earlier(self, split: Split, example: Example) -> dict | None:
         """The line an earlier run wrote for this example, if any."""
@@ -238,38 +250,47 @@ def evaluate_benchmark(benchmark: str, annotations: Sequence[Path], images: Path
                        no_repeat_ngram_size: int = ORIGINAL_NO_REPEAT_NGRAM_SIZE,
                        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 16,
                        show_progress: bool = False, on_cluster: Callable[..., Outcome] | None = None,
-                       api_key: str | None = None, ontology: Path | None = None) -> Outcome:
+                       api_key: str | None = None, ontology: Path | None = None, segmenter: str | None = None,
+                       masks_from_true_boxes: bool = False) -> Outcome:
     """Score a model (loaded here, served at `url` with `api_key`, or run by `on_cluster(splits, log, settings=,
     params=)`, which the CLI's --ray hands in) on a benchmark's annotation files; files are checked first.
 
     detection: `annotations` are COCO ground truth (with `ontology`, an `annotate --ontology` file), every box asked
-    for with its score (`min_score` 0). ocr: `annotations` are JSONL of each image's lines (`ocr_pages.py`)."""
+    for with its score (`min_score` 0); with a `segmenter` (loaded here), with its mask too, scored against the
+    annotations' segmentation; with `masks_from_true_boxes`, no model: the segmenter masks the true boxes.
+    ocr: `annotations` are JSONL of each image's lines (`ocr_pages.py`)."""
     entities = FlickrEntities(flickr_entities) if flickr_entities is not None else None
     detection = benchmark == DETECTION_BENCHMARK
     if detection:
-        splits = read_detection_splits(list(annotations), images, limit, ontology)
+        splits = read_detection_splits(list(annotations), images, limit, ontology, masks=segmenter is not None)
     elif benchmark == OCR_BENCHMARK:
         splits = read_ocr_splits(list(annotations), images, limit)
     else:
         splits = read_splits(benchmark, list(annotations), images, limit, entities)
     params = GenerationParams(max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size,
-                              min_score=0.0 if detection else None)
+                              min_score=0.0 if detection else None, masks=segmenter is not None)
     backend = ServiceBackend(url, params, api_key=api_key) if url is not None else None
     ground_truth = "flickr30k_entities" if entities is not None else "mdetr"
     if detection:
         ground_truth = ground_truth_name(ontology)
     elif benchmark == OCR_BENCHMARK:
         ground_truth = "ocr lines"
-    log = PredictionLog(out, Settings(backend.model if backend else str(model), max_new_tokens, no_repeat_ngram_size,
-                                      ground_truth),  # a file of other settings is refused before the model loads
+    name = TRUE_BOXES if masks_from_true_boxes else backend.model if backend else str(model)
+    # a file of other settings is refused before the model loads
+    log = PredictionLog(out, Settings(name, max_new_tokens, no_repeat_ngram_size, ground_truth, segmenter),
                         {(split.benchmark, split.annotations.name) for split in splits})
     try:
         if on_cluster is not None:
-            return on_cluster(splits, log, settings=_engine_settings(str(model), quantize, batch_size, params),
-                              params=params)
-        if backend is None:
-            backend = LocalBackend(start_engine(_engine_settings(str(model), quantize, batch_size, params)), params)
-        check_model_runs(benchmark, backend)
+            return on_cluster(splits, log, settings=_engine_settings(str(model), quantize, batch_size, params,
+                                                                     segmenter), params=params)
+        if masks_from_true_boxes:
+            settings = EngineSettings(segmenter=segmenter)
+            backend = TrueBoxBackend(start_segmenter(settings), settings.max_image_pixels)
+        else:
+            if backend is None:
+                backend = LocalBackend(start_engine(_engine_settings(str(model), quantize, batch_size, params,
+                                                                     segmenter)), params)
+            check_model_runs(benchmark, backend)
         return run(splits, backend, log, batch_size=batch_size, show_progress=show_progress,
                    source=url or "this process")
     finally:
@@ -291,9 +312,10 @@ def check_model_runs(benchmark: str, backend: LocalBackend | ServiceBackend) -> 
                               "ocr.")
 
 
-def _engine_settings(model: str, quantize: str, batch_size: int, params: GenerationParams) -> EngineSettings:
+def _engine_settings(model: str, quantize: str, batch_size: int, params: GenerationParams,
+                     segmenter: str | None) -> EngineSettings:
     """The engine settings of a run, its decoding parameters checked against their limits first."""
-    settings = EngineSettings(model=model, max_batch_rows=batch_size, quantize=quantize)
+    settings = EngineSettings(model=model, max_batch_rows=batch_size, quantize=quantize, segmenter=segmenter)
     params.validate(settings.max_new_tokens_cap)
     return settings
 

@@ -10,7 +10,9 @@ and under `coco/`, for `--benchmark detection`:
 - `instances_synthetic.json`: COCO ground truth whose categories are class phrases, as an ontology names them:
   one per kind of object (colour and shape, "a red circle"; two red circles are two boxes of it), and per scene
   `--absent` phrases of kinds not in it ("a green star"), drawn with the seed and the scene's number, listed in the
-  image's `neg_category_ids` (LVIS's field), so each scene is asked for its own kinds and those absent ones.
+  image's `neg_category_ids` (LVIS's field), so each scene is asked for its own kinds and those absent ones; each
+  object's annotation has its true mask as `segmentation` (COCO run-length encoding, from the records' `masks`),
+  which `evaluate --segmenter` scores masks against.
 
     python -m kosmos_serve.evaluation.synthetic data/shapes-eval --n 200 --seed 2
 """
@@ -127,18 +129,18 @@ def write_detection_file(shapes_dir: Path, absent: int = ABSENT_PER_SCENE, seed:
     absent ones); returns its path."""
     shapes_dir = Path(shapes_dir)
     records = [json.loads(line) for line in (shapes_dir / "records.jsonl").read_text(encoding="utf-8").splitlines()]
-    scenes: dict[str, list[tuple[str, list[int]]]] = {}  # image -> its objects' class phrases and boxes
+    scenes: dict[str, list[tuple[str, list[int], dict | None]]] = {}  # image -> its objects' phrases, boxes, masks
     negatives = {}
     for record in records:
         objects = scenes.setdefault(record["image"], [])
         if record.get("task") == "referring":  # one per object: "the small red circle" -> (red, circle)
             words = record["expression"].split()
             kind = next(w for w in words if w in COLOURS), next(w for w in words if w in SHAPES)
-            objects.append((class_phrase(*kind), record["boxes"][0]))
+            objects.append((class_phrase(*kind), record["boxes"][0], record.get("masks", [None])[0]))
     for name, objects in scenes.items():
-        kinds = [tuple(phrase.split()[1:]) for phrase, _ in objects]
+        kinds = [tuple(phrase.split()[1:]) for phrase, _, _ in objects]
         negatives[name] = absent_phrases(kinds, absent, seed, int(Path(name).stem))
-    phrases = sorted({phrase for objects in scenes.values() for phrase, _ in objects}
+    phrases = sorted({phrase for objects in scenes.values() for phrase, _, _ in objects}
                      | {phrase for chosen in negatives.values() for phrase in chosen})
     ids = {phrase: number for number, phrase in enumerate(phrases, start=1)}
     truth = {"info": {"description": f"synthetic shapes scenes, {absent} absent phrases per scene (seed {seed})"},
@@ -150,10 +152,11 @@ def write_detection_file(shapes_dir: Path, absent: int = ABSENT_PER_SCENE, seed:
         scene = int(Path(name).stem)
         truth["images"].append({"id": scene, "file_name": name, "width": width, "height": height,
                                 "neg_category_ids": [ids[phrase] for phrase in negatives[name]]})
-        for phrase, (x1, y1, x2, y2) in objects:
+        for phrase, (x1, y1, x2, y2), mask in objects:
             truth["annotations"].append({"id": len(truth["annotations"]) + 1, "image_id": scene,
                                          "category_id": ids[phrase], "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                         "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+                                         "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
+                                         **({"segmentation": mask} if mask is not None else {})})
     path = shapes_dir / "coco" / DETECTION_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(truth), encoding="utf-8")

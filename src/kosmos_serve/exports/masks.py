@@ -1,7 +1,10 @@
 """Masks (COCO run-length encoding, `grounding.Mask`) -> pixels, area, and the shapes other tools take them in.
 
 - `mask_pixels`: the H x W boolean array, as pycocotools' `mask.decode` gives it;
+- `encode_mask`: the other way, an H x W boolean array as the JSON of pycocotools' `mask.encode`, byte for byte
+  (what `kosmos-serve data shapes` writes its true masks with, on an install without the `masks` extra);
 - `mask_area`: its pixel count, as pycocotools' `mask.area` gives it, read from the runs alone;
+- `mask_iou`: intersection over union of two masks, the figure `evaluate --segmenter` reports;
 - `brush_rle`: Label Studio's own run-length encoding for `brushlabels` (label-studio-sdk's `brush.mask2rle`
   of the mask as 0/255, byte for byte);
 - `outline`: the boundary of the mask's largest part as a polygon, for Label Studio's `polygonlabels`, which
@@ -91,6 +94,42 @@ def mask_pixels(mask: Mask | Mapping) -> np.ndarray:
     runs = mask_runs(mask)
     values = np.arange(len(runs)) % 2 == 1
     return np.repeat(values, runs).reshape(width, height).T
+
+
+def encode_mask(pixels: np.ndarray) -> dict:
+    """A boolean H x W mask as `{"size": [h, w], "counts": "..."}`, exactly what pycocotools' `mask.encode` writes:
+    the runs of `mask_runs`, in column-major order, background first, each written as `mask_runs` reads it.
+
+    >>> encode_mask(np.array([[0, 1], [1, 1], [1, 0]], dtype=bool))
+    {'size': [3, 2], 'counts': '141'}
+    """
+    pixels = np.asarray(pixels, dtype=bool)
+    height, width = pixels.shape
+    values = pixels.T.ravel()
+    changes = np.flatnonzero(values[1:] != values[:-1]) + 1
+    runs = np.diff(np.concatenate(([0], changes, [values.size]))).tolist()
+    if values[0]:
+        runs.insert(0, 0)  # the first run is always the background's, here empty
+    characters = []
+    for index, run in enumerate(runs):
+        value = run - runs[index - 2] if index > 2 else run
+        more = True
+        while more:
+            group, value = value & 0x1F, value >> 5
+            more = value != -1 if group & 0x10 else value != 0
+            characters.append(chr(group + 48 + 0x20 * more))
+    return {"size": [height, width], "counts": "".join(characters)}
+
+
+def mask_iou(predicted: Mask | Mapping, truth: Mask | Mapping) -> float:
+    """Intersection over union of two masks of one image (1.0 when both are empty).
+
+    >>> mask_iou({"size": [3, 2], "counts": "141"}, {"size": [3, 2], "counts": "15"})  # 4 pixels of 5
+    0.8
+    """
+    first, second = mask_pixels(predicted), mask_pixels(truth)
+    union = np.logical_or(first, second).sum()
+    return float(np.logical_and(first, second).sum() / union) if union else 1.0
 
 
 def mask_area(mask: Mask | Mapping) -> int:

@@ -12,7 +12,7 @@ from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
-from kosmos_serve.generation import MinScore
+from kosmos_serve.generation import MinScore, NmsIou
 from kosmos_serve.images import load_image
 from kosmos_serve.server.state import ServiceState
 
@@ -25,6 +25,10 @@ MIN_SCORE_DESCRIPTION = ("Drop boxes scored under this (0..1; an entity left wit
                          "in the text). Unset: every box is kept, except for the detection task, which drops boxes "
                          "under the service's default (GET /info `defaults.min_score`; KOSMOS_MIN_SCORE).")
 
+NMS_IOU_DESCRIPTION = ("Of two boxes of different phrases overlapping by more than this IoU (0..1), drop the "
+                       "lower-scored one: one region, one phrase (1: off). Unset: off, except for the detection task, "
+                       "which uses the service's default (GET /info `defaults.nms_iou`; KOSMOS_NMS_IOU).")
+
 
 def _not_a_boolean(value: Any) -> Any:
     if isinstance(value, bool):  # pydantic would read true as 1.0: a threshold that keeps nothing but certainties
@@ -34,6 +38,7 @@ def _not_a_boolean(value: Any) -> Any:
 
 # The engine's MinScore (0..1, finite), as the protocols' bodies take it: a JSON true or false is refused too.
 MinScoreField = Annotated[MinScore, BeforeValidator(_not_a_boolean)]
+NmsIouField = Annotated[NmsIou, BeforeValidator(_not_a_boolean)]
 
 
 def service_state(request: Request) -> ServiceState:

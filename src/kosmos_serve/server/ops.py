@@ -57,6 +57,7 @@ async def info(request: Request):
             "max_new_tokens": engine.defaults.max_new_tokens if engine else limits.max_new_tokens,
             "no_repeat_ngram_size": engine.defaults.no_repeat_ngram_size if engine else limits.no_repeat_ngram_size,
             "min_score": state.default_min_score,  # detection's, Label Studio's and Supervisely's threshold
+            "nms_iou": state.default_nms_iou,  # and their suppression across phrases
         },
         "tasks": [task.value for task in _tasks(state)],
     }

@@ -21,7 +21,14 @@ from kosmos_serve.generation import (
     Temperature,
     TopP,
 )
-from kosmos_serve.server.common import MIN_SCORE_DESCRIPTION, SCORE_MEANING, SCORES_DESCRIPTION, MinScoreField
+from kosmos_serve.server.common import (
+    MIN_SCORE_DESCRIPTION,
+    NMS_IOU_DESCRIPTION,
+    SCORE_MEANING,
+    SCORES_DESCRIPTION,
+    MinScoreField,
+    NmsIouField,
+)
 from kosmos_serve.tasks import Task, TaskInput
 
 PixelCoordinate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -54,6 +61,7 @@ class GenerationFields(BaseModel):
                           "original demo's 3)."
     )
     min_score: MinScoreField | None = Field(None, description=MIN_SCORE_DESCRIPTION)
+    nms_iou: NmsIouField | None = Field(None, description=NMS_IOU_DESCRIPTION)
     masks: bool = Field(False, description="Also a mask for every box (COCO run-length encoding in the image's pixels) "
                                            "and its score, from the service's segmenter (started with --segmenter; "
                                            "GET /info `segmenter`); without one, 422.")
@@ -64,7 +72,7 @@ class GenerationFields(BaseModel):
         return GenerationParams(
             max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, temperature=self.temperature,
             top_p=self.top_p, num_beams=self.num_beams, seed=self.seed, no_repeat_ngram_size=self.no_repeat_ngram_size,
-            min_score=self.min_score, masks=self.masks,
+            min_score=self.min_score, nms_iou=self.nms_iou, masks=self.masks,
         )
 
     def task_input(self, boxes: list[PixelBoxInput]) -> TaskInput:

@@ -59,6 +59,15 @@ class ServiceState:
         configured = self.engine_settings.min_score
         return configured if configured is not None else BUILT_IN_DEFAULTS.min_score
 
+    @property
+    def default_nms_iou(self) -> float:
+        """The IoU over which detection drops the lower-scored of two phrases' boxes when a request sets none: the
+        engine's default, as `default_min_score`."""
+        if self.engine is not None:
+            return self.engine.defaults.nms_iou
+        configured = self.engine_settings.nms_iou
+        return configured if configured is not None else BUILT_IN_DEFAULTS.nms_iou
+
     def prepare(self, request: Request) -> PreparedRequest:
         """`request` validated by the engine (when a caller needs its prompts or defaults before it runs)."""
         self.ready_batcher()

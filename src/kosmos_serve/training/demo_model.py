@@ -31,7 +31,7 @@ SCORES_FILE = "held-out-scores.txt"
 # (`</object> , <phrase>`), which the original demo's no-repeat-3-gram rule would forbid.
 # Its score threshold was chosen on held-out scenes (BENCHMARKS.md, "Scores and the threshold").
 DEMO_DEFAULTS = ModelDefaults(default_prompt="<grounding> An image of", max_new_tokens=64, no_repeat_ngram_size=0,
-                              min_score=0.1)
+                              min_score=0.002, nms_iou=0.5)
 
 
 def build_demo_model(out_dir: str | Path, log: Callable[[str], None] = print) -> Path:

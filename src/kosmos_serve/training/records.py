@@ -13,6 +13,11 @@ rotation applied), or in 0..1 when the record says `"box_units": "normalized"`. 
     {"image": "a.png", "task": "region", "boxes": [[10, 20, 90, 100]], "description": "a red circle"}
     -> prompt `<grounding><phrase> It</phrase><object>...</object> is`, target ` a red circle`
 
+A record (or a caption's span) may give `masks` beside `boxes`, one per box: the object's true mask as COCO
+run-length encoding (`{"size": [height, width], "counts": "..."}`, in the pixels of the image as a viewer sees
+it), as `kosmos-serve data shapes` writes them. Training does not read them; `evaluate --segmenter` scores the
+segmenter's masks against them.
+
 GRIT's own records (those with `noun_chunks`) are read as they are: boxes normalised unless
 `box_units` says otherwise, the image is `image` or else `<key>.jpg` beside the JSONL file; the noun
 chunks make one caption example (chunks on one span share it) and each of `ref_exps` a referring one.
@@ -21,6 +26,7 @@ Targets carry no end-of-sequence token: the trainer appends it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -30,7 +36,8 @@ from pathlib import Path
 from transformers.models.kosmos2.processing_kosmos2 import coordinate_to_patch_index
 
 from kosmos_serve.errors import KosmosServeError
-from kosmos_serve.grounding import NormalisedBox, to_normalised_box
+from kosmos_serve.exports.masks import as_mask, mask_problem
+from kosmos_serve.grounding import Mask, NormalisedBox, to_normalised_box
 from kosmos_serve.images import open_lazily
 
 GROUNDING_TAG = "<grounding>"
@@ -44,13 +51,24 @@ MAX_LISTED_PROBLEMS = 20
 
 
 @dataclass(frozen=True)
+class TrueMask:
+    """An object's true mask, with the words that name it and its box in pixels (as a viewer sees the image)."""
+
+    phrase: str
+    box: tuple[float, float, float, float]
+    mask: Mask
+
+
+@dataclass(frozen=True)
 class Example:
-    """One training example: an image, the text the model is given (no loss) and the text it must write."""
+    """One training example: an image, the text the model is given (no loss) and the text it must write; and the
+    true masks of the boxes in it, when its record gives them (`evaluate --segmenter`)."""
 
     image_path: Path
     prompt: str
     target: str
     kind: str  # "caption" | "referring" | "region"
+    masks: tuple[TrueMask, ...] = ()
 
 
 class DataError(KosmosServeError):
@@ -149,17 +167,23 @@ class RecordReader:
             raise BadRecord(f"unknown task {task!r}; use caption, referring or region")
         image = self.image_path(record)
         read_boxes = self.box_reader(record, image, PIXELS)
+        read_masks = self.mask_reader(record, image)
         if task == "caption":
             spans = record.get("spans")
             if not isinstance(spans, list) or not all(isinstance(span, dict) for span in spans):
                 raise BadRecord('field "spans" must be a list of {"start", "end", "boxes"} objects')
-            spans = [(index(s.get("start")), index(s.get("end")), read_boxes(s.get("boxes"))) for s in spans]
-            return [caption_example(image, required_text(record, "caption"), spans)]
+            spans = [(index(s.get("start")), index(s.get("end")), read_boxes(s.get("boxes")), s) for s in spans]
+            caption = required_text(record, "caption")
+            example = caption_example(image, caption, [span[:3] for span in spans])
+            masks = tuple(mask for start, end, _, span in spans for mask in read_masks(caption[start:end], span))
+            return [dataclasses.replace(example, masks=masks)]
         if task == "referring":
             expression = required_text(record, "expression")
-            return [referring_example(image, expression, read_boxes(record.get("boxes")))]
+            example = referring_example(image, expression, read_boxes(record.get("boxes")))
+            return [dataclasses.replace(example, masks=read_masks(expression.strip(), record))]
         prompt = f"{GROUNDING_TAG}<phrase> It</phrase>{box_tokens(read_boxes(record.get('boxes')))} is"
-        return [Example(image, prompt, " " + required_text(record, "description").strip(), "region")]
+        description = required_text(record, "description").strip()
+        return [Example(image, prompt, " " + description, "region", read_masks(description, record))]
 
     def grit_examples(self, record: dict) -> list[Example]:
         """A GRIT record: one caption example from its noun chunks, one referring example per ref_exp."""
@@ -199,6 +223,28 @@ class RecordReader:
             return [to_normalised_box(checked_box(box, width, height, units), width, height) for box in boxes]
 
         return read_boxes
+
+    def mask_reader(self, record: dict, image: Path):
+        """A function that checks the masks a record (or a span of it) gives its boxes, which read_boxes has
+        checked, and returns each with its phrase and box in pixels (none when it gives no masks)."""
+        normalised = record.get("box_units", PIXELS) == NORMALIZED
+
+        def read_masks(phrase: str, holder: dict) -> tuple[TrueMask, ...]:
+            masks, boxes = holder.get("masks"), holder["boxes"]
+            if masks is None:
+                return ()
+            width, height = self.viewed_size(image)
+            scale = (width, height) if normalised else (1, 1)
+            if not isinstance(masks, list) or len(masks) != len(boxes):
+                raise BadRecord('field "masks" must be a list of one mask per box')
+            for mask in masks:
+                problem = mask_problem(mask, height, width)
+                if problem is not None:
+                    raise BadRecord(f"mask {json.dumps(mask)[:80]}: {problem}")
+            return tuple(TrueMask(phrase, (x1 * scale[0], y1 * scale[1], x2 * scale[0], y2 * scale[1]), as_mask(mask))
+                         for (x1, y1, x2, y2), mask in zip(boxes, masks))
+
+        return read_masks
 
     def viewed_size(self, image: Path) -> tuple[int, int]:
         """Width and height of the image as a viewer sees it (EXIF rotation applied), from its header."""

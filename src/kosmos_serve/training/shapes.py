@@ -3,8 +3,11 @@
 Each scene is a PNG of 1 to 4 filled shapes on a plain, gradient or noisy neutral background, and
 three kinds of record in the format of `kosmos_serve.training.records` (pixel boxes): one grounded
 caption ("An image of a red circle and a blue square."), and per object one referring expression
-("the red circle") and one region description ("a red circle"). Two objects of the same colour and
-shape are told apart by size ("the small red circle") or else by place ("the red circle on the left").
+("the red circle") and one region description ("a red circle"). Each object's referring record also
+holds its true mask beside its box (`masks`: the pixels of it that show, a later shape hiding what it
+covers of an earlier one, as COCO run-length encoding), which `evaluate --segmenter` scores masks against;
+the caption and region records, which hold the same boxes, are left as they are. Two objects of the same
+colour and shape are told apart by size ("the small red circle") or else by place ("the red circle on the left").
 Everything is drawn from `random.Random` and numpy generators seeded per scene, so the same `n` and
 `seed` write byte-identical files.
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from kosmos_serve.exports.masks import encode_mask
 from kosmos_serve.grounding import iou
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -68,10 +72,10 @@ def write_shapes_dataset(out_dir: str | Path, n: int, seed: int) -> Path:
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for index in range(n):
-        image, objects = draw_scene(random.Random(f"shapes:{seed}:{index}"))
+        image, objects, masks = draw_scene_with_masks(random.Random(f"shapes:{seed}:{index}"))
         name = f"images/{index:06d}.png"
         image.save(out_dir / name, format="PNG")
-        lines += [json.dumps(record) for record in scene_records(name, objects)]
+        lines += [json.dumps(record) for record in scene_records(name, objects, [encode_mask(m) for m in masks])]
     records_path = out_dir / "records.jsonl"
     records_path.write_text("".join(line + "\n" for line in lines), encoding="utf-8", newline="\n")
     return records_path
@@ -209,9 +213,12 @@ def with_article(words: str) -> str:
     return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
-def scene_records(image_name: str, objects: list[SceneObject]) -> list[dict]:
-    """The caption record (objects left to right), then one referring and one region record per object."""
-    ordered = sorted(objects, key=lambda o: o.centre[0])
+def scene_records(image_name: str, objects: list[SceneObject], masks: list[dict] | None = None) -> list[dict]:
+    """The caption record (objects left to right), then one referring and one region record per object; with
+    `masks` (each object's, in the order of `objects`), each referring record's mask after all else it holds."""
+    order = sorted(range(len(objects)), key=lambda i: objects[i].centre[0])
+    ordered = [objects[i] for i in order]
+    mask_fields = [{"masks": [masks[i]]} if masks is not None else {} for i in order]
     words = describe_objects(ordered)
     phrases = [with_article(w) for w in words]
     caption, spans = "An image of ", []
@@ -222,8 +229,8 @@ def scene_records(image_name: str, objects: list[SceneObject]) -> list[dict]:
         caption += phrase
     records = [{"image": image_name, "caption": caption + ".", "spans": spans}]
     records += [
-        {"image": image_name, "task": "referring", "expression": f"the {name}", "boxes": [list(obj.box)]}
-        for obj, name in zip(ordered, words)
+        {"image": image_name, "task": "referring", "expression": f"the {name}", "boxes": [list(obj.box)], **fields}
+        for obj, name, fields in zip(ordered, words, mask_fields)
     ]
     records += [
         {"image": image_name, "task": "region", "boxes": [list(obj.box)], "description": phrase}

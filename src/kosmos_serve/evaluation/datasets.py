@@ -79,7 +79,7 @@ class Split:
     benchmark: str
     annotations: Path
     images: Path  # the --images folder its examples' images were looked for in
-    examples: list  # Example, or detection.DetectionExample (one per image)
+    examples: list  # Example, or one per image: detection.DetectionExample, ocr_pages.PageExample
     available: int  # examples in the file (more than `examples` under --limit)
     ground_truth: dict | None = field(default=None, compare=False, repr=False)  # detection: the COCO file's content
 

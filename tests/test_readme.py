@@ -69,6 +69,9 @@ NOT_RUN = {
     "Error: Model 'microsoft/kosmos-2-patch14-224'": "the hub's error text: tests/model/test_cli.py checks it",
     '{"image": "images/000001.png"': "a record format: tests/model/test_training.py reads such records",
     "kosmos-serve data shapes --n 3000": "an hour of training",
+    '{"image": "scans/0001.png"': "a ground-truth format: tests/evaluation/test_ocr_evaluation.py reads such lines",
+    "kosmos-serve data pages --n 200": "the real Kosmos-2.5 cannot be downloaded here: tests/evaluation/"
+                                       "test_ocr_evaluation.py runs these commands on the tiny random one",
     "kosmos-serve train-demo": "52 minutes of training",
     "src/kosmos_serve/": "the source tree, not a command",
 }

@@ -146,7 +146,7 @@ def test_a_coco_2014_name_is_looked_for_in_its_own_folder_first():
     (("--benchmark", "refcoco", "--annotations", "{flickr}", "--images", "{folder}", "--model", "demo"),
      "Error: {flickr} is MDETR's Flickr30k Entities file; score it with --benchmark flickr30k."),
     (("--benchmark", "refclef", "--annotations", "{flickr}", "--images", "{folder}", "--model", "demo"),
-     "Error: Unknown benchmark 'refclef'; choose one of: refcoco, refcoco+, refcocog, flickr30k, detection."),
+     "Error: Unknown benchmark 'refclef'; choose one of: refcoco, refcoco+, refcocog, flickr30k, detection, ocr."),
     (("--benchmark", "flickr30k", "--annotations", "{records}", "--images", "{folder}", "--model", "demo"),
      "Error: {records} is not JSON: Extra data: line 2 column 1 (char 359); expected MDETR's Flickr30k Entities file"),
     (("--benchmark", "refcoco", "--annotations", "{flickr}", "--images", "{folder}"),

@@ -21,7 +21,7 @@ def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
     return run, {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines}
 
 
-@pytest.mark.parametrize("args", [[], *([name] for name in COMMANDS), ["data", "shapes"]],
+@pytest.mark.parametrize("args", [[], *([name] for name in COMMANDS), ["data", "shapes"], ["data", "pages"]],
                          ids=lambda args: " ".join(args) or "kosmos-serve")
 def test_help_imports_no_heavy_library(args):
     run, packages = run_cli(*args, "--help")

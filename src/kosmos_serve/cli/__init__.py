@@ -46,12 +46,12 @@ class CommandLine(LazyGroup, FriendlyErrors):
 COMMANDS = {  # name: (where the command is, the first sentence of its docstring: its line in kosmos-serve --help)
     "annotate": ("kosmos_serve.cli.annotate:annotate",
                  "Annotate every image of INPUTS into one JSONL file: one record per image, resumable."),
-    "data": ("kosmos_serve.cli.training:data", "Make training data."),
+    "data": ("kosmos_serve.cli.training:data", "Make training and evaluation data."),
     "demo": ("kosmos_serve.cli.serve:demo",
              "Run the web demo: the HTTP service in one process, with its Gradio page at /demo."),
     "evaluate": ("kosmos_serve.cli.evaluate:evaluate",
-                 ("Score a model's grounding: on the project's JSONL records (--data), or on the paper's benchmarks "
-                  "(--benchmark).")),
+                 ("Score a model's grounding (--data, or the paper's benchmarks) or a Kosmos-2.5's reading "
+                  "(--benchmark ocr).")),
     "export": ("kosmos_serve.cli.annotate:export",
                "Export annotation RECORDS (the JSONL of kosmos-serve annotate) as COCO or Label Studio tasks."),
     "predict": ("kosmos_serve.cli.predict:predict",

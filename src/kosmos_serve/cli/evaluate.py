@@ -1,5 +1,5 @@
 """`evaluate`: score a model's grounding (and a segmenter's masks) on the project's JSONL records or on the paper's
-benchmarks."""
+benchmarks, or a Kosmos-2.5's reading of pages."""
 
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ from kosmos_serve.errors import InvalidRequestError
 @click.option("--benchmark", help="refcoco, refcoco+, refcocog or flickr30k: the paper's benchmark, scored with the "
                                   "original evaluation's prompts and protocol; detection: COCO-format ground truth, "
                                   "each category's phrase asked (task detection), scored by COCOeval, score AUROC and "
-                                  "a min_score table.")
+                                  "a min_score table; ocr: a Kosmos-2.5's reading of pages (task ocr) against JSONL "
+                                  "ground truth of their lines, scored by CER, WER and line-box F1 at IoU>=0.5.")
 @click.option("--annotations", multiple=True, type=click.Path(path_type=Path),
               help="--benchmark: an MDETR annotation file (finetune_refcoco_val.json, "
-                   "final_flickr_separateGT_test.json, ...), or for detection a COCO ground-truth JSON; repeat for "
+                   "final_flickr_separateGT_test.json, ...), for detection a COCO ground-truth JSON, for ocr a JSONL "
+                   "of each image's lines (README: Reading pages; `kosmos-serve data pages` writes one); repeat for "
                    "several splits.")
 @click.option("--images", type=click.Path(path_type=Path),
               help="--benchmark: the folder the annotations' file names are relative to, or the one holding the "
@@ -48,9 +50,11 @@ from kosmos_serve.errors import InvalidRequestError
                    "with float32.")
 @click.option("--no-repeat-ngram-size", type=click.IntRange(min=0),
               help="Forbid repeating n-grams of this size while decoding (default: 0 with --data, plain greedy, which "
-                   "a caption of several objects needs; 3 with --benchmark, as the original evaluation).")
+                   "a caption of several objects needs; 3 with --benchmark, as the original evaluation; 0 with ocr, "
+                   "as Kosmos-2.5's model doc).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1),
-              help="--benchmark: new tokens per prompt (default 128; the original allowed 500 in all).")
+              help="--benchmark: new tokens per prompt (default 128, the original allowed 500 in all; ocr: 1024, "
+                   "Kosmos-2.5's default).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="--benchmark: prompts run (or sent) together.")
 @segmenter_option
@@ -61,12 +65,14 @@ from kosmos_serve.errors import InvalidRequestError
 def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, ontology, limit, url, out, quantize,
              no_repeat_ngram_size, max_new_tokens, batch_size, segmenter, masks_from_true_boxes, ray_address, workers,
              cpus_per_worker, gpus_per_worker):
-    """Score a model's grounding: on the project's JSONL records (--data), or on the paper's benchmarks (--benchmark).
+    """Score a model's grounding (--data, or the paper's benchmarks) or a Kosmos-2.5's reading (--benchmark ocr).
 
     --data: referring IoU>=0.5, caption recall, region descriptions exact. --benchmark: RefCOCO/+/g accuracy
     (the first box at IoU>=0.5) and Flickr30k Entities recall@1/5/10, each split beside the paper's figure;
     detection: COCOeval AP, AP50 and AR@100 with the boxes' scores and with every score 1.0, the score's AUROC for
-    phrases present against absent, and per min_score the absent phrases that keep a box and the objects found.
+    phrases present against absent, and per min_score the absent phrases that keep a box and the objects found;
+    ocr (Kosmos-2.5): each page's character and word error rates, its lines' boxes matched one to one at IoU>=0.5
+    (precision, recall, F1) and the matched lines' character error rate.
 
     With --segmenter, on true masks (--data records with "masks", as `data shapes` writes them; detection ground
     truth with "segmentation"): every box gets a mask, and each true object that a box found (its phrase's or
@@ -85,6 +91,8 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
           --annotations data/shapes-eval/coco/instances_synthetic.json --images data/shapes-eval/images
       kosmos-serve evaluate --model demo --segmenter demo --data data/shapes-eval/records.jsonl
       kosmos-serve evaluate --segmenter demo --masks-from-true-boxes --data data/shapes-eval/records.jsonl
+      kosmos-serve evaluate --model microsoft/kosmos-2.5 --benchmark ocr \\
+          --annotations data/pages/pages.jsonl --images data/pages --out pages-predictions.jsonl
     """
     segmenter = settings_from_flags(EngineSettings, {"segmenter": segmenter}).segmenter  # or KOSMOS_SEGMENTER
     if masks_from_true_boxes:
@@ -115,16 +123,21 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
         return
     from kosmos_serve.evaluation.datasets import BENCHMARKS
     from kosmos_serve.evaluation.report import format_report
-    from kosmos_serve.evaluation.runner import DEFAULT_MAX_NEW_TOKENS, ORIGINAL_NO_REPEAT_NGRAM_SIZE, evaluate_benchmark
+    from kosmos_serve.evaluation.runner import (
+        DEFAULT_MAX_NEW_TOKENS,
+        OCR_MAX_NEW_TOKENS,
+        ORIGINAL_NO_REPEAT_NGRAM_SIZE,
+        evaluate_benchmark,
+    )
 
     if benchmark not in BENCHMARKS:
         raise InvalidRequestError(f"Unknown benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}.")
     if data_file is not None or not annotations or images is None:
-        raise InvalidRequestError("--benchmark takes --annotations FILE (MDETR's; detection: COCO ground truth) and "
-                                  "--images DIR, not --data.")
+        raise InvalidRequestError("--benchmark takes --annotations FILE (MDETR's; detection: COCO ground truth; ocr: "
+                                  "JSONL of each image's lines) and --images DIR, not --data.")
     if ontology is not None and benchmark != "detection":
         raise InvalidRequestError("--ontology: only with --benchmark detection.")
-    if flickr_entities is not None and benchmark == "detection":
+    if flickr_entities is not None and benchmark != "flickr30k":
         raise InvalidRequestError("--flickr-entities: only with --benchmark flickr30k.")
     if segmenter is not None and benchmark != "detection":
         raise InvalidRequestError(f"--segmenter: masks are scored on --data records with masks or --benchmark "
@@ -139,12 +152,16 @@ def evaluate(model, data_file, benchmark, annotations, images, flickr_entities, 
         raise InvalidRequestError("--quantize is the service's to choose with --url (kosmos-serve serve --quantize).")
     if url and ray_address is not None:
         raise InvalidRequestError("--ray runs the model on a Ray cluster, --url through a service: one of them.")
+    ocr = benchmark == "ocr"
+    if no_repeat_ngram_size is None:
+        no_repeat_ngram_size = 0 if ocr else ORIGINAL_NO_REPEAT_NGRAM_SIZE
     outcome = evaluate_benchmark(
         benchmark, annotations, images, model=model, url=url, out=out, limit=limit, flickr_entities=flickr_entities,
         quantize=quantize, batch_size=batch_size, show_progress=sys.stderr.isatty(),
         on_cluster=_on_ray_cluster(ray_address, workers, cpus_per_worker, gpus_per_worker, batch_size),
-        no_repeat_ngram_size=ORIGINAL_NO_REPEAT_NGRAM_SIZE if no_repeat_ngram_size is None else no_repeat_ngram_size,
-        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS, api_key=_service_key() if url else None,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        max_new_tokens=max_new_tokens or (OCR_MAX_NEW_TOKENS if ocr else DEFAULT_MAX_NEW_TOKENS),
+        api_key=_service_key() if url else None,
         ontology=ontology, segmenter=segmenter, masks_from_true_boxes=masks_from_true_boxes,
     )
     click.echo(format_report(outcome))
@@ -185,10 +202,14 @@ def data_scores(model, examples, quantize: str = "none", no_repeat_ngram_size: i
     """`model`'s scores on the project's grounded records (`evaluate --data`, and `train`'s held-out report); with a
     `segmenter`, its masks' too."""
     from kosmos_serve.engine import start_engine
+    from kosmos_serve.tasks import Task
     from kosmos_serve.training.evaluate import evaluate as score
     from kosmos_serve.training.evaluate import format_scores
 
     engine = start_engine(EngineSettings(model=str(model), max_batch_rows=32, quantize=quantize, segmenter=segmenter))
+    if Task.RAW not in engine.family.tasks:
+        raise InvalidRequestError(f"--data scores a Kosmos-2's grounding, and {str(model)!r} is a {engine.family.name} "
+                                  "model; score its reading with --benchmark ocr.")
     return format_scores(score(engine, examples, no_repeat_ngram_size=no_repeat_ngram_size))
 
 

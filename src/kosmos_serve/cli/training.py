@@ -1,4 +1,5 @@
-"""`train`, `train-demo`, `train-demo-segmenter`, `tiny-model` and `data shapes`: models and training data of one's own."""
+"""`train`, `train-demo`, `train-demo-segmenter`, `tiny-model`, `data shapes` and `data pages`: models, and training
+and evaluation data, of one's own."""
 
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def tiny_segmenter(out, family, seed):
 
 @click.group()
 def data():
-    """Make training data."""
+    """Make training and evaluation data."""
 
 
 @data.command("shapes")
@@ -134,3 +135,14 @@ def data_shapes(count, seed, out):
     from kosmos_serve.training.shapes import write_shapes_dataset
 
     click.echo(str(write_shapes_dataset(out, count, seed)))
+
+
+@data.command("pages")
+@click.option("--n", "count", type=click.IntRange(min=1), required=True, help="Number of pages.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def data_pages(count, seed, out):
+    """Write synthetic pages of rendered text and each line's text and box (pages.jsonl: OCR ground truth) to OUT."""
+    from kosmos_serve.training.pages import write_pages_dataset
+
+    click.echo(str(write_pages_dataset(out, count, seed)))

@@ -1,5 +1,6 @@
-"""The paper's grounding benchmarks, scored with the original Kosmos-2 evaluation's prompts and protocol; and
-detection over COCO-format ground truth, which measures the boxes' scores (and with a segmenter, their masks).
+"""The paper's grounding benchmarks, scored with the original Kosmos-2 evaluation's prompts and protocol; detection
+over COCO-format ground truth, which measures the boxes' scores (and with a segmenter, their masks); and
+Kosmos-2.5's reading of pages (OCR).
 
     datasets.py         MDETR's RefCOCO/+/g and Flickr30k Entities files -> examples with the original prompts
     flickr_entities.py  the official Flickr30k Entities folder: true boxes and entity types as the original reads them
@@ -13,7 +14,10 @@ detection over COCO-format ground truth, which measures the boxes' scores (and w
     detection.py        COCO ground truth (+ an ontology) -> one detection request per image; its predictions line
     detection_metrics.py  COCOeval AP/AP50/AR@100 (scores, and every score 1.0), score AUROC, the min_score table;
                         with masks, each object's mask IoU and COCOeval segm
+    ocr_pages.py        JSONL ground truth of each image's lines (text, box) -> one ocr request per page; its line
+    ocr_metrics.py      a page's CER and WER, its lines matched one to one by box IoU >= 0.5 (P, R, F1), their CER
 
 `kosmos-serve evaluate --benchmark NAME --annotations FILE --images DIR` runs them (README: "Benchmarks";
-BENCHMARKS.md: "Scores and the threshold").
+BENCHMARKS.md: "Scores and the threshold"); `kosmos-serve data pages` writes synthetic pages to read
+(`kosmos_serve.training.pages`).
 """

@@ -2,12 +2,12 @@
 segmenter alone, no Kosmos-2 at all (`TrueBoxBackend`: each phrase given its true boxes, masked by the segmenter).
 
 Both send each example's task as it gives it (`Example.task_input()`: the grounding benchmarks' prompts exactly as
-written, task `raw` with `grounding: false`; the detection benchmark's phrases, task `detection`) and hand back the
-raw generation and the entities transformers' `post_process_generation` finds in it, with their normalised boxes
-and, where the parameters set `min_score`, each box's score (and with `masks`, each box's mask). Images are read as
-their
-pixels are stored, without applying an EXIF rotation: COCO's and Flickr30k's boxes are drawn on the stored pixels
-(the service is sent a PNG of those pixels when a file carries a rotation, its bytes as they are otherwise).
+written, task `raw` with `grounding: false`; the detection benchmark's phrases, task `detection`; the ocr benchmark's
+task `ocr`) and hand back the raw generation and the entities transformers' `post_process_generation` finds in it,
+with their normalised boxes and, where the parameters set `min_score`, each box's score (and with `masks`, each box's
+mask); for `ocr`, the lines read, each with its box in pixels. Images are read as their pixels are stored, without
+applying an EXIF rotation: COCO's and Flickr30k's boxes are drawn on the stored pixels (the service is sent a PNG of
+those pixels when a file carries a rotation, its bytes as they are otherwise).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from kosmos_serve.images import (
 from kosmos_serve.tasks import Task, TaskInput
 
 NormalisedBox = tuple[float, float, float, float]
+PixelBox = tuple[int, int, int, int]
 IMAGES_KEPT = 16  # decoded images kept: Flickr30k asks five captions' phrases of one image in a row
 SERVICE_CONCURRENCY = 8  # requests in flight at once: the service batches them
 BUSY_RETRIES = 30
@@ -60,6 +61,7 @@ class Generation:
     image_size: tuple[int, int]
     scores: tuple[tuple[float, ...], ...] = ()  # one tuple per entity, one score per box (asked with min_score)
     masks: tuple[tuple[dict, ...], ...] = ()  # one tuple per entity, one COCO RLE per box (asked with masks)
+    lines: tuple[tuple[str, PixelBox], ...] = ()  # task ocr: each line's text and box (pixels), in the order read
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class LocalBackend:
     def __init__(self, engine: Engine, params: GenerationParams):
         self.engine, self.params = engine, params
         self.model = engine.settings.model
+        self.family, self.tasks = engine.family.name, tuple(task.value for task in engine.family.tasks)
         self.images = ImageStore(lambda path: load_stored_pixels(path, engine.settings.max_image_pixels))
 
     def generate(self, examples: Sequence) -> list[Generation | Skipped]:
@@ -130,7 +133,8 @@ class LocalBackend:
             entities = tuple((e.phrase, tuple(e.boxes)) for e in result.entities)
             scores = tuple(tuple(e.scores) for e in result.entities) if self.params.min_score is not None else ()
             masks = tuple(tuple(m.to_dict() for m in e.masks) for e in result.entities) if self.params.masks else ()
-            outcomes[position] = Generation(result.raw_text, entities, tuple(result.image_size), scores, masks)
+            lines = tuple((line.text, line.box) for line in result.lines)
+            outcomes[position] = Generation(result.raw_text, entities, tuple(result.image_size), scores, masks, lines)
         return outcomes
 
     def close(self) -> None:
@@ -179,6 +183,7 @@ class ServiceBackend:
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         info = self._call("GET", "/info")
         self.model = info.json().get("model", self.url)
+        self.family, self.tasks = info.json().get("family"), info.json().get("tasks")  # None from older services
         self.images = ImageStore(self._payload)
 
     def _call(self, method: str, route: str, **kwargs):
@@ -227,7 +232,8 @@ class ServiceBackend:
         answer = response.json()
         entities = tuple((e["phrase"], tuple(tuple(b) for b in e["boxes"])) for e in answer["entities"])
         scores = () if self.params.min_score is None else tuple(tuple(e.get("scores", ())) for e in answer["entities"])
-        return Generation(answer["raw_text"], entities, tuple(answer["image_size"]), scores)
+        lines = tuple((line["text"], tuple(line["box"])) for line in answer.get("lines") or ())
+        return Generation(answer["raw_text"], entities, tuple(answer["image_size"]), scores, lines=lines)
 
     def close(self) -> None:
         """Close the HTTP connections."""
@@ -235,13 +241,16 @@ class ServiceBackend:
 
 
 def task_body(task: TaskInput) -> dict:
-    """The fields of a `/v1/generate` body that say what to do: a raw prompt as written, or a detection's phrases.
+    """The fields of a `/v1/generate` body that say what to do: a raw prompt as written, a detection's phrases, or
+    task ocr.
 
-    >>> task_body(TaskInput(Task.DETECTION, phrases=("the red circle",)))
-    {'task': 'detection', 'phrases': ['the red circle']}
+    >>> task_body(TaskInput(Task.DETECTION, phrases=("the red circle",))), task_body(TaskInput(Task.OCR))
+    ({'task': 'detection', 'phrases': ['the red circle']}, {'task': 'ocr'})
     """
     if task.task == Task.DETECTION:
         return {"task": "detection", "phrases": list(task.phrases)}
+    if task.task == Task.OCR:
+        return {"task": "ocr"}
     return {"task": "raw", "prompt": task.prompt, "grounding": task.grounding}
 
 

@@ -32,7 +32,8 @@ Box = tuple[float, float, float, float]
 REFEXP_BENCHMARKS = ("refcoco", "refcoco+", "refcocog")
 FLICKR_BENCHMARK = "flickr30k"
 DETECTION_BENCHMARK = "detection"  # COCO-format ground truth, phrases = categories: evaluation/detection.py
-BENCHMARKS = (*REFEXP_BENCHMARKS, FLICKR_BENCHMARK, DETECTION_BENCHMARK)
+OCR_BENCHMARK = "ocr"  # JSONL of each image's text lines, read by Kosmos-2.5: evaluation/ocr_pages.py
+BENCHMARKS = (*REFEXP_BENCHMARKS, FLICKR_BENCHMARK, DETECTION_BENCHMARK, OCR_BENCHMARK)
 SAMPLE_SEED = 0  # --limit's sample: the same examples on every run, so an interrupted run can continue
 
 EXPECTED_REFEXP = (
@@ -78,7 +79,7 @@ class Split:
     benchmark: str
     annotations: Path
     images: Path  # the --images folder its examples' images were looked for in
-    examples: list  # Example, or detection.DetectionExample (one per image)
+    examples: list  # Example, or one per image: detection.DetectionExample, ocr_pages.PageExample
     available: int  # examples in the file (more than `examples` under --limit)
     ground_truth: dict | None = field(default=None, compare=False, repr=False)  # detection: the COCO file's content
 
@@ -94,6 +95,8 @@ def read_splits(benchmark: str, annotations: list[Path], images: Path, limit: in
         raise InvalidRequestError(f"Unknown benchmark {benchmark!r}; choose one of: {', '.join(BENCHMARKS)}.")
     if benchmark == DETECTION_BENCHMARK:
         raise InvalidRequestError("COCO ground truth is read by kosmos_serve.evaluation.detection.read_detection.")
+    if benchmark == OCR_BENCHMARK:
+        raise InvalidRequestError("OCR ground truth is read by kosmos_serve.evaluation.ocr_pages.read_ocr_splits.")
     if not images.is_dir():
         raise InvalidRequestError(f"--images {images} is not a folder; give the folder that holds the images.")
     names = [path.name for path in annotations]

@@ -2,7 +2,8 @@
 
 The detection benchmark has no paper figure: its COCOeval figures, score AUROC and threshold table instead, and
 with a segmenter its masks' figures (mean mask IoU of the objects found, COCOeval segm); masks of the true boxes
-(`--masks-from-true-boxes`) have the masks' figures alone.
+(`--masks-from-true-boxes`) have the masks' figures alone. The ocr benchmark has none either: its error rates and
+line detection (`ocr_metrics.py`).
 The paper's zero-shot figures (Kosmos-2, arXiv 2306.14824, Tables 2 and 3; the per-type Flickr30k Entities figures
 are those of microsoft/unilm `kosmos-2/evaluation/flickr_entities/README.md`), in percent.
 """
@@ -12,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from kosmos_serve.evaluation.backends import TRUE_BOXES
-from kosmos_serve.evaluation.datasets import DETECTION_BENCHMARK, FLICKR_BENCHMARK, image_paths
+from kosmos_serve.evaluation.datasets import DETECTION_BENCHMARK, FLICKR_BENCHMARK, OCR_BENCHMARK, image_paths
 from kosmos_serve.evaluation.detection_metrics import CocoScores, MaskSummary, summarise
 from kosmos_serve.evaluation.metrics import RECALL_KS, RecallTally
+from kosmos_serve.evaluation.ocr_metrics import LINE_IOU_THRESHOLD, PageCounts
 from kosmos_serve.evaluation.runner import Outcome, SplitResult
 from kosmos_serve.generation import DEFAULT_MIN_SCORE
 
@@ -36,6 +38,8 @@ MAX_LISTED = 10
 ACCURACY_HEADER = ("benchmark", "split", "acc@0.5", "paper", "scored", "skipped")
 RECALL_HEADER = ("benchmark", "split", "entity type", *(name for k in RECALL_KS for name in (f"R@{k}", "paper")),
                  "scored", "skipped")
+OCR_HEADER = ("benchmark", "split", "CER %", "WER %", "line P %", "line R %", "line F1 %", "matched CER %", "pages",
+              "skipped")
 THRESHOLD_HEADER = ("min_score", "absent phrases keeping a box %", "present objects found %", "found vs no threshold %")
 COCO_HEADER = ("AP", "AP50", "AR@100")
 
@@ -63,6 +67,19 @@ def split_rows(result: SplitResult) -> list[tuple]:
         rows.append((split.benchmark, split.name, category, *(v for pair in figures for v in pair),
                      *(counts if category == "all" else (tally.totals[category], ""))))
     return rows
+
+
+def page_counts(records: list[dict]) -> PageCounts:
+    """The counts of ocr prediction lines, summed: the split's pooled figures."""
+    return sum((PageCounts(**record["counts"]) for record in records), PageCounts())
+
+
+def ocr_row(result: SplitResult) -> tuple:
+    """An ocr split's row: page CER and WER, the lines' precision, recall and F1, the matched lines' CER (percent)."""
+    counts = page_counts(result.records)
+    figures = (counts.cer, counts.wer, counts.precision, counts.recall, counts.f1, counts.matched_cer)
+    return (result.split.benchmark, result.split.name, *map(_percent, figures), len(result.records),
+            len(result.skipped))
 
 
 def format_table(rows: list[tuple], left: int = 2) -> str:
@@ -103,6 +120,10 @@ def format_report(outcome: Outcome) -> str:
         for result in outcome.results:
             lines += detection_lines(result, settings.segmenter)
         lines.pop()
+    elif any(result.split.benchmark == OCR_BENCHMARK for result in outcome.results):
+        lines[0] = heading.replace("; IoU >= 0.5", f"; task ocr; CER and WER of each page's text (its lines in the "
+                                   f"order read), lines matched one to one at IoU >= {LINE_IOU_THRESHOLD}")
+        lines.append(format_table([OCR_HEADER] + [ocr_row(result) for result in outcome.results]))
     else:
         flickr = any(result.split.benchmark == FLICKR_BENCHMARK for result in outcome.results)
         rows = [RECALL_HEADER if flickr else ACCURACY_HEADER]
@@ -180,7 +201,7 @@ def _percent(share: float | None) -> float | None:
 def _split_notes(result: SplitResult) -> list[str]:
     split, notes = result.split, []
     label = f"{split.benchmark} {split.name}"
-    if len(split.examples) < split.available and split.benchmark == DETECTION_BENCHMARK:
+    if len(split.examples) < split.available and split.benchmark in (DETECTION_BENCHMARK, OCR_BENCHMARK):
         notes.append(f"{label}: a sample of {len(split.examples)} of {split.available} images (--limit).")
     elif len(split.examples) < split.available:
         notes.append(f"{label}: a sample of {len(split.examples)} of {split.available} examples (--limit); the paper's "

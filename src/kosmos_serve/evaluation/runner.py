@@ -6,7 +6,8 @@ A predictions line (one per example) holds what error analysis needs and what a 
      "hit", ["recall": {"1", "5", "10"}, "types"] (flickr30k), "model", "max_new_tokens", "no_repeat_ngram_size",
      "ground_truth"}
 The detection benchmark writes one line per image instead, every phrase asked in "asked" (`detection.py`); a run
-that scores masks adds "segmenter", and each phrase's "masks" and "mask_ious".
+that scores masks adds "segmenter", and each phrase's "masks" and "mask_ious". The ocr benchmark writes one line per
+page, the lines read and the true ones in "lines" and "truth" (`ocr_pages.py`).
 Lines are appended a batch at a time with flush and fsync (the annotate command's `RecordAppender`); a run killed
 mid-write leaves at most a torn last line, which the next run drops. A re-run with the same `--out` scores only
 the examples not in the file yet, and refuses a file whose lines were made with other settings.
@@ -36,14 +37,24 @@ from kosmos_serve.evaluation.backends import (
     Skipped,
     TrueBoxBackend,
 )
-from kosmos_serve.evaluation.datasets import DETECTION_BENCHMARK, FLICKR_BENCHMARK, Example, Split, read_splits
+from kosmos_serve.evaluation.datasets import (
+    DETECTION_BENCHMARK,
+    FLICKR_BENCHMARK,
+    OCR_BENCHMARK,
+    Example,
+    Split,
+    read_splits,
+)
 from kosmos_serve.evaluation.detection import detection_record, ground_truth_name, read_detection_splits
 from kosmos_serve.evaluation.flickr_entities import FlickrEntities
 from kosmos_serve.evaluation.metrics import RECALL_KS, best_ious, first_box_hit, recall_at_k
+from kosmos_serve.evaluation.ocr_pages import ocr_record, read_ocr_splits
 from kosmos_serve.generation import GenerationParams
+from kosmos_serve.tasks import Task
 
 ORIGINAL_NO_REPEAT_NGRAM_SIZE = 3  # the original evaluation scripts decode greedily with --no-repeat-ngram-size 3
 DEFAULT_MAX_NEW_TOKENS = 128  # the original allows 500 tokens in all; the box of the phrase comes in the first few
+OCR_MAX_NEW_TOKENS = 1024  # a page is long: Kosmos-2.5's own default (its model doc's examples)
 SETTINGS_FIELDS = ("model", "max_new_tokens", "no_repeat_ngram_size", "ground_truth")  # on every line
 SEGMENTER_FIELD = "segmenter"  # on the lines of a run that scores masks
 IDENTITY_FIELDS = ("benchmark", "annotations", "key")
@@ -102,9 +113,11 @@ def predicted_boxes(generation: Generation, phrase: str) -> list[tuple[float, fl
 
 def prediction_record(split: Split, example: Example, generation: Generation, settings: Settings) -> dict:
     """The predictions line of one example: prompt, raw text, boxes, IoUs, hit (and recall@k for flickr30k); for
-    detection, its image's line (`detection.detection_record`)."""
+    detection, its image's line (`detection.detection_record`); for ocr, its page's (`ocr_pages.ocr_record`)."""
     if split.benchmark == DETECTION_BENCHMARK:
         return detection_record(split, example, generation, settings)
+    if split.benchmark == OCR_BENCHMARK:
+        return ocr_record(split, example, generation, settings)
     boxes = predicted_boxes(generation, example.phrase)
     record = {
         "benchmark": split.benchmark, "annotations": split.annotations.name, "split": split.name, "key": example.key,
@@ -186,7 +199,7 @@ def _parse(line: bytes) -> tuple[dict | None, str | None]:
         return None, "not valid JSON"
     if not isinstance(record, dict):
         return None, "not a JSON object"
-    scored = "asked" if record.get("benchmark") == DETECTION_BENCHMARK else "hit"
+    scored = {DETECTION_BENCHMARK: "asked", OCR_BENCHMARK: "lines"}.get(record.get("benchmark"), "hit")
     missing = [name for name in (*IDENTITY_FIELDS, scored, *SETTINGS_FIELDS) if name not in record]
     return (record, None) if not missing else (None, f'it has no "{missing[0]}"')
 
@@ -244,11 +257,14 @@ def evaluate_benchmark(benchmark: str, annotations: Sequence[Path], images: Path
 
     detection: `annotations` are COCO ground truth (with `ontology`, an `annotate --ontology` file), every box asked
     for with its score (`min_score` 0); with a `segmenter` (loaded here), with its mask too, scored against the
-    annotations' segmentation; with `masks_from_true_boxes`, no model: the segmenter masks the true boxes."""
+    annotations' segmentation; with `masks_from_true_boxes`, no model: the segmenter masks the true boxes.
+    ocr: `annotations` are JSONL of each image's lines (`ocr_pages.py`)."""
     entities = FlickrEntities(flickr_entities) if flickr_entities is not None else None
     detection = benchmark == DETECTION_BENCHMARK
     if detection:
         splits = read_detection_splits(list(annotations), images, limit, ontology, masks=segmenter is not None)
+    elif benchmark == OCR_BENCHMARK:
+        splits = read_ocr_splits(list(annotations), images, limit)
     else:
         splits = read_splits(benchmark, list(annotations), images, limit, entities)
     params = GenerationParams(max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size,
@@ -257,6 +273,8 @@ def evaluate_benchmark(benchmark: str, annotations: Sequence[Path], images: Path
     ground_truth = "flickr30k_entities" if entities is not None else "mdetr"
     if detection:
         ground_truth = ground_truth_name(ontology)
+    elif benchmark == OCR_BENCHMARK:
+        ground_truth = "ocr lines"
     name = TRUE_BOXES if masks_from_true_boxes else backend.model if backend else str(model)
     # a file of other settings is refused before the model loads
     log = PredictionLog(out, Settings(name, max_new_tokens, no_repeat_ngram_size, ground_truth, segmenter),
@@ -268,15 +286,30 @@ def evaluate_benchmark(benchmark: str, annotations: Sequence[Path], images: Path
         if masks_from_true_boxes:
             settings = EngineSettings(segmenter=segmenter)
             backend = TrueBoxBackend(start_segmenter(settings), settings.max_image_pixels)
-        elif backend is None:
-            backend = LocalBackend(start_engine(_engine_settings(str(model), quantize, batch_size, params, segmenter)),
-                                   params)
+        else:
+            if backend is None:
+                backend = LocalBackend(start_engine(_engine_settings(str(model), quantize, batch_size, params,
+                                                                     segmenter)), params)
+            check_model_runs(benchmark, backend)
         return run(splits, backend, log, batch_size=batch_size, show_progress=show_progress,
                    source=url or "this process")
     finally:
         log.close()
         if backend is not None:
             backend.close()
+
+
+def check_model_runs(benchmark: str, backend: LocalBackend | ServiceBackend) -> None:
+    """The model behind `backend` has the benchmark's task, else an error naming the family the benchmark needs."""
+    task = {DETECTION_BENCHMARK: Task.DETECTION, OCR_BENCHMARK: Task.OCR}.get(benchmark, Task.RAW)
+    if backend.tasks is None or task.value in backend.tasks:
+        return
+    if task is Task.OCR:
+        raise InvalidRequestError(f"--benchmark ocr reads pages with a Kosmos-2.5 (task ocr), and {backend.model!r} is "
+                                  f"a {backend.family} model; give a Kosmos-2.5 (microsoft/kosmos-2.5, or a folder).")
+    raise InvalidRequestError(f"--benchmark {benchmark} grounds phrases with a Kosmos-2 (task {task.value}), and "
+                              f"{backend.model!r} is a {backend.family} model; score a Kosmos-2.5 with --benchmark "
+                              "ocr.")
 
 
 def _engine_settings(model: str, quantize: str, batch_size: int, params: GenerationParams,

@@ -186,3 +186,21 @@ def test_a_line_outside_its_image_is_named(tmp_path, records):
     assert result.exit_code == 1
     assert "line 1 is not an annotation record: line 1: box [" in result.output
     assert "lies outside the 500x160 image" in result.output
+
+
+def test_supervision_detections_hold_each_line_as_a_text_box(records):
+    from kosmos_serve.exports import to_detections
+
+    receipt = records[0]
+    parsed = parse_reading(reading(500, 160, ["RECEIPT 0008", "1 BLACK SAKURA 45,455", "Total 50,000"]), "<ocr>",
+                           500, 160)
+    result = Result(task=Task.OCR, prompt="<ocr>", text=parsed.text, answer=parsed.answer, raw_text=parsed.raw_text,
+                    entities=(), markdown=parsed.markdown, image_size=(500, 160), generated_tokens=40,
+                    image_cached=False, timings=Timings(), lines=parsed.lines)
+    for source in (receipt, result, result.to_dict()):
+        detections = to_detections(source)
+        assert detections.xyxy.tolist() == [line["box"] for line in receipt["lines"]]
+        assert detections.data["class_name"].tolist() == ["Text"] * 3
+        assert detections.data["phrase"].tolist() == [line["text"] for line in receipt["lines"]]
+        assert detections.confidence.tolist() == [1.0] * 3
+    assert to_detections(receipt, classes=["Text"]).class_id.tolist() == [0, 0, 0]

@@ -232,9 +232,9 @@ def record_problem(record) -> str | None:
     return None
 
 
-def line_problem(line, width: int, height: int) -> str | None:
-    """What is wrong with one line read (its text, its box and the box's four corners inside a `width` x `height`
-    image, and a score from 0 to 1 when it has one), or None.
+def line_problem(line, width: int | None = None, height: int | None = None) -> str | None:
+    """What is wrong with one line read (its text, its box and the box's four corners, inside a `width` x `height`
+    image if given, and a score from 0 to 1 when it has one), or None.
 
     >>> line_problem({"text": "TOTAL", "corners": [[0, 0], [9, 0], [9, 5], [0, 5]], "box": [0, 0, 9, 50]}, 20, 10)
     'box [0, 0, 9, 50] lies outside the 20x10 image'
@@ -247,7 +247,7 @@ def line_problem(line, width: int, height: int) -> str | None:
     if not _is_point_list(corners, 4, 2):
         return f"corners {corners!r} are not four [x, y] points"
     for name, points in (("box", [box[:2], box[2:]]), ("corners", corners)):
-        if not all(0 <= x <= width and 0 <= y <= height for x, y in points):
+        if width is not None and not all(0 <= x <= width and 0 <= y <= height for x, y in points):
             return f"{name} {line[name]} lies outside the {width}x{height} image"
     score = line.get("score")
     if score is not None and not (_is_number(score) and 0 <= score <= 1):

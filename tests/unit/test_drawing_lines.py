@@ -4,7 +4,7 @@ touched; results without lines drawn as before."""
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from kosmos_serve.drawing import MIN_LINE_FONT_SIZE, draw_entities, draw_lines, draw_result, line_font_size
 from kosmos_serve.grounding import Entity
@@ -59,9 +59,8 @@ def test_each_lines_polygon_and_text_are_drawn_and_nothing_else():
 def test_a_lines_text_fits_its_box():
     assert line_font_size("TOTAL", 400, 50) == 40  # as tall as the box allows
     size = line_font_size("1 BLACK SAKURA 45,455", 120, 50)
-    from PIL import ImageFont
-
-    assert MIN_LINE_FONT_SIZE <= size < 40 and ImageFont.load_default(size=size).getlength("1 BLACK SAKURA 45,455") <= 120
+    assert MIN_LINE_FONT_SIZE <= size < 40
+    assert ImageFont.load_default(size=size).getlength("1 BLACK SAKURA 45,455") <= 120
 
 
 def test_a_result_without_lines_is_drawn_as_its_entities_are():

@@ -3,7 +3,8 @@
 An annotated image:
     {"path", "resolved", "sha256", "width", "height", "task", "prompt", "text", "answer", "raw_text",
      "entities": [{"phrase", "class", "span", "boxes", "pixel_boxes", "scores"[, "masks", "mask_scores"]}], "markdown",
-     ["lines": [{"text", "corners", "box"}],] "generated_tokens", "model", "quantize", "min_score", "kosmos_serve_version"}
+     ["lines": [{"text", "corners", "box"}],] "generated_tokens", "model", "quantize", "min_score",
+     "kosmos_serve_version"}
   `scores` holds each box's score (same order as its boxes); `min_score` is the threshold the run kept boxes at
   (annotate drops boxes scored under it, for every task), `quantize` the engine's weight setting. With --masks, each
   entity also has a mask per box (COCO RLE, `{"size": [h, w], "counts"}`) and the segmenter's score for it.

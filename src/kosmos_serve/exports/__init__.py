@@ -63,8 +63,8 @@ def export_records(records_path: str | Path, format_name: str, out: str | Path, 
     """
     if format_name not in FORMATS:
         raise InvalidRequestError(f"unknown format {format_name!r}; choose {', '.join(FORMATS[:-1])} or {FORMATS[-1]} "
-                                  "(supervision "
-                                  "Detections come from the Python helper kosmos_serve.exports.to_detections).")
+                                  "(supervision Detections come from the Python helper "
+                                  "kosmos_serve.exports.to_detections).")
     if mask_format is not None and mask_format not in MASK_FORMATS:
         raise InvalidRequestError(f"unknown --mask-format {mask_format!r}; choose {' or '.join(MASK_FORMATS)}.")
     label_studio_only = {"--image-root": image_root, "--from-name": from_name, "--to-name": to_name,

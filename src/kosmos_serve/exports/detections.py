@@ -27,9 +27,9 @@ class MissingExtraError(KosmosServeError, ImportError):
 
 def to_detections(result, class_map: Mapping[str, str] | None = None, classes: Sequence[str] | None = None):
     """One result as `supervision.Detections`: xyxy pixels, `confidence` (each box's score), `data["class_name"]`
-    and `data["phrase"]`; each line read (task ocr) is a box of the class name LINE_LABEL whose `phrase` is its text,
-    scored 1.0 while lines have no scores; when the result has masks (asked for with `masks`), `mask` (N x H x W booleans) and
-    `data["mask_score"]` (the segmenter's score for each).
+    and `data["phrase"]`; when the result has masks (asked for with `masks`), `mask` (N x H x W booleans) and
+    `data["mask_score"]` (the segmenter's score for each). Each line read (task ocr) is a box of the class name
+    LINE_LABEL whose `phrase` is its text, scored 1.0 while lines have no scores.
 
     `result` is an annotation record (dict), an `engine.Result` or `Result.to_dict()`. A box's class
     name is its entity's `class` (records from an ontology), else `class_map[phrase]`, else the

@@ -146,7 +146,8 @@ def to_label_studio(images: Sequence[AnnotatedImage], from_name: str = DEFAULT_F
 
 
 def label_studio_config(phrases_by_label: Mapping[str, Iterable[str]], from_name: str = DEFAULT_FROM_NAME,
-                        to_name: str = DEFAULT_TO_NAME, mask_format: str | None = None, transcribed: bool = False) -> str:
+                        to_name: str = DEFAULT_TO_NAME, mask_format: str | None = None,
+                        transcribed: bool = False) -> str:
     """A labeling config that takes these tasks: an Image `to_name` on `$image`, and `from_name` the control of
     their regions (RectangleLabels; BrushLabels or PolygonLabels with a `mask_format`). With `transcribed` (tasks
     with lines read), as Label Studio's OCR template: the label LINE_LABEL, and the per-region `<TextArea>` of texts.

@@ -1,5 +1,5 @@
 """Annotated images: each entity's masks laid over the image translucent, its boxes outlined, in a stable colour of
-its own, each box labelled with its phrase.
+its own, each box labelled with its phrase; each line read (Kosmos-2.5's `ocr`) outlined, its text written in its box.
 
 PIL only. Rectangles named `Rect` are half-open, `(x1, y1, x2, y2)` with `x2`/`y2` excluded,
 so two labels that merely touch do not overlap.
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from kosmos_serve.grounding import Entity, PixelBox
+from kosmos_serve.grounding import Entity, PixelBox, TextLine
 
 Rect = tuple[int, int, int, int]
 RGB = tuple[int, int, int]
@@ -39,6 +39,9 @@ PALETTE: tuple[RGB, ...] = (
 ELLIPSIS = "…"
 MASK_OPACITY = 0.45  # a mask's colour over the image: the object stays visible under it
 MAX_PLACEMENT_ATTEMPTS = 500
+LINE_VEIL_OPACITY = 0.75  # white over a line's box, under its text: the reading reads, the page's ink shows faintly
+LINE_TEXT_HEIGHT = 0.8  # a line's text fills this share of its box's height, unless its width allows less
+MIN_LINE_FONT_SIZE = 9
 
 
 def entity_colour(phrase: str, taken: Iterable[RGB] = ()) -> RGB:
@@ -181,3 +184,45 @@ def draw_entities(image: Image.Image, entities: Sequence[Entity]) -> Image.Image
         draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=colour)
         draw.text((x1 + pad, y1 + pad), text, font=font, fill=text_colour(colour))
     return canvas
+
+
+def line_font_size(text: str, width: int, height: int) -> int:
+    """The font size at which `text` fills a `width` x `height` box: LINE_TEXT_HEIGHT of its height, smaller when the
+    text would be wider than the box, never under MIN_LINE_FONT_SIZE.
+
+    >>> line_font_size("TOTAL", 400, 50), line_font_size("a long line of text in a short box", 60, 50)
+    (40, 9)
+    """
+    size = max(MIN_LINE_FONT_SIZE, int(height * LINE_TEXT_HEIGHT))
+    length = ImageFont.load_default(size=size).getlength(text)
+    if length > width:
+        size = max(MIN_LINE_FONT_SIZE, int(size * width / length))
+    return size
+
+
+def draw_lines(image: Image.Image, lines: Sequence[TextLine]) -> Image.Image:
+    """A copy of `image` (RGB) with each line's box, the polygon of its four corners, veiled in white and outlined in a
+    colour of its own (the palette in turn, so that neighbours differ), and its text written in black across it."""
+    canvas = image.convert("RGBA")
+    veil = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    for line in lines:
+        ImageDraw.Draw(veil).polygon(line.corners, fill=(255, 255, 255, round(255 * LINE_VEIL_OPACITY)))
+    canvas = Image.alpha_composite(canvas, veil).convert("RGB")
+    width, height = canvas.size
+    line_width = max(1, drawing_scale(width, height)[0] // 2)
+    draw = ImageDraw.Draw(canvas)
+    for number, line in enumerate(lines):
+        draw.polygon(line.corners, outline=PALETTE[number % len(PALETTE)], width=line_width)
+        x1, y1, x2, y2 = clamp_box(line.box, width, height)
+        pad = line_width + 1
+        room = max(1, x2 - x1 - 2 * pad)
+        font = ImageFont.load_default(size=line_font_size(line.text, room, y2 - y1))
+        draw.text((x1 + pad, (y1 + y2) / 2), fit_text(line.text, font, room), font=font, fill=(0, 0, 0), anchor="lm")
+    return canvas
+
+
+def draw_result(image: Image.Image, result) -> Image.Image:
+    """A copy of `image` with what a result (an engine `Result`, or any with `entities` and `lines`) found on it: its
+    entities (`draw_entities`) and the lines it read (`draw_lines`)."""
+    drawn = draw_entities(image, result.entities)
+    return draw_lines(drawn, result.lines) if result.lines else drawn

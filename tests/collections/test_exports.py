@@ -246,8 +246,8 @@ def test_a_file_that_is_not_records_names_its_line_and_writes_nothing(records_fi
 
 @pytest.mark.parametrize("args, message", [
     (["--format", "yolo"],
-     ("unknown format 'yolo'; choose coco or label-studio (supervision Detections come from the Python helper "
-      "kosmos_serve.exports.to_detections).")),
+     ("unknown format 'yolo'; choose coco, label-studio, text or markdown (supervision Detections come from the "
+      "Python helper kosmos_serve.exports.to_detections).")),
     (["--format", "coco", "--image-root", "/x/", "--to-name", "img"],
      "--image-root and --to-name apply to --format label-studio only."),
 ])

@@ -71,3 +71,41 @@ def test_info_and_the_task_list_follow_the_model(kosmos25_url):
     assert info["family"] == "Kosmos-2.5" and info["tasks"] == ["ocr", "markdown"]
     assert info["defaults"]["max_new_tokens"] == 1024 and info["defaults"]["no_repeat_ngram_size"] == 0
     assert [task["name"] for task in tasks] == ["ocr", "markdown"] and all(task["inputs"] == [] for task in tasks)
+
+
+def test_the_reference_predict_route_points_to_v1_generate(kosmos25_url, sample_images):
+    response = httpx.post(f"{kosmos25_url}/predict", files={"content": ("page.png", png(sample_images[1]))},
+                          data={"prompt": "<ocr>"}, timeout=60)
+    assert response.status_code == 422
+    assert response.json()["error"] == {"code": "invalid_request", "message": (
+        "POST /predict is the reference Kosmos-2 service's route (an image and a prompt, grounded text back); this "
+        "service runs a Kosmos-2.5 model, which takes no prompt of its own. Send the image to POST /v1/generate (or "
+        "/v1/generate/upload) with task 'ocr' or 'markdown'.")}
+
+
+def test_return_image_draws_each_line_read(kosmos25_url, sample_images, monkeypatch):
+    """A random model writes no lines: the engine's parser is handed a written reading (the production parser's)."""
+    from PIL import Image
+
+    from kosmos_serve.engine.families import Kosmos25Family
+    from kosmos_serve.ocr import parse_reading, resized_size
+
+    page = Image.new("RGB", (400, 200), "white")
+    resized_width, resized_height = resized_size(*page.size)
+    reading = (f"<ocr><bbox><x_40><y_40><x_{resized_width // 2}><y_{resized_height // 4}></bbox>RECEIPT\n"
+               f"<bbox><x_40><y_{resized_height // 2}><x_{resized_width - 40}><y_{resized_height - 60}></bbox>TOTAL\n")
+    monkeypatch.setattr(Kosmos25Family, "parse",
+                        lambda self, decoded, spec, size: parse_reading(reading, spec.text, *size))
+    response = httpx.post(f"{kosmos25_url}/v1/generate", timeout=60, json={
+        "image": base64.b64encode(png(page)).decode(), "task": "ocr", "max_new_tokens": 2, "return_image": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [line["text"] for line in body["lines"]] == ["RECEIPT", "TOTAL"]
+    drawn = Image.open(io.BytesIO(base64.b64decode(body["annotated_image"]))).convert("RGB")
+    assert drawn.size == page.size
+    for line in body["lines"]:
+        x1, y1, x2, y2 = line["box"]
+        assert drawn.getpixel((x1, y1)) != (255, 255, 255)  # its outline
+        inside = drawn.crop((x1 + 3, y1 + 3, x2 - 2, y2 - 2)).convert("L")
+        assert inside.getextrema()[0] < 100  # its text, in black
+    assert drawn.getpixel((5, 5)) == drawn.getpixel((395, 195)) == (255, 255, 255)  # nowhere else

@@ -128,8 +128,10 @@ def annotate_jobs(entries, settings, params, task, prompt, phrases, boxes, no_gr
 @click.command()
 @click.argument("records", type=click.Path(path_type=Path))
 @click.option("--format", "format_name", required=True, metavar="FORMAT",
-              help="coco (a COCO detection dataset) or label-studio (tasks with predictions).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The file to write.")
+              help="coco (a COCO detection dataset), label-studio (tasks with predictions), or text or markdown (a "
+                   "folder of one .txt or .md file per image: its text or markdown).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The file to write (text and markdown: the folder).")
 @click.option("--relative-to", type=click.Path(file_okay=False, path_type=Path),
               help="Folder that image names (COCO file_name, Label Studio paths) are relative to; default: the "
                    "deepest folder holding every image, or for label-studio's local files "
@@ -137,7 +139,8 @@ def annotate_jobs(entries, settings, params, task, prompt, phrases, boxes, no_gr
 @click.option("--image-root", metavar="URL",
               help="label-studio: prefix of each image reference (default /data/local-files/?d=, Label Studio's "
                    "local files under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT).")
-@click.option("--from-name", help="label-studio: name of the RectangleLabels control (default label).")
+@click.option("--from-name", help="label-studio: name of the RectangleLabels control (default label); a line read's "
+                                  "text goes to the TextArea transcription, as in Label Studio's OCR template.")
 @click.option("--to-name", help="label-studio: name of the Image object (default image).")
 @click.option("--label-config", type=click.Path(dir_okay=False, path_type=Path),
               help="label-studio: also write a labeling config with these names and every label here.")
@@ -145,17 +148,20 @@ def annotate_jobs(entries, settings, params, task, prompt, phrases, boxes, no_gr
               help="label-studio: each box's mask (records of annotate --masks) as a brushlabels or polygonlabels "
                    "region, not a rectangle.")
 def export(records, format_name, out, relative_to, image_root, from_name, to_name, label_config, mask_format):
-    """Export annotation RECORDS (the JSONL of kosmos-serve annotate) as COCO or Label Studio tasks.
+    """Export annotation RECORDS (the JSONL of kosmos-serve annotate) as COCO, Label Studio tasks, or text files.
 
     Failed records are left out; boxes with reversed corners are put in order, boxes of zero size
-    left out; the summary counts each. For supervision.Detections use the Python helper
-    kosmos_serve.exports.to_detections.
+    left out; the summary counts each. Lines read (annotate --task ocr) are objects too: in COCO with
+    their text in attributes.text, in Label Studio a rectangle and its transcription (its OCR template).
+    Image names keep their folders under --out for text and markdown, with .txt or .md for their suffix.
+    For supervision.Detections use the Python helper kosmos_serve.exports.to_detections.
 
     \b
     Examples:
       kosmos-serve export results.jsonl --format coco --out coco.json
       kosmos-serve export results.jsonl --format label-studio --out tasks.json --label-config config.xml
       kosmos-serve export masks.jsonl --format label-studio --mask-format brush --out tasks.json
+      kosmos-serve export pages.jsonl --format markdown --out pages/
     """
     from kosmos_serve.exports import export_records
 

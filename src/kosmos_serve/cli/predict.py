@@ -62,11 +62,11 @@ def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, 
         for path, result in zip(images, results):
             click.echo(summary(path, result))
     if draw:
-        from kosmos_serve.drawing import draw_entities
+        from kosmos_serve.drawing import draw_result
 
         for number, (image, result) in enumerate(zip(loaded, results), start=1):
             target = draw if len(loaded) == 1 else draw.with_name(f"{draw.stem}_{number}{draw.suffix}")
-            draw_entities(image, result.entities).save(target)
+            draw_result(image, result).save(target)
             click.echo(f"Wrote the drawn image to {target}", err=True)  # stderr: --json keeps stdout to itself
 
 

@@ -3,10 +3,13 @@
 An annotated image:
     {"path", "resolved", "sha256", "width", "height", "task", "prompt", "text", "answer", "raw_text",
      "entities": [{"phrase", "class", "span", "boxes", "pixel_boxes", "scores"[, "masks", "mask_scores"]}], "markdown",
-     "generated_tokens", "model", "quantize", "min_score", "kosmos_serve_version"}
+     ["lines": [{"text", "corners", "box"}],] "generated_tokens", "model", "quantize", "min_score",
+     "kosmos_serve_version"}
   `scores` holds each box's score (same order as its boxes); `min_score` is the threshold the run kept boxes at
   (annotate drops boxes scored under it, for every task), `quantize` the engine's weight setting. With --masks, each
   entity also has a mask per box (COCO RLE, `{"size": [h, w], "counts"}`) and the segmenter's score for it.
+  Read with task `ocr` (Kosmos-2.5), `lines` holds every line read, its text, its box's four corners and its box
+  (x1, y1, x2, y2), in pixels of the image as a viewer sees it; no other task's record has `lines`.
 An image that could not be annotated:
     {"path", "resolved", "sha256" (null when the file cannot be read), "width": null, "height": null, "task",
      "error": {"code", "message"}, "model", "kosmos_serve_version"}
@@ -45,7 +48,8 @@ DoneKey = tuple[str, str | None]  # (resolved path, sha256 of the file's bytes o
 
 def annotated_record(entry: ImageEntry, sha256: str, result: Result, *, model: str, quantize: str,
                      min_score: float | None, ontology: dict[str, str] | None = None) -> dict:
-    """The record of an annotated image: `Result.to_dict()` without timings and cache state, each entity with its class.
+    """The record of an annotated image: `Result.to_dict()` without timings and cache state, each entity with its class
+    (and for `ocr`, the lines read).
 
     `min_score` is the threshold `result` was built with (its boxes scored under it already dropped).
     """
@@ -53,10 +57,11 @@ def annotated_record(entry: ImageEntry, sha256: str, result: Result, *, model: s
     width, height = result.image_size
     entities = [{"phrase": e["phrase"], "class": (ontology or {}).get(e["phrase"]),
                  **{key: value for key, value in e.items() if key != "phrase"}} for e in answer["entities"]]
+    lines = {"lines": answer["lines"]} if "lines" in answer else {}
     return {
         "path": entry.path, "resolved": str(entry.resolved), "sha256": sha256, "width": width, "height": height,
         "task": answer["task"], "prompt": answer["prompt"], "text": answer["text"], "answer": answer["answer"],
-        "raw_text": answer["raw_text"], "entities": entities, "markdown": answer["markdown"],
+        "raw_text": answer["raw_text"], "entities": entities, "markdown": answer["markdown"], **lines,
         "generated_tokens": answer["generated_tokens"], "model": model, "quantize": quantize, "min_score": min_score,
         "kosmos_serve_version": KOSMOS_SERVE_VERSION,
     }

@@ -19,7 +19,7 @@ from gradio.utils import get_upload_folder
 
 from kosmos_serve.demo.display import highlighted_html, save_png
 from kosmos_serve.demo.form import BOX_EXAMPLE, TASK_FIELDS, add_corner, generation_params, task_input
-from kosmos_serve.drawing import draw_entities
+from kosmos_serve.drawing import draw_result
 from kosmos_serve.engine import Request
 from kosmos_serve.errors import InvalidImageError, KosmosServeError
 from kosmos_serve.images import load_image
@@ -115,7 +115,7 @@ def build_page(state: ServiceState, examples: Sequence[Path]) -> gr.Blocks:
                 result = await state.generate(request)
             except KosmosServeError as error:
                 raise gr.Error(error.naming(), print_exception=False) from None
-            drawn = await asyncio.to_thread(draw_entities, request.image, result.entities)
+            drawn = await asyncio.to_thread(draw_result, request.image, result)
             png = await asyncio.to_thread(save_png, drawn, DOWNLOADS, f"kosmos2-{result.task.value}")
             return drawn, highlighted_html(result), png, result.raw_text, result.to_dict()
 

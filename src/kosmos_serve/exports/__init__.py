@@ -5,7 +5,9 @@
 left out, reversed corners put in order, boxes of zero size left out, each counted in the report;
 every box keeps its own score (COCO `score`, Label Studio region `score`, supervision `confidence`).
 Records with masks (`annotate --masks`) export them too: COCO `segmentation` (run-length encoding) and
-`area`, Label Studio `brushlabels` or `polygonlabels` (`mask_format`), supervision's `mask`.
+`area`, Label Studio `brushlabels` or `polygonlabels` (`mask_format`), supervision's `mask`. Records of task ocr
+export their lines read: COCO annotations with the text in `attributes`, Label Studio's OCR template (a rectangle and
+a transcription per line). `text` and `markdown` write one file per image into a folder: its record's text or markdown.
 Nothing here imports torch or transformers; supervision is imported only by `to_detections`.
 """
 
@@ -28,6 +30,7 @@ from kosmos_serve.exports.label_studio import (
     label_studio_config,
     to_label_studio,
 )
+from kosmos_serve.exports.pages import PAGE_SUFFIXES, page_files
 from kosmos_serve.exports.records import (
     AnnotatedImage,
     ExportReport,
@@ -44,22 +47,24 @@ __all__ = [
     "to_label_studio",
 ]
 
-FORMATS = ("coco", "label-studio")
+FORMATS = ("coco", "label-studio", *PAGE_SUFFIXES)
 
 
 def export_records(records_path: str | Path, format_name: str, out: str | Path, *,
                    relative_to: str | Path | None = None, image_root: str | None = None,
                    from_name: str | None = None, to_name: str | None = None,
                    label_config: str | Path | None = None, mask_format: str | None = None) -> ExportReport:
-    """Read `records_path`, write `out` in `format_name`; bad input raises before anything is written.
+    """Read `records_path`, write `out` in `format_name` (for text and markdown, a folder of one file per image); bad
+    input raises before anything is written.
 
     `image_root`, `from_name`, `to_name`, `label_config` (a labeling config file to write too, each
     label with the phrases its boxes were found for as `predicted_values`) and `mask_format` (regions of the
     boxes' masks, "brush" or "polygon", instead of rectangles) are for label-studio only.
     """
     if format_name not in FORMATS:
-        raise InvalidRequestError(f"unknown format {format_name!r}; choose {' or '.join(FORMATS)} (supervision "
-                                  "Detections come from the Python helper kosmos_serve.exports.to_detections).")
+        raise InvalidRequestError(f"unknown format {format_name!r}; choose {', '.join(FORMATS[:-1])} or {FORMATS[-1]} "
+                                  "(supervision Detections come from the Python helper "
+                                  "kosmos_serve.exports.to_detections).")
     if mask_format is not None and mask_format not in MASK_FORMATS:
         raise InvalidRequestError(f"unknown --mask-format {mask_format!r}; choose {' or '.join(MASK_FORMATS)}.")
     label_studio_only = {"--image-root": image_root, "--from-name": from_name, "--to-name": to_name,
@@ -69,12 +74,22 @@ def export_records(records_path: str | Path, format_name: str, out: str | Path, 
         raise InvalidRequestError(f"{' and '.join(given)} apply to --format label-studio only.")
     records_path, out = Path(records_path), Path(out)
     targets = [out] + ([Path(label_config)] if label_config is not None else [])
+    if format_name in PAGE_SUFFIXES:
+        if out.is_file():
+            raise InvalidRequestError(f"--out {out} is a file; --format {format_name} writes a folder of one file per "
+                                      "image.")
+    elif out.is_dir():
+        raise InvalidRequestError(f"--out {out} is a folder; --format {format_name} writes one file.")
     if any(os.path.abspath(target) == os.path.abspath(records_path) for target in targets):
         raise InvalidRequestError(f"--out would overwrite the records {records_path}; write elsewhere.")
     report = ExportReport(format=format_name, out=str(out))
     images = annotated_images(read_records(records_path, report), relative_to, report)
     files = {}
-    if format_name == "coco":
+    if format_name in PAGE_SUFFIXES:
+        files = page_files(images, format_name, out)
+        if any(os.path.abspath(path) == os.path.abspath(records_path) for path in files):
+            raise InvalidRequestError(f"--out would overwrite the records {records_path}; write elsewhere.")
+    elif format_name == "coco":
         files[out] = as_json(to_coco(images))
     else:
         from_name, to_name = from_name or DEFAULT_FROM_NAME, to_name or DEFAULT_TO_NAME
@@ -84,7 +99,9 @@ def export_records(records_path: str | Path, format_name: str, out: str | Path, 
             phrases_by_label = defaultdict(set)
             for box in (box for image in images for box in image.boxes):
                 phrases_by_label[box.label].add(box.phrase)
-            files[Path(label_config)] = label_studio_config(phrases_by_label, from_name, to_name, mask_format) + "\n"
+            transcribed = any(image.lines for image in images)
+            files[Path(label_config)] = label_studio_config(phrases_by_label, from_name, to_name, mask_format,
+                                                            transcribed) + "\n"
             report.label_config = str(label_config)
     for path, text in files.items():
         write_text(path, text)

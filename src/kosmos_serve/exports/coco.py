@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from kosmos_serve.exports.masks import mask_area
-from kosmos_serve.exports.records import AnnotatedImage
+from kosmos_serve.exports.records import LINE_LABEL, AnnotatedImage
 
 
 def to_coco(images: Sequence[AnnotatedImage]) -> dict:
@@ -18,8 +18,13 @@ def to_coco(images: Sequence[AnnotatedImage]) -> dict:
     (`annotate --masks`); otherwise `segmentation` is empty and `area` the box's. Each keeps its box's `score`,
     so the same annotations serve as detection or segmentation results (`COCO.loadRes` on a ground truth of
     these images and categories, then `COCOeval` with iouType "bbox" or "segm").
+
+    Each line read (records of task ocr) is an annotation of the category LINE_LABEL whose `segmentation` is its
+    four corners as one polygon and whose `attributes` hold its `text`: where CVAT's COCO files keep an object's
+    attributes, and what COCO-Text's `utf8_string` is, in a key that pycocotools and supervision read past.
     """
-    names = sorted({box.label for image in images for box in image.boxes})
+    names = sorted({box.label for image in images for box in image.boxes}
+                   | ({LINE_LABEL} if any(image.lines for image in images) else set()))
     category_ids = {name: number for number, name in enumerate(names, start=1)}
     models = sorted({image.model for image in images if image.model})
     annotations = []
@@ -33,8 +38,15 @@ def to_coco(images: Sequence[AnnotatedImage]) -> dict:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                 "category_id": category_ids[box.label], "bbox": [x1, y1, x2 - x1, y2 - y1],
                                 "area": area, "iscrowd": 0, "segmentation": segmentation, "score": box.score})
+        for line in image.lines:
+            x1, y1, x2, y2 = line.xyxy
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": category_ids[LINE_LABEL], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
+                                "segmentation": [[value for corner in line.corners for value in corner]],
+                                "score": line.score, "attributes": {"text": line.text}})
     return {
-        "info": {"description": f"Kosmos-2 boxes ({', '.join(models) or 'no model'}) exported by kosmos-serve",
+        "info": {"description": f"{contents(images)} ({', '.join(models) or 'no model'}) exported by kosmos-serve",
                  "version": package_version(), "contributor": "kosmos-serve"},
         "licenses": [],
         "images": [{"id": number, "file_name": image.name, "width": image.width, "height": image.height}
@@ -43,6 +55,14 @@ def to_coco(images: Sequence[AnnotatedImage]) -> dict:
         "categories": [{"id": number, "name": name, "supercategory": "object"}
                        for name, number in category_ids.items()],
     }
+
+
+def contents(images: Sequence[AnnotatedImage]) -> str:
+    """What the images hold: "Kosmos-2 boxes", "Kosmos-2.5 text lines", or both."""
+    has_lines = any(image.lines for image in images)
+    has_boxes = any(image.boxes for image in images) or not has_lines
+    return " and ".join(part for part, held in (("Kosmos-2 boxes", has_boxes), ("Kosmos-2.5 text lines", has_lines))
+                        if held)
 
 
 def package_version() -> str:

@@ -6,7 +6,14 @@ from collections.abc import Mapping, Sequence
 
 from kosmos_serve.errors import InvalidRequestError, KosmosServeError
 from kosmos_serve.exports.masks import mask_pixels
-from kosmos_serve.exports.records import entity_boxes, entity_problem
+from kosmos_serve.exports.records import (
+    LINE_LABEL,
+    LabelledBox,
+    entity_boxes,
+    entity_problem,
+    line_problem,
+    record_lines,
+)
 
 SUPERVISION_INSTALL_HINT = 'kosmos_serve.exports.to_detections needs supervision: pip install -e ".[supervision]"'
 
@@ -21,7 +28,8 @@ class MissingExtraError(KosmosServeError, ImportError):
 def to_detections(result, class_map: Mapping[str, str] | None = None, classes: Sequence[str] | None = None):
     """One result as `supervision.Detections`: xyxy pixels, `confidence` (each box's score), `data["class_name"]`
     and `data["phrase"]`; when the result has masks (asked for with `masks`), `mask` (N x H x W booleans) and
-    `data["mask_score"]` (the segmenter's score for each).
+    `data["mask_score"]` (the segmenter's score for each). Each line read (task ocr) is a box of the class name
+    LINE_LABEL whose `phrase` is its text, scored 1.0 while lines have no scores.
 
     `result` is an annotation record (dict), an `engine.Result` or `Result.to_dict()`. A box's class
     name is its entity's `class` (records from an ontology), else `class_map[phrase]`, else the
@@ -38,15 +46,20 @@ def to_detections(result, class_map: Mapping[str, str] | None = None, classes: S
         if (error := result.get("error")) is not None:
             code = error.get("code") if isinstance(error, Mapping) else error
             raise InvalidRequestError(f"the record of {result.get('path')} is a failure ({code}); it has no boxes.")
-        entities = result.get("entities")
+        entities, lines = result.get("entities"), result.get("lines") or []
         problems = (["it has no list of 'entities'"] if not isinstance(entities, list) else
                     [f"entity {n}: {problem}" for n, entity in enumerate(entities)
                      if (problem := entity_problem(entity))])
+        problems += (["its 'lines' are not a list"] if not isinstance(lines, list) else
+                     [f"line {n}: {problem}" for n, line in enumerate(lines) if (problem := line_problem(line))])
         if problems:
             raise InvalidRequestError(f"not a result or annotation record: {problems[0]}.")
     else:
         entities = result.entities
+        lines = [{"text": line.text, "box": list(line.box), "corners": [list(c) for c in line.corners]}
+                 for line in result.lines]
     boxes = entity_boxes(entities, class_map)
+    boxes += [LabelledBox(LINE_LABEL, line.text, line.xyxy, line.score) for line in record_lines(lines)]
     if classes is not None:
         index = {name: number for number, name in enumerate(classes)}
         boxes = [box for box in boxes if box.label in index]

@@ -5,6 +5,11 @@ Studio's own run-length encoding) or a `polygonlabels` one (the outline of the m
 Scores and model versions are the ML backend's (`server/label_studio/`): a region's `score` is its box's,
 a prediction's the mean of its regions' (0 when none), `model_version` is `model_version(model, quantize)`.
 The labeling config gives each `<Label>` its phrases as `predicted_values`, which the backend grounds.
+
+Each line read (records of task ocr) is two regions of one id, as in Label Studio's OCR template and its OCR ML
+backends (label-studio-ml-backend's tesseract and easyocr examples): a `rectanglelabels` region labelled LINE_LABEL
+and a `textarea` region of the `<TextArea>` TRANSCRIPTION_NAME holding its text; the labeling config then has that
+label and that per-region `<TextArea>`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from xml.sax.saxutils import quoteattr
 
 from kosmos_serve.errors import InvalidRequestError
 from kosmos_serve.exports.masks import brush_rle, mask_pixels, outline
-from kosmos_serve.exports.records import AnnotatedImage, ExportReport, LabelledBox
+from kosmos_serve.exports.records import LINE_LABEL, AnnotatedImage, ExportReport, LabelledBox, ReadLine
 from kosmos_serve.grounding import Mask
 
 LABEL_STUDIO_LOCAL_FILES = "/data/local-files/?d="  # Label Studio's own prefix for files under its document root
@@ -28,6 +33,10 @@ PHRASE_SEPARATOR = ","  # what Label Studio's ML backends split `predicted_value
 REGION_TYPES = {None: "rectanglelabels", "brush": "brushlabels", "polygon": "polygonlabels"}
 CONTROL_TAGS = {"rectanglelabels": "RectangleLabels", "brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels"}
 MASK_FORMATS = ("brush", "polygon")
+TRANSCRIPTION_NAME = "transcription"  # the TextArea of Label Studio's OCR template, one text per region
+TRANSCRIPTION_ELEMENT = (f'<TextArea name="{TRANSCRIPTION_NAME}" toName={{to_name}} editable="true" perRegion="true" '
+                         'required="true" maxSubmissions="1" rows="5" placeholder="Recognized Text" '
+                         'displayMode="region-list"/>')  # the template's, word for word
 
 
 def model_version(model: str, quantize: str = "none") -> str:
@@ -42,11 +51,13 @@ def model_version(model: str, quantize: str = "none") -> str:
 
 def prediction(regions: list[dict], version: str) -> dict:
     """One task's prediction: its regions, their mean score (4 decimals; 0 when none, so such tasks sort first), version.
+    A line's transcription (`textarea`) shares its rectangle's score and counts once.
 
     >>> prediction([{"score": 0.9}, {"score": 0.5}], "kosmos-2:demo")["score"], prediction([], "v")["score"]
     (0.7, 0.0)
     """
-    score = round(sum(region["score"] for region in regions) / len(regions), 4) if regions else 0.0
+    scored = [region for region in regions if region.get("type") != "textarea"]
+    score = round(sum(region["score"] for region in scored) / len(scored), 4) if scored else 0.0
     return {"result": regions, "score": score, "model_version": version}
 
 
@@ -74,6 +85,27 @@ def box_value(box: LabelledBox, width: int, height: int) -> dict:
             "height": 100 * (y2 - y1) / height, "rotation": 0, "rectanglelabels": [box.label]}
 
 
+def line_regions(line: ReadLine, region_id: str, from_name: str, to_name: str, width: int, height: int) -> list[dict]:
+    """A line read as Label Studio's OCR template holds it: a `rectanglelabels` region labelled LINE_LABEL and a
+    `textarea` region with its text, of the same id and box (percent of the image), each with the line's score.
+
+    >>> box, text = line_regions(ReadLine("TOTAL", (20, 10, 60, 30), (), 0.9), "kosmos-1-1", "label", "image", 200, 100)
+    >>> box["type"], box["value"]["rectanglelabels"], text["type"], text["from_name"], text["value"]["text"]
+    ('rectanglelabels', ['Text'], 'textarea', 'transcription', ['TOTAL'])
+    >>> [text["value"][key] for key in ("x", "y", "width", "height")], text["id"] == box["id"]
+    ([10.0, 10.0, 20.0, 20.0], True)
+    """
+    x1, y1, x2, y2 = line.xyxy
+    place = {"x": 100 * x1 / width, "y": 100 * y1 / height, "width": 100 * (x2 - x1) / width,
+             "height": 100 * (y2 - y1) / height, "rotation": 0}
+    common = {"id": region_id, "to_name": to_name, "original_width": width, "original_height": height,
+              "image_rotation": 0}
+    return [{**common, "type": "rectanglelabels", "from_name": from_name,
+             "value": {**place, "rectanglelabels": [LINE_LABEL]}, "score": line.score},
+            {**common, "type": "textarea", "from_name": TRANSCRIPTION_NAME, "value": {**place, "text": [line.text]},
+             "score": line.score}]
+
+
 def to_label_studio(images: Sequence[AnnotatedImage], from_name: str = DEFAULT_FROM_NAME,
                     to_name: str = DEFAULT_TO_NAME, image_root: str = LABEL_STUDIO_LOCAL_FILES,
                     mask_format: str | None = None, report: ExportReport | None = None) -> list[dict]:
@@ -81,7 +113,8 @@ def to_label_studio(images: Sequence[AnnotatedImage], from_name: str = DEFAULT_F
 
     Box coordinates are percent of the original size, as Label Studio's `rectanglelabels` want them. With
     `mask_format` "brush" or "polygon", each box's mask is its region instead; every box must have one
-    (InvalidRequestError otherwise), and a box whose mask is empty is left out (counted in `report`).
+    (InvalidRequestError otherwise), and a box whose mask is empty is left out (counted in `report`). Each line read
+    is a rectangle and its transcription (`line_regions`); a prediction's score is the mean of its boxes' and lines'.
     """
     region_type = REGION_TYPES[mask_format]
     report = report if report is not None else ExportReport()
@@ -101,15 +134,23 @@ def to_label_studio(images: Sequence[AnnotatedImage], from_name: str = DEFAULT_F
             regions.append({"id": f"kosmos-{task_number}-{box_number}", "type": region_type, "from_name": from_name,
                             "to_name": to_name, "original_width": image.width, "original_height": image.height,
                             "image_rotation": 0, "value": value, "score": box.score})
+        if image.lines and mask_format is not None:
+            raise InvalidRequestError(f"--mask-format {mask_format}: {image.resolved} holds lines read, which are "
+                                      "rectangles; export records of task ocr without --mask-format.")
+        for line_number, line in enumerate(image.lines, start=len(image.boxes) + 1):
+            regions += line_regions(line, f"kosmos-{task_number}-{line_number}", from_name, to_name, image.width,
+                                    image.height)
         tasks.append({"data": {"image": image_root + quote(image.name)},
                       "predictions": [prediction(regions, model_version(image.model, image.quantize))]})
     return tasks
 
 
 def label_studio_config(phrases_by_label: Mapping[str, Iterable[str]], from_name: str = DEFAULT_FROM_NAME,
-                        to_name: str = DEFAULT_TO_NAME, mask_format: str | None = None) -> str:
+                        to_name: str = DEFAULT_TO_NAME, mask_format: str | None = None,
+                        transcribed: bool = False) -> str:
     """A labeling config that takes these tasks: an Image `to_name` on `$image`, and `from_name` the control of
-    their regions (RectangleLabels; BrushLabels or PolygonLabels with a `mask_format`).
+    their regions (RectangleLabels; BrushLabels or PolygonLabels with a `mask_format`). With `transcribed` (tasks
+    with lines read), as Label Studio's OCR template: the label LINE_LABEL, and the per-region `<TextArea>` of texts.
 
     Each label's phrases (the ontology's for its class, else the label itself) go in `predicted_values`, so
     the ML backend grounds those phrases for it. A phrase with a comma cannot go there (the backend splits
@@ -124,12 +165,27 @@ def label_studio_config(phrases_by_label: Mapping[str, Iterable[str]], from_name
         <Label value="car" predicted_values="a car, a red car"/>
       </RectangleLabels>
     </View>
+
+    >>> print(label_studio_config({}, transcribed=True))  # doctest: +NORMALIZE_WHITESPACE
+    <View>
+      <Image name="image" value="$image"/>
+      <RectangleLabels name="label" toName="image">
+        <Label value="Text"/>
+      </RectangleLabels>
+      <TextArea name="transcription" toName="image" editable="true" perRegion="true" required="true"
+                maxSubmissions="1" rows="5" placeholder="Recognized Text" displayMode="region-list"/>
+    </View>
     """
     control = CONTROL_TAGS[REGION_TYPES[mask_format]]
     lines = ["<View>", f'  <Image name={quoteattr(to_name)} value="$image"/>',
              f"  <{control} name={quoteattr(from_name)} toName={quoteattr(to_name)}>"]
     lines += [f"    {label_element(label, phrases)}" for label, phrases in sorted(phrases_by_label.items())]
-    lines += [f"  </{control}>", "</View>"]
+    if transcribed and LINE_LABEL not in phrases_by_label:
+        lines.append(f"    <Label value={quoteattr(LINE_LABEL)}/>")
+    lines.append(f"  </{control}>")
+    if transcribed:
+        lines.append(f"  {TRANSCRIPTION_ELEMENT.format(to_name=quoteattr(to_name))}")
+    lines.append("</View>")
     return "\n".join(lines)
 
 

@@ -5,6 +5,9 @@
   has one (an ontology), else with its `phrase`, and scored with its own entry of the entity's `scores`
   (records written before boxes had scores count each box 1.0, as the model's answer, and are counted);
   its mask and the segmenter's score for it come along when the record has masks (`annotate --masks`);
+- each line a model read (records of `annotate --task ocr`, Kosmos-2.5) is one object too, labelled LINE_LABEL,
+  with its text, its box and its box's four corners, scored with its `score` (records without line scores count
+  each line 1.0, and are counted);
 - a box whose corners came back reversed (the model may write the lower-right location first) is
   put in order, per axis, and counted; a box of zero width or height is left out and counted;
 - when several records name the same image (`resolved`), the last one counts (a later run's answer);
@@ -27,6 +30,7 @@ from kosmos_serve.exports.masks import as_mask, mask_problem
 from kosmos_serve.grounding import Mask
 
 PixelBox = tuple[float, float, float, float]
+LINE_LABEL = "Text"  # the label of a line read: what Label Studio's OCR template calls printed text
 UNSCORED = 1.0  # the score of a box from a record written before scores (what the ML backend gave every box then)
 
 
@@ -44,6 +48,17 @@ class LabelledBox:
 
 
 @dataclass(frozen=True)
+class ReadLine:
+    """One line of text a model read: its text, x1, y1, x2, y2 pixels, its box's four corners (x, y) clockwise from
+    the top left, and the model's score for it (0 to 1)."""
+
+    text: str
+    xyxy: PixelBox
+    corners: tuple[tuple[float, float], ...]
+    score: float
+
+
+@dataclass(frozen=True)
 class AnnotatedImage:
     """One annotated image as the exports see it: `name` is its path relative to the export's folder (POSIX)."""
 
@@ -54,6 +69,9 @@ class AnnotatedImage:
     model: str
     quantize: str  # the engine's weight setting ("none" in records that do not say)
     boxes: tuple[LabelledBox, ...]
+    lines: tuple[ReadLine, ...] = ()  # the lines read, for records of task ocr
+    text: str = ""  # the record's text and markdown (for ocr: the reading without boxes, and each line linked)
+    markdown: str = ""
 
 
 @dataclass
@@ -65,6 +83,7 @@ class ExportReport:
     label_config: str = ""  # label-studio's labeling config, when one was written too
     images: int = 0
     boxes: int = 0
+    lines: int = 0  # lines read (records of task ocr)
     masks: int = 0  # boxes that came with a mask
     masks_not_exported: int = 0  # of those, the ones the format chosen leaves as boxes only
     empty_masks: int = 0  # boxes left out of brush or polygon regions: their mask has no pixel
@@ -73,6 +92,7 @@ class ExportReport:
     reordered_boxes: int = 0
     empty_boxes: int = 0
     unscored_boxes: int = 0
+    unscored_lines: int = 0
     replaced_records: int = 0
     torn_last_line: bool = False
 
@@ -86,7 +106,8 @@ class ExportReport:
                                                    if self.label_config else "")
         line = (f"wrote {written}: {self.images} image{'s' * (self.images != 1)}, "
                 f"{self.boxes} box{'es' * (self.boxes != 1)}{f' ({self.masks} with masks)' if self.masks else ''}, "
-                f"image names relative to {self.root or '-'}")
+                + (f"{self.lines} line{'s' * (self.lines != 1)}, " if self.lines else "")
+                + f"image names relative to {self.root or '-'}")
         notes = []
         if self.failed:
             codes = ", ".join(f"{code} {count}" for code, count in sorted(self.failed.items()))
@@ -106,6 +127,9 @@ class ExportReport:
         if self.unscored_boxes:
             notes.append(f"scored {self.unscored_boxes} box{'es' * (self.unscored_boxes != 1)} {UNSCORED} "
                          "(records written before scores)")
+        if self.unscored_lines:
+            notes.append(f"scored {self.unscored_lines} line{'s' * (self.unscored_lines != 1)} {UNSCORED} (the records "
+                         "carry no line scores)")
         if self.replaced_records:
             notes.append(f"{self.replaced_records} image{'s' * (self.replaced_records != 1)} had several records "
                          "(the last one counts)")
@@ -198,7 +222,50 @@ def record_problem(record) -> str | None:
         problem = entity_problem(entity, record["width"], record["height"])
         if problem:
             return f"entity {number}: {problem}"
+    lines = record.get("lines", [])
+    if not isinstance(lines, list):
+        return "field 'lines' is not a list"
+    for number, line in enumerate(lines):
+        problem = line_problem(line, record["width"], record["height"])
+        if problem:
+            return f"line {number}: {problem}"
     return None
+
+
+def line_problem(line, width: int | None = None, height: int | None = None) -> str | None:
+    """What is wrong with one line read (its text, its box and the box's four corners, inside a `width` x `height`
+    image if given, and a score from 0 to 1 when it has one), or None.
+
+    >>> line_problem({"text": "TOTAL", "corners": [[0, 0], [9, 0], [9, 5], [0, 5]], "box": [0, 0, 9, 50]}, 20, 10)
+    'box [0, 0, 9, 50] lies outside the 20x10 image'
+    """
+    if not isinstance(line, dict) or not isinstance(line.get("text"), str):
+        return "must be an object with a 'text'"
+    box, corners = line.get("box"), line.get("corners")
+    if not _is_point_list(box, 4, 1):
+        return f"box {box!r} is not [x1, y1, x2, y2]"
+    if not _is_point_list(corners, 4, 2):
+        return f"corners {corners!r} are not four [x, y] points"
+    for name, points in (("box", [box[:2], box[2:]]), ("corners", corners)):
+        if width is not None and not all(0 <= x <= width and 0 <= y <= height for x, y in points):
+            return f"{name} {line[name]} lies outside the {width}x{height} image"
+    score = line.get("score")
+    if score is not None and not (_is_number(score) and 0 <= score <= 1):
+        return "'score' must be a number from 0 to 1"
+    return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_point_list(value, count: int, size: int) -> bool:
+    """Whether `value` is `count` numbers (`size` 1) or `count` lists of `size` numbers."""
+    if not (isinstance(value, list) and len(value) == count):
+        return False
+    if size == 1:
+        return all(_is_number(v) for v in value)
+    return all(isinstance(point, list) and len(point) == size and all(_is_number(v) for v in point) for point in value)
 
 
 def entity_problem(entity, width: int | None = None, height: int | None = None) -> str | None:
@@ -275,6 +342,28 @@ def entity_boxes(entities: Iterable, class_map: Mapping[str, str] | None = None,
     return labelled
 
 
+def record_lines(lines: Iterable[Mapping], report: ExportReport | None = None) -> list[ReadLine]:
+    """The lines of a record, each scored with its `score` (UNSCORED when it has none, counted in `report`); boxes
+    with reversed corners are put in order and those of zero size left out, as entities' boxes are (and counted).
+
+    >>> [(line.text, line.xyxy, line.score) for line in record_lines([{"text": "TOTAL", "box": [9, 0, 2, 5],
+    ...     "corners": [[9, 0], [2, 0], [2, 5], [9, 5]]}])]
+    [('TOTAL', (2, 0, 9, 5), 1.0)]
+    """
+    read = []
+    for line in lines:
+        ordered, reversed_corners = order_box(line["box"])
+        score = line.get("score")
+        if report is not None:
+            report.empty_boxes += ordered is None
+            report.reordered_boxes += ordered is not None and reversed_corners
+            report.unscored_lines += ordered is not None and score is None
+        if ordered is not None:
+            corners = tuple(tuple(corner) for corner in line["corners"])
+            read.append(ReadLine(line["text"], ordered, corners, UNSCORED if score is None else score))
+    return read
+
+
 def annotated_images(records: Iterable[dict], relative_to: str | Path | None = None,
                      report: ExportReport | None = None) -> list[AnnotatedImage]:
     """The annotated images of `records`, sorted by name; failed records are left out and counted in `report`."""
@@ -295,11 +384,14 @@ def annotated_images(records: Iterable[dict], relative_to: str | Path | None = N
         AnnotatedImage(name=relative_name(record["resolved"], root), resolved=record["resolved"],
                        width=record["width"], height=record["height"], model=str(record.get("model", "")),
                        quantize=str(record.get("quantize") or "none"),
-                       boxes=tuple(entity_boxes(record["entities"], report=report)))
+                       boxes=tuple(entity_boxes(record["entities"], report=report)),
+                       lines=tuple(record_lines(record.get("lines", []), report)),
+                       text=record.get("text") or "", markdown=record.get("markdown") or "")
         for record in kept
     ]
     images.sort(key=lambda image: image.name)
     report.images, report.boxes = len(images), sum(len(image.boxes) for image in images)
+    report.lines = sum(len(image.lines) for image in images)
     report.masks = sum(box.mask is not None for image in images for box in image.boxes)
     return images
 

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kosmos_serve.engine import Request as EngineRequest
 from kosmos_serve.engine import Result
-from kosmos_serve.errors import KosmosServeError
+from kosmos_serve.errors import InvalidRequestError, KosmosServeError
 from kosmos_serve.generation import GenerationParams
 from kosmos_serve.server.common import MIN_SCORE_DESCRIPTION, MinScoreField, client_gone, decode_image, service_state
 from kosmos_serve.server.schemas import (
@@ -30,7 +30,7 @@ from kosmos_serve.server.schemas import (
     response_body,
 )
 from kosmos_serve.server.state import ServiceState
-from kosmos_serve.tasks import TaskInput
+from kosmos_serve.tasks import Task, TaskInput
 
 logger = logging.getLogger("kosmos_serve.server")
 router = APIRouter()
@@ -55,7 +55,8 @@ SSE_DOC = {"description": "With `stream: true`: events `text` ({\"text\": ...}) 
     description=(
         "Drop-in for mindthemath/kosmos-2-api. The prompt is used as given (default `DEFAULT_PROMPT`, "
         "`<grounding> Describe this image:`). Added to the reference's answer: `scores`, each entity's box scores "
-        "(the entities keep the reference's shape); and an optional form field `min_score`.\n\n"
+        "(the entities keep the reference's shape); and an optional form field `min_score`. A model that runs no "
+        "prompts of its own (Kosmos-2.5) answers 422, pointing to `/v1/generate`.\n\n"
         "`curl -F content=@snowman.png --form-string 'prompt=<grounding> An image of' http://127.0.0.1:8000/predict`"
     ),
 )
@@ -66,11 +67,23 @@ async def predict(
     min_score: Annotated[MinScoreField | None, Form(description=f"(Added) {MIN_SCORE_DESCRIPTION}")] = None,
 ):
     state = service_state(request)
+    _refuse_unless_prompted(state)
     image = await decode_image(state, await content.read())
     task = TaskInput("raw", prompt or state.default_prompt, grounding=False)
     params = GenerationParams(min_score=min_score)
     result = await state.generate(EngineRequest(image, task, params), functools.partial(client_gone, request))
     return predict_body(result)
+
+
+def _refuse_unless_prompted(state: ServiceState) -> None:
+    """`/predict` sends a prompt as it is (task raw): a model whose family runs no such task is told where to go."""
+    engine = state.engine
+    if engine is not None and Task.RAW not in engine.family.tasks:
+        tasks = " or ".join(f"'{task.value}'" for task in engine.family.tasks)
+        raise InvalidRequestError(
+            f"POST /predict is the reference Kosmos-2 service's route (an image and a prompt, grounded text back); "
+            f"this service runs a {engine.family.name} model, which takes no prompt of its own. "
+            f"Send the image to POST /v1/generate (or /v1/generate/upload) with task {tasks}.")
 
 
 @router.post(

@@ -10,7 +10,7 @@ from fastapi import UploadFile
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, Json
 
-from kosmos_serve.drawing import draw_entities
+from kosmos_serve.drawing import draw_result
 from kosmos_serve.engine import Result
 from kosmos_serve.generation import (
     GenerationParams,
@@ -194,7 +194,7 @@ def response_body(result: Result, image: Image.Image | None) -> dict:
     body = result.to_dict()
     if image is not None:
         buffer = io.BytesIO()
-        draw_entities(image, result.entities).save(buffer, format="PNG")
+        draw_result(image, result).save(buffer, format="PNG")
         body["annotated_image"] = base64.b64encode(buffer.getvalue()).decode("ascii")
     return body
 

@@ -115,10 +115,12 @@ class Entity:
 
 @dataclass(frozen=True)
 class TextLine:
-    """A line of text a model read (Kosmos-2.5's `<ocr>`) and its box (x1, y1, x2, y2) in pixels of the image."""
+    """A line of text a model read (Kosmos-2.5's `<ocr>`), its box (x1, y1, x2, y2) in pixels of the image, and how
+    sure the model was of both (`engine/line_scoring.py`; 0 until the engine scores it)."""
 
     text: str
     box: PixelBox
+    score: float = 0.0
 
     @property
     def corners(self) -> tuple[tuple[int, int], ...]:

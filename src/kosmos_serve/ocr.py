@@ -9,7 +9,8 @@ transformers' model doc does it (`post_process` in docs/source/en/model_doc/kosm
 - a box with x1 >= x2 or y1 >= y2 is dropped with its line;
 - a coordinate is multiplied by original size / resized size, in float32 as the doc's tensors compute
   it (`scale_coordinate`), and truncated.
-Read with `<md>`, it writes markdown, kept as written.
+Read with `<md>`, it writes markdown, kept as written; so does Kosmos-2.5-chat's answer to a question (its prompt
+begins with `<md>`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from kosmos_serve.grounding import GroundedText, TextLine
 
 OCR_TAG = "<ocr>"  # the prompt that reads every line with its box
 MARKDOWN_TAG = "<md>"  # the prompt that reads the page as markdown
+# Kosmos-2.5-chat's prompt for a question about the page (transformers' model doc, "Chat version"); it answers in markdown
+CHAT_TEMPLATE = ("<md>A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions. USER: {} ASSISTANT:")
 BOX_PATTERN = re.compile(r"<bbox><x_\d+><y_\d+><x_\d+><y_\d+></bbox>")
 MAX_PATCHES = 4096  # what Kosmos2_5Processor asks of its image processor
 PATCH_SIZE = 16
@@ -64,9 +68,9 @@ def read_lines(text: str, width: int, height: int) -> tuple[TextLine, ...]:
 
     >>> read_lines("<bbox><x_53><y_573><x_69><y_606></bbox>1\\n<bbox><x_79><y_573><x_464><y_612></bbox>[REG] BLACK SAKURA\\n",
     ...            1000, 1000)
-    (TextLine(text='1', box=(51, 559, 67, 591)), TextLine(text='[REG] BLACK SAKURA', box=(77, 559, 453, 597)))
+    (TextLine(text='1', box=(51, 559, 67, 591), score=0.0), TextLine(text='[REG] BLACK SAKURA', box=(77, 559, 453, 597), score=0.0))
     >>> read_lines("a title<bbox><x_9><y_5><x_9><y_8></bbox>empty box\\n<bbox><x_100><y_200><x_300><y_400></bbox>last", 300, 200)
-    (TextLine(text='last', box=(24, 48, 72, 96)),)
+    (TextLine(text='last', box=(24, 48, 72, 96), score=0.0),)
     """
     resized_width, resized_height = resized_size(width, height)
     boxes = [tuple(int(number) for number in re.findall(r"\d+", box)) for box in BOX_PATTERN.findall(text)]
@@ -90,7 +94,7 @@ def parse_reading(decoded_text: str, prompt: str, width: int, height: int) -> Gr
 
     >>> reading = parse_reading("<ocr><bbox><x_79><y_573><x_464><y_612></bbox>SUB TOTAL\\n", "<ocr>", 1000, 1000)
     >>> reading.text, reading.lines, reading.markdown
-    ('SUB TOTAL\\n', (TextLine(text='SUB TOTAL', box=(77, 559, 453, 597)),), '[SUB TOTAL](#box=77,559,453,597)')
+    ('SUB TOTAL\\n', (TextLine(text='SUB TOTAL', box=(77, 559, 453, 597), score=0.0),), '[SUB TOTAL](#box=77,559,453,597)')
     >>> parse_reading("<md># Receipt\\n\\n**Total** 50,000", "<md>", 1000, 1000).markdown
     '# Receipt\\n\\n**Total** 50,000'
     """

@@ -17,7 +17,9 @@ conversion (`coordinate_to_patch_index`) writes the `<object><patch_index_...>` 
 | raw                       | prompt, optional boxes          | the prompt, `<grounding>` prepended when grounding is on    |
 
 Kosmos-2.5 reads documents with two prompts of its own: `ocr` (`<ocr>`: every text line with its box)
-and `markdown` (`<md>`: the page as markdown). Which tasks a model runs is its family's (`engine/families.py`).
+and `markdown` (`<md>`: the page as markdown); Kosmos-2.5-chat also answers a `question` about the page, in the chat
+prompt of transformers' model doc (`ocr.CHAT_TEMPLATE`). Which tasks a model runs is its family's
+(`engine/families.py`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from enum import StrEnum
 
 from kosmos_serve.errors import InvalidBoxError, InvalidRequestError
 from kosmos_serve.grounding import NormalisedBox, to_normalised_box
-from kosmos_serve.ocr import MARKDOWN_TAG, OCR_TAG
+from kosmos_serve.ocr import CHAT_TEMPLATE, MARKDOWN_TAG, OCR_TAG
 
 GROUNDING_TAG = "<grounding>"
 PHRASE_PATTERN = re.compile(r"<phrase>.+?</phrase>")
@@ -49,6 +51,7 @@ class Task(StrEnum):
     RAW = "raw"
     OCR = "ocr"
     MARKDOWN = "markdown"
+    QUESTION = "question"
 
 
 # What each task does, in no surface's words: the CLI adds its flags, /v1/tasks the JSON fields (TASK_INPUTS).
@@ -64,6 +67,7 @@ TASK_DESCRIPTIONS = {
     Task.RAW: "your own prompt, <grounding> added unless grounding is off; a box per <phrase>",
     Task.OCR: "Kosmos-2.5: read every line of text, each with its box",
     Task.MARKDOWN: "Kosmos-2.5: read the page as markdown",
+    Task.QUESTION: "Kosmos-2.5-chat: answer a question about the page",
 }
 
 
@@ -80,6 +84,7 @@ TASK_INPUTS: dict[Task, tuple[str, ...]] = {
     Task.RAW: ("prompt", "boxes", "grounding"),
     Task.OCR: (),
     Task.MARKDOWN: (),
+    Task.QUESTION: ("prompt",),
 }
 
 
@@ -223,6 +228,10 @@ def _detection(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
     return [PromptSpec(f"{GROUNDING_TAG}<phrase> {p}</phrase>", phrase=p) for p in phrases]
 
 
+def _chat_question(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
+    return [PromptSpec(CHAT_TEMPLATE.format(_question(request)))]
+
+
 def _raw(request: TaskInput, phrases, boxes) -> list[PromptSpec]:
     prompt = request.prompt or ""
     _require(bool(prompt.strip()), "Task 'raw' needs a prompt.", "prompt")
@@ -251,6 +260,7 @@ _BUILDERS = {
     Task.RAW: _raw,
     Task.OCR: _fixed_prompt(OCR_TAG),
     Task.MARKDOWN: _fixed_prompt(MARKDOWN_TAG),
+    Task.QUESTION: _chat_question,
 }
 
 

@@ -98,7 +98,8 @@ def test_every_task_alone_equals_the_model_docs_reference(kosmos25_engine, refer
                 assert result.text == re.sub(BOX, "", decoded.replace(prompt, ""))
                 assert as_doc_lines(result) == post_processed
                 assert result.to_dict()["lines"] == [{"text": line.text, "corners": [list(c) for c in line.corners],
-                                                      "box": list(line.box)} for line in result.lines]
+                                                      "box": list(line.box), "score": line.score}
+                                                     for line in result.lines]
 
 
 def test_lines_and_boxes_equal_the_model_docs_with_the_processors_own_sizes(kosmos25_engine, reference, pages):

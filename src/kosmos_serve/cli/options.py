@@ -135,7 +135,7 @@ def task_options(command):
     return apply_options(command, [
         click.option("--task", help=f"Default: caption, or raw when only --prompt is given (the prompt as given, as "
                                     f"POST /predict uses it).\n\n{TASK_HELP}"),
-        click.option("--prompt", help="Question (grounded_vqa, region_vqa) or whole prompt (raw)."),
+        click.option("--prompt", help="Question (grounded_vqa, region_vqa, question) or whole prompt (raw)."),
         click.option("--phrase", "phrases", multiple=True, help="A phrase to ground or find; repeat for several."),
         click.option("--box", "boxes", multiple=True, callback=lambda _c, _p, v: tuple(parse_box(b) for b in v),
                      help="x1,y1,x2,y2 in image pixels; repeat for several."),

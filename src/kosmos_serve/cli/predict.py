@@ -95,11 +95,11 @@ def summary(path: Path, result) -> str:
       - a circle: [0, 0, 5, 5] score 0.91  [5, 5, 9, 9] score 0.40
     >>> from kosmos_serve.grounding import TextLine
     >>> print(summary(Path("r.png"), SimpleNamespace(image_size=(90, 40), text="SUB TOTAL\\nTOTAL\\n", entities=(),
-    ...                                              lines=(TextLine("SUB TOTAL", (2, 3, 80, 12)),))))
+    ...                                              lines=(TextLine("SUB TOTAL", (2, 3, 80, 12), 0.87),))))
     r.png (90x40)
       SUB TOTAL
       TOTAL
-      - [2, 3, 80, 12] SUB TOTAL
+      - [2, 3, 80, 12] score 0.87 SUB TOTAL
     """
     width, height = result.image_size
     lines = [f"{path} ({width}x{height})", *(f"  {line}" for line in result.text.rstrip("\n").split("\n"))]
@@ -108,5 +108,5 @@ def summary(path: Path, result) -> str:
         masks = [f" mask {score:.2f}" for score in entity.mask_scores] or [""] * len(entity.pixel_boxes)
         boxes = "  ".join(f"{list(box)}{score}{mask}" for box, score, mask in zip(entity.pixel_boxes, scores, masks))
         lines.append(f"  - {entity.phrase}: {boxes}")
-    lines.extend(f"  - {list(line.box)} {line.text}" for line in result.lines)
+    lines.extend(f"  - {list(line.box)} score {line.score:.2f} {line.text}" for line in result.lines)
     return "\n".join(lines)

@@ -62,6 +62,8 @@ TASK_FIELDS: dict[Task, TaskFields] = {
     ),
     Task.OCR: TaskFields("Kosmos-2.5 models: reads every line of text, each with its box."),
     Task.MARKDOWN: TaskFields("Kosmos-2.5 models: reads the page as markdown."),
+    Task.QUESTION: TaskFields("Kosmos-2.5-chat: answers a question about the page.",
+                              prompt=TextField("Question", "What is the total?")),
 }
 
 

@@ -20,7 +20,7 @@ from kosmos_serve.engine.loading import load_model, quiet_transformers, resolve_
 from kosmos_serve.engine.requests import PreparedRequest, PromptReader, Request, Row, check_task, tokenise
 from kosmos_serve.engine.results import Result
 from kosmos_serve.engine.scheduler import Scheduler
-from kosmos_serve.engine.scoring import PhrasePriors, TokenEvidence, evidence_from, score_output
+from kosmos_serve.engine.scoring import PhrasePriors, TokenEvidence, evidence_from
 from kosmos_serve.engine.segmentation import Segmenter
 from kosmos_serve.engine.streaming import TextStream
 from kosmos_serve.errors import InvalidRequestError
@@ -254,8 +254,8 @@ class Engine:
         evidence_from(log_probs, tokens, first_position, self.vocabulary, evidence)
 
     def score(self, output: GroundedText, row: Row, ids: list[int], evidence: TokenEvidence) -> GroundedText:
-        """`output`, generated as `ids` from `row`'s prompt, with each of its boxes scored."""
-        return score_output(output, ids, len(row.input_ids), evidence, self.vocabulary, self.phrase_priors)
+        """`output`, generated as `ids` from `row`'s prompt, with each of its boxes (or lines) scored."""
+        return self.family.score(output, ids, len(row.input_ids), evidence, self.vocabulary, self.phrase_priors)
 
     @functools.cached_property
     def _blank_beginning(self) -> tuple[RunningBatch, torch.Tensor]:

@@ -27,8 +27,9 @@ from transformers import (
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextForCausalLM
 
 from kosmos_serve.engine.features import flattened_patch_features, image_features
+from kosmos_serve.engine.line_scoring import ReadingVocabulary, score_lines
 from kosmos_serve.engine.requests import TOKENISATION_PLACEHOLDER, tokenise
-from kosmos_serve.engine.scoring import GroundingVocabulary, NoGroundingVocabulary
+from kosmos_serve.engine.scoring import GroundingVocabulary, PhrasePriors, TokenEvidence, score_output
 from kosmos_serve.errors import ModelLoadError
 from kosmos_serve.generation import ModelDefaults
 from kosmos_serve.grounding import GroundedText, parse_generation
@@ -89,6 +90,11 @@ class Kosmos2Family:
         """A generation (the whole sequence decoded) as `post_process_generation` reads it, boxes in pixels too."""
         return parse_generation(decoded_text, spec.text, *image_size)
 
+    def score(self, output: GroundedText, ids: list[int], prompt_length: int, evidence: TokenEvidence,
+              vocabulary: GroundingVocabulary, priors: PhrasePriors) -> GroundedText:
+        """`output` (generated as `ids`) with every box scored (`scoring.py`)."""
+        return score_output(output, ids, prompt_length, evidence, vocabulary, priors)
+
 
 class Kosmos25Family:
     """Kosmos-2.5: reads text-rich images, every line with its box (`<ocr>`) or the page as markdown (`<md>`)."""
@@ -105,9 +111,9 @@ class Kosmos25Family:
     def prepare(self, model: Kosmos2_5ForConditionalGeneration) -> None:
         """Nothing to change: Kosmos-2.5's requests are one prompt each, never left-padded in `generate`."""
 
-    def vocabulary(self, processor: Kosmos2_5Processor) -> NoGroundingVocabulary:
-        """No grounding tags: scoring reads nothing (Kosmos-2.5's lines are not scored yet)."""
-        return NoGroundingVocabulary()
+    def vocabulary(self, processor: Kosmos2_5Processor) -> ReadingVocabulary:
+        """The box tags and coordinate tokens that scoring reads."""
+        return ReadingVocabulary(processor.tokenizer)
 
     def tokenise(self, processor: Kosmos2_5Processor, spec: PromptSpec) -> tuple[list[int], list[int]]:
         """Token ids and image-position mask (-1 on `<image>` and `</image>`, 1 on the image tokens) of a prompt,
@@ -128,14 +134,38 @@ class Kosmos25Family:
         """A reading (the whole sequence decoded) as the model doc post-processes it, boxes in pixels of the image."""
         return parse_reading(decoded_text, spec.text, *image_size)
 
+    def score(self, output: GroundedText, ids: list[int], prompt_length: int, evidence: TokenEvidence,
+              vocabulary: ReadingVocabulary, priors: PhrasePriors) -> GroundedText:
+        """`output` (read as `ids`) with every line scored (`line_scoring.py`); no phrase priors."""
+        return score_lines(output, ids, prompt_length, evidence, vocabulary)
+
+
+class Kosmos25ChatFamily(Kosmos25Family):
+    """Kosmos-2.5-chat: Kosmos-2.5 trained further to answer questions about a page (`question`), in markdown."""
+
+    name = "Kosmos-2.5-chat"
+    tasks = (Task.OCR, Task.MARKDOWN, Task.QUESTION)  # the first the default
+
+
+CHAT_CHECKPOINT_NAME = "kosmos-2.5-chat"  # the hub's microsoft/kosmos-2.5-chat, or a folder of that name
 
 Family = Kosmos2Family | Kosmos25Family
 FAMILIES: dict[str, Family] = {family.model_type: family for family in (Kosmos2Family(), Kosmos25Family())}
 
 
 def family_of(model_type: str, model: str) -> Family:
-    """The family of a checkpoint whose config says `model_type` (`model`: how the user named it), else an error."""
+    """The family of a checkpoint whose config says `model_type` (`model`: how the user named it), else an error.
+
+    Kosmos-2.5-chat's files do not tell it from Kosmos-2.5 (the same `model_type`, architecture, processor and
+    tokenizer; only the weights differ), so it is known by its name: a `model` whose last part is `kosmos-2.5-chat`.
+
+    >>> [family_of("kosmos-2.5", name).name for name in ("microsoft/kosmos-2.5-chat", "/models/kosmos-2.5-chat/",
+    ...                                                  "microsoft/kosmos-2.5")]
+    ['Kosmos-2.5-chat', 'Kosmos-2.5-chat', 'Kosmos-2.5']
+    """
     if model_type not in FAMILIES:
         raise ModelLoadError(f"--model {model!r} is a {model_type!r} model; kosmos-serve serves "
                              f"{' and '.join(FAMILIES)} models.")
+    if model_type == Kosmos25Family.model_type and model.rstrip("/").rsplit("/", 1)[-1] == CHAT_CHECKPOINT_NAME:
+        return Kosmos25ChatFamily()
     return FAMILIES[model_type]

@@ -76,12 +76,14 @@ def entity_dict(entity: Entity) -> dict:
 
 
 def line_dict(line: TextLine) -> dict:
-    """A line as JSON: its text, its four corners and its box, in pixels.
+    """A line as JSON: its text, its four corners and its box, in pixels, and its score.
 
-    >>> line_dict(TextLine("Total 50,000", (24, 872, 827, 921)))
-    {'text': 'Total 50,000', 'corners': [[24, 872], [827, 872], [827, 921], [24, 921]], 'box': [24, 872, 827, 921]}
+    >>> line_dict(TextLine("Total 50,000", (24, 872, 827, 921), 0.8731))
+    {'text': 'Total 50,000', 'corners': [[24, 872], [827, 872], [827, 921], [24, 921]], 'box': [24, 872, 827, 921], \
+'score': 0.8731}
     """
-    return {"text": line.text, "corners": [list(corner) for corner in line.corners], "box": list(line.box)}
+    return {"text": line.text, "corners": [list(corner) for corner in line.corners], "box": list(line.box),
+            "score": line.score}
 
 
 def combine_detections(rows: list[Row]) -> GroundedText:

@@ -129,33 +129,6 @@ class GroundingVocabulary:
         return entities
 
 
-class NoGroundingVocabulary:
-    """The vocabulary of a model without grounding tags (Kosmos-2.5), as scoring asks it: no phrase, no location."""
-
-    def __init__(self):
-        self.patch_of: dict[int, int] = {}  # no location tokens
-
-    def phrase_open_after(self, was_open: bool, token: int) -> bool:
-        """Never inside a phrase."""
-        return False
-
-    def ends_in_phrase(self, ids: list[int]) -> bool:
-        """Never inside a phrase."""
-        return False
-
-    def read_by_scoring(self, phrase_open: bool, token: int) -> bool:
-        """No token is read."""
-        return False
-
-    def open_phrase_start(self, prompt: list[int]) -> int | None:
-        """No phrase awaits a box."""
-        return None
-
-    def entity_tokens(self, ids: list[int]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        """No entities."""
-        return []
-
-
 class PhrasePriors:
     """log p(phrase tokens, `</phrase>` | blank image, `<grounding><phrase>`), computed once per phrase."""
 

@@ -44,7 +44,7 @@ class GenerationFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: Task = Field(Task.CAPTION, description="What to do; see GET /v1/tasks.")
-    prompt: str | None = Field(None, description="Question (grounded_vqa, region_vqa) or own prompt (raw).")
+    prompt: str | None = Field(None, description="Question (grounded_vqa, region_vqa, question) or own prompt (raw).")
     phrases: list[str] = Field([], description="Phrases to ground (phrase_grounding, referring_comprehension, "
                                                "detection) or the phrases of a region_vqa question.")
     grounding: bool = Field(True, description="raw task only: add `<grounding>` to the prompt.")

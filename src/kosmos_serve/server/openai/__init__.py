@@ -9,7 +9,13 @@ limits, key, image cache and metrics as every other route:
 | has Kosmos-2 tags (`<grounding>`, ...)    | raw, as it is        | the text, unchanged                             |
 | plain words (`What is red?`)              | grounded VQA         | `<grounding> Question: What is red? Answer:`    |
 
-The answer (`message.content`) is the paper's markdown: each grounded phrase a link to its pixel boxes;
+On a Kosmos-2.5 the model's own tasks run instead: no text, a request to read (`read this`, `OCR ...`,
+`transcribe ...`) or `<ocr>` -> `ocr`; `<md>` -> `markdown`; other words -> `question`, which only
+Kosmos-2.5-chat answers (on another model, an error naming the model's tasks). An `ocr` answer's content is
+the lines' text, one a line, and `message.lines` lists them as `/v1/generate` does (text, corners, box, score);
+a page's answer is streamed whole, with its result.
+
+On Kosmos-2, the answer (`message.content`) is the paper's markdown: each grounded phrase a link to its pixel boxes;
 `message.entities` lists the phrases with their boxes and each box's score. `min_score`, an extra body field
 (the SDK's `extra_body`), drops the boxes scored under it from both.
 It is the model's clean text as `POST /predict` gives it (a caption keeps its `An image of`), except

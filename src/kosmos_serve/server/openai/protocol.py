@@ -129,11 +129,20 @@ class EntityOut(BaseModel):
     scores: list[float] = Field(description=SCORES_DESCRIPTION)
 
 
+class LineOut(BaseModel):
+    text: str
+    corners: list[tuple[int, int]] = Field(description="The box's corners, clockwise from the top left, in pixels.")
+    box: tuple[int, int, int, int] = Field(description="[x1, y1, x2, y2] in the image's own pixels.")
+    score: float = Field(description="How sure the model was of the line's box and text, in [0, 1].")
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str = Field(description="The answer in the paper's markdown: each grounded phrase a link to its pixel "
                                      "boxes, `[a blue circle](#box=132,9,225,94)`.")
     entities: list[EntityOut] = Field(description="The grounded phrases of `content`, with their boxes.")
+    lines: list[LineOut] | None = Field(None, description="Kosmos-2.5's `ocr` only: every line read, as "
+                                                          "`/v1/generate` gives it; `content` is their text.")
 
 
 class Choice(BaseModel):

@@ -32,6 +32,7 @@ from kosmos_serve.server.openai.protocol import (
 from kosmos_serve.server.openai.translate import (
     Choice,
     Completion,
+    extra_fields,
     generation_params,
     read_conversation,
     refusal,
@@ -92,7 +93,9 @@ def _check_model(state: ServiceState, model: str | None) -> None:
         "(`<grounding>`, `<phrase>`, ...): sent as it is; plain words: a grounded question "
         "(`<grounding> Question: ... Answer:`). `message.content` links each grounded phrase to its pixel boxes, "
         "`[a blue circle](#box=132,9,225,94)`; `message.entities` lists them, each box with its score. Omitted "
-        "temperature or 0: greedy. `min_score` (not OpenAI's; the SDK's `extra_body`) drops boxes scored under it."
+        "temperature or 0: greedy. `min_score` (not OpenAI's; the SDK's `extra_body`) drops boxes scored under it. "
+        "On a Kosmos-2.5: no text or a request to read (`read this`): `ocr`, the lines in `content` and with their "
+        "boxes and scores in `message.lines`; `<md>`: markdown; other words: a `question` (Kosmos-2.5-chat only)."
     ),
 )
 async def chat_completions(request: Request, body: ChatCompletionRequest):
@@ -102,9 +105,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
         logger.info("Ignored fields of a chat completion request: %s", ", ".join(ignored))
     _check_model(state, body.model)
     url, image_param, text = read_conversation(body.messages)
-    task = task_for_text(text)
     all_params = generation_params(body)
     state.ready_batcher()  # a 503 before any image is fetched
+    task = task_for_text(text, state.engine.family.tasks)
     image = await _read_image(state, url, image_param)
     try:  # the engine checks each choice (a prompt too long, too many tokens: a 400 here)
         choices = [Choice(state.prepare(EngineRequest(image, task, params)), task.task is Task.GROUNDED_VQA,
@@ -175,7 +178,7 @@ async def _stream(
                             logger.warning("A streamed answer diverged from its result; the rest is not sent.")
                         elif answer.content != shown:
                             yield chunk(index, {"content": answer.content[len(shown):]})
-                        yield chunk(index, {"entities": answer.entities_json()}, choice.finish_reason(piece, answer))
+                        yield chunk(index, extra_fields(piece, answer), choice.finish_reason(piece, answer))
                         completion_tokens += piece.generated_tokens
                         break
                     generated += piece

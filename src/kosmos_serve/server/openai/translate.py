@@ -11,29 +11,46 @@ from dataclasses import dataclass
 
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.engine import PreparedRequest, Result
+from kosmos_serve.engine.results import line_dict
 from kosmos_serve.errors import InvalidRequestError, KosmosServeError
 from kosmos_serve.generation import GenerationParams
 from kosmos_serve.grounding import Entity, parse_generation, render_markdown
+from kosmos_serve.ocr import MARKDOWN_TAG, OCR_TAG
 from kosmos_serve.server.openai.protocol import ChatCompletionRequest, ChatMessage, ChatRequestError
-from kosmos_serve.tasks import Task, TaskInput
+from kosmos_serve.tasks import Task, TaskInput, parse_task
 
+PAGE_TASKS = (Task.OCR, Task.MARKDOWN, Task.QUESTION)  # Kosmos-2.5's
 SAMPLING_TOP_P = 1.0  # OpenAI's and vLLM's default when a request samples without a top_p
 KOSMOS_TAG = re.compile(r"</?(?:grounding|phrase|object)>|<patch_index_\d+>|</delimiter_of_multi_objects/>")
+READ_REQUEST = re.compile(r"(?:please\s+)?(?:read|ocr|transcribe)\b", re.IGNORECASE)  # "read this": a page's lines
 
 
 # --- conversation -> Kosmos-2 task --------------------------------------------------------------------------
 
 
-def task_for_text(text: str) -> TaskInput:
-    """The Kosmos-2 task for the user's words: none -> caption, Kosmos-2 tags -> as it is, else a grounded question.
+def task_for_text(text: str, tasks: tuple[Task, ...] = (Task.CAPTION,)) -> TaskInput:
+    """The task for the user's words on a model that runs `tasks`.
+
+    Kosmos-2: none -> caption, Kosmos-2 tags -> as it is, else a grounded question. Kosmos-2.5: none, a request to
+    read (`read this`, `OCR`, `transcribe ...`) or `<ocr>` -> ocr, `<md>` -> markdown, else a question (which only
+    Kosmos-2.5-chat answers; the engine refuses it on another model, naming its tasks).
 
     >>> task_for_text("  ").task, task_for_text("What is red?").prompt
     (<Task.CAPTION: 'caption'>, 'What is red?')
     >>> tagged = task_for_text("<grounding><phrase> the red circle</phrase>")
     >>> tagged.task, tagged.prompt, tagged.grounding
     (<Task.RAW: 'raw'>, '<grounding><phrase> the red circle</phrase>', False)
+    >>> reading = (Task.OCR, Task.MARKDOWN, Task.QUESTION)
+    >>> [task_for_text(words, reading).task.value for words in ("", "Read this, please.", "<md>", "What is the total?")]
+    ['ocr', 'ocr', 'markdown', 'question']
     """
     text = text.strip()
+    if Task.OCR in tasks:
+        if not text or READ_REQUEST.match(text) or text == OCR_TAG:
+            return TaskInput(Task.OCR)
+        if text == MARKDOWN_TAG:
+            return TaskInput(Task.MARKDOWN)
+        return TaskInput(Task.QUESTION, text)
     if not text:
         return TaskInput(Task.CAPTION)
     if KOSMOS_TAG.search(text):
@@ -206,6 +223,11 @@ class Choice:
     stop: tuple[str, ...]
 
     @property
+    def reads_a_page(self) -> bool:
+        """A Kosmos-2.5 task: its answer is the page's text (or the chat model's), not grounded phrases."""
+        return parse_task(self.request.request.task.task) in PAGE_TASKS
+
+    @property
     def prompt(self) -> str:
         """The prompt text the model is sent."""
         return self.request.prompts[0].text
@@ -228,14 +250,24 @@ class Choice:
 
         The pieces are decoded apart from the prompt, so when they begin with a word rather than a tag or a
         space, only the result tells whether a space joins that word to the prompt's last one; a question's
-        answer leaves the prompt's words out, so there it does not matter.
+        answer leaves the prompt's words out, so there it does not matter. A page's reading (Kosmos-2.5) comes
+        whole with its result, its lines with their boxes and scores.
         """
-        if not self.question and generated and not (generated[0] == "<" or generated[0].isspace()):
+        if self.reads_a_page or (not self.question and generated and not (generated[0] == "<" or generated[0].isspace())):
             return None
         grounded = parse_generation(settled_prefix(decoded_prompt + generated), self.prompt,
                                     *self.request.request.image.size)
         return chat_answer(grounded.text, grounded.answer, grounded.entities, question=self.question,
                            stop=self.stop, partial=True, unscored=self.request.min_score is not None).content
+
+
+def extra_fields(result: Result, answer: ChatAnswer) -> dict:
+    """A message's fields beyond OpenAI's: `entities` (Kosmos-2's grounded phrases), and for `ocr` `lines`, each
+    with its text, corners, box and score as `/v1/generate` gives them."""
+    fields = {"entities": answer.entities_json()}
+    if result.task is Task.OCR:
+        fields["lines"] = [line_dict(line) for line in result.lines]
+    return fields
 
 
 @dataclass(frozen=True)
@@ -257,7 +289,7 @@ class Completion:
         body_choices = []
         for index, (choice, result) in enumerate(zip(choices, results)):
             answer = choice.answer(result)
-            message = {"role": "assistant", "content": answer.content, "entities": answer.entities_json()}
+            message = {"role": "assistant", "content": answer.content, **extra_fields(result, answer)}
             body_choices.append({"index": index, "message": message, "logprobs": None,
                                  "finish_reason": choice.finish_reason(result, answer)})
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,

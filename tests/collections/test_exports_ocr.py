@@ -7,6 +7,7 @@ A random model writes no lines, so the records here are hand-written readings pa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -40,15 +41,19 @@ def reading(width, height, texts):
     return "<ocr>" + "".join(f"{box}{text}\n" for box, text in zip(boxes, texts))
 
 
+LINE_SCORES = (0.91, 0.42, 0.77)  # what the engine's line scoring gave each line, as annotate records it
+
+
 def ocr_record(root, path, width, height, texts):
     """The record annotate writes for a reading of the page at `path` (an image of that size written under root)."""
     image = root / path
     image.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (width, height), "white").save(image)
     parsed = parse_reading(reading(width, height, texts), "<ocr>", width, height)
+    lines = tuple(dataclasses.replace(line, score=score) for line, score in zip(parsed.lines, LINE_SCORES))
     result = Result(task=Task.OCR, prompt="<ocr>", text=parsed.text, answer=parsed.answer, raw_text=parsed.raw_text,
                     entities=(), markdown=parsed.markdown, image_size=(width, height), generated_tokens=40,
-                    image_cached=False, timings=Timings(), lines=parsed.lines)
+                    image_cached=False, timings=Timings(), lines=lines)
     return annotated_record(ImageEntry(path, image, path), "ab" * 32, result, model="kosmos-2.5-folder",
                             quantize="none", min_score=None)
 
@@ -99,7 +104,7 @@ def test_coco_annotations_hold_each_line_with_its_text(records_file, records):
 
     coco, summary = export(records_file, "coco")
     assert summary.startswith(f"wrote {records_file.parent / 'coco.json'} (coco): 2 images, 0 boxes, 5 lines, ")
-    assert "scored 5 lines 1.0 (the records carry no line scores)" in summary
+    assert "scored" not in summary  # every line carries its own score
     assert coco["info"]["description"] == "Kosmos-2.5 text lines (kosmos-2.5-folder) exported by kosmos-serve"
     assert coco["categories"] == [{"id": 1, "name": "Text", "supercategory": "object"}]
     loaded = COCO(str(records_file.parent / "coco.json"))
@@ -111,9 +116,18 @@ def test_coco_annotations_hold_each_line_with_its_text(records_file, records):
         assert [a["attributes"]["text"] for a in annotations] == [line["text"] for line in record["lines"]]
         for annotation, line in zip(annotations, record["lines"]):
             x1, y1, x2, y2 = line["box"]
-            assert annotation["bbox"] == [x1, y1, x2 - x1, y2 - y1] and annotation["score"] == 1.0
+            assert annotation["bbox"] == [x1, y1, x2 - x1, y2 - y1] and annotation["score"] == line["score"]
             assert annotation["segmentation"] == [[v for corner in line["corners"] for v in corner]]
             assert loaded.annToMask(annotation).sum() == pytest.approx(annotation["area"], rel=0.1)
+
+
+def test_lines_of_records_without_scores_export_with_score_1(tmp_path, records):
+    for record in records:
+        for line in record["lines"]:
+            del line["score"]
+    coco, summary = export(write_records(tmp_path / "unscored.jsonl", records), "coco")
+    assert "scored 5 lines 1.0 (the records carry no line scores)" in summary
+    assert {annotation["score"] for annotation in coco["annotations"]} == {1.0}
 
 
 def test_label_studio_gets_a_rectangle_and_a_transcription_per_line(records_file, records):
@@ -121,7 +135,8 @@ def test_label_studio_gets_a_rectangle_and_a_transcription_per_line(records_file
     receipt = tasks[1]  # sorted by name: more/menu.png, receipt.png
     assert receipt["data"] == {"image": "http://files/receipt.png"}
     [prediction] = receipt["predictions"]
-    assert (prediction["score"], prediction["model_version"]) == (1.0, "kosmos-2:kosmos-2.5-folder")
+    assert prediction["model_version"] == "kosmos-2:kosmos-2.5-folder"
+    assert prediction["score"] == round(sum(LINE_SCORES) / 3, 4)  # each line once, its transcription aside
     regions = prediction["result"]
     assert len(regions) == 6
     for number, (rectangle, transcription) in enumerate(zip(regions[::2], regions[1::2]), start=1):
@@ -130,7 +145,7 @@ def test_label_studio_gets_a_rectangle_and_a_transcription_per_line(records_file
         place = {"x": 100 * x1 / 500, "y": 100 * y1 / 160, "width": 100 * (x2 - x1) / 500,
                  "height": 100 * (y2 - y1) / 160, "rotation": 0}
         common = {"id": f"kosmos-2-{number}", "to_name": "image", "original_width": 500, "original_height": 160,
-                  "image_rotation": 0, "score": 1.0}
+                  "image_rotation": 0, "score": line["score"]}
         assert rectangle == {**common, "type": "rectanglelabels", "from_name": "label",
                              "value": {**place, "rectanglelabels": ["Text"]}}
         assert transcription == {**common, "type": "textarea", "from_name": "transcription",
@@ -202,5 +217,7 @@ def test_supervision_detections_hold_each_line_as_a_text_box(records):
         assert detections.xyxy.tolist() == [line["box"] for line in receipt["lines"]]
         assert detections.data["class_name"].tolist() == ["Text"] * 3
         assert detections.data["phrase"].tolist() == [line["text"] for line in receipt["lines"]]
-        assert detections.confidence.tolist() == [1.0] * 3
+        assert detections.confidence.tolist() == pytest.approx([line.get("score", 0.0) for line in
+                                                                (source.to_dict() if isinstance(source, Result)
+                                                                 else source)["lines"]])
     assert to_detections(receipt, classes=["Text"]).class_id.tolist() == [0, 0, 0]

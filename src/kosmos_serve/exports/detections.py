@@ -29,7 +29,7 @@ def to_detections(result, class_map: Mapping[str, str] | None = None, classes: S
     """One result as `supervision.Detections`: xyxy pixels, `confidence` (each box's score), `data["class_name"]`
     and `data["phrase"]`; when the result has masks (asked for with `masks`), `mask` (N x H x W booleans) and
     `data["mask_score"]` (the segmenter's score for each). Each line read (task ocr) is a box of the class name
-    LINE_LABEL whose `phrase` is its text, scored 1.0 while lines have no scores.
+    LINE_LABEL whose `phrase` is its text and whose confidence is its score (1.0 in records from before line scores).
 
     `result` is an annotation record (dict), an `engine.Result` or `Result.to_dict()`. A box's class
     name is its entity's `class` (records from an ontology), else `class_map[phrase]`, else the
@@ -56,8 +56,8 @@ def to_detections(result, class_map: Mapping[str, str] | None = None, classes: S
             raise InvalidRequestError(f"not a result or annotation record: {problems[0]}.")
     else:
         entities = result.entities
-        lines = [{"text": line.text, "box": list(line.box), "corners": [list(c) for c in line.corners]}
-                 for line in result.lines]
+        lines = [{"text": line.text, "box": list(line.box), "corners": [list(c) for c in line.corners],
+                  "score": line.score} for line in result.lines]
     boxes = entity_boxes(entities, class_map)
     boxes += [LabelledBox(LINE_LABEL, line.text, line.xyxy, line.score) for line in record_lines(lines)]
     if classes is not None:

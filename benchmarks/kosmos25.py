@@ -15,7 +15,9 @@ into a `SuppressTokensLogitsProcessor`. Each configuration runs in its own proce
   throughput is one over a request's time (as benchmarks/bench.py counts the model-card code).
 - `none`, `auto` (`--formats`): the kosmos-serve engine with that `--quantize`. One request alone through the
   scheduler, step by step (the first step is vision, prefill and the first token); then 8 requests at once,
-  which the engine batches (8 pages of 4096 patches each, then 8 rows decoding together).
+  which the engine batches (8 pages of 4096 patches each, then 8 rows decoding together). The one-request
+  figures are also written to `$TMPDIR/kosmos25-bench-<config>-one-request.json` as soon as they are measured, so
+  a run stopped during the batch keeps them.
 
 The CPU (`lscpu`'s model name and flags), the load average before and after, and resident memory head and fill the
 report. Results print as markdown (`--out FILE` appends them there); `--json FILE` writes the raw numbers.
@@ -30,6 +32,7 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -235,15 +238,17 @@ def measure_engine(args) -> dict:
         scheduler.step()
         steps += 1
     whole = time.perf_counter() - began
+    one = {"request_s": whole, "first_token_s": first_token, "decode_step_s": (whole - first_token) / max(1, steps),
+           "new_tokens": steps + 1, "loaded_rss_gib": loaded_rss, "weight_formats": engine.model.weight_formats}
+    # kept at once, so a run stopped during the (long) batch still has its one-request figures
+    (Path(tempfile.gettempdir()) / f"kosmos25-bench-{args.worker}-one-request.json").write_text(json.dumps(one))
 
     batch = [Request(page, TaskInput(Task.OCR), params) for page in pages(args.clients, seed=2)]
     began = time.perf_counter()
     results = engine.run(batch)
     batched = time.perf_counter() - began
-    return {"request_s": whole, "first_token_s": first_token, "decode_step_s": (whole - first_token) / max(1, steps),
-            "new_tokens": steps + 1, "clients_s": batched, "throughput_rps": len(batch) / batched,
-            "clients_new_tokens": [result.generated_tokens for result in results],
-            "loaded_rss_gib": loaded_rss, "weight_formats": engine.model.weight_formats}
+    return {**one, "clients_s": batched, "throughput_rps": len(batch) / batched,
+            "clients_new_tokens": [result.generated_tokens for result in results]}
 
 
 def render(rows: list[dict], machine: dict, args, command: str) -> str:

@@ -99,6 +99,11 @@ class RowwiseInt8MatmulLinear(torch.nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
+    def weight(self) -> torch.Tensor:
+        """The int8 weight (out, in), a method as on `RowwiseInt8Linear`: model code that checks whether
+        `layer.weight` is a tensor (Kosmos-2.5's vision MLP does, to cast its input) leaves the layer alone."""
+        return self.int8_weight_t.t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         quantized, row_scales = quantize_rows(rows)

@@ -26,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import cpu_description, prepare_model  # the benchmark scripts' shared helpers
-from masks import build_sam
+from masks import build as build_segmenter
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     print(f"CPU: {cpu_description()}; torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as folder:
         engine = Engine(EngineSettings(model=str(prepare_model(args.tiny)), device="cpu",
-                                       segmenter=str(build_sam(Path(folder) / "sam", args.tiny))))
+                                       segmenter=str(build_segmenter("sam", Path(folder) / "sam", args.tiny))))
         task = TaskInput(Task.REFERRING_GENERATION, boxes=((64, 48, 320, 360),))
         params = GenerationParams(max_new_tokens=args.new_tokens, masks=True, min_score=0.0)
         seeds = iter(range(10_000))

@@ -3,8 +3,9 @@
 Per image, the segmenter's image embedding is computed once, one image per call (so it never depends on its batch
 neighbours), and kept in an LRU keyed by the image's content, as Kosmos-2's image features are: several phrases and
 several requests about one image pay for it once. The scheduler starts it (`prepare`) in the segmenter's own thread
-when a request asking for masks is admitted, so it is computed while Kosmos-2 decodes the boxes it will take. Every box of a result then goes through one prompt-encoder and
-mask-decoder call, `multimask_output=False`: SAM's single mask for a box prompt (SAM 2's own forward then picks
+when a request asking for masks is admitted, so it is computed while Kosmos-2 decodes the boxes it will take. Every
+box of a result then goes through one prompt-encoder and mask-decoder call, `multimask_output=False`: SAM's single
+mask for a box prompt (SAM 2's own forward then picks
 among its masks by stability, as it does for one box). The processor's own `post_process_masks` brings the masks to
 the image's size and thresholds them (its default, logit 0); each is written as COCO run-length encoding. A mask's
 score is the model's predicted IoU for that mask.

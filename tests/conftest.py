@@ -77,6 +77,14 @@ def sample_images():
     return [mandelbrot, gradient, noise]
 
 
+@pytest.fixture
+def image_file(tmp_path, sample_images):
+    """The first sample image saved as a PNG file."""
+    path = tmp_path / "scene.png"
+    sample_images[0].save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def reference(tiny_model_dir):
     """Stock transformers: model-card code, one request at a time."""

@@ -4,21 +4,9 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_invocation import invoke
 
-from kosmos_serve.cli import main
 from kosmos_serve.training.train import STATE_FILE
-
-
-@pytest.fixture
-def image_file(tmp_path, sample_images):
-    path = tmp_path / "scene.png"
-    sample_images[0].save(path)
-    return path
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_predict_prints_text_then_entities(image_file, tiny_model_dir):

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from cli_invocation import invoke
 from PIL import Image, ImageDraw
 
 from kosmos_serve.engine import GenerationParams, ImageFeatureCache, Request
@@ -154,14 +155,6 @@ def test_each_family_refuses_the_others_tasks(kosmos25_engine, engine, pages):
     assert refused.value.field == "task"
     with pytest.raises(InvalidRequestError, match="is a Kosmos-2 model, whose tasks are caption, detailed_caption"):
         engine.predict(pages[0], TaskInput(Task.OCR), PARAMS)
-
-
-def invoke(*args):
-    from click.testing import CliRunner
-
-    from kosmos_serve.cli import main
-
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_the_tiny_model_command_writes_the_same_kosmos25_every_time(tiny_kosmos25_dir, tmp_path):

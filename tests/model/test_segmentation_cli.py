@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_invocation import invoke
 from click.testing import CliRunner
 from PIL import Image
 from transformers.utils import is_timm_available, is_torchvision_available
@@ -17,17 +18,6 @@ from kosmos_serve.tasks import Task, TaskInput
 from kosmos_serve.training.tiny_segmenter import sam2_config
 
 BOX = (10, 20, 150, 160)
-
-
-@pytest.fixture
-def image_file(tmp_path, sample_images):
-    path = tmp_path / "scene.png"
-    sample_images[0].save(path)
-    return path
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_predict_masks_json_and_drawing(image_file, tmp_path, tiny_model_dir, tiny_segmenter_dir, segmenting_engine,

@@ -269,9 +269,7 @@ def measure_http(engine, images, args) -> dict:
 
     app = create_app(ServerSettings(max_batch_requests=8, batch_timeout_ms=20, demo=False), engine.settings, engine=engine)
     throughput = {}
-    with serve_in_thread(app) as url, httpx.Client(timeout=3600) as client:
-        while client.get(f"{url}/ready").status_code != 200:
-            time.sleep(0.1)
+    with serve_in_thread(app) as url, httpx.Client(timeout=3600) as client:  # yields once /ready answers 200
         alone, over_http = [], []
         for _ in range(args.repeats):  # interleaved, so both see the same machine
             alone.append(timed(lambda: engine_request(next(images))))

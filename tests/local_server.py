@@ -17,8 +17,14 @@ import uvicorn
 
 
 @contextlib.contextmanager
-def serve_in_thread(app, host: str = "127.0.0.1", startup_timeout: float = 30.0) -> Iterator[str]:
-    """Serve `app` on a free port of `host` until the block ends; yields its base URL."""
+def serve_in_thread(app, host: str = "127.0.0.1", startup_timeout: float = 30.0, ready: bool = True,
+                    ready_timeout: float = 300.0) -> Iterator[str]:
+    """Serve `app` on a free port of `host` until the block ends; yields its base URL.
+
+    With `ready` (the default) it yields once `/ready` answers 200, the model loaded and warmed up, so a test's
+    first request never meets the loading 503; `ready=False` yields as soon as the port listens (tests of the
+    loading state, or of a model that cannot load).
+    """
     with socket.socket() as probe:
         probe.bind((host, 0))
         port = probe.getsockname()[1]
@@ -30,8 +36,14 @@ def serve_in_thread(app, host: str = "127.0.0.1", startup_timeout: float = 30.0)
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the server did not start")
         time.sleep(0.02)
+    base_url = f"http://{host}:{port}"
     try:
-        yield f"http://{host}:{port}"
+        deadline = time.monotonic() + ready_timeout
+        while ready and httpx.get(f"{base_url}/ready").status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the service never became ready")
+            time.sleep(0.05)
+        yield base_url
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import time
 
-import httpx
 import pytest
 from local_server import serve_in_thread
 
 from kosmos_serve.asgi import create_app
 from kosmos_serve.config import ServerSettings
-
-
-def wait_ready(base_url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while httpx.get(f"{base_url}/ready").status_code != 200:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the service never became ready")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -36,7 +26,6 @@ def serve(engine):
     def start(**settings):
         app = create_app(ServerSettings(**{"demo": False, **settings}), engine.settings, engine=engine)
         with serve_in_thread(app) as base_url:
-            wait_ready(base_url)
             yield base_url
 
     return start

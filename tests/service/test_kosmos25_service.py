@@ -9,7 +9,6 @@ import json
 
 import httpx
 import pytest
-from conftest import wait_ready
 from local_server import serve_in_thread
 
 from kosmos_serve.asgi import create_app
@@ -25,7 +24,6 @@ def kosmos25_url(kosmos25_engine):
     """The service on the tiny Kosmos-2.5's engine; yields its base URL."""
     app = create_app(ServerSettings(demo=False), kosmos25_engine.settings, engine=kosmos25_engine)
     with serve_in_thread(app) as url:
-        wait_ready(url)
         yield url
 
 

@@ -165,7 +165,6 @@ def backend(demo_engine, label_studio, tmp_path_factory):
     settings = ServerSettings(demo=False, label_studio_url=label_studio.url, label_studio_api_key=LEGACY_TOKEN,
                               label_studio_local_files_document_root=str(root))
     with serve_in_thread(create_app(settings, demo_engine.settings, engine=demo_engine)) as base_url:
-        _wait_ready(base_url)
         yield f"{base_url}/label-studio"
 
 
@@ -186,18 +185,11 @@ class _served:
 
     def __enter__(self):
         base_url = self.context.__enter__()
-        _wait_ready(base_url)
         return f"{base_url}/label-studio"
 
     def __exit__(self, *exc):
         return self.context.__exit__(*exc)
 
-
-def _wait_ready(base_url: str) -> None:
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{base_url}/ready").status_code != 200:
-        assert time.monotonic() < deadline, "the service never became ready"
-        time.sleep(0.05)
 
 
 def predict(backend: str, body: dict, **kwargs) -> httpx.Response:
@@ -337,7 +329,6 @@ def test_the_api_key_is_taken_as_label_studios_basic_auth_password(serve_backend
 def test_health_is_503_until_the_model_is_ready(demo_engine):
     app = create_app(ServerSettings(demo=False), demo_engine.settings, engine=demo_engine)
     with serve_in_thread(app) as base_url:
-        _wait_ready(base_url)
         app.state.service.batcher, batcher = None, app.state.service.batcher  # as while the model loads
         answer = httpx.get(f"{base_url}/label-studio/health")
         app.state.service.batcher = batcher

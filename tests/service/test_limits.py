@@ -23,12 +23,6 @@ def error_of(response) -> dict:
     return body["error"]
 
 
-def wait_ready(base_url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while httpx.get(f"{base_url}/ready").status_code != 200:
-        assert time.monotonic() < deadline, "the service never became ready"
-        time.sleep(0.05)
-
 
 SAMPLING_BEYOND_RANGE = [
     ({"do_sample": True, "temperature": float("inf")}, "temperature: Input should be a finite number"),
@@ -104,7 +98,6 @@ def test_a_chunked_body_over_the_upload_limit_is_413(engine, serve_app, png_byte
         yield from chunks()
 
     with serve_app(app) as url:
-        wait_ready(url)
         as_json = httpx.post(f"{url}/v1/generate", content=chunks(), headers={"Content-Type": "application/json"})
         as_upload = httpx.post(f"{url}/predict", content=multipart_chunks(),
                                headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
@@ -175,7 +168,6 @@ def test_the_demo_models_own_defaults_give_its_grounded_caption_on_predict(serve
 
     app = create_app(ServerSettings(demo=False), EngineSettings(model="demo"))
     with serve_app(app) as url:
-        wait_ready(url)
         answer = httpx.post(f"{url}/predict", files={"content": ("s.png", (EXAMPLES_DIR / "scene-four-shapes.png")
                                                                   .read_bytes())}, timeout=60).json()
         info = httpx.get(f"{url}/info").json()

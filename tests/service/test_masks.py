@@ -8,7 +8,6 @@ import io
 import httpx
 import numpy as np
 import pytest
-from conftest import wait_ready
 from local_server import serve_in_thread
 from PIL import Image
 
@@ -27,7 +26,6 @@ def masked(segmenting_engine):
     """The service on the tiny Kosmos-2 with the tiny SAM as its segmenter; yields its base URL."""
     app = create_app(ServerSettings(demo=False), segmenting_engine.settings, engine=segmenting_engine)
     with serve_in_thread(app) as url:
-        wait_ready(url)
         yield url
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -27,12 +26,6 @@ def model(engine) -> str:
     """The served model's id: the tiny model's folder."""
     return engine.settings.model
 
-
-def wait_ready(url: str) -> None:
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{url}/ready").status_code != 200:
-        assert time.monotonic() < deadline, "the service never became ready"
-        time.sleep(0.05)
 
 
 def data_uri(png: bytes) -> str:
@@ -332,7 +325,6 @@ def test_an_image_url_on_an_allowed_host_is_fetched(model, serve_app, engine, pn
     app = create_app(settings, engine.settings, engine=engine)
     app.get("/picture.png")(lambda: Response(png_bytes[2], media_type="image/png"))
     with serve_app(app) as url:
-        wait_ready(url)
         remote = {"type": "image_url", "image_url": {"url": f"{url}/picture.png"}}
         completion = client(url).chat.completions.create(
             model=model, messages=[{"role": "user", "content": [remote]}], max_tokens=NEW_TOKENS)
@@ -342,7 +334,7 @@ def test_an_image_url_on_an_allowed_host_is_fetched(model, serve_app, engine, pn
 def test_the_routes_answer_503_until_the_model_is_ready(serve_app, engine, png_bytes):
     app = create_app(ServerSettings(demo=False), engine.settings, engine=engine)
     app.router.lifespan_context = _never_ready  # the batcher never starts: as while the model loads
-    with serve_app(app) as url:
+    with serve_app(app, ready=False) as url:
         models = httpx.get(f"{url}/v1/models")
         chat = httpx.post(f"{url}/v1/chat/completions", json={"messages": [user(png_bytes[2])]})
     for response in (models, chat):
@@ -364,7 +356,6 @@ def demo_service():
     engine = Engine(EngineSettings(model="demo", device="cpu"))
     app = create_app(ServerSettings(demo=False), engine.settings, engine=engine)
     with serve_in_thread(app) as url:
-        wait_ready(url)
         yield url
 
 

@@ -10,7 +10,6 @@ import shutil
 
 import openai
 import pytest
-from conftest import wait_ready
 from local_server import serve_in_thread
 from PIL import Image, ImageDraw
 
@@ -65,7 +64,6 @@ def test_an_image_with_no_text_or_read_this_is_ocr_with_every_line_scored(kosmos
     result = kosmos25_engine.run([Request(page, TaskInput(Task.OCR), GenerationParams(max_new_tokens=NEW_TOKENS))])[0]
     assert [line.text for line in result.lines] == ["RECEIPT 0008", "Total 50,000"]
     with served(kosmos25_engine) as url:
-        wait_ready(url)
         api = client(url)
         kwargs = {"model": kosmos25_engine.settings.model, "messages": [message(page, text)],
                   "max_tokens": NEW_TOKENS}
@@ -95,7 +93,6 @@ def test_a_question_on_the_chat_model_is_its_question_task(chat_engine, page):
     params = GenerationParams(max_new_tokens=12)
     result = chat_engine.run([Request(page, TaskInput(Task.QUESTION, prompt=question), params)])[0]
     with served(chat_engine) as url:
-        wait_ready(url)
         completion = client(url).chat.completions.create(
             model=chat_engine.settings.model, messages=[message(page, question)], max_tokens=12)
     (choice,) = completion.choices
@@ -105,10 +102,8 @@ def test_a_question_on_the_chat_model_is_its_question_task(chat_engine, page):
 
 
 def test_a_question_on_kosmos25_is_refused_naming_its_tasks(kosmos25_engine, page):
-    with served(kosmos25_engine) as url:
-        wait_ready(url)
-        with pytest.raises(openai.APIStatusError) as refused:
-            client(url).chat.completions.create(model=kosmos25_engine.settings.model,
-                                                messages=[message(page, "What is the total?")], max_tokens=8)
+    with served(kosmos25_engine) as url, pytest.raises(openai.APIStatusError) as refused:
+        client(url).chat.completions.create(model=kosmos25_engine.settings.model,
+                                            messages=[message(page, "What is the total?")], max_tokens=8)
     assert refused.value.status_code in (400, 422)
     assert "is a Kosmos-2.5 model, whose tasks are ocr, markdown" in refused.value.message

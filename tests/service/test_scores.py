@@ -29,17 +29,12 @@ CAPTION_PROMPT = "<grounding> An image of"
 PHRASES = list(LABELS.values())
 
 
-def _wait_ready(url: str) -> None:
-    while httpx.get(f"{url}/ready").status_code != 200:
-        pass
-
 
 @pytest.fixture(scope="module")
 def demo():
     """The service on the demo model, with its own defaults (the model's min_score); yields its base URL."""
     engine = Engine(EngineSettings(model="demo", device="cpu"))
     with serve_in_thread(create_app(ServerSettings(demo=False), engine.settings, engine=engine)) as url:
-        _wait_ready(url)
         yield url
 
 
@@ -327,7 +322,6 @@ def test_the_operators_default_is_what_label_studio_and_supervisely_drop_under()
     """KOSMOS_MIN_SCORE (here 0.6) over the model's own default, in /info and in both annotation protocols."""
     engine = Engine(EngineSettings(model="demo", device="cpu", min_score=0.6))
     with serve_in_thread(create_app(ServerSettings(demo=False), engine.settings, engine=engine)) as url:
-        _wait_ready(url)
         every = generate(url, task="detection", phrases=PHRASES, min_score=0)["entities"]
         caption = generate(url, task="raw", prompt=CAPTION_PROMPT, grounding=False, max_new_tokens=32)["entities"]
         info = httpx.get(f"{url}/info").json()

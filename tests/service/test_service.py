@@ -339,7 +339,7 @@ def test_a_model_that_cannot_load_is_503_but_the_process_lives(serve_app, tmp_pa
     from kosmos_serve.config import EngineSettings
 
     app = create_app(ServerSettings(), EngineSettings(model=str(tmp_path / "missing"), device="cpu"))
-    with serve_app(app) as url:
+    with serve_app(app, ready=False) as url:
         for _ in range(100):
             ready = httpx.get(f"{url}/ready")
             if ready.json()["error"]["code"] == "model_unavailable":

@@ -70,13 +70,6 @@ print("RESULT " + json.dumps(out))
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-def wait_ready(base_url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while httpx.get(f"{base_url}/ready").status_code != 200:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the service never became ready")
-        time.sleep(0.05)
-
 
 @pytest.fixture(scope="module")
 def demo_engine():
@@ -89,7 +82,6 @@ def service(demo_engine):
     """The whole service on the demo model; yields its base URL."""
     app = create_app(ServerSettings(demo=False), demo_engine.settings, engine=demo_engine)
     with serve_in_thread(app) as base_url:
-        wait_ready(base_url)
         yield base_url
 
 
@@ -323,14 +315,13 @@ def test_a_get_on_a_served_route_names_the_method(service):
 def test_an_image_over_the_pixel_cap_is_refused_before_decoding(serve_app, demo_engine):
     settings = demo_engine.settings.model_copy(update={"max_image_pixels": 1000})
     with serve_app(create_app(ServerSettings(demo=False), settings, engine=demo_engine)) as url:
-        wait_ready(url)
         response = httpx.post(f"{url}/supervisely/inference_image", **upload(("a.png", PNG)), timeout=60)
     assert_supervisely_error(response, 413, "pixels")
 
 
 def test_while_the_model_cannot_load_the_routes_say_so_and_settings_still_answer(serve_app, tmp_path):
     app = create_app(ServerSettings(demo=False), EngineSettings(model=str(tmp_path / "no-such-model")))
-    with serve_app(app) as url:
+    with serve_app(app, ready=False) as url:
         deadline = time.monotonic() + 30
         while app.state.service.load_error is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -345,7 +336,6 @@ def test_while_the_model_cannot_load_the_routes_say_so_and_settings_still_answer
 def test_the_routes_are_behind_the_services_api_key(serve_app, demo_engine):
     app = create_app(ServerSettings(demo=False, api_key="s3cret"), demo_engine.settings, engine=demo_engine)
     with serve_app(app) as url:
-        wait_ready(url)
         refused = httpx.post(f"{url}/supervisely/get_session_info", json={})
         allowed = httpx.post(f"{url}/supervisely/get_session_info", json={},
                              headers={"Authorization": "Bearer s3cret"})

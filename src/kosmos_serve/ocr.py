@@ -103,5 +103,14 @@ def parse_reading(decoded_text: str, prompt: str, width: int, height: int) -> Gr
         return GroundedText(text=reading, answer=reading, raw_text=decoded_text, entities=(), markdown=reading)
     lines = read_lines(reading, width, height)
     text = BOX_PATTERN.sub("", reading)
-    markdown = "\n".join(f"[{line.text}](#box={','.join(map(str, line.box))})" for line in lines)
-    return GroundedText(text=text, answer=text, raw_text=decoded_text, entities=(), markdown=markdown, lines=lines)
+    return GroundedText(text=text, answer=text, raw_text=decoded_text, entities=(), markdown=lines_markdown(lines),
+                        lines=lines)
+
+
+def lines_markdown(lines: tuple[TextLine, ...]) -> str:
+    """An `<ocr>` reading's markdown: each line linked to its box, one per line.
+
+    >>> lines_markdown((TextLine("SUB TOTAL", (77, 559, 453, 597)), TextLine("50,000", (500, 559, 640, 597))))
+    '[SUB TOTAL](#box=77,559,453,597)\\n[50,000](#box=500,559,640,597)'
+    """
+    return "\n".join(f"[{line.text}](#box={','.join(map(str, line.box))})" for line in lines)

@@ -156,3 +156,15 @@ def test_beam_search_lines_are_scored_like_greedy_ones(kosmos25_engine, pages):
     beams = GenerationParams(max_new_tokens=24, num_beams=2)
     result = kosmos25_engine.predict(pages[0], TaskInput(Task.OCR), beams)
     assert all(0.0 <= line.score <= 1.0 for line in result.lines)
+
+
+def test_min_score_drops_the_lines_under_it_and_their_markdown(kosmos25_engine, forced_reading, precise_scores, pages):
+    every = kosmos25_engine.predict(pages[0], TaskInput(Task.OCR), GenerationParams(max_new_tokens=64))
+    threshold = sorted(line.score for line in every.lines)[1]  # keeps all but the lowest-scored line
+    kept = kosmos25_engine.predict(pages[0], TaskInput(Task.OCR), GenerationParams(max_new_tokens=64,
+                                                                                  min_score=threshold))
+    assert kept.lines == tuple(line for line in every.lines if line.score >= threshold)
+    assert len(kept.lines) == len(every.lines) - 1
+    assert kept.text == every.text  # the reading stays whole; only its lines are filtered
+    assert kept.markdown.splitlines() == [row for row, line in zip(every.markdown.splitlines(), every.lines)
+                                          if line.score >= threshold]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from kosmos_serve.engine.requests import PreparedRequest, Row
 from kosmos_serve.grounding import Entity, GroundedText, TextLine, render_markdown, suppress_overlaps
+from kosmos_serve.ocr import lines_markdown
 from kosmos_serve.tasks import Task, parse_task
 
 
@@ -109,15 +110,18 @@ def combine_detections(rows: list[Row]) -> GroundedText:
 
 def kept_boxes(output: GroundedText, min_score: float | None, nms_iou: float | None) -> GroundedText:
     """`output` with only the boxes scored `min_score` or more that no higher-scored box of another phrase overlaps
-    by more than `nms_iou` (entities left without a box dropped; None: that filter off); the text stays."""
-    entities = output.entities
+    by more than `nms_iou` (entities left without a box dropped; None: that filter off), and only the lines read
+    (Kosmos-2.5's `<ocr>`) scored `min_score` or more; the text stays, the markdown follows what is kept."""
+    entities, lines = output.entities, output.lines
     if nms_iou is not None:
         entities = suppress_overlaps(entities, nms_iou)
     if min_score is not None:
         entities = tuple(kept for entity in entities if (kept := entity.keeping(min_score)) is not None)
-    if entities == output.entities:
+        lines = tuple(line for line in lines if line.score >= min_score)
+    if entities == output.entities and lines == output.lines:
         return output
-    return dataclasses.replace(output, entities=entities, markdown=render_markdown(output.text, entities))
+    markdown = lines_markdown(lines) if output.lines else render_markdown(output.text, entities)
+    return dataclasses.replace(output, entities=entities, lines=lines, markdown=markdown)
 
 
 def build_result(prepared: PreparedRequest, rows: list[Row], vision_seconds: dict[str, float],

@@ -12,7 +12,8 @@ try:
 except ImportError:
     HAVE_RAY = False
 
-collect_ignore = [] if HAVE_RAY else ["test_ray_data.py", "test_ray_serve.py", "test_ray_gateway.py"]
+collect_ignore = [] if HAVE_RAY else ["test_ray_data.py", "test_ray_serve.py", "test_ray_gateway.py",
+                                      "test_ray_kosmos25.py"]
 
 
 @pytest.fixture(scope="module")

@@ -85,9 +85,11 @@ def box_value(box: LabelledBox, width: int, height: int) -> dict:
             "height": 100 * (y2 - y1) / height, "rotation": 0, "rectanglelabels": [box.label]}
 
 
-def line_regions(line: ReadLine, region_id: str, from_name: str, to_name: str, width: int, height: int) -> list[dict]:
-    """A line read as Label Studio's OCR template holds it: a `rectanglelabels` region labelled LINE_LABEL and a
-    `textarea` region with its text, of the same id and box (percent of the image), each with the line's score.
+def line_regions(line: ReadLine, region_id: str, from_name: str, to_name: str, width: int, height: int,
+                 label: str = LINE_LABEL, transcription_name: str = TRANSCRIPTION_NAME) -> list[dict]:
+    """A line read as Label Studio's OCR template holds it: a `rectanglelabels` region labelled `label` and a
+    `textarea` region of the `<TextArea>` `transcription_name` with its text, of the same id and box (percent of the
+    image), each with the line's score. The ML backend (`server/label_studio/`) builds its lines' regions here too.
 
     >>> box, text = line_regions(ReadLine("TOTAL", (20, 10, 60, 30), (), 0.9), "kosmos-1-1", "label", "image", 200, 100)
     >>> box["type"], box["value"]["rectanglelabels"], text["type"], text["from_name"], text["value"]["text"]
@@ -101,8 +103,8 @@ def line_regions(line: ReadLine, region_id: str, from_name: str, to_name: str, w
     common = {"id": region_id, "to_name": to_name, "original_width": width, "original_height": height,
               "image_rotation": 0}
     return [{**common, "type": "rectanglelabels", "from_name": from_name,
-             "value": {**place, "rectanglelabels": [LINE_LABEL]}, "score": line.score},
-            {**common, "type": "textarea", "from_name": TRANSCRIPTION_NAME, "value": {**place, "text": [line.text]},
+             "value": {**place, "rectanglelabels": [label]}, "score": line.score},
+            {**common, "type": "textarea", "from_name": transcription_name, "value": {**place, "text": [line.text]},
              "score": line.score}]
 
 

@@ -12,6 +12,14 @@ with a `<BrushLabels>` or `<PolygonLabels>` control instead, the engine is asked
 boxes scored under the threshold are left out: the value of a `<Number name="min_score">` control when the
 config has one (the annotator's, else its `defaultValue`), else the service's default (KOSMOS_MIN_SCORE).
 
+A Kosmos-2.5 model reads pages instead (its tasks include `ocr`): the config is Label Studio's OCR template, a
+`<Labels>` (or `<RectangleLabels>`) on the `<Image>` and a per-region `<TextArea>`, and each line the page reads is
+a `rectanglelabels` region with the config's line label (LINE_LABEL when it has it, else its first) and a `textarea`
+region of the same id with the line's text, both with the line's score, as the export builds them
+(`exports.label_studio.line_regions`). A config the loaded model cannot fill (no per-region `<TextArea>` on a
+Kosmos-2.5; the OCR template on a Kosmos-2) is a 422, and `/setup` and `/predict` answer 503 until the model is
+loaded, since its family decides how the config is read.
+
 Images in task data: `data:` URIs, Label Studio uploads (`/data/upload/...`) and local-files URLs
 (`/data/local-files/?d=...`), read from `LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT` when there and
 otherwise fetched from `LABEL_STUDIO_URL` with `LABEL_STUDIO_API_KEY`. No other host is ever fetched.

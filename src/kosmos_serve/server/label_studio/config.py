@@ -1,6 +1,9 @@
 """A Label Studio labeling config read for detection: its `<RectangleLabels>` on an `<Image>` (or `<BrushLabels>` or
 `<PolygonLabels>`, whose regions are the boxes' masks), the phrases each `<Label>` stands for, the plan of phrases to ground for a task (the annotator's typed prompt, when there is one),
 and the score under which boxes are dropped (a `<Number name="min_score">`, when there is one).
+
+Or, for a Kosmos-2.5 model, which reads pages: Label Studio's OCR template, a `<Labels>` or `<RectangleLabels>` on an
+`<Image>` whose label the lines' rectangles carry, and the per-region `<TextArea>` that holds each line's text.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from xml.etree import ElementTree
 from pydantic import TypeAdapter, ValidationError
 
 from kosmos_serve.errors import InvalidRequestError
+from kosmos_serve.exports.records import LINE_LABEL
 from kosmos_serve.server.common import MinScoreField
 
 _MIN_SCORE = TypeAdapter(MinScoreField)
@@ -21,6 +25,11 @@ PROMPT_SEPARATORS = re.compile(r"[\n;,.]")
 MIN_SCORE_CONTROL = "min_score"  # a <Number> of this name sets the threshold, as Grounding DINO backends' do theirs
 # The controls whose regions this backend predicts, by tag in lower case: the type of the regions each takes
 REGION_TYPES = ("rectanglelabels", "brushlabels", "polygonlabels")
+# The controls whose label a line's rectangle carries: the OCR template's <Labels> (with its <Rectangle>), or a
+# <RectangleLabels> (as the export's config has)
+LINE_LABEL_CONTROLS = ("labels", "rectanglelabels")
+OCR_TEMPLATE_EXAMPLE = ('<Labels name="label" toName="image"><Label value="Text"/></Labels> and <TextArea '
+                        'name="transcription" toName="image" perRegion="true"/> for <Image name="image" value="$image"/>')
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,19 @@ class DetectionConfig:
         return self.region_type != "rectanglelabels"
 
 
+@dataclass(frozen=True)
+class ReadingConfig:
+    """What `/predict` needs from an OCR labeling config to put the lines of a page read in it."""
+
+    from_name: str  # the <Labels> (or <RectangleLabels>) control whose label each line's rectangle carries
+    to_name: str  # the <Image> it labels
+    image_field: str  # the task data key the image reads
+    line_label: str  # LINE_LABEL when the control has it, else its first <Label>
+    transcription_from: str  # the per-region <TextArea> that holds each line's text
+    min_score_from: str | None = None  # a <Number name="min_score">, whose value is the threshold
+    min_score: float | None = None  # that control's defaultValue
+
+
 def parse_labeling_config(xml: str) -> DetectionConfig:
     """The first `<RectangleLabels>`, `<BrushLabels>` or `<PolygonLabels>` on an `<Image>`, its labels and phrases,
     and a `<TextArea>` prompt if any.
@@ -65,54 +87,137 @@ def parse_labeling_config(xml: str) -> DetectionConfig:
     ...     '<Label value="Car"/></BrushLabels></View>').region_type
     'brushlabels'
     """
-    if "<!DOCTYPE" in xml.upper() or "<!ENTITY" in xml.upper():
-        raise InvalidRequestError("The labeling config declares a DOCTYPE or entities, which Label Studio configs "
-                                  "never need; remove them.")
-    try:
-        root = ElementTree.fromstring(xml)
-    except ElementTree.ParseError as error:
-        raise InvalidRequestError(f"The labeling config is not well-formed XML ({error}).") from None
-    tags = list(root.iter())
-    images = {tag.get("name"): tag for tag in tags if tag.tag.lower() == "image" and tag.get("name")}
+    tags = _elements(xml)
+    images = _images(tags)
     controls = [tag for tag in tags if tag.tag.lower() in REGION_TYPES]
     example = ('<RectangleLabels name="label" toName="image"><Label value="cat"/></RectangleLabels> '
                'for <Image name="image" value="$image"/>')
+    if not controls and any(_is_transcription(tag) for tag in tags):
+        raise InvalidRequestError("The labeling config is for reading text (a per-region <TextArea>, as Label Studio's "
+                                  "OCR template), and this service runs a Kosmos-2 model, which finds phrases' boxes. "
+                                  "Serve a Kosmos-2.5 model (--model microsoft/kosmos-2.5) to read pages, or label "
+                                  f"boxes with a <RectangleLabels> control, e.g. {example}.")
     if not controls:
         raise InvalidRequestError(f"The labeling config has no <RectangleLabels> control, which is what this backend "
                                   f"predicts (boxes; <BrushLabels> or <PolygonLabels> for masks); add one, e.g. "
                                   f"{example}.")
     for control in controls:
-        targets = [name.strip() for name in (control.get("toName") or "").split(",") if name.strip()]
-        if len(targets) > 1 and any(name in images for name in targets):
-            raise InvalidRequestError(f"<{control.tag} name=\"{control.get('name')}\"> names {len(targets)} objects "
-                                      f"({', '.join(targets)}); point it at one <Image>.")
-        if targets and targets[0] in images:
-            return _detection_config(control, images[targets[0]], tags)
+        image = _labelled_image(control, images)
+        if image is not None:
+            return _detection_config(control, image, tags)
     raise InvalidRequestError(f"No <RectangleLabels> (or <BrushLabels>, <PolygonLabels>) in the labeling config points "
                               f"at an <Image> (toName must be an <Image>'s name), e.g. {example}.")
 
 
-def _detection_config(control: ElementTree.Element, image: ElementTree.Element, tags) -> DetectionConfig:
-    from_name, to_name, region_type = control.get("name"), image.get("name"), control.tag.lower()
-    if not from_name:
+def parse_reading_config(xml: str) -> ReadingConfig:
+    """The first `<Labels>` or `<RectangleLabels>` on an `<Image>` that has a per-region `<TextArea>` (Label Studio's OCR
+    template), the label its lines carry, and that `<TextArea>`.
+
+    >>> config = parse_reading_config('<View><Image name="image" value="$ocr"/><Labels name="label" toName="image">'
+    ...     '<Label value="Handwriting"/><Label value="Text"/></Labels><Rectangle name="bbox" toName="image"/>'
+    ...     '<TextArea name="transcription" toName="image" perRegion="true"/></View>')
+    >>> config.from_name, config.image_field, config.line_label, config.transcription_from
+    ('label', 'ocr', 'Text', 'transcription')
+    """
+    tags = _elements(xml)
+    images = _images(tags)
+    transcriptions = [tag for tag in tags if _is_transcription(tag)]
+    for control in (tag for tag in tags if tag.tag.lower() in LINE_LABEL_CONTROLS):
+        image = _labelled_image(control, images)
+        if image is None:
+            continue
+        to_name = image.get("name")
+        transcription = next((tag.get("name") for tag in transcriptions if to_name in _targets(tag)), None)
+        if transcription is None:
+            raise InvalidRequestError(f"The labeling config has no per-region <TextArea> (perRegion=\"true\") on "
+                                      f"<Image name=\"{to_name}\">, where each line this Kosmos-2.5 model reads puts "
+                                      f"its text; add one as Label Studio's OCR template has it, e.g. "
+                                      f"{OCR_TEMPLATE_EXAMPLE}.")
+        from_name = _control_name(control)
+        values = [label.get("value") for label in control.iter() if label.tag.lower() == "label" and label.get("value")]
+        if not values:
+            raise InvalidRequestError(f"<{control.tag} name=\"{from_name}\"> has no <Label> for the lines read; add "
+                                      f"one (<Label value=\"{LINE_LABEL}\"/>).")
+        line_label = LINE_LABEL if LINE_LABEL in values else values[0]
+        threshold_from, threshold = _threshold_control(tags)
+        return ReadingConfig(from_name, to_name, _image_field(image), line_label, transcription, threshold_from,
+                             threshold)
+    raise InvalidRequestError(f"No <Labels> or <RectangleLabels> in the labeling config points at an <Image> (toName "
+                              f"must be an <Image>'s name); a Kosmos-2.5 model fills Label Studio's OCR template, e.g. "
+                              f"{OCR_TEMPLATE_EXAMPLE}.")
+
+
+def _elements(xml: str) -> list[ElementTree.Element]:
+    """Every element of a labeling config, or a 422 when it is not well-formed (or declares entities)."""
+    if "<!DOCTYPE" in xml.upper() or "<!ENTITY" in xml.upper():
+        raise InvalidRequestError("The labeling config declares a DOCTYPE or entities, which Label Studio configs "
+                                  "never need; remove them.")
+    try:
+        return list(ElementTree.fromstring(xml).iter())
+    except ElementTree.ParseError as error:
+        raise InvalidRequestError(f"The labeling config is not well-formed XML ({error}).") from None
+
+
+def _images(tags: list[ElementTree.Element]) -> dict[str, ElementTree.Element]:
+    return {tag.get("name"): tag for tag in tags if tag.tag.lower() == "image" and tag.get("name")}
+
+
+def _targets(tag: ElementTree.Element) -> list[str]:
+    """The names in a control's `toName`."""
+    return [name.strip() for name in (tag.get("toName") or "").split(",") if name.strip()]
+
+
+def _labelled_image(control: ElementTree.Element, images: dict[str, ElementTree.Element]) -> ElementTree.Element | None:
+    """The `<Image>` a control labels; None when it labels no image; a 422 when it names several objects."""
+    targets = _targets(control)
+    if len(targets) > 1 and any(name in images for name in targets):
+        raise InvalidRequestError(f"<{control.tag} name=\"{control.get('name')}\"> names {len(targets)} objects "
+                                  f"({', '.join(targets)}); point it at one <Image>.")
+    return images.get(targets[0]) if targets else None
+
+
+def _is_transcription(tag: ElementTree.Element) -> bool:
+    """Whether `tag` is a per-region `<TextArea>`: one text per region, as the OCR template's transcription."""
+    return tag.tag.lower() == "textarea" and bool(tag.get("name")) and (tag.get("perRegion") or "").lower() == "true"
+
+
+def _control_name(control: ElementTree.Element) -> str:
+    name = control.get("name")
+    if not name:
         raise InvalidRequestError(f"The <{control.tag}> control has no name; give it one (name=\"label\").")
+    return name
+
+
+def _image_field(image: ElementTree.Element) -> str:
+    """The task data key an `<Image>` reads: value="$image" -> "image"."""
     value = image.get("value") or ""
     if not value.startswith("$") or len(value) < 2:
-        raise InvalidRequestError(f"<Image name=\"{to_name}\"> must read its image from the task data "
+        raise InvalidRequestError(f"<Image name=\"{image.get('name')}\"> must read its image from the task data "
                                   f"(value=\"$image\"); got value=\"{value}\".")
+    return value[1:]
+
+
+def _threshold_control(tags: list[ElementTree.Element]) -> tuple[str | None, float | None]:
+    """The `<Number name="min_score">` control's name and defaultValue, when the config has one."""
+    number = next((tag for tag in tags if tag.tag.lower() == "number" and tag.get("name") == MIN_SCORE_CONTROL), None)
+    if number is None:
+        return None, None
+    default = number.get("defaultValue")
+    where = f'<Number name="{MIN_SCORE_CONTROL}">\'s defaultValue'
+    return MIN_SCORE_CONTROL, None if default is None else checked_min_score(default, where)
+
+
+def _detection_config(control: ElementTree.Element, image: ElementTree.Element, tags) -> DetectionConfig:
+    from_name, to_name, region_type = _control_name(control), image.get("name"), control.tag.lower()
+    image_field = _image_field(image)
     labels = tuple(_label_spec(label, control.tag) for label in control.iter() if label.tag.lower() == "label")
     if not labels:
         raise InvalidRequestError(f"<{control.tag} name=\"{from_name}\"> has no <Label> to detect; add one "
                                   f"(<Label value=\"cat\"/>); labels loaded from task data are not supported.")
     prompt = next((tag.get("name") for tag in tags if tag.tag.lower() == "textarea" and tag.get("name")
-                   and to_name in [name.strip() for name in (tag.get("toName") or "").split(",")]), None)
-    number = next((tag for tag in tags if tag.tag.lower() == "number" and tag.get("name") == MIN_SCORE_CONTROL), None)
-    if number is None:
-        return DetectionConfig(from_name, to_name, value[1:], labels, prompt, region_type=region_type)
-    default = number.get("defaultValue")
-    where = f'<Number name="{MIN_SCORE_CONTROL}">\'s defaultValue'
-    return DetectionConfig(from_name, to_name, value[1:], labels, prompt, MIN_SCORE_CONTROL,
-                           None if default is None else checked_min_score(default, where), region_type)
+                   and to_name in _targets(tag)), None)
+    threshold_from, threshold = _threshold_control(tags)
+    return DetectionConfig(from_name, to_name, image_field, labels, prompt, threshold_from, threshold, region_type)
 
 
 def checked_min_score(value: Any, where: str) -> float:
@@ -132,7 +237,7 @@ def checked_min_score(value: Any, where: str) -> float:
                                   field="min_score") from None
 
 
-def min_score(config: DetectionConfig, context: dict[str, Any] | None, default: float) -> float:
+def min_score(config: DetectionConfig | ReadingConfig, context: dict[str, Any] | None, default: float) -> float:
     """The score under which boxes are dropped: the annotator's value in the `<Number name="min_score">` control
     (interactive pre-annotation), else that control's defaultValue, else `default` (the service's).
 

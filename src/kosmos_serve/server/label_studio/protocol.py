@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kosmos_serve.engine import Result
 from kosmos_serve.exports import label_studio as export
+from kosmos_serve.exports.records import ReadLine
 from kosmos_serve.server.errors import ErrorAnswer, ErrorFormat
-from kosmos_serve.server.label_studio.config import MIN_SCORE_CONTROL, DetectionConfig, LabelSpec
+from kosmos_serve.server.label_studio.config import MIN_SCORE_CONTROL, DetectionConfig, LabelSpec, ReadingConfig
 
 PREFIX = "/label-studio"
 MODEL_CLASS = "Kosmos2"  # what /health names, as the ML backend names its model class
@@ -143,4 +144,17 @@ def regions(result: Result, config: DetectionConfig, plan: dict[str, LabelSpec |
             if label is None:  # a typed phrase no label fits: the region comes unlabelled, the phrase as its note
                 region["meta"] = {"text": [entity.phrase]}
             found.append(region)
+    return found
+
+
+def line_regions(result: Result, config: ReadingConfig) -> list[dict]:
+    """Each line of a page read as Label Studio's OCR template holds it, built as the export builds it: a
+    `rectanglelabels` region with the config's line label, in percent of the image, and a `textarea` region of the
+    same id in the config's per-region `<TextArea>` with the line's text, both with the line's score."""
+    width, height = result.image_size
+    found = []
+    for line in result.lines:
+        found += export.line_regions(ReadLine(line.text, line.box, line.corners, line.score), uuid.uuid4().hex[:10],
+                                     config.from_name, config.to_name, width, height, config.line_label,
+                                     config.transcription_from)
     return found

@@ -171,3 +171,15 @@ def test_a_kosmos2_with_the_ocr_template_is_a_422(engine, page_uri):
         set_up = httpx.post(f"{url}/label-studio/setup", json={"schema": OCR_TEMPLATE})
     for response in (predicted, set_up):
         assert_label_studio_error(response, 422, "for reading text", "Kosmos-2 model", "Kosmos-2.5")
+
+
+def test_the_configs_min_score_leaves_out_the_lines_scored_under_it(kosmos25_engine, kosmos25_backend, forced_reading,
+                                                                    page, page_uri):
+    (read,) = kosmos25_engine.run([Request(page, TaskInput(Task.OCR), GenerationParams())])
+    threshold = max(line.score for line in read.lines)  # only the surest line stays
+    control = f'<Number name="min_score" toName="page" min="0" max="1" defaultValue="{threshold}"/>\n</View>'
+    response = predict(kosmos25_backend, OCR_TEMPLATE.replace("</View>", control), {"ocr": page_uri})
+    assert response.status_code == 200, response.text
+    texts = [region["value"]["text"] for region in response.json()["results"][0]["result"] if region["type"] == "textarea"]
+    assert texts == [[line.text] for line in read.lines if line.score >= threshold]
+    assert 0 < len(texts) < len(read.lines)

@@ -54,7 +54,7 @@ def read(out):
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
-def expected_record(path: Path, result, model, min_score, classes=None):
+def expected_record(path: Path, result, model, min_score, classes=None, nms_iou=None):
     answer = result.to_dict()
     return {
         "path": str(path), "resolved": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
@@ -64,7 +64,7 @@ def expected_record(path: Path, result, model, min_score, classes=None):
                       "boxes": e["boxes"], "pixel_boxes": e["pixel_boxes"], "scores": e["scores"]}
                      for e in answer["entities"]],
         "markdown": answer["markdown"], "generated_tokens": answer["generated_tokens"], "model": str(model),
-        "quantize": "none", "min_score": min_score, "kosmos_serve_version": "0.1.0",
+        "quantize": "none", "min_score": min_score, "nms_iou": nms_iou, "kosmos_serve_version": "0.1.0",
     }
 
 
@@ -89,8 +89,8 @@ def test_records_equal_the_engines_results(photos, tmp_path, tiny_model_dir, eng
     paths = sorted(photos.iterdir())
     task = TaskInput("detection", phrases=("a red car", "a dog"))
     results = engine.run([Request(load_image(p), task, GenerationParams(max_new_tokens=TOKENS)) for p in paths])
-    default = engine.defaults.min_score
-    assert read(out) == [expected_record(p, r, tiny_model_dir, default) for p, r in zip(paths, results)]
+    default, overlap = engine.defaults.min_score, engine.defaults.nms_iou
+    assert read(out) == [expected_record(p, r, tiny_model_dir, default, nms_iou=overlap) for p, r in zip(paths, results)]
     assert "annotate:" not in result.output  # no progress bar when stderr is not a terminal
 
 
@@ -332,3 +332,21 @@ def test_width_and_height_are_as_a_viewer_sees_the_image(tmp_path, tiny_model_di
     out = tmp_path / "out.jsonl"
     assert annotate(out, path, model=tiny_model_dir).exit_code == 0
     assert [(r["width"], r["height"]) for r in read(out)] == [(40, 60)]
+
+
+def test_a_detection_file_is_continued_only_at_its_own_overlap(photos, tmp_path, tiny_model_dir):
+    out = tmp_path / "out.jsonl"
+    (photos / "2.png").rename(tmp_path / "later.png")
+    assert annotate(out, photos, "--phrase", "a cat", model=tiny_model_dir).exit_code == 0
+    assert {record["nms_iou"] for record in read(out)} == {0.5}  # detection's default, said in every record
+    before = out.read_bytes()
+    (tmp_path / "later.png").rename(photos / "2.png")
+
+    other = annotate(out, photos, "--phrase", "a cat", "--nms-iou", 1, model=tiny_model_dir)  # before the model loads
+    assert other.exit_code == 1
+    assert other.stderr == (f"Error: --out {out} line 1 holds {photos / '0.png'} with boxes that no likelier phrase's "
+                            "box overlapped by more than 0.5, not this run's nms_iou 1.0; give the same --nms-iou, "
+                            "or write to another --out (or move that file away) to annotate afresh.\n")
+    assert out.read_bytes() == before
+    assert annotate(out, photos, "--phrase", "a cat", "--nms-iou", 0.5, model=tiny_model_dir).exit_code == 0
+    assert len(read(out)) == len(list(photos.iterdir()))

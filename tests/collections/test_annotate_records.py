@@ -197,3 +197,15 @@ def test_a_batch_at_another_threshold_is_refused_before_anything_is_written(tmp_
         appender.append([failed("b.png"), record("c.png", min_score=0.3)])  # the file's own threshold goes on
     assert [(r["path"], r.get("min_score")) for _, r in iter_records(out)] == [
         ("a.png", 0.3), ("b.png", None), ("c.png", 0.3)]
+
+
+def test_the_file_remembers_the_overlap_of_its_first_record_at_each(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(lines(record("a.png", nms_iou=0.5), failed("b.png"), record("c.png"), record("d.png", nms_iou=0.5)))
+    previous = read_previous(out)
+    assert previous.nms_ious == {0.5: (1, "a.png"), None: (3, "c.png")}
+    with pytest.raises(InvalidRequestError, match=r"line 3 holds c\.png with boxes kept however they overlap \(no "
+                                                  r"nms_iou\), not this run's nms_iou 0\.5; give the same --nms-iou"):
+        previous.check_nms_iou(0.5, out)
+    with RecordAppender(out, previous) as appender, pytest.raises(InvalidRequestError, match="nms_iou 0.7"):
+        appender.append([record("e.png", nms_iou=0.7)])

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 from cli_invocation import invoke
 from PIL import Image, ImageDraw
 
@@ -188,3 +189,33 @@ def test_predict_refuses_a_kosmos_2_task_on_a_kosmos25(tiny_kosmos25_dir, pages,
     result = invoke("predict", path, "--model", tiny_kosmos25_dir, "--task", "caption")
     assert result.exit_code == 1
     assert "is a Kosmos-2.5 model, whose tasks are ocr, markdown" in result.output
+
+
+def _attention_calls(engine, image) -> tuple[int, torch.Tensor]:
+    """How many SDPA calls encoding `image` makes, and the features it gives."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        features = engine.encode_images([image])
+    return sum(event.count for event in profile.key_averages() if event.key == "aten::scaled_dot_product_attention"), features
+
+
+def test_the_vision_attention_runs_as_attn_implementation_says(kosmos25_engine, tiny_kosmos25_dir, pages):
+    """transformers' vision attention always falls back to eager (a `getattr` on its attention registry); the engine
+    runs it through SDPA, as asked, with the same features to float32 rounding, and eager bit for bit when asked."""
+    from kosmos_serve.config import EngineSettings
+    from kosmos_serve.engine import Engine
+
+    eager = Engine(EngineSettings(model=str(tiny_kosmos25_dir), device="cpu", attention="eager"))
+    layers = kosmos25_engine.model.config.vision_config.num_hidden_layers
+    sdpa_calls, sdpa_features = _attention_calls(kosmos25_engine, pages[-1])
+    eager_calls, eager_features = _attention_calls(eager, pages[-1])
+    assert eager_calls == 0 and sdpa_calls == layers + 1  # every vision layer's, and the projection's own
+    torch.testing.assert_close(sdpa_features, eager_features, rtol=1e-4, atol=1e-5)
+
+    from transformers import Kosmos2_5ForConditionalGeneration
+
+    from kosmos_serve.engine.features import flattened_patch_features
+
+    reference = Kosmos2_5ForConditionalGeneration.from_pretrained(tiny_kosmos25_dir, attn_implementation="eager").eval()
+    patches = eager.processor(text="", images=pages[-1])["flattened_patches"]
+    with torch.inference_mode():
+        assert torch.equal(flattened_patch_features(reference, patches), eager_features)

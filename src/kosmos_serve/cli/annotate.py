@@ -81,6 +81,8 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
     previous = read_previous(out, check=same_run_check(jobs, settings.model, out))  # refuses a file of anything else
     if params.min_score is not None:  # the default is the engine's, checked as each batch is appended
         previous.check_min_score(params.min_score, out)
+    if params.nms_iou is not None:  # as min_score
+        previous.check_nms_iou(params.nms_iou, out)
     settings = engine_settings(settings, jobs, batch_size)
     show_progress = not quiet and sys.stderr.isatty()
     if ray_job is not None:

@@ -3,10 +3,11 @@
 An annotated image:
     {"path", "resolved", "sha256", "width", "height", "task", "prompt", "text", "answer", "raw_text",
      "entities": [{"phrase", "class", "span", "boxes", "pixel_boxes", "scores"[, "masks", "mask_scores"]}], "markdown",
-     ["lines": [{"text", "corners", "box"}],] "generated_tokens", "model", "quantize", "min_score",
+     ["lines": [{"text", "corners", "box"}],] "generated_tokens", "model", "quantize", "min_score", "nms_iou",
      "kosmos_serve_version"}
   `scores` holds each box's score (same order as its boxes); `min_score` is the threshold the run kept boxes at
-  (annotate drops boxes scored under it, for every task), `quantize` the engine's weight setting. With --masks, each
+  (annotate drops boxes scored under it, for every task), `nms_iou` the overlap above which a box gave way to a
+  likelier phrase's (null: none did), `quantize` the engine's weight setting. With --masks, each
   entity also has a mask per box (COCO RLE, `{"size": [h, w], "counts"}`) and the segmenter's score for it.
   Read with task `ocr` (Kosmos-2.5), `lines` holds every line read, its text, its box's four corners and its box
   (x1, y1, x2, y2), in pixels of the image as a viewer sees it; no other task's record has `lines`.
@@ -19,8 +20,8 @@ leaves at most its last line torn (no newline at the end of the file); the next 
 before appending (or only adds its newline, when the line is whole), so every image is in the file
 once, on a complete line. An image is done when a record with its resolved path and sha256 is there.
 
-One file, one threshold: a run whose `min_score` differs from that of a record already in the file is
-refused before it writes a line (its boxes would mix with boxes kept at another threshold).
+One file, one threshold: a run whose `min_score` or `nms_iou` differs from that of a record already in the file
+is refused before it writes a line (its boxes would mix with boxes kept by another rule).
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ DoneKey = tuple[str, str | None]  # (resolved path, sha256 of the file's bytes o
 
 
 def annotated_record(entry: ImageEntry, sha256: str, result: Result, *, model: str, quantize: str,
-                     min_score: float | None, ontology: dict[str, str] | None = None) -> dict:
+                     min_score: float | None, nms_iou: float | None = None,
+                     ontology: dict[str, str] | None = None) -> dict:
     """The record of an annotated image: `Result.to_dict()` without timings and cache state, each entity with its class
     (and for `ocr`, the lines read).
 
-    `min_score` is the threshold `result` was built with (its boxes scored under it already dropped).
+    `min_score` and `nms_iou` are those `result` was built with (the boxes they drop already dropped).
     """
     answer = result.to_dict()
     width, height = result.image_size
@@ -63,7 +65,7 @@ def annotated_record(entry: ImageEntry, sha256: str, result: Result, *, model: s
         "task": answer["task"], "prompt": answer["prompt"], "text": answer["text"], "answer": answer["answer"],
         "raw_text": answer["raw_text"], "entities": entities, "markdown": answer["markdown"], **lines,
         "generated_tokens": answer["generated_tokens"], "model": model, "quantize": quantize, "min_score": min_score,
-        "kosmos_serve_version": KOSMOS_SERVE_VERSION,
+        "nms_iou": nms_iou, "kosmos_serve_version": KOSMOS_SERVE_VERSION,
     }
 
 
@@ -108,6 +110,7 @@ class PreviousRun:
     records: int = 0
     # the threshold of each annotated record -> (line number, path) of the first record kept at it
     min_scores: dict[float | None, tuple[int, str]] = field(default_factory=dict)
+    nms_ious: dict[float | None, tuple[int, str]] = field(default_factory=dict)  # the same, for the overlap
     size: int = 0  # bytes when read: if it has changed when we append, someone else is writing the file
     keep: int = 0  # bytes to keep; beyond them lies a torn last line
     add_newline: bool = False  # the last line is a whole record that lost only its newline
@@ -119,14 +122,27 @@ class PreviousRun:
 
     def check_min_score(self, min_score: float | None, out: os.PathLike) -> None:
         """Refuse (InvalidRequestError) a run at `min_score` when the file holds boxes kept at another threshold."""
-        for threshold, (number, path) in self.min_scores.items():
-            if threshold != min_score:
-                kept = "every box (no min_score)" if threshold is None else f"boxes scored {threshold} or more"
-                raise InvalidRequestError(
-                    f"--out {out} line {number} holds {path} with {kept}, not this run's min_score {min_score}; "
-                    "give the same --min-score, or write to another --out (or move that file away) to annotate "
-                    "afresh."
-                )
+        _refuse_another(self.min_scores, "min_score", min_score, out, lambda threshold: (
+            "every box (no min_score)" if threshold is None else f"boxes scored {threshold} or more"))
+
+    def check_nms_iou(self, nms_iou: float | None, out: os.PathLike) -> None:
+        """Refuse (InvalidRequestError) a run at `nms_iou` when the file holds boxes kept at another overlap."""
+        _refuse_another(self.nms_ious, "nms_iou", nms_iou, out, lambda overlap: (
+            "boxes kept however they overlap (no nms_iou)" if overlap is None
+            else f"boxes that no likelier phrase's box overlapped by more than {overlap}"))
+
+
+def _refuse_another(first_records: dict[float | None, tuple[int, str]], name: str, value: float | None,
+                    out: os.PathLike, kept: Callable[[float | None], str]) -> None:
+    """Refuse a run at `value` of the setting `name` when the file's records (`first_records`: per value, the first
+    record's line and path) were kept at another; `kept` says what a value kept."""
+    for other, (number, path) in first_records.items():
+        if other != value:
+            flag = "--" + name.replace("_", "-")
+            raise InvalidRequestError(
+                f"--out {out} line {number} holds {path} with {kept(other)}, not this run's {name} {value}; "
+                f"give the same {flag}, or write to another --out (or move that file away) to annotate afresh."
+            )
 
 
 def read_previous(path: Path, check: Callable[[int, dict], None] | None = None) -> PreviousRun:
@@ -150,6 +166,7 @@ def read_previous(path: Path, check: Callable[[int, dict], None] | None = None) 
                 previous.records += 1
                 if "error" not in record:
                     previous.min_scores.setdefault(record.get("min_score"), (number, record["path"]))
+                    previous.nms_ious.setdefault(record.get("nms_iou"), (number, record["path"]))
                 if check is not None:
                     check(number, record)
             elif not complete:  # killed mid-write: drop the torn line
@@ -191,6 +208,8 @@ class RecordAppender:
             return
         for min_score in {record.get("min_score") for record in records if "error" not in record}:
             self.previous.check_min_score(min_score, self.path)
+        for nms_iou in {record.get("nms_iou") for record in records if "error" not in record}:
+            self.previous.check_nms_iou(nms_iou, self.path)
         if self._file is None:
             self._open()
         self._file.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records))

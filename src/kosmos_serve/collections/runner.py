@@ -211,11 +211,12 @@ class AnnotateRun:
             if item.error is not None:
                 task = parse_task(item.job.task.task).value
                 records[position] = failed_record(item.job.entry, item.sha256, task, item.error, model=self.model)
-        for position, result in zip(positions, self.engine.run(requests) if requests else []):
+        for position, prepared, result in zip(positions, requests, self.engine.run(requests) if requests else []):
             item = batch[position]
             records[position] = annotated_record(item.job.entry, item.sha256, result, model=self.model,
                                                  quantize=self.engine.settings.quantize,
-                                                 min_score=self.request_params.min_score, ontology=self.ontology)
+                                                 min_score=self.request_params.min_score, nms_iou=prepared.nms_iou,
+                                                 ontology=self.ontology)
         return records
 
 

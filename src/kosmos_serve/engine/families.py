@@ -14,6 +14,7 @@ tokens of them either way.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Sequence
 
 import torch
@@ -24,7 +25,9 @@ from transformers import (
     Kosmos2ForConditionalGeneration,
     Kosmos2Processor,
 )
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2TextForCausalLM
+from transformers.models.kosmos2_5.modeling_kosmos2_5 import Kosmos2_5VisionAttention, eager_attention_forward
 
 from kosmos_serve.engine.features import flattened_patch_features, image_features
 from kosmos_serve.engine.line_scoring import ReadingVocabulary, score_lines
@@ -109,7 +112,20 @@ class Kosmos25Family:
     defaults = ModelDefaults(max_new_tokens=1024, no_repeat_ngram_size=0)
 
     def prepare(self, model: Kosmos2_5ForConditionalGeneration) -> None:
-        """Nothing to change: Kosmos-2.5's requests are one prompt each, never left-padded in `generate`."""
+        """Run the vision encoder's attention as the model's `attn_implementation` says (its requests are one prompt
+        each, never left-padded in `generate`: nothing else to change).
+
+        transformers' `Kosmos2_5VisionAttention` (5.23) looks its attention function up with `getattr` on the
+        attention registry, which is a mapping, so the lookup always falls back to eager attention: softmax over
+        every 4,096 x 4,096 score matrix, most of a page's vision time (BENCHMARKS.md, "Kosmos-2.5"). Each vision
+        attention module here looks it up as the text model's attention does (`get_interface`); `--attention eager`
+        keeps the eager path, transformers' own numbers bit for bit.
+        """
+        if model.config.vision_config._attn_implementation == "eager":
+            return
+        for module in model.vision_model.modules():
+            if isinstance(module, Kosmos2_5VisionAttention):
+                module.forward = types.MethodType(_vision_attention_through_the_interface, module)
 
     def vocabulary(self, processor: Kosmos2_5Processor) -> ReadingVocabulary:
         """The box tags and coordinate tokens that scoring reads."""
@@ -138,6 +154,17 @@ class Kosmos25Family:
               vocabulary: ReadingVocabulary, priors: PhrasePriors) -> GroundedText:
         """`output` (read as `ids`) with every line scored (`line_scoring.py`); no phrase priors."""
         return score_lines(output, ids, prompt_length, evidence, vocabulary)
+
+
+def _vision_attention_through_the_interface(self: Kosmos2_5VisionAttention, hidden_states: torch.Tensor,
+                                            attention_mask: torch.Tensor | None = None, **kwargs):
+    """`Kosmos2_5VisionAttention.forward` with its attention function found by `get_interface`, as intended."""
+    hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+    query, key, value = (projection(hidden_states).view(hidden_shape).transpose(1, 2)
+                         for projection in (self.query, self.key, self.value))
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    output, weights = attention(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+    return self.output(output.reshape(*hidden_states.shape[:-1], -1)), weights
 
 
 class Kosmos25ChatFamily(Kosmos25Family):

@@ -237,9 +237,10 @@ def checked_min_score(value: Any, where: str) -> float:
                                   field="min_score") from None
 
 
-def min_score(config: DetectionConfig | ReadingConfig, context: dict[str, Any] | None, default: float) -> float:
-    """The score under which boxes are dropped: the annotator's value in the `<Number name="min_score">` control
-    (interactive pre-annotation), else that control's defaultValue, else `default` (the service's).
+def min_score(config: DetectionConfig | ReadingConfig, context: dict[str, Any] | None,
+              default: float | None) -> float | None:
+    """The score under which boxes (or lines) are dropped: the annotator's value in the `<Number name="min_score">`
+    control (interactive pre-annotation), else that control's defaultValue, else `default` (the service's).
 
     >>> config = DetectionConfig("label", "image", "image", (), min_score_from="min_score", min_score=0.4)
     >>> min_score(config, None, 0.3), min_score(config, {"result": [{"from_name": "min_score", "type": "number",

@@ -2,7 +2,7 @@
 line a rectangle with the config's label and its text in the per-region `<TextArea>`, equal to the engine's own `ocr`
 reading; configs a model cannot fill are a 422 in the backend's error shape.
 
-A random model writes no lines, so the engine is made to write READING: only its choice of tokens is replaced.
+A random model writes no lines, so the engine is made to write forced_reading.READING: only its choice of tokens is replaced.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import tempfile
 
 import httpx
 import pytest
+from forced_reading import force_reading
 from local_server import serve_in_thread
 from PIL import Image, ImageDraw
 from test_label_studio import assert_label_studio_error
@@ -22,11 +23,9 @@ from test_label_studio import assert_label_studio_error
 from kosmos_serve.asgi import create_app
 from kosmos_serve.config import ServerSettings
 from kosmos_serve.engine import GenerationParams, Request
-from kosmos_serve.engine import scheduler as scheduler_module
 from kosmos_serve.exports.label_studio import label_studio_config, model_version
-from kosmos_serve.tasks import PromptSpec, Task, TaskInput
+from kosmos_serve.tasks import Task, TaskInput
 
-READING = "<bbox><x_12><y_20><x_240><y_44></bbox>RECEIPT 0008\n<bbox><x_12><y_60><x_300><y_80></bbox>Total 50,000\n"
 # Label Studio's OCR template (its Labels, Rectangle, Polygon and per-region TextArea), "Text" not its first label
 OCR_TEMPLATE = """<View>
   <Image name="page" value="$ocr"/>
@@ -84,12 +83,8 @@ def page_uri(page) -> str:
 
 @pytest.fixture
 def forced_reading(kosmos25_engine, monkeypatch):
-    """The engine writes READING, then `</s>`: only its choice of tokens is replaced."""
-    tokenizer = kosmos25_engine.processor.tokenizer
-    reading = tokenizer(READING, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    prompt_length = len(kosmos25_engine.family.tokenise(kosmos25_engine.processor, PromptSpec("<ocr>"))[0])
-    monkeypatch.setattr(scheduler_module, "choose_tokens",
-                        lambda logits, choosers, ids: [reading[len(row) - prompt_length] for row in ids])
+    """The engine writes forced_reading.READING, then `</s>`: only its choice of tokens is replaced."""
+    force_reading(kosmos25_engine, monkeypatch)
 
 
 @pytest.fixture(scope="module")

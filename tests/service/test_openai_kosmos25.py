@@ -10,18 +10,17 @@ import shutil
 
 import openai
 import pytest
+from forced_reading import force_reading
 from local_server import serve_in_thread
 from PIL import Image, ImageDraw
 
 from kosmos_serve.asgi import create_app
 from kosmos_serve.config import EngineSettings, ServerSettings
 from kosmos_serve.engine import Engine, GenerationParams, Request
-from kosmos_serve.engine import scheduler as scheduler_module
 from kosmos_serve.engine.results import line_dict
-from kosmos_serve.tasks import PromptSpec, Task, TaskInput
+from kosmos_serve.tasks import Task, TaskInput
 
 NEW_TOKENS = 48
-READING = "<bbox><x_12><y_20><x_240><y_44></bbox>RECEIPT 0008\n<bbox><x_12><y_60><x_300><y_80></bbox>Total 50,000\n"
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +49,8 @@ def client(url: str) -> openai.OpenAI:
 
 @pytest.fixture
 def forced_reading(kosmos25_engine, monkeypatch):
-    """The engine writes READING, then `</s>` (a random model writes no lines): only its choice of tokens is replaced."""
-    tokenizer = kosmos25_engine.processor.tokenizer
-    reading = tokenizer(READING, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    prompt_length = len(kosmos25_engine.family.tokenise(kosmos25_engine.processor, PromptSpec("<ocr>"))[0])
-    monkeypatch.setattr(scheduler_module, "choose_tokens",
-                        lambda logits, choosers, ids: [reading[len(row) - prompt_length] for row in ids])
+    """The engine writes forced_reading.READING, then `</s>` (a random model writes no lines): only its choice of tokens is replaced."""
+    force_reading(kosmos25_engine, monkeypatch)
 
 
 @pytest.mark.parametrize("text", [None, "Read this, please."])

@@ -108,8 +108,10 @@ class Kosmos25Family:
     processor_class = Kosmos2_5Processor
     tasks = (Task.OCR, Task.MARKDOWN)  # the first the default
     # A page is long (the model doc's examples generate up to 1024 tokens), and repeated n-grams are what a page is
-    # made of (`<bbox><x_...`): the doc decodes without forbidding them.
-    defaults = ModelDefaults(max_new_tokens=1024, no_repeat_ngram_size=0)
+    # made of (`<bbox><x_...`): the doc decodes without forbidding them. Its lines are all kept unless a threshold is
+    # set (KOSMOS_MIN_SCORE, the model's kosmos_serve.json, a request's): the built-in one was measured on Kosmos-2's
+    # boxes, none on lines.
+    defaults = ModelDefaults(max_new_tokens=1024, no_repeat_ngram_size=0, min_score=0.0)
 
     def prepare(self, model: Kosmos2_5ForConditionalGeneration) -> None:
         """Run the vision encoder's attention as the model's `attn_implementation` says (its requests are one prompt

@@ -16,8 +16,8 @@ A Kosmos-2.5 model reads pages instead (its tasks include `ocr`): the config is 
 `<Labels>` (or `<RectangleLabels>`) on the `<Image>` and a per-region `<TextArea>`, and each line the page reads is
 a `rectanglelabels` region with the config's line label (LINE_LABEL when it has it, else its first) and a `textarea`
 region of the same id with the line's text, both with the line's score, as the export builds them
-(`exports.label_studio.line_regions`); lines scored under the config's `<Number name="min_score">` are left out
-(without one, every line is kept: the service's default threshold is for boxes). A config the loaded model cannot fill (no per-region `<TextArea>` on a
+(`exports.label_studio.line_regions`); lines scored under the threshold are left out (a Kosmos-2.5's default
+keeps every line). A config the loaded model cannot fill (no per-region `<TextArea>` on a
 Kosmos-2.5; the OCR template on a Kosmos-2) is a 422, and `/setup` and `/predict` answer 503 until the model is
 loaded, since its family decides how the config is read.
 

@@ -237,8 +237,7 @@ def checked_min_score(value: Any, where: str) -> float:
                                   field="min_score") from None
 
 
-def min_score(config: DetectionConfig | ReadingConfig, context: dict[str, Any] | None,
-              default: float | None) -> float | None:
+def min_score(config: DetectionConfig | ReadingConfig, context: dict[str, Any] | None, default: float) -> float:
     """The score under which boxes (or lines) are dropped: the annotator's value in the `<Number name="min_score">`
     control (interactive pre-annotation), else that control's defaultValue, else `default` (the service's).
 

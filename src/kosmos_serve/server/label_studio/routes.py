@@ -75,8 +75,7 @@ async def predict(request: Request, body: PredictBody):
     state = service_state(request)
     config = _labeling_config(state, body.label_config)  # a 503 before any image is fetched
     context = body.params.context if body.params else None
-    # the service's default threshold was measured on boxes; lines are dropped only at the config's own
-    threshold = min_score(config, context, None if isinstance(config, ReadingConfig) else state.default_min_score)
+    threshold = min_score(config, context, state.default_min_score)
     if isinstance(config, ReadingConfig):
         engine_task, params = TaskInput(Task.OCR), GenerationParams(min_score=threshold)
         found_regions = partial(line_regions, config=config)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 from local_server import service_process
-from PIL import Image
+from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 # pytest-xdist runs the suite in one worker per core (pyproject's addopts): each worker, and the services it
@@ -75,6 +75,17 @@ def sample_images():
     gradient = Image.linear_gradient("L").resize((300, 200)).convert("RGB")
     noise = Image.effect_noise((200, 320), 60).convert("RGB")
     return [mandelbrot, gradient, noise]
+
+
+@pytest.fixture(scope="session")
+def kosmos25_pages(sample_images):
+    """Images of four sizes, so of four Kosmos-2.5 patch counts (4015, 4056, 4000 and 3600 of the 4096), one of them
+    a page."""
+    page = Image.new("RGB", (500, 160), "white")
+    draw = ImageDraw.Draw(page)
+    for row, line in enumerate(["RECEIPT 0008", "1 BLACK SAKURA    45,455", "Total             50,000"]):
+        draw.text((20, 20 + 45 * row), line, fill="black")
+    return [*sample_images, page]
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 from cli_invocation import invoke
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from kosmos_serve.engine import GenerationParams, ImageFeatureCache, Request
 from kosmos_serve.errors import InvalidRequestError
@@ -20,16 +20,6 @@ PARAMS = GenerationParams(max_new_tokens=NEW_TOKENS)
 TASKS = [TaskInput(Task.OCR), TaskInput(Task.MARKDOWN)]
 PROMPTS = {Task.OCR: "<ocr>", Task.MARKDOWN: "<md>"}
 BOX = r"<bbox><x_\d+><y_\d+><x_\d+><y_\d+></bbox>"  # the model doc's pattern
-
-
-@pytest.fixture(scope="module")
-def pages(sample_images):
-    """Images of four sizes, so of four patch counts (4015, 4056, 4000 and 3600 of the 4096), one of them a page."""
-    page = Image.new("RGB", (500, 160), "white")
-    draw = ImageDraw.Draw(page)
-    for row, line in enumerate(["RECEIPT 0008", "1 BLACK SAKURA    45,455", "Total             50,000"]):
-        draw.text((20, 20 + 45 * row), line, fill="black")
-    return [*sample_images, page]
 
 
 def doc_post_process(decoded: str, prompt: str, scale_height, scale_width):
@@ -85,8 +75,8 @@ def test_the_family_and_its_defaults_come_from_the_config(kosmos25_engine):
     assert (kosmos25_engine.defaults.max_new_tokens, kosmos25_engine.defaults.no_repeat_ngram_size) == (1024, 0)
 
 
-def test_every_task_alone_equals_the_model_docs_reference(kosmos25_engine, reference, pages):
-    for image in pages:
+def test_every_task_alone_equals_the_model_docs_reference(kosmos25_engine, reference, kosmos25_pages):
+    for image in kosmos25_pages:
         for task in TASKS:
             result = kosmos25_engine.run([Request(image, task, PARAMS)])[0]
             prompt = PROMPTS[task.task]
@@ -104,9 +94,9 @@ def test_every_task_alone_equals_the_model_docs_reference(kosmos25_engine, refer
                                                      for line in result.lines]
 
 
-def test_lines_and_boxes_equal_the_model_docs_with_the_processors_own_sizes(kosmos25_engine, reference, pages):
+def test_lines_and_boxes_equal_the_model_docs_with_the_processors_own_sizes(kosmos25_engine, reference, kosmos25_pages):
     """A random model writes no lines: the engine's parsing of written ones, against the doc's on each page's sizes."""
-    for image in pages:
+    for image in kosmos25_pages:
         width, height = resized_size(*image.size)
         reading = (f"<ocr><bbox><x_0><y_0><x_{width}><y_{height}></bbox>the whole page\n"
                    f"<bbox><x_13><y_26><x_{width // 3}><y_{height // 2 + 1}></bbox>a line, with a comma\n"
@@ -118,14 +108,14 @@ def test_lines_and_boxes_equal_the_model_docs_with_the_processors_own_sizes(kosm
         assert as_doc_lines(parsed) == post_processed
 
 
-def test_the_processor_resizes_each_page_as_the_parser_expects(reference, pages):
-    for size in [image.size for image in pages] + [(1, 1), (4000, 10), (10, 4000), (1024, 1024), (999, 1001)]:
+def test_the_processor_resizes_each_page_as_the_parser_expects(reference, kosmos25_pages):
+    for size in [image.size for image in kosmos25_pages] + [(1, 1), (4000, 10), (10, 4000), (1024, 1024), (999, 1001)]:
         encoded = reference.processor.image_processor(Image.new("RGB", size), max_patches=4096)
         assert resized_size(*size) == (int(encoded["width"][0]), int(encoded["height"][0])), size
 
 
-def test_batched_equals_alone_equals_cached(kosmos25_engine, pages):
-    requests = [Request(image, task, PARAMS) for task in TASKS for image in pages]
+def test_batched_equals_alone_equals_cached(kosmos25_engine, kosmos25_pages):
+    requests = [Request(image, task, PARAMS) for task in TASKS for image in kosmos25_pages]
     kosmos25_engine.cache = ImageFeatureCache(0)
     alone = [comparable(kosmos25_engine.run([request])[0]) for request in requests]
     kosmos25_engine.cache = ImageFeatureCache(16)
@@ -137,25 +127,25 @@ def test_batched_equals_alone_equals_cached(kosmos25_engine, pages):
     assert all(result.image_cached and result.timings.vision == 0 for result in cached)
 
 
-def test_outputs_depend_on_image_and_prompt(kosmos25_engine, pages):
+def test_outputs_depend_on_image_and_prompt(kosmos25_engine, kosmos25_pages):
     """Guards the equality tests above: on a model whose output ignored its inputs they would prove nothing."""
-    results = kosmos25_engine.run([Request(image, task, PARAMS) for task in TASKS for image in pages])
+    results = kosmos25_engine.run([Request(image, task, PARAMS) for task in TASKS for image in kosmos25_pages])
     readings = [result.raw_text.removeprefix(result.prompt) for result in results]
-    assert len(set(readings[: len(pages)])) >= 3 and readings[: len(pages)] != readings[len(pages) :]
+    assert len(set(readings[: len(kosmos25_pages)])) >= 3 and readings[: len(kosmos25_pages)] != readings[len(kosmos25_pages) :]
 
 
-def test_beam_search_equals_the_reference(kosmos25_engine, reference, pages):
+def test_beam_search_equals_the_reference(kosmos25_engine, reference, kosmos25_pages):
     beams = dataclasses.replace(PARAMS, num_beams=2)
-    result = kosmos25_engine.run([Request(pages[0], TaskInput(Task.OCR), beams)])[0]
-    assert result.raw_text == reference(pages[0], "<ocr>", num_beams=2)[0]
+    result = kosmos25_engine.run([Request(kosmos25_pages[0], TaskInput(Task.OCR), beams)])[0]
+    assert result.raw_text == reference(kosmos25_pages[0], "<ocr>", num_beams=2)[0]
 
 
-def test_each_family_refuses_the_others_tasks(kosmos25_engine, engine, pages):
+def test_each_family_refuses_the_others_tasks(kosmos25_engine, engine, kosmos25_pages):
     with pytest.raises(InvalidRequestError, match="is a Kosmos-2.5 model, whose tasks are ocr, markdown") as refused:
-        kosmos25_engine.predict(pages[0], TaskInput(Task.CAPTION), PARAMS)
+        kosmos25_engine.predict(kosmos25_pages[0], TaskInput(Task.CAPTION), PARAMS)
     assert refused.value.field == "task"
     with pytest.raises(InvalidRequestError, match="is a Kosmos-2 model, whose tasks are caption, detailed_caption"):
-        engine.predict(pages[0], TaskInput(Task.OCR), PARAMS)
+        engine.predict(kosmos25_pages[0], TaskInput(Task.OCR), PARAMS)
 
 
 def test_the_tiny_model_command_writes_the_same_kosmos25_every_time(tiny_kosmos25_dir, tmp_path):
@@ -166,11 +156,11 @@ def test_the_tiny_model_command_writes_the_same_kosmos25_every_time(tiny_kosmos2
         assert (tmp_path / "again" / name).read_bytes() == (tiny_kosmos25_dir / name).read_bytes()
 
 
-def test_predict_ocr_prints_the_reading_and_its_json_equals_the_engine(kosmos25_engine, tiny_kosmos25_dir, pages,
+def test_predict_ocr_prints_the_reading_and_its_json_equals_the_engine(kosmos25_engine, tiny_kosmos25_dir, kosmos25_pages,
                                                                        tmp_path):
     path = tmp_path / "page.png"
-    pages[-1].save(path)
-    expected = kosmos25_engine.predict(pages[-1], TaskInput(Task.OCR), PARAMS).to_dict()
+    kosmos25_pages[-1].save(path)
+    expected = kosmos25_engine.predict(kosmos25_pages[-1], TaskInput(Task.OCR), PARAMS).to_dict()
     as_json = invoke("predict", path, "--model", tiny_kosmos25_dir, "--task", "ocr", "--json",
                      "--max-new-tokens", NEW_TOKENS)
     assert as_json.exit_code == 0, as_json.output
@@ -183,9 +173,9 @@ def test_predict_ocr_prints_the_reading_and_its_json_equals_the_engine(kosmos25_
     assert printed.output.splitlines()[0] == f"{path} (500x160)"
 
 
-def test_predict_refuses_a_kosmos_2_task_on_a_kosmos25(tiny_kosmos25_dir, pages, tmp_path):
+def test_predict_refuses_a_kosmos_2_task_on_a_kosmos25(tiny_kosmos25_dir, kosmos25_pages, tmp_path):
     path = tmp_path / "page.png"
-    pages[-1].save(path)
+    kosmos25_pages[-1].save(path)
     result = invoke("predict", path, "--model", tiny_kosmos25_dir, "--task", "caption")
     assert result.exit_code == 1
     assert "is a Kosmos-2.5 model, whose tasks are ocr, markdown" in result.output
@@ -198,7 +188,7 @@ def _attention_calls(engine, image) -> tuple[int, torch.Tensor]:
     return sum(event.count for event in profile.key_averages() if event.key == "aten::scaled_dot_product_attention"), features
 
 
-def test_the_vision_attention_runs_as_attn_implementation_says(kosmos25_engine, tiny_kosmos25_dir, pages):
+def test_the_vision_attention_runs_as_attn_implementation_says(kosmos25_engine, tiny_kosmos25_dir, kosmos25_pages):
     """transformers' vision attention always falls back to eager (a `getattr` on its attention registry); the engine
     runs it through SDPA, as asked, with the same features to float32 rounding, and eager bit for bit when asked."""
     from kosmos_serve.config import EngineSettings
@@ -206,8 +196,8 @@ def test_the_vision_attention_runs_as_attn_implementation_says(kosmos25_engine, 
 
     eager = Engine(EngineSettings(model=str(tiny_kosmos25_dir), device="cpu", attention="eager"))
     layers = kosmos25_engine.model.config.vision_config.num_hidden_layers
-    sdpa_calls, sdpa_features = _attention_calls(kosmos25_engine, pages[-1])
-    eager_calls, eager_features = _attention_calls(eager, pages[-1])
+    sdpa_calls, sdpa_features = _attention_calls(kosmos25_engine, kosmos25_pages[-1])
+    eager_calls, eager_features = _attention_calls(eager, kosmos25_pages[-1])
     assert eager_calls == 0 and sdpa_calls == layers + 1  # every vision layer's, and the projection's own
     torch.testing.assert_close(sdpa_features, eager_features, rtol=1e-4, atol=1e-5)
 
@@ -216,6 +206,6 @@ def test_the_vision_attention_runs_as_attn_implementation_says(kosmos25_engine, 
     from kosmos_serve.engine.features import flattened_patch_features
 
     reference = Kosmos2_5ForConditionalGeneration.from_pretrained(tiny_kosmos25_dir, attn_implementation="eager").eval()
-    patches = eager.processor(text="", images=pages[-1])["flattened_patches"]
+    patches = eager.processor(text="", images=kosmos25_pages[-1])["flattened_patches"]
     with torch.inference_mode():
         assert torch.equal(flattened_patch_features(reference, patches), eager_features)

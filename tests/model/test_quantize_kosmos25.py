@@ -7,7 +7,6 @@ import httpx
 import pytest
 import torch
 from local_server import serve_in_thread
-from PIL import Image, ImageDraw
 
 from kosmos_serve.asgi import create_app
 from kosmos_serve.config import EngineSettings, ServerSettings
@@ -33,16 +32,6 @@ def k25_quantized(request, tiny_kosmos25_dir):
     return quantize, kind, quantized_engine(tiny_kosmos25_dir, quantize, kind)
 
 
-@pytest.fixture(scope="module")
-def k25_pages(sample_images):
-    """Pages of four patch counts: the sample images and a receipt."""
-    page = Image.new("RGB", (500, 160), "white")
-    draw = ImageDraw.Draw(page)
-    for row, line in enumerate(["RECEIPT 0008", "1 BLACK SAKURA    45,455", "Total             50,000"]):
-        draw.text((20, 20 + 45 * row), line, fill="black")
-    return [*sample_images, page]
-
-
 def test_every_linear_layer_of_each_part_is_converted(k25_quantized):
     quantize, kind, engine = k25_quantized
     formats = loading.AUTO_FORMATS[kind] if kind else {"vision": loading.INT8_FBGEMM, "text": loading.INT8_FBGEMM}
@@ -62,11 +51,11 @@ def test_every_linear_layer_of_each_part_is_converted(k25_quantized):
     assert {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "lm_head"} <= text
 
 
-def test_a_quantized_reading_does_not_depend_on_its_batch_neighbours(k25_quantized, k25_pages):
+def test_a_quantized_reading_does_not_depend_on_its_batch_neighbours(k25_quantized, kosmos25_pages):
     _, _, engine = k25_quantized
     tasks = [TaskInput(Task.OCR), TaskInput(Task.MARKDOWN)]
     requests = [Request(page, tasks[i % 2], GenerationParams(max_new_tokens=16 + i))
-                for i, page in enumerate(k25_pages + k25_pages[::-1])]
+                for i, page in enumerate(kosmos25_pages + kosmos25_pages[::-1])]
     engine.cache = ImageFeatureCache(0)  # each page encoded again, alone and then beside the others
     alone = [engine.run([request])[0] for request in requests]
     together = engine.run(requests)

@@ -88,6 +88,14 @@ class Split:
         return split_name(self.annotations)
 
 
+def check_split_files(annotations: list[Path], images: Path) -> None:
+    """Refuse (InvalidRequestError) an `--images` that is no folder, or two `--annotations` files of one name."""
+    if not images.is_dir():
+        raise InvalidRequestError(f"--images {images} is not a folder; give the folder that holds the images.")
+    names = [path.name for path in annotations]
+    require(len(set(names)) == len(names), "Two --annotations files have the same name; give each split once.")
+
+
 def read_splits(benchmark: str, annotations: list[Path], images: Path, limit: int | None = None,
                 entities=None) -> list[Split]:
     """Every annotation file of a benchmark read and checked (before any model is loaded), each sampled to `limit`."""
@@ -97,10 +105,7 @@ def read_splits(benchmark: str, annotations: list[Path], images: Path, limit: in
         raise InvalidRequestError("COCO ground truth is read by kosmos_serve.evaluation.detection.read_detection.")
     if benchmark == OCR_BENCHMARK:
         raise InvalidRequestError("OCR ground truth is read by kosmos_serve.evaluation.ocr_pages.read_ocr_splits.")
-    if not images.is_dir():
-        raise InvalidRequestError(f"--images {images} is not a folder; give the folder that holds the images.")
-    names = [path.name for path in annotations]
-    require(len(set(names)) == len(names), "Two --annotations files have the same name; give each split once.")
+    check_split_files(annotations, images)
     splits = []
     for path in annotations:
         if benchmark == FLICKR_BENCHMARK:

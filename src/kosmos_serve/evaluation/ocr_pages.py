@@ -19,9 +19,16 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from kosmos_serve.errors import InvalidRequestError
 from kosmos_serve.evaluation.backends import Generation
-from kosmos_serve.evaluation.datasets import OCR_BENCHMARK, AnnotationFormatError, Split, find_image, require, sample
+from kosmos_serve.evaluation.datasets import (
+    OCR_BENCHMARK,
+    AnnotationFormatError,
+    Split,
+    check_split_files,
+    find_image,
+    require,
+    sample,
+)
 from kosmos_serve.evaluation.ocr_metrics import Line, score_page
 from kosmos_serve.tasks import Task, TaskInput
 
@@ -48,10 +55,7 @@ class PageExample:
 
 def read_ocr_splits(annotations: list[Path], images: Path, limit: int | None = None) -> list[Split]:
     """Every ground-truth file read and checked (before any model is loaded), each sampled to `limit` pages."""
-    if not images.is_dir():
-        raise InvalidRequestError(f"--images {images} is not a folder; give the folder that holds the images.")
-    names = [path.name for path in annotations]
-    require(len(set(names)) == len(names), "Two --annotations files have the same name; give each split once.")
+    check_split_files(annotations, images)
     splits = []
     for path in annotations:
         examples = read_pages(path, images)

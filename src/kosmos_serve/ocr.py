@@ -27,7 +27,7 @@ MARKDOWN_TAG = "<md>"  # the prompt that reads the page as markdown
 CHAT_TEMPLATE = ("<md>A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions. USER: {} ASSISTANT:")
 BOX_PATTERN = re.compile(r"<bbox><x_\d+><y_\d+><x_\d+><y_\d+></bbox>")
-MAX_PATCHES = 4096  # what Kosmos2_5Processor asks of its image processor
+MAX_PATCHES = 4096  # what Kosmos2_5Processor asks of its image processor unless told (the checkpoints' own)
 PATCH_SIZE = 16
 
 
@@ -63,8 +63,9 @@ def _float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
-def read_lines(text: str, width: int, height: int) -> tuple[TextLine, ...]:
-    """The lines of an `<ocr>` reading (`text`: its prompt removed) of a `width` x `height` image, boxes in its pixels.
+def read_lines(text: str, width: int, height: int, max_patches: int = MAX_PATCHES) -> tuple[TextLine, ...]:
+    """The lines of an `<ocr>` reading (`text`: its prompt removed) of a `width` x `height` image, boxes in its pixels
+    (`max_patches`: the patches the processor cut the image into at most).
 
     >>> read_lines("<bbox><x_53><y_573><x_69><y_606></bbox>1\\n<bbox><x_79><y_573><x_464><y_612></bbox>[REG] BLACK SAKURA\\n",
     ...            1000, 1000)
@@ -72,7 +73,7 @@ def read_lines(text: str, width: int, height: int) -> tuple[TextLine, ...]:
     >>> read_lines("a title<bbox><x_9><y_5><x_9><y_8></bbox>empty box\\n<bbox><x_100><y_200><x_300><y_400></bbox>last", 300, 200)
     (TextLine(text='last', box=(24, 48, 72, 96), score=0.0),)
     """
-    resized_width, resized_height = resized_size(width, height)
+    resized_width, resized_height = resized_size(width, height, max_patches)
     boxes = [tuple(int(number) for number in re.findall(r"\d+", box)) for box in BOX_PATTERN.findall(text)]
     segments = BOX_PATTERN.split(text)[1:]
     lines = []
@@ -85,9 +86,10 @@ def read_lines(text: str, width: int, height: int) -> tuple[TextLine, ...]:
     return tuple(lines)
 
 
-def parse_reading(decoded_text: str, prompt: str, width: int, height: int) -> GroundedText:
-    """A Kosmos-2.5 reading of a `width` x `height` image: `decoded_text` is the whole sequence decoded without special
-    tokens (prompt included), as `processor.batch_decode(ids, skip_special_tokens=True)` gives it.
+def parse_reading(decoded_text: str, prompt: str, width: int, height: int, max_patches: int = MAX_PATCHES) -> GroundedText:
+    """A Kosmos-2.5 reading of a `width` x `height` image cut into at most `max_patches` patches: `decoded_text` is the
+    whole sequence decoded without special tokens (prompt included), as `processor.batch_decode(ids,
+    skip_special_tokens=True)` gives it.
 
     For `<ocr>`, `text` is the reading without its boxes, `lines` each line with its box, and `markdown` each line
     linked to its box; for `<md>`, `text` and `markdown` are the markdown the model wrote. `raw_text` keeps the prompt.
@@ -101,7 +103,7 @@ def parse_reading(decoded_text: str, prompt: str, width: int, height: int) -> Gr
     reading = decoded_text.replace(prompt, "")
     if not prompt.startswith(OCR_TAG):
         return GroundedText(text=reading, answer=reading, raw_text=decoded_text, entities=(), markdown=reading)
-    lines = read_lines(reading, width, height)
+    lines = read_lines(reading, width, height, max_patches)
     text = BOX_PATTERN.sub("", reading)
     return GroundedText(text=text, answer=text, raw_text=decoded_text, entities=(), markdown=lines_markdown(lines),
                         lines=lines)

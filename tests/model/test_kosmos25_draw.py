@@ -21,7 +21,7 @@ def test_draw_outlines_each_line_and_writes_its_text(tmp_path, tiny_kosmos25_dir
                f"<bbox><x_30><y_{resized_height // 2}><x_{resized_width - 30}><y_{resized_height - 50}></bbox>"
                "TOTAL 50,000\n")
     monkeypatch.setattr(Kosmos25Family, "parse",
-                        lambda self, decoded, spec, size: parse_reading(reading, spec.text, *size))
+                        lambda self, processor, decoded, spec, size: parse_reading(reading, spec.text, *size))
     monkeypatch.setenv("KOSMOS_THREADS", "1")
     threads = torch.get_num_threads()
     result = CliRunner().invoke(main, ["predict", str(tmp_path / "page.png"), "--model", str(tiny_kosmos25_dir),

@@ -205,7 +205,7 @@ class Engine:
 
     def parse(self, decoded_text: str, spec: PromptSpec, image_size: tuple[int, int]) -> GroundedText:
         """A row's generation (its whole sequence, decoded) parsed as its family's reference code reads it."""
-        return self.family.parse(decoded_text, spec, image_size)
+        return self.family.parse(self.processor, decoded_text, spec, image_size)
 
     def with_masks(self, result: Result, image: Image.Image, key: str) -> Result:
         """`result` with a mask and a mask score for each box, from the segmenter (`key`: the image's digest)."""

@@ -89,7 +89,8 @@ class Kosmos2Family:
         pixel_values = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
         return image_features(model, pixel_values.to(model.device, model.dtype))
 
-    def parse(self, decoded_text: str, spec: PromptSpec, image_size: tuple[int, int]) -> GroundedText:
+    def parse(self, processor: Kosmos2Processor, decoded_text: str, spec: PromptSpec,
+              image_size: tuple[int, int]) -> GroundedText:
         """A generation (the whole sequence decoded) as `post_process_generation` reads it, boxes in pixels too."""
         return parse_generation(decoded_text, spec.text, *image_size)
 
@@ -141,16 +142,19 @@ class Kosmos25Family:
 
     def encode_images(self, model, processor: Kosmos2_5Processor, images: Sequence[Image.Image]) -> torch.Tensor:
         """Image features as `generate` computes them, one page at a time (its attention over 4096 patches is the
-        largest tensor the engine makes)."""
+        largest tensor the engine makes), cut into as many patches as the model's image processor says (the
+        processor's call asks 4096 whatever it says; the checkpoints' say 4096 too, the demo reader's fewer)."""
         features = []
         for image in images:
-            patches = processor(text="", images=image)["flattened_patches"]
+            patches = processor(text="", images=image, max_patches=processor.image_processor.max_patches)[
+                "flattened_patches"]
             features.append(flattened_patch_features(model, patches.to(model.device, model.dtype)))
         return torch.cat(features)
 
-    def parse(self, decoded_text: str, spec: PromptSpec, image_size: tuple[int, int]) -> GroundedText:
+    def parse(self, processor: Kosmos2_5Processor, decoded_text: str, spec: PromptSpec,
+              image_size: tuple[int, int]) -> GroundedText:
         """A reading (the whole sequence decoded) as the model doc post-processes it, boxes in pixels of the image."""
-        return parse_reading(decoded_text, spec.text, *image_size)
+        return parse_reading(decoded_text, spec.text, *image_size, processor.image_processor.max_patches)
 
     def score(self, output: GroundedText, ids: list[int], prompt_length: int, evidence: TokenEvidence,
               vocabulary: ReadingVocabulary, priors: PhrasePriors) -> GroundedText:

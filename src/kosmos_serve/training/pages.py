@@ -28,7 +28,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 FONTS_DIR = Path(__file__).with_name("fonts")
 FONTS = ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")
-FONT_SIZES = (14, 18, 22, 26, 30)  # pixels per em
 VOCABULARY = (
     "the", "and", "for", "with", "from", "into", "over", "under", "after", "before", "about", "near",
     "page", "line", "word", "text", "book", "letter", "note", "paper", "table", "chart", "report", "figure",
@@ -40,16 +39,26 @@ VOCABULARY = (
     "price", "total", "number", "order", "invoice", "amount", "date", "name", "address", "item",
     "0", "1", "2", "7", "12", "25", "40", "64", "100", "365", "2024",
 )
-WIDTH_EMS = (10, 36)  # a column's width, in ems of its font
-MAX_WIDTH = 1024  # pixels: a wider column is narrowed to fit
-MARGIN_RANGE = (12, 48)  # pixels around the text
-LINES_RANGE = (3, 12)  # lines of a one-column page
-COLUMN_LINES_RANGE = (2, 8)  # lines of each column of a two-column page
-LINE_SPACING = (1.2, 1.8)  # a line's pitch, in line heights (ascent + descent)
-GUTTER_EMS = (2, 4)  # between two columns
-TWO_COLUMNS_SHARE = 0.3  # of pages
-FULL_LINE_SHARE = 0.5  # of lines, filled to the column's width; the others end at 30-100% of it
-RAGGED_RANGE = (0.3, 1.0)
+@dataclass(frozen=True)
+class PageStyle:
+    """How pages are set: every range is inclusive, every share a probability."""
+
+    font_sizes: tuple[int, ...] = (14, 18, 22, 26, 30)  # pixels per em
+    width_ems: tuple[int, int] = (10, 36)  # a column's width, in ems of its font
+    max_width: int = 1024  # pixels: a wider column is narrowed to fit
+    margin_range: tuple[int, int] = (12, 48)  # pixels around the text
+    lines_range: tuple[int, int] = (3, 12)  # lines of a one-column page
+    column_lines_range: tuple[int, int] = (2, 8)  # lines of each column of a two-column page
+    line_spacing: tuple[float, float] = (1.2, 1.8)  # a line's pitch, in line heights (ascent + descent)
+    gutter_ems: tuple[int, int] = (2, 4)  # between two columns
+    two_columns_share: float = 0.3  # of pages
+    full_line_share: float = 0.5  # of lines, filled to the column's width; the others end at 30-100% of it
+    ragged_range: tuple[float, float] = (0.3, 1.0)
+    canvas: tuple[int, int] | None = None  # every page this size (the text fits inside), else each page its own
+
+
+DOCUMENT_STYLE = PageStyle()  # `data pages`: documents of up to 12 lines a column, up to 1024 px wide
+
 PAGES_FILE = "pages.jsonl"
 
 
@@ -81,13 +90,13 @@ class Page:
     columns: int
 
 
-def write_pages_dataset(out_dir: str | Path, n: int, seed: int) -> Path:
+def write_pages_dataset(out_dir: str | Path, n: int, seed: int, style: PageStyle = DOCUMENT_STYLE) -> Path:
     """Write n page PNGs under out_dir/images/ and their records to out_dir/pages.jsonl; returns its path."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for index in range(n):
-        page = draw_page(random.Random(f"pages:{seed}:{index}"))
+        page = draw_page(random.Random(f"pages:{seed}:{index}"), style)
         name = f"images/{index:06d}.png"
         page.image.save(out_dir / name, format="PNG")
         records.append(page_record(name, page))
@@ -103,27 +112,30 @@ def page_record(name: str, page: Page) -> dict:
             "columns": page.columns, "lines": [line.to_dict() for line in page.lines]}
 
 
-def draw_page(rng: random.Random) -> Page:
+def draw_page(rng: random.Random, style: PageStyle = DOCUMENT_STYLE) -> Page:
     """A page of one or two columns of lines, in one font and size, on a plain light background."""
-    font_name, size = rng.choice(FONTS), rng.choice(FONT_SIZES)
+    font_name, size = rng.choice(FONTS), rng.choice(style.font_sizes)
     font = load_font(font_name, size)
     ascent, descent = font.getmetrics()
-    columns = 2 if rng.random() < TWO_COLUMNS_SHARE else 1
-    margin = rng.randint(*MARGIN_RANGE)
-    gutter = rng.randint(*GUTTER_EMS) * size if columns == 2 else 0
-    widest = (MAX_WIDTH - 2 * margin - gutter) // columns
-    column_width = min(rng.randint(*WIDTH_EMS) * size, widest)
-    pitch = round((ascent + descent) * rng.uniform(*LINE_SPACING))
-    counts = [rng.randint(*(COLUMN_LINES_RANGE if columns == 2 else LINES_RANGE)) for _ in range(columns)]
+    columns = 2 if rng.random() < style.two_columns_share else 1
+    margin = rng.randint(*style.margin_range)
+    gutter = rng.randint(*style.gutter_ems) * size if columns == 2 else 0
+    widest = (style.max_width - 2 * margin - gutter) // columns
+    column_width = min(rng.randint(*style.width_ems) * size, widest)
+    pitch = round((ascent + descent) * rng.uniform(*style.line_spacing))
+    counts = [rng.randint(*(style.column_lines_range if columns == 2 else style.lines_range)) for _ in range(columns)]
     width = 2 * margin + columns * column_width + gutter
     height = 2 * margin + max(counts) * pitch
+    if style.canvas is not None:
+        assert width <= style.canvas[0] and height <= style.canvas[1], "the style's text must fit its canvas"
+        width, height = style.canvas
     image = Image.new("RGB", (width, height), light_tone(rng))
     ink = dark_tone(rng)
     lines = []
     for column, count in enumerate(counts):
         x = margin + column * (column_width + gutter)
         for row in range(count):
-            text = line_of_words(rng, font, column_width)
+            text = line_of_words(rng, font, column_width, style)
             lines.append(draw_line(image, text, (x, margin + row * pitch), font, ink))
     return Page(image, tuple(lines), font_name, size, columns)
 
@@ -134,9 +146,9 @@ def load_font(name: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(FONTS_DIR / f"{name}.ttf"), size, layout_engine=ImageFont.Layout.BASIC)
 
 
-def line_of_words(rng: random.Random, font: ImageFont.FreeTypeFont, column_width: int) -> str:
-    """Words from the vocabulary, as many as fit in the line's length: the column's width, or 30-100% of it."""
-    share = 1.0 if rng.random() < FULL_LINE_SHARE else rng.uniform(*RAGGED_RANGE)
+def line_of_words(rng: random.Random, font: ImageFont.FreeTypeFont, column_width: int, style: PageStyle) -> str:
+    """Words from the vocabulary, as many as fit in the line's length: the column's width, or part of it."""
+    share = 1.0 if rng.random() < style.full_line_share else rng.uniform(*style.ragged_range)
     words = [rng.choice(VOCABULARY)]
     while True:
         longer = " ".join([*words, rng.choice(VOCABULARY)])

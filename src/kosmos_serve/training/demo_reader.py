@@ -55,7 +55,7 @@ LAYERS = 3  # each
 class ReaderRecipe:
     """How the demo reader is trained: AdamW, linear warm-up then cosine decay, pages drawn afresh every step."""
 
-    steps: int = 3000
+    steps: int = 2700
     batch_size: int = 16
     learning_rate: float = 2e-3
     warmup_steps: int = 100

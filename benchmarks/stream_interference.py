@@ -14,14 +14,17 @@ alone: the work the stream adds, which a machine shared with other work disturbs
 Every request is on a fresh image of the same size. `--eighth plain` sends the 8th unstreamed: the control,
 what an 8th row costs the 7 without any streaming.
 
-`--against SRC` runs the rounds with the `kosmos_serve` package under SRC (say, a checkout of main) and with
-this one, each in its own processes, alternately `--repeats` times, and reports both. The CPU heads the report.
+The stream's tokens reach the event loop as the service hands them over (`--stream-interval-ms`, by default the
+service's `stream_interval_ms`). `--against SRC` runs the rounds with the `kosmos_serve` package under SRC (say, a
+checkout of main) and with this one, each in its own processes, alternately `--repeats` times, and reports both;
+`--intervals 0,20` does the same with this tree at each stream interval. The CPU heads the report.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import statistics
@@ -48,11 +51,13 @@ def main() -> None:
                         help="the long request streamed, or plain (the control: what an 8th row costs unstreamed)")
     parser.add_argument("--lead", type=float, default=0.3, help="seconds the long request decodes before the 7 come")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    parser.add_argument("--stream-interval-ms", type=float, help="the batcher's stream interval (default: the service's)")
     parser.add_argument("--against", type=Path, help="another source tree's src/ to measure alternately with this one")
+    parser.add_argument("--intervals", help="comma-separated stream intervals (ms) to measure alternately, this tree")
     parser.add_argument("--repeats", type=int, default=3, help="with --against: processes of each, alternating")
     parser.add_argument("--json", action="store_true", help="print the rounds as one JSON line (used by --against)")
     args = parser.parse_args()
-    if args.against:
+    if args.against or args.intervals:
         compare(args)
         return
     rounds = asyncio.run(measure(args))
@@ -68,7 +73,7 @@ async def measure(args) -> list[dict]:
     """Each round: the 7's mean latency alone and beside the stream, and the stream's own tokens."""
     import torch
 
-    from kosmos_serve.config import EngineSettings
+    from kosmos_serve.config import EngineSettings, ServerSettings
     from kosmos_serve.engine import Engine
     from kosmos_serve.engine.batcher import Batcher
 
@@ -76,7 +81,11 @@ async def measure(args) -> list[dict]:
         torch.set_num_threads(args.threads)
     settings = EngineSettings(model=str(prepare_model(tiny=True)), device="cpu",
                               max_new_tokens_cap=max(args.stream_tokens, args.tokens))
-    batcher = Batcher(Engine(settings), max_requests=OTHERS + 1, batch_timeout=0.0, max_queue=64)
+    options = {}
+    if "stream_interval" in inspect.signature(Batcher).parameters:  # not in sources from before it
+        interval = args.stream_interval_ms
+        options["stream_interval"] = (ServerSettings().stream_interval_ms if interval is None else interval) / 1000
+    batcher = Batcher(Engine(settings), max_requests=OTHERS + 1, batch_timeout=0.0, max_queue=64, **options)
     batcher.start()
     try:
         await seven(batcher, args.tokens)  # warm-up: the first requests pay for lazy set-up
@@ -140,21 +149,27 @@ def caption(tokens: int):
 
 
 def compare(args) -> None:
-    """This tree and `args.against`, in alternating processes of `args.rounds` rounds each."""
-    sources = {"before": args.against.resolve(), "after": OWN_SOURCE}
-    rounds: dict[str, list[dict]] = {label: [] for label in sources}
+    """This tree and `args.against` (or this tree at each of `args.intervals`), in alternating processes of
+    `args.rounds` rounds each."""
+    if args.intervals:
+        arms = {f"interval {ms} ms": (OWN_SOURCE, ["--stream-interval-ms", ms]) for ms in args.intervals.split(",")}
+    else:
+        interval = ["--stream-interval-ms", str(args.stream_interval_ms)] if args.stream_interval_ms is not None else []
+        arms = {f"before ({args.against.resolve()})": (args.against.resolve(), []),
+                f"after ({OWN_SOURCE})": (OWN_SOURCE, interval)}
+    rounds: dict[str, list[dict]] = {label: [] for label in arms}
     for repeat in range(args.repeats):
-        for label, source in sources.items():
+        for label, (source, extra) in arms.items():
             command = [sys.executable, __file__, "--json", "--rounds", str(args.rounds), "--tokens", str(args.tokens),
                        "--stream-tokens", str(args.stream_tokens), "--eighth", args.eighth, "--lead", str(args.lead)]
-            command += ["--threads", str(args.threads)] if args.threads else []
+            command += (["--threads", str(args.threads)] if args.threads else []) + extra
             output = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(source)}, check=True,
                                     capture_output=True, text=True).stdout
             rounds[label] += json.loads(output.splitlines()[-1])
-            print(f"repeat {repeat + 1}/{args.repeats}: {label} ({source}) done", file=sys.stderr)
+            print(f"repeat {repeat + 1}/{args.repeats}: {label} done", file=sys.stderr)
     print(cpu_description())
     print()
-    report({f"{label} ({source})": rounds[label] for label, source in sources.items()}, args)
+    report(rounds, args)
 
 
 def report(runs: dict[str, list[dict]], args) -> None:

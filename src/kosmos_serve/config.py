@@ -108,6 +108,11 @@ class ServerSettings(BaseSettings):
         10.0, ge=0, description="When the engine is idle, how long its first arrival waits for others to prefill with "
                                 "it; requests arriving while a batch decodes join it at the next step without waiting.",
     )
+    stream_interval_ms: float = Field(
+        20.0, ge=0, description="When decode steps come faster than this, a streamed request's new tokens reach its "
+                                "connection together at most this often (each wake-up of the event loop costs the "
+                                "engine thread); 0: every token at once. The text streamed is the same.",
+    )
     max_queue: int = Field(64, ge=1, description="Requests waiting at most; beyond it: 503 with Retry-After.")
     request_timeout_s: float = Field(300.0, gt=0, description="Longest a request may wait and run; then 504.")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body (413 beyond).")

@@ -3,11 +3,12 @@
 import asyncio
 import random
 
+import pytest
 import torch
 from transformers import TextStreamer
 
 from kosmos_serve.engine import GenerationParams, Request
-from kosmos_serve.engine.batcher import Batcher
+from kosmos_serve.engine.batcher import Batcher, _HandOff
 from kosmos_serve.engine.results import Result
 from kosmos_serve.engine.streaming import StreamPiece
 from kosmos_serve.tasks import Task, TaskInput
@@ -81,11 +82,14 @@ def old_streamer_pieces(engine, prompts):
     return [text for text in sent if text]
 
 
-def test_the_service_stream_yields_the_text_then_the_result_equal_to_the_request_alone(engine, sample_images):
+@pytest.mark.parametrize("interval", [0.0, 0.05])
+def test_the_service_stream_yields_the_text_then_the_result_equal_to_the_request_alone(engine, sample_images,
+                                                                                      interval):
+    """Every settled piece, in order, whether each token wakes the event loop or they come together (interval)."""
     requests = streamed_requests(sample_images)
 
     async def serve():
-        batcher = Batcher(engine, max_requests=4, batch_timeout=0.0, max_queue=8)
+        batcher = Batcher(engine, max_requests=4, batch_timeout=0.0, max_queue=8, stream_interval=interval)
         batcher.start()
         try:
             async def consume(request):
@@ -104,6 +108,43 @@ def test_the_service_stream_yields_the_text_then_the_result_equal_to_the_request
         while scheduler.busy:
             scheduler.step()
         assert isinstance(result, Result) and texts and all(isinstance(text, str) and text for text in texts)
-        assert "".join(texts) == "".join(read_all(engine.text_stream(), alone))
+        assert texts == read_all(engine.text_stream(), alone)
         assert result.raw_text == engine.run([request])[0].raw_text
     assert plain.raw_text == streams[0][-1].raw_text
+
+
+def test_pieces_handed_over_within_the_interval_wake_the_loop_once_and_keep_their_order():
+    """Ten tokens from the engine thread: one wake-up to collect them later; a prompt's end hands over at once
+    with the pieces before it, ahead of anything scheduled after it."""
+    async def run():
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        hand_off = _HandOff(loop, queue, interval=0.2)
+        wake_ups = []
+        original = loop.call_soon_threadsafe
+        ours = (loop.call_later, hand_off._collect)  # the executor's own hand-backs are not counted
+        loop.call_soon_threadsafe = lambda *args: (wake_ups.append(args[0]) if args[0] in ours else None,
+                                                   original(*args))[1]
+
+        def engine_thread():
+            for token in range(10):
+                hand_off(StreamPiece((token,)))
+
+        await loop.run_in_executor(None, engine_thread)
+        await asyncio.sleep(0.05)
+        assert queue.empty() and len(wake_ups) == 1  # the collection is scheduled, not run yet
+        await asyncio.sleep(0.3)
+        collected = [queue.get_nowait() for _ in range(queue.qsize())]
+        assert [piece.tokens for piece in collected] == [(token,) for token in range(10)]
+
+        def a_prompt_ends():
+            hand_off(StreamPiece((10,)))
+            hand_off(StreamPiece(prompt_done=True))
+            loop.call_soon_threadsafe(queue.put_nowait, None)  # what the result's end mark does
+
+        await loop.run_in_executor(None, a_prompt_ends)
+        await asyncio.sleep(0.01)
+        ended = [queue.get_nowait() for _ in range(queue.qsize())]
+        assert ended == [StreamPiece((10,)), StreamPiece(prompt_done=True), None]
+
+    asyncio.run(run())

@@ -72,12 +72,13 @@ class Batcher:
 
     def __init__(
         self, engine: Engine, *, max_requests: int, batch_timeout: float, max_queue: int,
-        observer: BatchObserver | None = None,
+        observer: BatchObserver | None = None, stream_interval: float = 0.0,
     ):
         self.engine = engine
         self.max_requests = max_requests
         self.batch_timeout = batch_timeout
         self.max_queue = max_queue
+        self.stream_interval = stream_interval  # seconds: a stream's tokens wake the event loop at most this often
         self.observer = observer or BatchObserver()
         self._pending: deque[_Job] = deque()
         self._lock = threading.Condition()  # guards _pending and _stopping; notified on arrival and on stop
@@ -141,9 +142,8 @@ class Batcher:
         or `client_gone` completing, drops the job if it is still queued and otherwise stops generation after
         the current token.
         """
-        loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[StreamPiece | None] = asyncio.Queue()  # None: the result is ready or the client left
-        job = self._enqueue(request, on_tokens=lambda piece: _call_soon(loop, pieces.put_nowait, piece))
+        job = self._enqueue(request, on_tokens=_HandOff(asyncio.get_running_loop(), pieces, self.stream_interval))
         job.future.add_done_callback(lambda _: pieces.put_nowait(None))  # after the pieces the engine sent before it
         return self._relay(job, pieces, self.engine.text_stream(), client_gone)
 
@@ -270,6 +270,43 @@ def _timings(ticket: Ticket) -> tuple[float | None, float | None]:
     return first, (ticket.finished_at - ticket.first_token_at) / (tokens - 1)
 
 
+class _HandOff:
+    """A streamed request's pieces, from the engine thread to its relay's queue on the event loop, a wake-up of the
+    loop per `interval` seconds at most (0: one per piece).
+
+    Each wake-up costs the engine thread: the loop takes the interpreter's lock to relay. When steps come faster
+    than `interval`, the first piece after a hand-off asks the loop to collect in `interval`, and the pieces until
+    then wait in order; a piece that ends a prompt or carries text is handed over at once with those before it, so
+    every piece reaches the queue before the result's end mark (scheduled after it). The pieces are the same and in
+    the same order whatever the interval; only when they reach the relay changes.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pieces: asyncio.Queue, interval: float):
+        self._loop, self._pieces, self._interval = loop, pieces, interval
+        self._waiting: list[StreamPiece] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, piece: StreamPiece) -> None:
+        """On the engine thread."""
+        if self._interval <= 0:
+            _call_soon(self._loop, self._pieces.put_nowait, piece)
+            return
+        with self._lock:
+            self._waiting.append(piece)
+            first = len(self._waiting) == 1
+        if piece.prompt_done or piece.text:
+            _call_soon(self._loop, self._collect)
+        elif first:
+            _call_soon(self._loop, self._loop.call_later, self._interval, self._collect)
+
+    def _collect(self) -> None:
+        """On the event loop: every waiting piece into the queue (none: a timer after an early hand-off)."""
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+        for piece in waiting:
+            self._pieces.put_nowait(piece)
+
+
 def _call_soon(loop: asyncio.AbstractEventLoop | None, callback, *args) -> None:
     """Run `callback` on the event loop from the engine thread (nothing once the loop has closed)."""
     if loop is None or loop.is_closed():
@@ -305,6 +342,7 @@ def _settle(future: asyncio.Future, outcome: Result | Exception) -> None:
 def start_batcher(engine: Engine, settings: ServerSettings, observer: BatchObserver | None = None) -> Batcher:
     """The batcher `settings` describe over `engine`, started on the running event loop."""
     batcher = Batcher(engine, max_requests=settings.max_batch_requests, batch_timeout=settings.batch_timeout_ms / 1000,
-                      max_queue=settings.max_queue, observer=observer)
+                      max_queue=settings.max_queue, observer=observer,
+                      stream_interval=settings.stream_interval_ms / 1000)
     batcher.start()
     return batcher

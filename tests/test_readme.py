@@ -45,6 +45,7 @@ def readme_blocks() -> list[Block]:
 
 
 # The first line of each block run here -> whether the block after it is its output.
+READING_ANSWER = '[\n  {\n    "image": "examples/page-three-lines.png"'
 RUN = {
     "# run: the HTTP service": False,
     "kosmos-serve predict examples/scene-four-shapes.png --model demo": True,
@@ -72,7 +73,11 @@ NOT_RUN = {
     '{"image": "scans/0001.png"': "a ground-truth format: tests/evaluation/test_ocr_evaluation.py reads such lines",
     "kosmos-serve data pages --n 200": "the real Kosmos-2.5 cannot be downloaded here: tests/evaluation/"
                                        "test_ocr_evaluation.py runs these commands on the tiny random one",
+    "kosmos-serve train-demo-2.5": "46 minutes of training: tests/model/test_demo_reader.py trains and serves a few "
+                                   "steps of it",
     "kosmos-serve train-demo": "52 minutes of training",
+    READING_ANSWER: "the answer of a model trained for 46 minutes: "
+                    "test_the_reading_attempts_answer_is_what_the_parser_reads_in_its_raw_text checks it",
     "src/kosmos_serve/": "the source tree, not a command",
 }
 
@@ -242,3 +247,18 @@ def test_the_demo_models_held_out_scores(examples, tmp_path):
     readme = README.read_text()
     for claim in re.findall(r"\*\*(\d+\.\d)%\*\*", readme[readme.index("**The demo model** is this recipe"):]):
         assert claim in printed, f"the README claims {claim}% on the held-out scenes; evaluate printed\n{printed}"
+
+
+def test_the_reading_attempts_answer_is_what_the_parser_reads_in_its_raw_text():
+    """The Kosmos-2.5 section's answer (a model trained for 46 minutes, not run here) is consistent: its text, lines
+    and markdown are what kosmos-serve makes of its raw text for that 256 x 256 page cut into 256 patches."""
+    from kosmos_serve.ocr import parse_reading
+    from kosmos_serve.training.demo_reader import READER_MAX_PATCHES
+
+    [block] = [block for block in readme_blocks() if block.text.startswith(READING_ANSWER)]
+    [answer] = json.loads(block.text)
+    reading = parse_reading(answer["raw_text"], answer["prompt"], *answer["image_size"], READER_MAX_PATCHES)
+    assert (answer["text"], answer["markdown"]) == (reading.text, reading.markdown)
+    assert [(line["text"], tuple(line["box"])) for line in answer["lines"]] == [(line.text, line.box)
+                                                                                for line in reading.lines]
+    assert answer["generated_tokens"] == 37 and len(answer["lines"]) == 4

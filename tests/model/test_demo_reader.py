@@ -1,7 +1,6 @@
-"""The reading demo's parts (`training/demo_reader.py`): its start, its training, and a Kosmos-2.5 whose processor cuts
-pages into fewer patches than the checkpoints' 4096, served faithfully (the engine passes the model's own
-`max_patches`, and boxes scale by the size that gives). The shipped `--model demo-2.5` itself: test_demo_reader_model.py.
-"""
+"""The reading demo attempt's parts (`training/demo_reader.py`): its start, its training, and a Kosmos-2.5 whose
+processor cuts pages into fewer patches than the checkpoints' 4096, served faithfully (the engine passes the model's
+own `max_patches`, and boxes scale by the size that gives)."""
 
 import random
 import re
@@ -53,8 +52,10 @@ def test_each_image_token_starts_as_a_copy_of_its_patch(untrained_reader, pages)
         patches = model.vision_model(inputs["flattened_patches"]).last_hidden_state
         tokens, _ = model.image_to_text_projection(patches)
         projected = model.image_to_text_projection.dense(patches)
-    nearest = torch.cdist(tokens[0], projected[0]).argmin(dim=-1)
-    assert (nearest == torch.arange(READER_MAX_PATCHES)).float().mean() >= 0.9
+    codes = 8  # dims 0-7: each patch's row and column code
+    same_code = (tokens[0, :, :codes].sign() == projected[0, :, :codes].sign()).all(dim=-1)
+    assert same_code.float().mean() >= 0.95  # token i carries patch i's position
+    assert torch.cosine_similarity(tokens[0], projected[0], dim=-1).mean() >= 0.9  # and its content
 
 
 def test_patch_words_mark_the_patches_under_each_word():

@@ -171,6 +171,9 @@ def test_predict_ocr_prints_the_reading_and_its_json_equals_the_engine(kosmos25_
     printed = invoke("predict", path, "--model", tiny_kosmos25_dir, "--task", "ocr", "--max-new-tokens", NEW_TOKENS)
     assert printed.exit_code == 0, printed.output
     assert printed.output.splitlines()[0] == f"{path} (500x160)"
+    without_a_task = invoke("predict", path, "--model", tiny_kosmos25_dir, "--json", "--max-new-tokens", NEW_TOKENS)
+    assert without_a_task.exit_code == 0, without_a_task.output
+    assert json.loads(without_a_task.output)[0]["raw_text"] == item["raw_text"]  # ocr: the model's first task
 
 
 def test_predict_refuses_a_kosmos_2_task_on_a_kosmos25(tiny_kosmos25_dir, kosmos25_pages, tmp_path):

@@ -43,7 +43,7 @@ def test_help_lists_each_command_as_its_own_docstring_would():
     loaded = {name: main.get_command(context, name) for name in COMMANDS}
     eager = click.Group(main.name, commands=loaded, params=main.params, help=main.help)
     assert sorted(loaded) == sorted(["annotate", "data", "demo", "evaluate", "export", "predict", "serve", "tiny-model",
-                                     "tiny-segmenter", "train", "train-demo", "train-demo-segmenter"])
+                                     "tiny-segmenter", "train", "train-demo", "train-demo-2.5", "train-demo-segmenter"])
     assert CliRunner().invoke(main, ["--help"]).output == CliRunner().invoke(eager, ["--help"]).output
 
 

@@ -69,8 +69,8 @@ COMMANDS = {  # name: (where the command is, the first sentence of its docstring
                    ("Rebuild the shipped demo model in OUT: data, training from scratch, held-out scores (~52 min, "
                     "2 cores).")),
     "train-demo-2.5": ("kosmos_serve.cli.training:train_demo_reader",
-                       ("Rebuild the shipped reading demo (--model demo-2.5, a small Kosmos-2.5) in OUT: training from "
-                        "scratch on synthetic pages, held-out scores (~1 hour, 2 cores).")),
+                       ("Train the reading demo attempt (a small Kosmos-2.5, not shipped: it finds lines, reads few "
+                        "words) in OUT: from scratch on synthetic pages, held-out scores (~46 min, 2 cores).")),
     "train-demo-segmenter": ("kosmos_serve.cli.training:train_demo_segmenter",
                              ("Rebuild the shipped demo segmenter in OUT: a small SAM trained on the shapes' masks, "
                               "held-out IoU (~15 CPU-min).")),

@@ -17,6 +17,7 @@ from kosmos_serve.cli.options import (
 )
 from kosmos_serve.config import EngineSettings
 from kosmos_serve.errors import InvalidRequestError, KosmosServeError
+from kosmos_serve.tasks import TaskInput
 
 # Commands import their work lazily: --help and argument errors answer without loading torch.
 
@@ -54,7 +55,10 @@ def predict(images, task, prompt, phrases, boxes, no_grounding, max_new_tokens, 
     requests = [Request(image, task_input, params) for image in loaded]
     for request in requests:  # refuse bad input before spending seconds on loading the model
         check_task(request.task, request.params, settings, request.image.size)
-    results = start_engine(settings).run(requests)
+    engine = start_engine(settings)
+    if task is None and not (prompt or phrases or boxes or no_grounding):  # the model's own default task
+        requests = [Request(image, TaskInput(engine.family.tasks[0]), params) for image in loaded]
+    results = engine.run(requests)
     if as_json:
         payload = [{"image": str(path), **result.to_dict()} for path, result in zip(images, results)]
         click.echo(json.dumps(payload, indent=2, ensure_ascii=False))

@@ -34,13 +34,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt"]
 DEMO_MODEL_NAME = "demo"  # the small model shipped in the package (kosmos_serve.training.demo_model)
 DEMO_MODEL_DIR = Path(__file__).parents[1] / "models" / "demo"
-DEMO_READER_NAME = "demo-2.5"  # the small Kosmos-2.5 shipped in the package (kosmos_serve.training.demo_reader)
-DEMO_READER_DIR = Path(__file__).parents[1] / "models" / "demo-2.5"
 DEMO_SEGMENTER_DIR = Path(__file__).parents[1] / "models" / "demo-segmenter"  # `--segmenter demo`
-# (name, flag) -> the shipped folder and what it is called in an error
-SHIPPED_MODELS = {(DEMO_MODEL_NAME, "--model"): (DEMO_MODEL_DIR, "demo model"),
-                  (DEMO_READER_NAME, "--model"): (DEMO_READER_DIR, "reading demo model"),
-                  (DEMO_MODEL_NAME, "--segmenter"): (DEMO_SEGMENTER_DIR, "demo segmenter")}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -199,13 +193,12 @@ def replace_linear_layers(root: torch.nn.Module, convert) -> None:
 
 
 def resolve_source(model: str, option: str = "--model") -> str:
-    """A local folder for `model`: a shipped demo model, the folder itself, the hub cache's copy, or a download.
+    """A local folder for `model`: the shipped demo model, the folder itself, the hub cache's copy, or a download.
 
-    `option` is the flag that names it (`--model`, whose `demo` and `demo-2.5` are the shipped demo model and reading
-    demo, or `--segmenter`, whose `demo` is the shipped demo segmenter).
+    `option` is the flag that names it (`--model`, or `--segmenter`, whose `demo` is the shipped demo segmenter).
     """
-    if (model, option) in SHIPPED_MODELS:
-        folder, what = SHIPPED_MODELS[model, option]
+    if model == DEMO_MODEL_NAME:
+        folder, what = (DEMO_MODEL_DIR, "demo model") if option == "--model" else (DEMO_SEGMENTER_DIR, "demo segmenter")
         if not (folder / "config.json").exists():
             raise ModelLoadError(f"The {what} is missing from this install ({folder}); reinstall kosmos-serve.")
         return str(folder)

@@ -1,18 +1,20 @@
-"""The shipped reading demo (`--model demo-2.5`): a small Kosmos-2.5 trained here from scratch to read synthetic pages.
+"""The reading demo attempt: a small Kosmos-2.5 trained here from scratch to read synthetic pages. Not shipped: in its
+budget (at most an hour on 2 cores) it learnt to find the lines but not to read their words (docs/demo-reader.md).
 
 `kosmos-serve train-demo-2.5 --out DIR` builds the model (`build_reader_model`), trains it on pages drawn afresh at
 every step (`READER_STYLE`: one to four lines of words from the pages' fixed vocabulary, three fonts, three sizes, on
 plain light backgrounds), writes it to DIR/final and scores it on held-out pages (`evaluate --benchmark ocr`: word and
-character error rates, line-box F1) into DIR/final/held-out-scores.txt. docs/demo-reader.md has what it reached.
+character error rates, line-box F1) into DIR/final/held-out-scores.txt; `--model DIR/final` then serves it like any
+Kosmos-2.5.
 
-What makes it small enough to learn on 2 cores:
-- **Small pages, few patches.** The processor cuts a page into at most `READER_MAX_PATCHES` patches of 16 px (the
-  checkpoint: 4096), saved as its image processor's `max_patches`, which the engine passes on; the resampler gives the
-  text model `READER_IMAGE_TOKENS` image tokens (the checkpoint: 2048).
-- **A word is a token.** The tokenizer is byte-level BPE (as the checkpoint's) trained on the vocabulary's words, so
-  each word, with or without its leading space, is one token; any other text still tokenizes, byte by byte.
-- **Coordinates start smooth.** Each `<x_N>` and `<y_N>` token's embedding starts as a smooth code of N (the output
-  layer shares it), so a coordinate learnt also teaches its neighbours.
+What it is meant to make learnable on 2 cores (each part in its function below):
+- **Small pages, few patches.** 256 x 256 pages cut into at most `READER_MAX_PATCHES` patches of 16 px (the
+  checkpoint: 4096), saved as its image processor's `max_patches`, which the engine passes on; one image token per
+  patch (the checkpoint: 2048 image tokens).
+- **A word is a token.** Byte-level BPE (as the checkpoint's) trained on the vocabulary's words, so each word, with
+  or without its leading space, is one token; any other text still tokenizes, byte by byte.
+- **A structured start** (`start_structured`): position codes on the patches, the resampler a copy, coordinate
+  tokens that point at their patches; and **patch supervision** (`patch_words`): each patch learns the word under it.
 Everything else is Kosmos-2.5's architecture at a small width, loaded and served like any checkpoint.
 """
 

@@ -118,3 +118,18 @@ def test_training_steps_and_continuing_write_a_servable_reader(tmp_path):
     page = draw_page(random.Random("served"), READER_STYLE).image
     result = engine.run([Request(page, TaskInput(Task.OCR), GenerationParams(max_new_tokens=4))])[0]
     assert result.prompt == "<ocr>" and result.generated_tokens == 4
+
+
+def test_the_command_trains_and_scores_on_held_out_pages(tmp_path, monkeypatch):
+    from cli_invocation import invoke
+
+    from kosmos_serve.training import demo_reader
+
+    monkeypatch.setattr(demo_reader, "RECIPE", ReaderRecipe(steps=2, batch_size=2, warmup_steps=1))
+    monkeypatch.setattr(demo_reader, "HELD_OUT_PAGES", 3)
+    result = invoke("train-demo-2.5", "--out", tmp_path, "--threads", 1)
+    assert result.exit_code == 0, result.output
+    scores = (tmp_path / "final" / demo_reader.SCORES_FILE).read_text()
+    assert scores.startswith("Held-out pages: 3, seed 2 (training drew its pages from seed 1); trained 2 steps of 2 ")
+    assert "line F1 %" in scores and result.output.endswith(f"saved {tmp_path / 'final'}\n")
+    assert len((tmp_path / "held-out" / "pages.jsonl").read_text().splitlines()) == 3

@@ -3,7 +3,7 @@ budget (at most an hour on 2 cores) it learnt to find the lines but not to read 
 
 `kosmos-serve train-demo-2.5 --out DIR` builds the model (`build_reader_model`), trains it on pages drawn afresh at
 every step (`READER_STYLE`: one to four lines of words from the pages' fixed vocabulary, three fonts, three sizes, on
-plain light backgrounds), writes it to DIR/final and scores it on held-out pages (`evaluate --benchmark ocr`: word and
+plain light backgrounds), writes it to DIR/final, and the command scores it on held-out pages (`evaluate --benchmark ocr`: word and
 character error rates, line-box F1) into DIR/final/held-out-scores.txt; `--model DIR/final` then serves it like any
 Kosmos-2.5.
 
@@ -260,7 +260,8 @@ def patch_words(page: Page) -> torch.Tensor:
 
 def train_reader(out_dir: Path, recipe: ReaderRecipe = RECIPE, log: Callable[[str], None] = print) -> Path:
     """Train the reader from scratch; returns its folder (`out_dir`/final). A checkpoint every 250 steps
-    (`out_dir`/checkpoint) lets an interrupted run continue where it stopped."""
+    (`out_dir`/checkpoint) lets an interrupted run continue where it stopped. (`train-demo-2.5` then scores it on
+    `held_out_pages`.)"""
     model, processor = build_reader_model(recipe.seed)
     word_head = torch.nn.Linear(WIDTH, len(VOCABULARY) + 1)  # patch supervision, not saved with the model
     optimizer = torch.optim.AdamW([*model.parameters(), *word_head.parameters()], lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
@@ -329,24 +330,3 @@ def held_out_pages(out_dir: Path) -> Path:
     pages = out_dir / "held-out" / "pages.jsonl"
     return pages if pages.exists() else write_pages_dataset(pages.parent, HELD_OUT_PAGES, HELD_OUT_SEED, READER_STYLE)
 
-
-def build_demo_reader(out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
-    """Train the reader and score it on the held-out pages; returns its folder (`out_dir`/final), which holds the
-    scores in held-out-scores.txt."""
-    from kosmos_serve.evaluation.datasets import OCR_BENCHMARK
-    from kosmos_serve.evaluation.report import format_report
-    from kosmos_serve.evaluation.runner import evaluate_benchmark
-
-    out_dir = Path(out_dir)
-    pages = held_out_pages(out_dir)
-    started = time.monotonic()
-    final = train_reader(out_dir, log=log)
-    minutes = (time.monotonic() - started) / 60
-    outcome = evaluate_benchmark(OCR_BENCHMARK, [pages], pages.parent, model=str(final),
-                                 max_new_tokens=READER_DEFAULTS.max_new_tokens, no_repeat_ngram_size=0)
-    report = format_report(outcome)
-    (final / SCORES_FILE).write_text(
-        f"Held-out pages: {HELD_OUT_PAGES}, seed {HELD_OUT_SEED} (training drew its pages from seed {TRAIN_SEED}); "
-        f"trained {RECIPE.steps} steps of {RECIPE.batch_size} pages in {minutes:.1f} minutes.\n{report}\n")
-    log(report)
-    return final

@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
-    AddedToken,
     Kosmos2_5Config,
     Kosmos2_5ForConditionalGeneration,
     Kosmos2_5Processor,
@@ -39,9 +38,9 @@ from transformers import (
 from transformers.models.kosmos2_5.image_processing_pil_kosmos2_5 import Kosmos2_5ImageProcessorPil
 
 from kosmos_serve.generation import MODEL_DEFAULTS_FILE, ModelDefaults
-from kosmos_serve.ocr import MARKDOWN_TAG, OCR_TAG, resized_size
+from kosmos_serve.ocr import OCR_TAG, resized_size
 from kosmos_serve.training.pages import VOCABULARY, Page, PageStyle, draw_page, load_font, write_pages_dataset
-from kosmos_serve.training.tiny_kosmos25 import COORDINATES, SPECIAL_TOKENS
+from kosmos_serve.training.tiny_kosmos25 import COORDINATES, SPECIAL_TOKENS, with_family_tokens
 
 READER_STYLE = PageStyle(font_sizes=(20, 24, 28), width_ems=(4, 12), max_width=256, margin_range=(8, 16),
                          lines_range=(1, 4), line_spacing=(1.2, 1.5), two_columns_share=0.0, canvas=(256, 256))
@@ -83,19 +82,10 @@ def build_reader_tokenizer() -> PreTrainedTokenizerFast:
     """
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator([" ".join(VOCABULARY)] + list(VOCABULARY), trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        extra_special_tokens={"boi_token": "<image>", "eoi_token": "</image>", "image_token": "<s>"},
-    )
-    tags = [OCR_TAG, "<image>", "</image>", "<bbox>", "</bbox>", MARKDOWN_TAG]
-    coordinates = [f"<{axis}_{value}>" for axis in "xy" for value in range(COORDINATES)]
-    tokenizer.add_tokens([AddedToken(token, special=token in ("<image>", "</image>"), normalized=False)
-                          for token in tags + coordinates])
-    return tokenizer
+    return with_family_tokens(backend)
 
 
 def reader_config(vocab_size: int) -> Kosmos2_5Config:

@@ -127,7 +127,8 @@ def draw_page(rng: random.Random, style: PageStyle = DOCUMENT_STYLE) -> Page:
     width = 2 * margin + columns * column_width + gutter
     height = 2 * margin + max(counts) * pitch
     if style.canvas is not None:
-        assert width <= style.canvas[0] and height <= style.canvas[1], "the style's text must fit its canvas"
+        if width > style.canvas[0] or height > style.canvas[1]:
+            raise ValueError(f"A {width} x {height} page of this style does not fit its {style.canvas} canvas.")
         width, height = style.canvas
     image = Image.new("RGB", (width, height), light_tone(rng))
     ink = dark_tone(rng)

@@ -43,6 +43,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + alphabet)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return with_family_tokens(backend)
+
+
+def with_family_tokens(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """A byte-level BPE `backend` (its vocabulary starting with `SPECIAL_TOKENS`) as a Kosmos-2.5 tokenizer: the
+    checkpoint's special tokens, then its prompts, tags and coordinates added."""
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(

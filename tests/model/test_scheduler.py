@@ -124,6 +124,32 @@ def test_a_request_whose_caller_left_stops_alone_and_a_queued_one_never_runs(eng
     assert comparable(staying.result) == comparable(through_generate(engine, staying.request))
 
 
+def test_a_row_whose_output_cannot_be_read_fails_its_request_alone(engine, sample_images, monkeypatch):
+    """Reading a finished row (parse, score) raising fails that request with the error; the batch beside it and the
+    requests after it go on (the engine thread must not die with it)."""
+    parse = type(engine).parse
+    broken_image = sample_images[1]
+
+    def parse_or_fail(self, decoded_text, spec, image_size):
+        if image_size == broken_image.size:
+            raise ValueError("unreadable")
+        return parse(self, decoded_text, spec, image_size)
+
+    assert sample_images[0].size != broken_image.size
+    monkeypatch.setattr(type(engine), "parse", parse_or_fail)
+    scheduler = engine.scheduler()
+    fine = scheduler.add(Request(sample_images[0], TaskInput(Task.CAPTION), GREEDY))
+    broken = scheduler.add(Request(broken_image, TaskInput(Task.CAPTION), GREEDY))
+    while scheduler.busy:
+        scheduler.step()
+    assert isinstance(broken.error, ValueError) and broken.result is None
+    assert comparable(fine.result) == comparable(through_generate(engine, fine.request))
+    after = scheduler.add(Request(sample_images[0], TaskInput(Task.CAPTION), GREEDY))
+    while scheduler.busy:
+        scheduler.step()
+    assert comparable(after.result) == comparable(fine.result)
+
+
 def test_seeded_sampling_is_reproducible_and_equals_generate_with_that_seed(engine, sample_images):
     sampled = GenerationParams(max_new_tokens=16, do_sample=True, seed=123, temperature=1.5)
     request = Request(sample_images[2], TaskInput(Task.CAPTION), sampled)

@@ -93,7 +93,7 @@ def test_return_image_draws_each_line_read(kosmos25_url, sample_images, monkeypa
     reading = (f"<ocr><bbox><x_40><y_40><x_{resized_width // 2}><y_{resized_height // 4}></bbox>RECEIPT\n"
                f"<bbox><x_40><y_{resized_height // 2}><x_{resized_width - 40}><y_{resized_height - 60}></bbox>TOTAL\n")
     monkeypatch.setattr(Kosmos25Family, "parse",
-                        lambda self, decoded, spec, size: parse_reading(reading, spec.text, *size))
+                        lambda self, processor, decoded, spec, size: parse_reading(reading, spec.text, *size))
     response = httpx.post(f"{kosmos25_url}/v1/generate", timeout=60, json={
         "image": base64.b64encode(png(page)).decode(), "task": "ocr", "max_new_tokens": 2, "return_image": True})
     assert response.status_code == 200, response.text

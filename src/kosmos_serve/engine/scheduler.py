@@ -295,8 +295,11 @@ class Scheduler:
     def _retire(self, finished: list[Ticket]) -> None:
         kept = [index for index, sequence in enumerate(self.sequences) if not sequence.finished]
         for sequence in self.sequences:
-            if sequence.finished:
-                self._finish_row(sequence, time.perf_counter() - sequence.started_at, finished)
+            if sequence.finished and not sequence.ticket.done:
+                try:
+                    self._finish_row(sequence, time.perf_counter() - sequence.started_at, finished)
+                except Exception as error:  # noqa: BLE001 - its output could not be read: that request says so alone
+                    self._fail(sequence.ticket, error, finished)
         if len(kept) != len(self.sequences):
             self.batch = keep_rows(self.batch, kept) if self.batch is not None else None
             self.sequences = [self.sequences[index] for index in kept]

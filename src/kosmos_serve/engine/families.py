@@ -143,7 +143,7 @@ class Kosmos25Family:
     def encode_images(self, model, processor: Kosmos2_5Processor, images: Sequence[Image.Image]) -> torch.Tensor:
         """Image features as `generate` computes them, one page at a time (its attention over 4096 patches is the
         largest tensor the engine makes), cut into as many patches as the model's image processor says (the
-        processor's call asks 4096 whatever it says; the checkpoints' say 4096 too, the demo reader's fewer)."""
+        processor's call asks 4096 whatever it says; the checkpoints' say 4096 too, the reading attempt's 256)."""
         features = []
         for image in images:
             patches = processor(text="", images=image, max_patches=processor.image_processor.max_patches)[

@@ -99,6 +99,21 @@ def test_annotate_writes_what_the_engine_reads(tmp_path, tiny_kosmos25_dir, kosm
     assert ("lines" in record) == (task == "ocr")
 
 
+def test_annotate_without_a_task_reads_each_page(tmp_path, tiny_kosmos25_dir, monkeypatch):
+    """A Kosmos-2.5 has no caption: with no --task, annotate does its first task, ocr."""
+    monkeypatch.setenv("KOSMOS_THREADS", "1")
+    threads = torch.get_num_threads()
+    path = tmp_path / "page.png"
+    Image.effect_mandelbrot((320, 200), (-2.0, -1.5, 1.0, 1.5), 40).convert("RGB").save(path)
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(main, ["annotate", str(path), "--out", str(out), "--model", str(tiny_kosmos25_dir),
+                                       "--max-new-tokens", str(TOKENS)], catch_exceptions=False)
+    torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (record["task"], record["prompt"]) == ("ocr", "<ocr>") and "lines" in record
+
+
 def test_coco_annotations_hold_each_line_with_its_text(records_file, records):
     from pycocotools.coco import COCO
 

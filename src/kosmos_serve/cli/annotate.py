@@ -77,7 +77,13 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
     classes = read_ontology(ontology) if ontology else None
     if classes and phrases:
         raise InvalidRequestError("Give the phrases either with --phrase or in --ontology, not both.")
-    jobs = annotate_jobs(collect_images(inputs), settings, params, task, prompt, phrases, boxes, no_grounding, classes)
+    entries = collect_images(inputs)
+    if task is None:  # a model that does not caption (Kosmos-2.5) does its first task, ocr
+        from kosmos_serve.engine.loading import model_family
+
+        tasks = model_family(settings.model).tasks
+        task = None if Task.CAPTION in tasks else tasks[0].value
+    jobs = annotate_jobs(entries, settings, params, task, prompt, phrases, boxes, no_grounding, classes)
     previous = read_previous(out, check=same_run_check(jobs, settings.model, out))  # refuses a file of anything else
     if params.min_score is not None:  # the default is the engine's, checked as each batch is appended
         previous.check_min_score(params.min_score, out)

@@ -133,9 +133,8 @@ def ray_job_options(ray_address, workers, cpus_per_worker, gpus_per_worker):
 def task_options(command):
     """--task and its inputs: --prompt, --phrase, --box, --no-grounding."""
     return apply_options(command, [
-        click.option("--task", help=f"Default: caption (predict on a Kosmos-2.5: ocr, its first task), or raw when only "
-                                    f"--prompt is given (the prompt as given, as POST /predict uses it)."
-                                    f"\n\n{TASK_HELP}"),
+        click.option("--task", help=f"Default: caption (ocr on a Kosmos-2.5), or raw when only --prompt is given (the "
+                                    f"prompt as given, as POST /predict uses it).\n\n{TASK_HELP}"),
         click.option("--prompt", help="Question (grounded_vqa, region_vqa, question) or whole prompt (raw)."),
         click.option("--phrase", "phrases", multiple=True, help="A phrase to ground or find; repeat for several."),
         click.option("--box", "boxes", multiple=True, callback=lambda _c, _p, v: tuple(parse_box(b) for b in v),

@@ -66,20 +66,32 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float16
 
 
+def model_family(model: str, source: str | None = None) -> Family:
+    """The family of `model` (a shipped name, folder or hub id; `source`: its folder, if resolved already), read from
+    its config alone: no weights are loaded."""
+    try:
+        return family_of(AutoConfig.from_pretrained(source or resolve_source(model)).model_type, model)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_incomplete(model)) from error
+
+
+def _incomplete(model: str) -> str:
+    return (f"{model!r} holds no complete Kosmos-2 checkpoint (nor Kosmos-2.5: config.json, weights and processor "
+            "files as written by save_pretrained).")
+
+
 def load_model(settings: EngineSettings) -> tuple[torch.nn.Module, object, Family]:
     """Load model and processor from `settings.model`, ready for generation, and the family they belong to."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     formats = weight_formats(settings, device, dtype)
     source = resolve_source(settings.model)
-    incomplete = (f"{settings.model!r} holds no complete Kosmos-2 checkpoint (nor Kosmos-2.5: config.json, weights "
-                  "and processor files as written by save_pretrained).")
     try:
-        family = family_of(AutoConfig.from_pretrained(source).model_type, settings.model)
+        family = model_family(settings.model, source)
         processor = AutoProcessor.from_pretrained(source)
         model = family.model_class.from_pretrained(source, dtype=dtype, attn_implementation=settings.attention)
     except (OSError, ValueError) as error:
-        raise ModelLoadError(incomplete) from error
+        raise ModelLoadError(_incomplete(settings.model)) from error
     if not isinstance(processor, family.processor_class):
         raise ModelLoadError(f"{source!r} is not a {family.name} checkpoint (its processor is "
                              f"{type(processor).__name__}).")

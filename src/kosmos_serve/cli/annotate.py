@@ -18,7 +18,7 @@ from kosmos_serve.cli.options import (
     task_options,
 )
 from kosmos_serve.config import EngineSettings, ServerSettings
-from kosmos_serve.errors import InvalidRequestError, KosmosServeError
+from kosmos_serve.errors import InvalidRequestError, KosmosServeError, ModelLoadError
 from kosmos_serve.tasks import TASK_INPUTS, Task, parse_task
 
 # Commands import their work lazily: --help and argument errors answer without loading torch or supervision.
@@ -79,10 +79,7 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
         raise InvalidRequestError("Give the phrases either with --phrase or in --ontology, not both.")
     entries = collect_images(inputs)
     if task is None:  # a model that does not caption (Kosmos-2.5) does its first task, ocr
-        from kosmos_serve.engine.loading import model_family
-
-        tasks = model_family(settings.model).tasks
-        task = None if Task.CAPTION in tasks else tasks[0].value
+        task = uncaptioned_default(settings.model)
     jobs = annotate_jobs(entries, settings, params, task, prompt, phrases, boxes, no_grounding, classes)
     previous = read_previous(out, check=same_run_check(jobs, settings.model, out))  # refuses a file of anything else
     if params.min_score is not None:  # the default is the engine's, checked as each batch is appended
@@ -106,6 +103,18 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
     click.echo(describe(summary, out))
     if summary.interrupted:
         sys.exit(128 + summary.stopped_by)  # the shell's code for "ended by this signal": 130 for Ctrl-C
+
+
+def uncaptioned_default(model: str) -> str | None:
+    """The first task of a `model` that has no caption task (Kosmos-2.5: ocr); None for a Kosmos-2, or when its
+    config cannot be read here (loading the model says why, later, as it always has)."""
+    from kosmos_serve.engine.loading import model_family
+
+    try:
+        tasks = model_family(model).tasks
+    except ModelLoadError:
+        return None
+    return None if Task.CAPTION in tasks else tasks[0].value
 
 
 def annotate_jobs(entries, settings, params, task, prompt, phrases, boxes, no_grounding, ontology):

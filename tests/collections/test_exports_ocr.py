@@ -79,39 +79,27 @@ def test_an_ocr_record_carries_each_line_after_the_markdown(records):
     assert receipt["text"] == "RECEIPT 0008\n1 BLACK SAKURA 45,455\nTotal 50,000\n"
 
 
-@pytest.mark.parametrize("task", ["ocr", "markdown"])
+@pytest.mark.parametrize("task", ["ocr", "markdown", None])
 def test_annotate_writes_what_the_engine_reads(tmp_path, tiny_kosmos25_dir, kosmos25_engine, task, monkeypatch):
+    """Each task's record is the engine's answer; with no --task, a Kosmos-2.5 (no caption) does its first task, ocr."""
     monkeypatch.setenv("KOSMOS_THREADS", "1")
     threads = torch.get_num_threads()
     path = tmp_path / "page.png"
     Image.effect_mandelbrot((320, 200), (-2.0, -1.5, 1.0, 1.5), 40).convert("RGB").save(path)
     out = tmp_path / "out.jsonl"
+    chosen = ["--task", task] if task else []
     result = CliRunner().invoke(main, ["annotate", str(path), "--out", str(out), "--model", str(tiny_kosmos25_dir),
-                                       "--task", task, "--max-new-tokens", str(TOKENS)], catch_exceptions=False)
+                                       *chosen, "--max-new-tokens", str(TOKENS)], catch_exceptions=False)
     torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    task = task or "ocr"
     params = GenerationParams(max_new_tokens=TOKENS, min_score=kosmos25_engine.defaults.min_score)
     expected = kosmos25_engine.run([Request(load_image(path), TaskInput(task), params)])[0].to_dict()
     assert {key: record[key] for key in ("task", "prompt", "text", "raw_text", "markdown", "entities")} == {
         key: expected[key] for key in ("task", "prompt", "text", "raw_text", "markdown", "entities")}
     assert record.get("lines") == expected.get("lines")
     assert ("lines" in record) == (task == "ocr")
-
-
-def test_annotate_without_a_task_reads_each_page(tmp_path, tiny_kosmos25_dir, monkeypatch):
-    """A Kosmos-2.5 has no caption: with no --task, annotate does its first task, ocr."""
-    monkeypatch.setenv("KOSMOS_THREADS", "1")
-    threads = torch.get_num_threads()
-    path = tmp_path / "page.png"
-    Image.effect_mandelbrot((320, 200), (-2.0, -1.5, 1.0, 1.5), 40).convert("RGB").save(path)
-    out = tmp_path / "out.jsonl"
-    result = CliRunner().invoke(main, ["annotate", str(path), "--out", str(out), "--model", str(tiny_kosmos25_dir),
-                                       "--max-new-tokens", str(TOKENS)], catch_exceptions=False)
-    torch.set_num_threads(threads)
-    assert result.exit_code == 0, result.output
-    [record] = [json.loads(line) for line in out.read_text().splitlines()]
-    assert (record["task"], record["prompt"]) == ("ocr", "<ocr>") and "lines" in record
 
 
 def test_coco_annotations_hold_each_line_with_its_text(records_file, records):

@@ -107,7 +107,7 @@ def annotate(inputs, out, task, prompt, phrases, boxes, no_grounding, ontology, 
 
 def uncaptioned_default(model: str) -> str | None:
     """The first task of a `model` that has no caption task (Kosmos-2.5: ocr); None for a Kosmos-2, or when its
-    config cannot be read here (loading the model says why, later, as it always has)."""
+    config is not here yet (a hub id never downloaded: loading it says what it takes, later, as it always has)."""
     from kosmos_serve.engine.loading import model_family
 
     try:

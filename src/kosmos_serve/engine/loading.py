@@ -68,12 +68,12 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 def model_family(model: str, source: str | None = None) -> Family:
     """The family of `model` (a shipped name, folder or hub id; `source`: its folder, if resolved already), read from
-    its config alone: no weights are loaded, and of a hub id only its config.json is fetched."""
+    its config alone: no weights are loaded, and nothing is fetched (a hub id's config must be in the local cache)."""
     if source is None:
         hub_id = model != DEMO_MODEL_NAME and not Path(model).exists() and not model.startswith((".", "/"))
         source = model if hub_id else resolve_source(model)
     try:
-        return family_of(AutoConfig.from_pretrained(source).model_type, model)
+        return family_of(AutoConfig.from_pretrained(source, local_files_only=True).model_type, model)
     except (OSError, ValueError) as error:
         raise ModelLoadError(_incomplete(model)) from error
 
